@@ -1,0 +1,85 @@
+"""Backend registry and the one ``backend=`` option.
+
+Every backend module exposes ``step(rule, work, cache) -> None`` with the
+semantics written in ``work.py``; the optimizer classes never know which one
+runs. ``resolve`` turns a requested name into a usable backend for the
+parameters' device, once per param group.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .work import RULES, GroupWork
+
+__all__ = ["NAMES", "RULES", "GroupWork", "BackendUnavailableError", "availability", "resolve", "get"]
+
+NAMES = ("auto", "torch", "triton", "cuda")
+# "auto" tries these in order; the first usable one wins.
+AUTO_ORDER = ("cuda", "triton", "torch")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run here; the message says why."""
+
+
+def _triton_reason(device: torch.device) -> str | None:
+    try:
+        importlib.import_module(f"{__name__}.triton")
+    except ImportError as exc:
+        return f"triton cannot be imported ({exc})"
+    except NotImplementedError as exc:
+        return str(exc)
+    if device.type == "cuda":
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu":
+        return None
+    return f"triton kernels need CUDA parameters (or CPU parameters with TRITON_INTERPRET=1), got {device}"
+
+
+def _cuda_reason(device: torch.device) -> str | None:
+    from .. import _ext
+
+    if _ext._C is None:
+        return _ext.ERROR
+    try:
+        importlib.import_module(f"{__name__}.cuda")
+    except NotImplementedError as exc:
+        return str(exc)
+    if device.type != "cuda":
+        return f"the CUDA kernels need CUDA parameters, got {device}"
+    return None
+
+
+def availability(device: torch.device | str) -> dict[str, str | None]:
+    """For each backend: None if it can run on ``device``, else the reason it cannot."""
+    device = torch.device(device)
+    return {"torch": None, "triton": _triton_reason(device), "cuda": _cuda_reason(device)}
+
+
+def resolve(requested: str, device: torch.device | str) -> str:
+    """The backend that runs parameters on ``device`` when ``requested`` is asked for."""
+    if requested not in NAMES:
+        raise ValueError(f"backend must be one of {NAMES}, got {requested!r}")
+    device = torch.device(device)
+    if requested == "auto":
+        # The interpreter is a test tool, never the fast path for CPU tensors.
+        order = AUTO_ORDER if device.type == "cuda" else ("torch",)
+        avail = availability(device)
+        return next(name for name in order if avail[name] is None)
+    reason = availability(device)[requested]
+    if reason is not None:
+        raise BackendUnavailableError(f"backend={requested!r} is unavailable for parameters on {device}: {reason}")
+    return requested
+
+
+StepFn = Callable[[str, Sequence[GroupWork], dict], None]
+
+
+def get(name: str) -> StepFn:
+    module = {"torch": "reference", "triton": "triton", "cuda": "cuda"}[name]
+    return importlib.import_module(f"{__name__}.{module}").step

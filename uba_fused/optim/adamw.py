@@ -1,0 +1,37 @@
+"""AdamW: torch.optim.AdamW's semantics (decoupled decay, bias correction from each parameter's step)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..schedules import Schedule
+from .base import FusedOptimizer, check_betas, check_lr, check_real
+
+
+class AdamW(FusedOptimizer):
+    """Drop-in for ``torch.optim.AdamW`` (amsgrad and maximize aside), with an optional device-side schedule.
+
+    With ``schedule=None`` the group's ``lr`` (float or tensor) is applied as
+    is, so torch LR schedulers keep working; with a schedule, step ``t`` runs at
+    ``lr * schedule.factor(t)``, computed on the device.
+    """
+
+    rule = "adamw"
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, schedule: Schedule | None = None,
+                 backend: str = "auto"):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, schedule=schedule,
+                        backend=backend)
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg", "exp_avg_sq")
+
+    def _check_hyper(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_real("eps", group["eps"])
+        check_real("weight_decay", group["weight_decay"])

@@ -1,0 +1,260 @@
+"""What the four optimizers share: groups, validation, state, state_dict, dispatch.
+
+A subclass sets ``rule`` (the update rule's name, see backends/reference.py),
+its defaults, ``_state_names(group)`` and ``_check_hyper(group)``.
+
+Per-parameter state is torch.optim's: ``state[p]["step"]`` (a float32 0-dim
+tensor on the parameter's device, as torch's capturable/fused optimizers keep
+it) plus the rule's buffers. Each param group carries ``schedule`` and
+``schedule_step`` (an int64 0-dim tensor on the group's device counting the
+``step()`` calls made so far), so a resumed run continues its schedule exactly.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable
+from itertools import groupby
+from typing import Any, ClassVar
+
+import torch
+
+from .. import backends
+from ..schedules import Schedule, schedule_from_dict
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# torch.optim group flags whose non-default value we cannot honour.
+_UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "differentiable")
+
+
+def check_real(name: str, value: Any, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> None:
+    """Raise unless ``value`` is a finite real in [lo, hi] (or [lo, hi) with ``hi_open``)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    ok = math.isfinite(value) and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        interval = f"[{lo}, {hi})" if hi_open else f"[{lo}, {hi}]"
+        raise ValueError(f"{name} must be finite and in {interval}, got {value}")
+
+
+def check_lr(lr: Any) -> None:
+    if isinstance(lr, torch.Tensor):
+        if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+            raise ValueError(f"lr as a tensor must be a real floating-point scalar, got shape {tuple(lr.shape)} "
+                             f"and dtype {lr.dtype}")
+        return  # its value lives on the device; reading it here would sync
+    check_real("lr", lr)
+
+
+def check_betas(betas: Any, n: int = 2) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"betas must be a tuple of {n} numbers, got {betas!r}")
+    for i, b in enumerate(betas):
+        check_real(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    rule: ClassVar[str]
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]):
+        self._last_lr: list[torch.Tensor] = []
+        self._backends: list[str] = []
+        self._cache: dict = {}  # backend-owned device tables, rebuilt when storages may have changed
+        super().__init__(params, defaults)
+
+    # -- what a subclass defines ------------------------------------------------
+    def _state_names(self, group: dict) -> tuple[str, ...]:
+        raise NotImplementedError
+
+    def _check_hyper(self, group: dict) -> None:
+        raise NotImplementedError
+
+    # -- groups ------------------------------------------------------------------
+    def _check_group(self, group: dict) -> None:
+        """Every host-side check of a (defaults-filled) group; raises before anything changes."""
+        self._check_hyper(group)
+        for flag in _UNSUPPORTED_FLAGS:
+            if group.get(flag):
+                raise ValueError(f"{flag}=True is not supported by uba_fused.{type(self).__name__}")
+        sched = group["schedule"]
+        if sched is not None and not isinstance(sched, Schedule):
+            raise TypeError(f"schedule must be None or a uba_fused schedule (UBA, Cosine, Linear, REX, Constant), "
+                            f"got {type(sched).__name__}")
+        if group["backend"] not in backends.NAMES:
+            raise ValueError(f"backend must be one of {backends.NAMES}, got {group['backend']!r}")
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+            if p.is_complex():
+                raise ValueError(f"params[{i}] is complex ({p.dtype}); complex parameters are not supported")
+            if p.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"params[{i}] has dtype {p.dtype}; supported: {_FLOAT_DTYPES}")
+            if p.is_sparse:
+                raise ValueError(f"params[{i}] is sparse; sparse parameters are not supported")
+        full = {**self.defaults, **param_group, "params": params}
+        self._check_group(full)
+        devices = {p.device for p in params}
+        device = params[0].device if params else torch.device("cpu")
+        backend = backends.resolve(full["backend"], device)
+        if backend != "torch" and len(devices) > 1:
+            raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
+        super().add_param_group({**param_group, "params": params})
+        group = self.param_groups[-1]
+        group.setdefault("schedule_step", torch.zeros((), dtype=torch.int64, device=device))
+        self._setup_group(len(self.param_groups) - 1)
+
+    def _setup_group(self, i: int) -> None:
+        """Backend choice and lr log of group i (after construction or a state-dict load)."""
+        group = self.param_groups[i]
+        device = group["schedule_step"].device
+        backend = backends.resolve(group["backend"], device)
+        last_lr = torch.zeros((), dtype=torch.float32, device=device)
+        if isinstance(group["lr"], torch.Tensor):
+            last_lr.copy_(group["lr"])
+        else:
+            last_lr.fill_(group["lr"])
+        del self._backends[i:], self._last_lr[i:]
+        self._backends.append(backend)
+        self._last_lr.append(last_lr)
+        self._cache.clear()
+
+    @property
+    def backends(self) -> list[str]:
+        """The backend that runs each param group, as resolved from its ``backend`` option."""
+        return list(self._backends)
+
+    def get_last_lr(self) -> list[torch.Tensor]:
+        """The learning rate applied by the latest ``step()``, one 0-dim float32 tensor per group.
+
+        The tensors live on the device and are updated in place by every step,
+        so holding them is free and graph-safe; reading one (``float(t)``)
+        syncs, so do it only when you log. Before the first step they hold the
+        group's ``lr``.
+        """
+        return list(self._last_lr)
+
+    # -- the step ----------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # 1. Check everything before touching anything.
+        selected: list[list[torch.Tensor]] = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group(group)
+            with_grad = [p for p in group["params"] if p.grad is not None]
+            for p in with_grad:
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(f"param_groups[{gi}]: a parameter has a sparse gradient; "
+                                       f"uba_fused.{type(self).__name__} does not support sparse gradients")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise RuntimeError(f"param_groups[{gi}]: a gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) "
+                                       f"does not match its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})")
+            selected.append(with_grad)
+
+        # 2. Lazy state, then one call per backend covering all of its groups.
+        work = []
+        for gi, (group, params) in enumerate(zip(self.param_groups, selected)):
+            names = self._state_names(group)
+            states = [self._state_for(p, names) for p in params]
+            work.append(backends.GroupWork(
+                index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
+                lr_out=self._last_lr[gi], params=params, grads=[p.grad for p in params],
+                steps=[s["step"] for s in states], state={n: [s[n] for s in states] for n in names}))
+        for name, ws in groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index]):
+            backends.get(name)(self.rule, list(ws), self._cache)
+        return loss
+
+    def _state_for(self, p: torch.Tensor, names: tuple[str, ...]) -> dict:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+        for n in names:
+            if n not in state:
+                state[n] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    # -- state dicts -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        for g in sd["param_groups"]:
+            if isinstance(g.get("schedule"), Schedule):
+                g["schedule"] = g["schedule"].to_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of this class or of the matching torch.optim class.
+
+        Everything is checked first; on any error nothing is changed. Keys the
+        saved groups lack (a torch.optim state dict has no schedule) keep this
+        optimizer's values; ``backend`` always stays this optimizer's.
+        """
+        state_dict = self._checked_state_dict(state_dict)
+        old_groups = [dict(g) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for i, (group, old) in enumerate(zip(self.param_groups, old_groups)):
+            for key, value in old.items():
+                group.setdefault(key, value)
+            group["backend"] = old["backend"]
+            device = old["schedule_step"].device
+            group["schedule_step"] = torch.as_tensor(group["schedule_step"]).to(device, torch.int64).reshape(())
+            for p in group["params"]:
+                st = self.state.get(p)
+                if not st:
+                    continue
+                # torch SGD keeps no step: a saved buffer means at least one step was taken.
+                default = 1.0 if any(isinstance(st.get(n), torch.Tensor) for n in self._state_names(group)) else 0.0
+                st["step"] = torch.as_tensor(st.get("step", default)).to(p.device, torch.float32).reshape(())
+            self._setup_group(i)
+
+    def _checked_state_dict(self, sd: Any) -> dict[str, Any]:
+        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
+            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())")
+        saved_groups = sd["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
+                             f"{len(self.param_groups)}")
+        groups = []
+        for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict param_groups[{gi}] has {len(saved['params'])} parameters, this "
+                                 f"optimizer's has {len(group['params'])}")
+            saved = dict(saved)
+            if isinstance(saved.get("schedule"), dict):
+                saved["schedule"] = schedule_from_dict(saved["schedule"])
+            if "schedule_step" in saved:
+                t = torch.as_tensor(saved["schedule_step"])
+                if t.numel() != 1 or t.is_floating_point() or t.is_complex() or int(t) < 0:
+                    raise ValueError(f"state_dict param_groups[{gi}]['schedule_step'] must be a non-negative "
+                                     f"integer scalar, got {saved['schedule_step']!r}")
+            merged = {**group, **saved, "backend": group["backend"]}
+            try:
+                self._check_group(merged)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"state_dict param_groups[{gi}]: {exc}") from None
+            groups.append(saved)
+            for pid, p in zip(saved["params"], group["params"]):
+                st = sd["state"].get(pid)
+                if st is None:
+                    continue
+                for key in (*self._state_names(merged), "momentum_buffer"):
+                    v = st.get(key)
+                    if v is not None and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
+                        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                        raise ValueError(f"state_dict state[{pid}][{key!r}] has shape {shape}, its parameter has "
+                                         f"{tuple(p.shape)}")
+                if "step" in st:
+                    step = torch.as_tensor(st["step"])
+                    if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:
+                        raise ValueError(f"state_dict state[{pid}]['step'] must be a finite non-negative scalar, "
+                                         f"got {st['step']!r}")
+        return {**sd, "param_groups": groups}

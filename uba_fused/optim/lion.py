@@ -1,0 +1,34 @@
+"""Lion (Chen et al., 2023, "Symbolic Discovery of Optimization Algorithms")."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..schedules import Schedule
+from .base import FusedOptimizer, check_betas, check_lr, check_real
+
+
+class Lion(FusedOptimizer):
+    """Lion::
+
+        c = b1 m + (1 - b1) g
+        p = p (1 - lr wd) - lr sign(c)
+        m = b2 m + (1 - b2) g
+    """
+
+    rule = "lion"
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, schedule: Schedule | None = None, backend: str = "auto"):
+        defaults = dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, schedule=schedule, backend=backend)
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict) -> tuple[str, ...]:
+        return ("exp_avg",)
+
+    def _check_hyper(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_betas(group["betas"])
+        check_real("weight_decay", group["weight_decay"])

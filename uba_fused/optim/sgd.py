@@ -1,0 +1,44 @@
+"""SGD with momentum: torch.optim.SGD's semantics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from ..schedules import Schedule
+from .base import FusedOptimizer, check_lr, check_real
+
+
+class SGD(FusedOptimizer):
+    """Drop-in for ``torch.optim.SGD`` (maximize aside)::
+
+        g = g + wd p                                   (L2 decay, as torch)
+        b = g on a parameter's first step, else momentum b + (1 - dampening) g
+        p = p - lr (g + momentum b if nesterov else b)
+
+    ``momentum=0`` is plain SGD and keeps no buffer.
+    """
+
+    rule = "sgd"
+
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.9,
+                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
+                 schedule: Schedule | None = None, backend: str = "auto"):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                        weight_decay=weight_decay, schedule=schedule, backend=backend)
+        super().__init__(params, defaults)
+
+    def _state_names(self, group: dict) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
+    def _check_hyper(self, group: dict) -> None:
+        check_lr(group["lr"])
+        check_real("momentum", group["momentum"])
+        check_real("dampening", group["dampening"], 0.0, 1.0)
+        check_real("weight_decay", group["weight_decay"])
+        if not isinstance(group["nesterov"], bool):
+            raise TypeError(f"nesterov must be a bool, got {group['nesterov']!r}")
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={group['momentum']}, "
+                             f"dampening={group['dampening']}")

@@ -1,0 +1,212 @@
+"""Learning-rate schedules: the one definition every backend mirrors.
+
+A schedule maps a 0-based step index ``t`` (the number of ``step()`` calls made
+before the current one) to a multiplier of the group's learning rate::
+
+    lr(t) = group_lr * factor(t)
+
+    warmup   t < W:  factor = (t + 1) / W
+    decay    p = clamp((t - W) / (T - W), 0, 1)
+             factor = r + (1 - r) * shape(p)          r = min_lr_ratio
+
+    UBA       shape(p) = 2 (1 + cos(pi p)) / (2 phi + (2 - phi) (1 + cos(pi p)))
+    Cosine    shape(p) = (1 + cos(pi p)) / 2
+    Linear    shape(p) = 1 - p
+    REX       shape(p) = (1 - p) / (1 - p / 2)
+    Constant  shape(p) = 1   (warmup only)
+
+Past ``T`` the factor stays at ``r``.
+
+UBA is the Unified Budget-Aware schedule of Tang et al., "Stepsize anything: a
+unified learning rate schedule for budgeted-iteration training", NeurIPS 2025
+(arXiv 2505.24452). ``phi > 0`` sets where the decay spends its budget: at
+``phi = 2`` the shape is exactly the cosine; ``phi < 2`` keeps the rate high for
+longer and drops it late; ``phi > 2`` drops it early and lingers near the end.
+Every shape starts at 1 (p = 0) and ends at 0 (p = 1), and is monotone between.
+
+The kernels evaluate the same formulas from ``kernel_constants()``; the tests
+tie them to this file.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import ClassVar
+
+import torch
+
+__all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "LRScheduler", "schedule_from_dict"]
+
+# Integer ids shared with the kernels (csrc/schedules.cuh, backends/triton.py).
+KIND_CONSTANT, KIND_UBA, KIND_COSINE, KIND_LINEAR, KIND_REX = 0, 1, 2, 3, 4
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_ratio(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not (0.0 <= value <= 1.0):  # also rejects nan
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+    return value
+
+
+class Schedule:
+    """Base class: warmup, then ``r + (1 - r) * shape(p)``. Subclasses define ``_shape`` on float64 tensors."""
+
+    kind: ClassVar[int]
+    _fields: ClassVar[tuple[str, ...]] = ("total_steps", "warmup_steps", "min_lr_ratio")
+
+    def __init__(self, total_steps: int | None, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
+        self.min_lr_ratio = _check_ratio("min_lr_ratio", min_lr_ratio)
+        self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
+        if self.total_steps is not None and self.warmup_steps >= self.total_steps:
+            raise ValueError(f"warmup_steps must be < total_steps, got warmup_steps={self.warmup_steps}, "
+                             f"total_steps={self.total_steps}")
+
+    # -- the definition -----------------------------------------------------
+    def _shape(self, p: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def factor_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        """factor(t) for a tensor of step indices, in float64, on the tensor's device, without a sync."""
+        t = step.to(torch.float64)
+        w = self.warmup_steps
+        if self.total_steps is None:
+            decay = torch.ones_like(t)
+        else:
+            p = ((t - w) / (self.total_steps - w)).clamp(0.0, 1.0)
+            r = self.min_lr_ratio
+            decay = r + (1.0 - r) * self._shape(p)
+        if w == 0:
+            return decay
+        return torch.where(t < w, (t + 1.0) / w, decay)
+
+    def factor(self, step: int) -> float:
+        """The lr multiplier at 0-based step index ``step``, computed in float64."""
+        step = _check_int("step", step, 0)
+        return float(self.factor_tensor(torch.tensor(step, dtype=torch.float64)))
+
+    # -- what kernels and state dicts need -----------------------------------
+    def kernel_constants(self) -> tuple[int, float, float, float, float]:
+        """(kind, warmup_steps, total_steps, min_lr_ratio, phi) as the kernels read them."""
+        total = float(self.total_steps) if self.total_steps is not None else 1.0
+        return (self.kind, float(self.warmup_steps), total, self.min_lr_ratio, float(getattr(self, "phi", 0.0)))
+
+    def to_dict(self) -> dict:
+        """A plain dict (safe for ``torch.load(weights_only=True)``); ``schedule_from_dict`` inverts it."""
+        return {"name": type(self).__name__, **{k: getattr(self, k) for k in self._fields}}
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={getattr(self, k)!r}" for k in self._fields)
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.to_dict().items()))
+
+
+class UBA(Schedule):
+    """Unified Budget-Aware schedule (Tang et al., NeurIPS 2025). ``phi = 2`` is exactly the cosine."""
+
+    kind = KIND_UBA
+    _fields = ("total_steps", "phi", "warmup_steps", "min_lr_ratio")
+
+    def __init__(self, total_steps: int, phi: float = 1.0, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        if isinstance(phi, bool) or not isinstance(phi, numbers.Real):
+            raise TypeError(f"phi must be a real number, got {type(phi).__name__} {phi!r}")
+        if not (math.isfinite(phi) and phi > 0.0):
+            raise ValueError(f"phi must be finite and > 0, got {phi}")
+        self.phi = float(phi)
+        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+
+    def _shape(self, p: torch.Tensor) -> torch.Tensor:
+        c = 1.0 + torch.cos(math.pi * p)
+        return 2.0 * c / (2.0 * self.phi + (2.0 - self.phi) * c)
+
+
+class Cosine(Schedule):
+    """Cosine decay: shape(p) = (1 + cos(pi p)) / 2."""
+
+    kind = KIND_COSINE
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+
+    def _shape(self, p: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (1.0 + torch.cos(math.pi * p))
+
+
+class Linear(Schedule):
+    """Linear decay: shape(p) = 1 - p."""
+
+    kind = KIND_LINEAR
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+
+    def _shape(self, p: torch.Tensor) -> torch.Tensor:
+        return 1.0 - p
+
+
+class REX(Schedule):
+    """REX decay (Chen et al., 2022): shape(p) = (1 - p) / (1 - p / 2)."""
+
+    kind = KIND_REX
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+
+    def _shape(self, p: torch.Tensor) -> torch.Tensor:
+        return (1.0 - p) / (1.0 - 0.5 * p)
+
+
+class Constant(Schedule):
+    """Linear warmup over ``warmup_steps``, then a factor of 1 for ever."""
+
+    kind = KIND_CONSTANT
+    _fields = ("warmup_steps",)
+
+    def __init__(self, warmup_steps: int = 0):
+        super().__init__(None, warmup_steps, 0.0)
+
+
+_BY_NAME = {c.__name__: c for c in (UBA, Cosine, Linear, REX, Constant)}
+
+
+def schedule_from_dict(d: dict) -> Schedule:
+    """Inverse of ``Schedule.to_dict``."""
+    if not isinstance(d, dict) or d.get("name") not in _BY_NAME:
+        raise ValueError(f"not a schedule dict: {d!r}; expected a 'name' among {sorted(_BY_NAME)}")
+    kwargs = {k: v for k, v in d.items() if k != "name"}
+    return _BY_NAME[d["name"]](**kwargs)
+
+
+class LRScheduler(torch.optim.lr_scheduler.LRScheduler):
+    """Apply a ``uba_fused`` schedule to ANY torch optimizer, host-side.
+
+    Call ``scheduler.step()`` after each ``optimizer.step()``; the n-th optimizer
+    step (0-based) then runs at ``base_lr * schedule.factor(n)``, the same
+    learning rate the fused optimizers compute on the device.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: Schedule, last_epoch: int = -1):
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a uba_fused schedule (UBA, Cosine, ...), got {type(schedule).__name__}")
+        self.schedule = schedule
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list[float]:
+        f = self.schedule.factor(max(self.last_epoch, 0))
+        return [base_lr * f for base_lr in self.base_lrs]
