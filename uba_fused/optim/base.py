@@ -151,14 +151,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
             with_grad = [p for p in group["params"] if p.grad is not None]
-            for p in with_grad:
-                g = p.grad
-                if g.is_sparse:
-                    raise RuntimeError(f"param_groups[{gi}]: a parameter has a sparse gradient; "
-                                       f"uba_fused.{type(self).__name__} does not support sparse gradients")
-                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-                    raise RuntimeError(f"param_groups[{gi}]: a gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) "
-                                       f"does not match its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})")
+            if any(p.grad.is_sparse for p in with_grad):  # torch itself keeps grads' shape/dtype/device right
+                raise RuntimeError(f"param_groups[{gi}]: a parameter has a sparse gradient; "
+                                   f"uba_fused.{type(self).__name__} does not support sparse gradients")
             selected.append(with_grad)
 
         # 2. Lazy state, then one call per backend covering all of its groups.

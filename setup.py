@@ -1,0 +1,104 @@
+"""Build uba_fused; compile uba_fused._C from csrc/ when nvcc and a CUDA build of torch are present.
+
+Install with the torch you already have (no second torch in an isolated build):
+
+    pip install --no-build-isolation -e .
+
+Environment:
+    UBA_FUSED_NO_CUDA=1      skip the extension even where it could be built
+    TORCH_CUDA_ARCH_LIST     default "8.0;9.0+PTX": A100 and Hopper (the target), PTX for newer GPUs
+    CUDA_HOME                the toolkit root; found from the nvcc on PATH when unset
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def log(msg: str) -> None:
+    print(f"uba_fused setup: {msg}", file=sys.stderr, flush=True)
+
+
+def real_nvcc() -> str | None:
+    """The nvcc binary behind the one on PATH, which may be a wrapper script (`exec /real/bin/nvcc "$@"`)."""
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    nvcc = os.path.realpath(nvcc)
+    with open(nvcc, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"#!"):
+        for target in re.findall(rb"(/\S+/bin/nvcc)\b", head):
+            target = target.decode()
+            if os.path.isfile(target) and target != nvcc:
+                return os.path.realpath(target)
+    return nvcc
+
+
+def find_cuda_home() -> str | None:
+    if os.environ.get("CUDA_HOME"):
+        return os.environ["CUDA_HOME"]
+    nvcc = real_nvcc()
+    return os.path.dirname(os.path.dirname(nvcc)) if nvcc else None
+
+
+def pip_cuda_includes() -> list[str]:
+    """Headers torch's CUDA headers include (cusparse.h, cublas_v2.h, ...) that pip's nvidia wheels ship."""
+    try:
+        import nvidia  # namespace package of the nvidia-* wheels torch depends on
+    except ImportError:
+        return []
+    dirs = []
+    for base in nvidia.__path__:
+        dirs += sorted(d for d in glob.glob(os.path.join(base, "cu*", "include")) if os.path.isdir(d))
+    return dirs
+
+
+def extensions() -> tuple[list, dict]:
+    if os.environ.get("UBA_FUSED_NO_CUDA") == "1":
+        log("UBA_FUSED_NO_CUDA=1: installing without the CUDA extension")
+        return [], {}
+    cuda_home = find_cuda_home()
+    if cuda_home is None:
+        log("no nvcc found: installing the pure-Python package (backends 'torch' and 'triton' only)")
+        return [], {}
+    import torch
+
+    if torch.version.cuda is None:
+        log(f"torch {torch.__version__} is a CPU build: installing without the CUDA extension")
+        return [], {}
+    os.environ["CUDA_HOME"] = cuda_home  # read once, when cpp_extension is imported
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+
+    includes = [os.path.join(ROOT, "csrc")] + pip_cuda_includes()
+    log(f"building uba_fused._C with CUDA_HOME={cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']}")
+    ext = CUDAExtension(
+        name="uba_fused._C",
+        sources=sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")),
+        include_dirs=includes,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # torch picks the C++ standard
+    )
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    name="uba_fused",
+    version="0.1.0",
+    description="Fused optimizer steps (AdamW, AdaBelief, Lion, SGD) with the UBA schedule computed on the GPU",
+    packages=find_packages(include=["uba_fused", "uba_fused.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)

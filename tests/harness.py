@@ -1,0 +1,147 @@
+"""The declarative test config (optimizer cases, schedules, dtypes, tolerances) and shared helpers."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+import uba_fused as uf
+
+import oracle
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    cls: type
+    rule: str
+    kwargs: dict = field(default_factory=dict)
+
+    def make(self, params, **extra):
+        return self.cls(params, **{**self.kwargs, **extra})
+
+    def hyper(self, group: dict) -> dict:
+        return {k: v for k, v in group.items() if k not in ("params", "schedule", "backend", "schedule_step", "lr")}
+
+
+# Hyper-parameters far from the defaults where a default would hide a term: a large eps makes the eps
+# placement visible, weight decay is non-zero, betas are not the usual ones.
+CASES = [
+    Case("adamw", uf.AdamW, "adamw", dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1)),
+    Case("adamw-defaults", uf.AdamW, "adamw"),
+    Case("adabelief", uf.AdaBelief, "adabelief", dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-5, weight_decay=0.1)),
+    Case("lion", uf.Lion, "lion", dict(lr=1e-2, betas=(0.8, 0.95), weight_decay=0.1)),
+    Case("sgd", uf.SGD, "sgd", dict(lr=1e-2, momentum=0.9, dampening=0.2, weight_decay=0.1)),
+    Case("sgd-nesterov", uf.SGD, "sgd", dict(lr=1e-2, momentum=0.8, nesterov=True, weight_decay=0.05)),
+    Case("sgd-plain", uf.SGD, "sgd", dict(lr=1e-2, momentum=0.0, weight_decay=0.01)),
+]
+CASE_IDS = [c.id for c in CASES]
+
+# Short budgets so a 15-step run covers warmup, decay and the tail past T.
+SCHEDULES = {
+    "none": None,
+    "uba": uf.UBA(12, phi=0.5, warmup_steps=3, min_lr_ratio=0.1),
+    "uba-phi3": uf.UBA(10, phi=3.0),
+    "cosine": uf.Cosine(12, warmup_steps=2),
+    "linear": uf.Linear(10, min_lr_ratio=0.2),
+    "rex": uf.REX(11, warmup_steps=1, min_lr_ratio=0.05),
+    "constant": uf.Constant(warmup_steps=4),
+}
+
+# Relative to the largest |value| of the tensor compared: fp32 carries the few ulps of a handful of
+# operations; bf16 / fp16 storage rounds each stored value once (2^-8 / 2^-11) plus the fp32 work.
+RTOL = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3, torch.float64: 1e-12}
+# fp16 has fixed spacing 2^-24 below 2^-14 (subnormals): tiny second moments round to that grid.
+ATOL = {torch.float16: 2.0**-24}
+
+
+def make_params(device="cpu", dtype=torch.float32, seed=0) -> list[torch.Tensor]:
+    """A mixed list: odd sizes, 0-size, 1-element, 4-D, a transposed view, a storage-offset view."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(device, dtype)
+
+    transposed = rnd(5, 4).t().detach()           # non-contiguous
+    offset = rnd(34)[1:].detach()                 # storage offset 1: breaks 16-byte alignment
+    ps = [rnd(7), rnd(0), rnd(1), rnd(3, 5, 2, 3), transposed, offset, rnd(129)]
+    return [p.requires_grad_() for p in ps]
+
+
+def random_grads(params, gen: torch.Generator, skip: int | None = None) -> list[torch.Tensor | None]:
+    """Fresh random gradients at per-tensor scales from 1e-4 to 1; ``skip`` leaves one param without a grad."""
+    out = []
+    for i, p in enumerate(params):
+        if i == skip:
+            out.append(None)
+            continue
+        scale = 10 ** (-4 * torch.rand((), generator=gen).item())
+        out.append((torch.randn(p.shape, generator=gen) * scale).to(p.device, p.dtype))
+    return out
+
+
+def set_grads(params, grads):
+    for p, g in zip(params, grads):
+        p.grad = None if g is None else g.clone()
+
+
+def f64(t: torch.Tensor) -> np.ndarray:
+    return t.detach().to("cpu", torch.float64).numpy().copy()  # never a view of a float64 tensor
+
+
+def assert_scaled_close(actual: torch.Tensor, expected: np.ndarray, rtol: float, what: str,
+                        ignore: np.ndarray | None = None, atol: float = 0.0) -> None:
+    """|actual - expected| <= rtol * max|expected| + atol elementwise (optionally ignoring a mask)."""
+    a = f64(actual)
+    err = np.abs(a - expected)
+    if ignore is not None:
+        err = np.where(ignore, 0.0, err)
+    bound = rtol * max(np.abs(expected).max(initial=0.0), 1e-30) + atol
+    if err.size and err.max() > bound:
+        i = np.unravel_index(err.argmax(), err.shape)
+        raise AssertionError(f"{what}: max error {err.max():.3e} > {bound:.3e} at {i} "
+                             f"(got {a[i]!r}, expected {expected[i]!r}; {(err > bound).sum()} of {err.size} off)")
+
+
+def check_steps_against_oracle(case: Case, schedule, backend: str, dtype=torch.float32, device="cpu",
+                               steps: int = 15, seed: int = 0, params=None) -> None:
+    """Step the optimizer and, from a float64 copy of its inputs, the oracle; compare after every step."""
+    params = make_params(device, dtype, seed) if params is None else params
+    opt = case.make(params, schedule=schedule, backend=backend)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rtol, atol = RTOL[dtype], ATOL.get(dtype, 0.0)
+    for t in range(steps):
+        grads = random_grads(params, gen, skip=t % 4 if t % 3 == 0 else None)
+        set_grads(params, grads)
+        before = [(f64(p), {k: f64(v) for k, v in opt.state.get(p, {}).items() if k != "step"},
+                   int(opt.state[p]["step"]) if p in opt.state else 0) for p in params]
+        opt.step()
+        group = opt.param_groups[0]
+        sched_args = {} if schedule is None else schedule.to_dict()
+        name = sched_args.pop("name", None)
+        factor = 1.0 if schedule is None else oracle.schedule_factor(
+            name, t, sched_args.get("total_steps"), sched_args.get("warmup_steps", 0),
+            sched_args.get("min_lr_ratio", 0.0), sched_args.get("phi", 1.0))
+        lr = float(group["lr"]) * factor
+        np.testing.assert_allclose(float(opt.get_last_lr()[0]), lr, rtol=1e-6, err_msg=f"applied lr at step {t}")
+        assert int(group["schedule_step"]) == t + 1
+        for i, (p, g, (p0, s0, k0)) in enumerate(zip(params, grads, before)):
+            where = f"{case.id}/{backend}/{dtype} step {t} param {i}"
+            if g is None:
+                np.testing.assert_array_equal(f64(p), p0, err_msg=f"{where}: a param without grad moved")
+                continue
+            names = opt._state_names(group)
+            s0 = {n: s0.get(n, np.zeros_like(p0)) for n in names}
+            exp_p, exp_s = oracle.RULES[case.rule](p0, f64(g), s0, k0 + 1, lr=lr, **case.hyper(group))
+            ignore = oracle.lion_ambiguous(f64(g), s0, **case.hyper(group)) if case.rule == "lion" else None
+            assert int(opt.state[p]["step"]) == k0 + 1, f"{where}: step count"
+            assert_scaled_close(p, exp_p, rtol, f"{where}: param", ignore, atol)
+            for n in names:
+                assert_scaled_close(opt.state[p][n], exp_s[n], rtol, f"{where}: state {n}", atol=atol)
+
+
+def snapshot(opt, params):
+    return copy.deepcopy(([p.detach().clone() for p in params], opt.state_dict()))

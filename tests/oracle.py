@@ -1,0 +1,82 @@
+"""Independent float64 re-derivations of the published formulas, in NumPy.
+
+Written from the papers and the issue text, not from uba_fused's code, so that a
+mistake copied into every backend still fails here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def schedule_factor(name: str, t: int, total: int | None = None, warmup: int = 0, r: float = 0.0,
+                    phi: float = 1.0) -> float:
+    if t < warmup:
+        return (t + 1) / warmup
+    if name == "Constant":
+        return 1.0
+    p = min(max((t - warmup) / (total - warmup), 0.0), 1.0)
+    cos = math.cos(math.pi * p)
+    if name == "UBA":  # Tang et al. 2025, eq. of the unified budget-aware schedule
+        shape = 2 * (1 + cos) / (2 * phi + (2 - phi) * (1 + cos))
+    elif name == "Cosine":
+        shape = (1 + cos) / 2
+    elif name == "Linear":
+        shape = 1 - p
+    elif name == "REX":
+        shape = (1 - p) / (1 - p / 2)
+    else:
+        raise ValueError(name)
+    return r + (1 - r) * shape
+
+
+def adamw(p, g, state, k, lr, betas, eps, weight_decay, **_):
+    """Loshchilov & Hutter's AdamW as torch.optim.AdamW computes it; k is the 1-based step."""
+    b1, b2 = betas
+    m = b1 * state["exp_avg"] + (1 - b1) * g
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+    m_hat = m / (1 - b1**k)
+    denom = np.sqrt(v) / math.sqrt(1 - b2**k) + eps
+    p = p * (1 - lr * weight_decay) - lr * m_hat / denom
+    return p, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def adabelief(p, g, state, k, lr, betas, eps, weight_decay, **_):
+    """AdaBelief as adabelief-pytorch 0.2 computes it (decoupled decay, eps inside s, no rectify)."""
+    b1, b2 = betas
+    m = b1 * state["exp_avg"] + (1 - b1) * g
+    s = b2 * state["exp_avg_var"] + (1 - b2) * (g - m) ** 2 + eps
+    p = p * (1 - lr * weight_decay) - lr / (1 - b1**k) * m / (np.sqrt(s) / math.sqrt(1 - b2**k) + eps)
+    return p, {"exp_avg": m, "exp_avg_var": s}
+
+
+def lion(p, g, state, k, lr, betas, weight_decay, **_):
+    """Lion (Chen et al. 2023, Algorithm 2)."""
+    b1, b2 = betas
+    m = state["exp_avg"]
+    c = b1 * m + (1 - b1) * g
+    p = p * (1 - lr * weight_decay) - lr * np.sign(c)
+    return p, {"exp_avg": b2 * m + (1 - b2) * g}
+
+
+def lion_ambiguous(g, state, betas, **_) -> np.ndarray:
+    """Elements whose sign(c) float32 rounding may legitimately flip: |c| within rounding of its terms."""
+    b1, _ = betas
+    m = state["exp_avg"]
+    c = b1 * m + (1 - b1) * g
+    return np.abs(c) <= 1e-5 * (np.abs(b1 * m) + np.abs((1 - b1) * g))
+
+
+def sgd(p, g, state, k, lr, momentum, dampening, nesterov, weight_decay, **_):
+    """torch.optim.SGD: L2 decay, the first buffer is the gradient itself."""
+    d = g + weight_decay * p
+    if momentum == 0:
+        return p - lr * d, {}
+    buf = d if k == 1 else momentum * state["momentum_buffer"] + (1 - dampening) * d
+    step = d + momentum * buf if nesterov else buf
+    return p - lr * step, {"momentum_buffer": buf}
+
+
+RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd}

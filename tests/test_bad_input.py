@@ -1,0 +1,157 @@
+"""Every bad input raises a clear error before anything is modified."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import uba_fused as uf
+
+from harness import make_params, random_grads, set_grads
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _assert_unchanged(opt, params, snap):
+    values, sd = snap
+    for p, v in zip(params, values):
+        assert torch.equal(p.detach(), v)
+    now = opt.state_dict()
+    assert now["state"].keys() == sd["state"].keys()
+    for k, st in sd["state"].items():
+        for name, v in st.items():
+            assert torch.equal(now["state"][k][name], v), (k, name)
+    for g_now, g_then in zip(now["param_groups"], sd["param_groups"]):
+        assert torch.equal(g_now["schedule_step"], g_then["schedule_step"])
+
+
+def _trained(cls=uf.AdamW, **kw):
+    params = make_params()
+    opt = cls(params, **kw)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        set_grads(params, random_grads(params, gen))
+        opt.step()
+    set_grads(params, random_grads(params, gen))
+    return opt, params
+
+
+@pytest.mark.parametrize("cls,kwargs,match", [
+    (uf.AdamW, dict(lr=-1e-3), "lr must be finite and in"),
+    (uf.AdamW, dict(lr=math.nan), "lr"),
+    (uf.AdamW, dict(lr=math.inf), "lr"),
+    (uf.AdamW, dict(betas=(1.0, 0.999)), r"betas\[0\]"),
+    (uf.AdamW, dict(betas=(0.9, -0.1)), r"betas\[1\]"),
+    (uf.AdamW, dict(betas=(0.9,)), "betas must be a tuple of 2"),
+    (uf.AdamW, dict(eps=-1e-8), "eps"),
+    (uf.AdamW, dict(weight_decay=math.nan), "weight_decay"),
+    (uf.AdaBelief, dict(eps=math.inf), "eps"),
+    (uf.AdaBelief, dict(betas=(0.9, 1.5)), r"betas\[1\]"),
+    (uf.Lion, dict(lr=-1.0), "lr"),
+    (uf.Lion, dict(weight_decay=-0.1), "weight_decay"),
+    (uf.SGD, dict(momentum=-0.5), "momentum"),
+    (uf.SGD, dict(dampening=2.0), "dampening"),
+    (uf.SGD, dict(nesterov=True, dampening=0.1), "nesterov=True needs"),
+    (uf.SGD, dict(nesterov=True, momentum=0.0), "nesterov=True needs"),
+    (uf.AdamW, dict(backend="cudnn"), "backend must be one of"),
+    (uf.AdamW, dict(lr=torch.ones(2)), "lr as a tensor must be"),
+])
+def test_bad_hyperparameters_raise_at_construction(cls, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        cls(make_params(), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(schedule="cosine"), dict(lr="0.1"), dict(nesterov=1)])
+def test_wrong_types_raise(kwargs):
+    with pytest.raises(TypeError):
+        uf.SGD(make_params(), **kwargs)
+
+
+def test_complex_and_integer_parameters_are_refused():
+    with pytest.raises(ValueError, match=r"params\[1\] is complex"):
+        uf.AdamW([torch.zeros(2), torch.zeros(2, dtype=torch.complex64)])
+    with pytest.raises(ValueError, match="has dtype torch.int64"):
+        uf.AdamW([torch.zeros(2, dtype=torch.int64)])
+
+
+def test_unavailable_backend_says_why():
+    with pytest.raises(uf.BackendUnavailableError, match="backend='cuda' is unavailable for parameters on cpu: "):
+        uf.AdamW(make_params(), backend="cuda")
+
+
+def test_sparse_gradient_raises_before_any_change():
+    opt, params = _trained()
+    snap = _snapshot(opt, params)
+    params[-1].grad = torch.sparse_coo_tensor([[0, 5]], [1.0, 2.0], params[-1].shape, check_invariants=True)
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt.step()
+    _assert_unchanged(opt, params, snap)
+
+
+def test_sparse_gradient_raises_before_lazy_state_is_created():
+    params = make_params()
+    opt = uf.Lion(params)
+    set_grads(params, random_grads(params, torch.Generator().manual_seed(0)))
+    params[4].grad = params[4].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt.step()
+    assert len(opt.state) == 0
+    assert int(opt.param_groups[0]["schedule_step"]) == 0
+
+
+@pytest.mark.parametrize("key,value,match", [("lr", -0.5, "lr"), ("betas", (0.9, 1.0), "betas"),
+                                             ("schedule", "uba", "schedule must be None")])
+def test_hyperparameter_broken_after_construction_raises_at_step(key, value, match):
+    opt, params = _trained(schedule=uf.UBA(10))
+    snap = _snapshot(opt, params)
+    opt.param_groups[0][key] = value
+    with pytest.raises((ValueError, TypeError), match=match):
+        opt.step()
+    opt.param_groups[0][key] = snap[1]["param_groups"][0][key] if key != "schedule" else uf.UBA(10)
+    _assert_unchanged(opt, params, snap)
+
+
+def _break(sd, how):
+    sd = copy.deepcopy(sd)
+    if how == "shape":
+        sd["state"][3]["exp_avg"] = torch.zeros(3, 3)
+    elif how == "step":
+        sd["state"][3]["step"] = torch.tensor(-1.0)
+    elif how == "groups":
+        sd["param_groups"].append(copy.deepcopy(sd["param_groups"][0]))
+    elif how == "params":
+        sd["param_groups"][0]["params"] = sd["param_groups"][0]["params"][:-1]
+    elif how == "amsgrad":
+        sd["param_groups"][0]["amsgrad"] = True
+    elif how == "lr":
+        sd["param_groups"][0]["lr"] = -3.0
+    elif how == "schedule":
+        sd["param_groups"][0]["schedule"] = {"name": "UBA", "total_steps": 10, "phi": 0.0}
+    elif how == "schedule_step":
+        sd["param_groups"][0]["schedule_step"] = torch.tensor(2.5)
+    elif how == "not a dict":
+        sd = [sd]
+    return sd
+
+
+@pytest.mark.parametrize("how,match", [
+    ("shape", r"state\[3\]\['exp_avg'\] has shape \(3, 3\), its parameter has \(3, 5, 2, 3\)"),
+    ("step", r"state\[3\]\['step'\] must be a finite non-negative scalar"),
+    ("groups", "has 2 param groups, this optimizer has 1"),
+    ("params", "has 6 parameters"),
+    ("amsgrad", "amsgrad=True is not supported"),
+    ("lr", r"param_groups\[0\]: lr must be"),
+    ("schedule", "phi must be finite and > 0"),
+    ("schedule_step", "schedule_step'] must be a non-negative integer"),
+    ("not a dict", "must be a dict with 'state' and 'param_groups'"),
+])
+def test_bad_state_dict_raises_and_changes_nothing(how, match):
+    opt, params = _trained(schedule=uf.Cosine(10))
+    good = opt.state_dict()
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(_break(good, how))
+    _assert_unchanged(opt, params, snap)

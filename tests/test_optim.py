@@ -1,0 +1,126 @@
+"""The torch (reference) backend against float64 re-derivations and against torch.optim."""
+
+import pytest
+import torch
+
+import uba_fused as uf
+
+from harness import CASE_IDS, CASES, SCHEDULES, check_steps_against_oracle, make_params, random_grads, set_grads
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_reference_matches_float64_oracle(case, schedule):
+    check_steps_against_oracle(case, schedule, backend="torch")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("case", CASES[::2], ids=CASE_IDS[::2])
+def test_reference_low_and_high_precision(case, dtype):
+    check_steps_against_oracle(case, SCHEDULES["uba"], backend="torch", dtype=dtype, steps=6)
+
+
+TORCH_TWINS = [
+    ("adamw", lambda ps, **kw: uf.AdamW(ps, lr=2e-2, betas=(0.85, 0.98), eps=1e-6, weight_decay=0.05, **kw),
+     lambda ps: torch.optim.AdamW(ps, lr=2e-2, betas=(0.85, 0.98), eps=1e-6, weight_decay=0.05, foreach=False)),
+    ("sgd-momentum", lambda ps, **kw: uf.SGD(ps, lr=2e-2, momentum=0.9, dampening=0.3, weight_decay=0.01, **kw),
+     lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.9, dampening=0.3, weight_decay=0.01, foreach=False)),
+    ("sgd-nesterov", lambda ps, **kw: uf.SGD(ps, lr=2e-2, momentum=0.9, nesterov=True, **kw),
+     lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.9, nesterov=True, foreach=False)),
+    ("sgd-plain", lambda ps, **kw: uf.SGD(ps, lr=2e-2, momentum=0.0, weight_decay=0.1, **kw),
+     lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.0, weight_decay=0.1, foreach=False)),
+]
+
+
+def _run_twins(ours, theirs, steps=25, torch_sched=None):
+    a, b = make_params(), make_params()
+    opt_a, opt_b = ours(a), theirs(b)
+    sched = torch_sched(opt_b) if torch_sched else None
+    gen = torch.Generator().manual_seed(5)
+    for t in range(steps):
+        grads = random_grads(a, gen, skip=(t % 7) if t % 2 else None)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        opt_a.step()
+        opt_b.step()
+        if sched:
+            sched.step()
+    return a, b, opt_a, opt_b
+
+
+@pytest.mark.parametrize("name,ours,theirs", TORCH_TWINS, ids=[t[0] for t in TORCH_TWINS])
+def test_matches_torch_optim(name, ours, theirs):
+    # Same fp32 formulas in a different operation order (torch lerps the first moment): a few ulps apart.
+    a, b, opt_a, opt_b = _run_twins(ours, theirs)
+    for i, (p, q) in enumerate(zip(a, b)):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+        for k, v in opt_b.state.get(q, {}).items():
+            torch.testing.assert_close(opt_a.state[p][k].float(), v.float(), rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"param {i} state {k}: {m}")
+
+
+@pytest.mark.parametrize("schedule", [s for s in SCHEDULES.values() if s is not None],
+                         ids=[k for k, s in SCHEDULES.items() if s is not None])
+@pytest.mark.parametrize("name,ours,theirs", TORCH_TWINS[:2], ids=[t[0] for t in TORCH_TWINS[:2]])
+def test_device_schedule_matches_torch_with_host_scheduler(name, ours, theirs, schedule):
+    a, b, opt_a, _ = _run_twins(lambda ps: ours(ps, schedule=schedule), theirs, steps=16,
+                                torch_sched=lambda o: uf.LRScheduler(o, schedule))
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert float(opt_a.get_last_lr()[0]) == pytest.approx(2e-2 * schedule.factor(15), rel=1e-6)
+
+
+def test_tensor_lr_equals_float_lr():
+    a, b = make_params(), make_params()
+    opt_a = uf.AdamW(a, lr=torch.tensor(0.01, dtype=torch.float64), schedule=SCHEDULES["uba"])
+    opt_b = uf.AdamW(b, lr=0.01, schedule=SCHEDULES["uba"])
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        grads = random_grads(a, gen)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+
+
+def test_groups_have_their_own_hyperparameters_and_schedules():
+    ps = make_params()
+    opt = uf.AdamW([{"params": ps[:3], "lr": 0.1, "schedule": uf.Linear(4)},
+                    {"params": ps[3:], "weight_decay": 0.0}], lr=0.01, schedule=uf.Cosine(10))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        set_grads(ps, random_grads(ps, gen))
+        opt.step()
+    lr0, lr1 = (float(x) for x in opt.get_last_lr())
+    assert lr0 == pytest.approx(0.1 * uf.Linear(4).factor(2), rel=1e-6)
+    assert lr1 == pytest.approx(0.01 * uf.Cosine(10).factor(2), rel=1e-6)
+    assert [int(g["schedule_step"]) for g in opt.param_groups] == [3, 3]
+
+
+def test_schedule_counter_advances_even_when_no_param_has_a_grad():
+    ps = make_params()
+    opt = uf.Lion(ps, schedule=uf.Linear(10))
+    opt.step()
+    assert int(opt.param_groups[0]["schedule_step"]) == 1
+    assert len(opt.state) == 0  # torch semantics: no grad, no state
+    set_grads(ps, random_grads(ps, torch.Generator().manual_seed(0)))
+    opt.step()
+    assert float(opt.get_last_lr()[0]) == pytest.approx(1e-4 * 0.9, rel=1e-6)
+
+
+def test_closure_is_called_with_grad_enabled():
+    p = torch.nn.Parameter(torch.randn(5))
+    opt = uf.SGD([p], lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = (p**2).sum()
+        loss.backward()
+        return loss
+
+    before = p.detach().clone()
+    loss = opt.step(closure)
+    torch.testing.assert_close(loss, (before**2).sum())
+    torch.testing.assert_close(p.detach(), before - 0.1 * 2 * before)

@@ -1,0 +1,89 @@
+import copy
+import io
+
+import pytest
+import torch
+
+import uba_fused as uf
+
+from harness import CASE_IDS, CASES, make_params, random_grads, set_grads
+
+
+def _train(opt, params, gen, steps):
+    for _ in range(steps):
+        set_grads(params, random_grads(params, gen))
+        opt.step()
+
+
+def _save_load(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)  # schedules are stored as plain dicts
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_round_trip_mid_schedule_continues_identically(case):
+    schedule = uf.UBA(20, phi=0.6, warmup_steps=3, min_lr_ratio=0.1)
+    a = make_params()
+    opt_a = case.make(a, schedule=schedule)
+    gen = torch.Generator().manual_seed(7)
+    _train(opt_a, a, gen, 6)
+
+    sd = _save_load(opt_a.state_dict())
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_b = case.make(b, schedule=uf.Constant())  # the saved schedule wins
+    opt_b.load_state_dict(sd)
+    assert opt_b.param_groups[0]["schedule"] == schedule
+    assert int(opt_b.param_groups[0]["schedule_step"]) == 6
+
+    gen_a, gen_b = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    _train(opt_a, a, gen_a, 8)
+    _train(opt_b, b, gen_b, 8)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for k, v in opt_a.state.get(p, {}).items():
+            assert torch.equal(v, opt_b.state[q][k]), k
+    assert torch.equal(opt_a.get_last_lr()[0], opt_b.get_last_lr()[0])
+
+
+@pytest.mark.parametrize("twin", [
+    (lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1), lambda ps: uf.AdamW(ps, lr=5.0), 5),
+    # torch.optim.SGD keeps no step count; a loaded momentum buffer counts as one step taken.
+    (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, weight_decay=0.1), lambda ps: uf.SGD(ps, lr=5.0), 1),
+], ids=["adamw", "sgd"])
+def test_loads_torch_optim_state_dict_and_continues_like_torch(twin):
+    make_torch, make_ours, loaded_step = twin
+    a = make_params()
+    torch_opt = make_torch(a)
+    gen = torch.Generator().manual_seed(1)
+    _train(torch_opt, a, gen, 5)
+
+    b = [p.detach().clone().requires_grad_() for p in a]
+    ours = make_ours(b)
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    assert ours.param_groups[0]["lr"] == 1e-2  # torch's hyper-parameters are taken
+    assert ours.param_groups[0]["schedule"] is None
+    for q in b:
+        if ours.state.get(q):
+            assert ours.state[q]["step"].dtype == torch.float32 and int(ours.state[q]["step"]) == loaded_step
+
+    gen_a, gen_b = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    _train(torch_opt, a, gen_a, 6)
+    _train(ours, b, gen_b, 6)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+def test_our_adamw_state_dict_loads_into_torch_optim():
+    a = make_params()
+    ours = uf.AdamW(a, lr=1e-2)
+    _train(ours, a, torch.Generator().manual_seed(1), 3)
+    b = [p.detach().clone().requires_grad_() for p in a]
+    theirs = torch.optim.AdamW(b, lr=1e-2)
+    theirs.load_state_dict(copy.deepcopy(ours.state_dict()))  # as if saved: no shared tensors
+    gen_a, gen_b = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    _train(ours, a, gen_a, 3)
+    _train(theirs, b, gen_b, 3)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)

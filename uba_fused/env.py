@@ -1,0 +1,44 @@
+"""``python -m uba_fused.env``: versions, GPU, and which backends can run here (and why not)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import sys
+
+import torch
+
+from . import __version__, _ext, backends
+
+
+def report() -> str:
+    lines = [f"uba_fused {__version__}", f"python    {sys.version.split()[0]} ({platform.platform()})",
+             f"torch     {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU build'})"]
+    try:
+        import triton
+
+        lines.append(f"triton    {triton.__version__}")
+    except ImportError as exc:
+        lines.append(f"triton    not importable ({exc})")
+    lines.append(f"nvcc      {shutil.which('nvcc') or 'not on PATH'}")
+    lines.append(f"extension {'uba_fused._C built' if _ext._C is not None else _ext.ERROR}")
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        lines.append("TRITON_INTERPRET=1: Triton kernels run in the interpreter on CPU tensors (slow; for tests)")
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            p = torch.cuda.get_device_properties(i)
+            lines.append(f"cuda:{i}    {p.name}, {p.total_memory / 2**30:.0f} GiB, sm_{p.major}{p.minor}")
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    else:
+        lines.append("GPU       none visible to torch")
+    for dev in devices:
+        lines.append(f"backends for parameters on {dev} (auto -> {backends.resolve('auto', dev)}):")
+        for name, reason in backends.availability(dev).items():
+            lines.append(f"  {name:7s} {'usable' if reason is None else 'unavailable: ' + reason}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(report())
