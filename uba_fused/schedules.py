@@ -99,8 +99,8 @@ class Schedule:
     # -- what kernels and state dicts need -----------------------------------
     def kernel_constants(self) -> tuple[int, float, float, float, float]:
         """(kind, warmup_steps, total_steps, min_lr_ratio, phi) as the kernels read them."""
-        total = float(self.total_steps) if self.total_steps is not None else 1.0
-        return (self.kind, float(self.warmup_steps), total, self.min_lr_ratio, float(getattr(self, "phi", 0.0)))
+        total = float(self.total_steps if self.total_steps is not None else self.warmup_steps + 1)  # no 0/0
+        return (self.kind, float(self.warmup_steps), total, self.min_lr_ratio, float(getattr(self, "phi", 2.0)))
 
     def to_dict(self) -> dict:
         """A plain dict (safe for ``torch.load(weights_only=True)``); ``schedule_from_dict`` inverts it."""

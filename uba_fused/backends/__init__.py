@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
 from .work import RULES, GroupWork
 
-__all__ = ["NAMES", "RULES", "GroupWork", "BackendUnavailableError", "availability", "resolve", "get"]
+__all__ = ["NAMES", "RULES", "KERNEL_DTYPES", "GroupWork", "BackendUnavailableError", "availability", "resolve", "get"]
 
 NAMES = ("auto", "torch", "triton", "cuda")
 # "auto" tries these in order; the first usable one wins.
 AUTO_ORDER = ("cuda", "triton", "torch")
+# What the kernels store; they compute in float32 (float64 parameters take backend "torch").
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class BackendUnavailableError(RuntimeError):
@@ -55,23 +57,32 @@ def _cuda_reason(device: torch.device) -> str | None:
     return None
 
 
-def availability(device: torch.device | str) -> dict[str, str | None]:
-    """For each backend: None if it can run on ``device``, else the reason it cannot."""
+def _dtype_reason(dtypes: Iterable[torch.dtype]) -> str | None:
+    bad = sorted({str(d) for d in dtypes if d not in KERNEL_DTYPES})
+    return f"the kernels take {', '.join(map(str, KERNEL_DTYPES))} parameters, got {', '.join(bad)}" if bad else None
+
+
+def availability(device: torch.device | str, dtypes: Iterable[torch.dtype] = ()) -> dict[str, str | None]:
+    """For each backend: None if it can run parameters of ``dtypes`` on ``device``, else the reason it cannot."""
     device = torch.device(device)
-    return {"torch": None, "triton": _triton_reason(device), "cuda": _cuda_reason(device)}
+    dtype_reason = _dtype_reason(dtypes)
+    out: dict[str, str | None] = {"torch": None}
+    for name, reason in (("triton", _triton_reason(device)), ("cuda", _cuda_reason(device))):
+        out[name] = reason or dtype_reason
+    return out
 
 
-def resolve(requested: str, device: torch.device | str) -> str:
-    """The backend that runs parameters on ``device`` when ``requested`` is asked for."""
+def resolve(requested: str, device: torch.device | str, dtypes: Iterable[torch.dtype] = ()) -> str:
+    """The backend that runs parameters of ``dtypes`` on ``device`` when ``requested`` is asked for."""
     if requested not in NAMES:
         raise ValueError(f"backend must be one of {NAMES}, got {requested!r}")
     device = torch.device(device)
+    avail = availability(device, dtypes)
     if requested == "auto":
         # The interpreter is a test tool, never the fast path for CPU tensors.
         order = AUTO_ORDER if device.type == "cuda" else ("torch",)
-        avail = availability(device)
         return next(name for name in order if avail[name] is None)
-    reason = availability(device)[requested]
+    reason = avail[requested]
     if reason is not None:
         raise BackendUnavailableError(f"backend={requested!r} is unavailable for parameters on {device}: {reason}")
     return requested

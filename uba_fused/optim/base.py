@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import backends
+from ..backends.plan import is_dense
 from ..schedules import Schedule, schedule_from_dict
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -100,9 +101,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._check_group(full)
         devices = {p.device for p in params}
         device = params[0].device if params else torch.device("cpu")
-        backend = backends.resolve(full["backend"], device)
-        if backend != "torch" and len(devices) > 1:
-            raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
+        backend = backends.resolve(full["backend"], device, {p.dtype for p in params})
+        if backend != "torch":
+            if len(devices) > 1:
+                raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
+            for i, p in enumerate(params):
+                if not is_dense(p):
+                    raise ValueError(f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) has gaps or "
+                                     f"overlaps in memory; backend={backend!r} walks parameters linearly: use "
+                                     f"backend='torch' for it, or a dense parameter")
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         group.setdefault("schedule_step", torch.zeros((), dtype=torch.int64, device=device))
@@ -112,7 +119,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Backend choice and lr log of group i (after construction or a state-dict load)."""
         group = self.param_groups[i]
         device = group["schedule_step"].device
-        backend = backends.resolve(group["backend"], device)
+        backend = backends.resolve(group["backend"], device, {p.dtype for p in group["params"]})
         last_lr = torch.zeros((), dtype=torch.float32, device=device)
         if isinstance(group["lr"], torch.Tensor):
             last_lr.copy_(group["lr"])
@@ -209,6 +216,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 # torch SGD keeps no step: a saved buffer means at least one step was taken.
                 default = 1.0 if any(isinstance(st.get(n), torch.Tensor) for n in self._state_names(group)) else 0.0
                 st["step"] = torch.as_tensor(st.get("step", default)).to(p.device, torch.float32).reshape(())
+                for n in self._state_names(group):  # the kernels walk state in the parameter's layout
+                    if isinstance(st.get(n), torch.Tensor) and st[n].stride() != p.stride():
+                        st[n] = torch.empty_like(p).copy_(st[n])
             self._setup_group(i)
 
     def _checked_state_dict(self, sd: Any) -> dict[str, Any]:

@@ -1,0 +1,253 @@
+"""backend="triton": the kernels against the float64 oracle and the torch backend.
+
+Without a GPU these run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1),
+so the sizes stay small; the GPU tests at the end repeat the checks at realistic sizes.
+"""
+
+import copy
+import os
+
+import pytest
+import torch
+
+import uba_fused as uf
+from uba_fused import backends
+
+from harness import (CASE_IDS, CASES, RTOL, SCHEDULES, assert_scaled_close, check_steps_against_oracle, f64,
+                     make_params, random_grads, set_grads)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+USABLE = backends.availability(DEVICE)["triton"]
+pytestmark = pytest.mark.skipif(USABLE is not None, reason=f"triton backend unusable here: {USABLE}")
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_float64_oracle(case, schedule):
+    check_steps_against_oracle(case, schedule, backend="triton", device=DEVICE, steps=12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES[::2], ids=CASE_IDS[::2])
+def test_low_precision_matches_oracle(case, dtype):
+    check_steps_against_oracle(case, SCHEDULES["uba"], backend="triton", device=DEVICE, dtype=dtype, steps=6)
+
+
+def _big_params(device, seed=0):
+    """Tensors of several chunks: full chunks (aligned and not) and a ragged last one."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.randn(2 * 4096 + 5, generator=gen), torch.randn(3 * 4096 + 2, generator=gen)[1:],
+          torch.randn(65, 70, generator=gen).t(), torch.randn(4096, generator=gen)]
+    return [p.detach().to(device).requires_grad_() for p in ps]
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_multi_chunk_tensors_match_oracle(case):
+    check_steps_against_oracle(case, SCHEDULES["cosine"], backend="triton", device=DEVICE, steps=3,
+                               params=_big_params(DEVICE))
+
+
+def _assert_same(a, b, opt_a, opt_b, where=""):
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert_scaled_close(q, f64(p), RTOL[p.dtype], f"{where}param {i}")
+        for k, v in opt_a.state.get(p, {}).items():
+            if k == "step":
+                assert int(v) == int(opt_b.state[q][k]), f"{where}param {i} step"
+            else:
+                assert_scaled_close(opt_b.state[q][k], f64(v), RTOL[p.dtype], f"{where}param {i} state {k}")
+    for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
+        assert int(ga["schedule_step"]) == int(gb["schedule_step"])
+    for la, lb in zip(opt_a.get_last_lr(), opt_b.get_last_lr()):
+        assert float(lb) == pytest.approx(float(la), rel=1e-6)
+
+
+def _twins(make, params_fn, steps):
+    """Step the torch and triton backends side by side, comparing after every step, then copying the
+    torch side's values over so that rounding (a bf16 ulp flips easily) cannot drift across steps."""
+    a, b = params_fn(), params_fn()
+    opt_a, opt_b = make(a, "torch"), make(b, "triton")
+    gen = torch.Generator().manual_seed(11)
+    for t in range(steps):
+        grads = random_grads(a, gen, skip=t % len(a) if t % 2 else None)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        opt_a.step()
+        opt_b.step()
+        _assert_same(a, b, opt_a, opt_b, f"step {t}: ")
+        with torch.no_grad():
+            for p, q in zip(a, b):
+                q.copy_(p)
+                for k, v in opt_a.state.get(p, {}).items():
+                    opt_b.state[q][k].copy_(v)
+
+
+def test_groups_with_different_hyperparameters_schedules_and_dtypes():
+    def params():
+        ps = make_params(DEVICE, seed=3)
+        return ps + [p.detach().to(torch.bfloat16).requires_grad_() for p in make_params(DEVICE, seed=4)[3:]]
+
+    def make(ps, backend):
+        return uf.AdamW([
+            {"params": ps[:4], "lr": 0.02, "betas": (0.8, 0.9), "schedule": uf.UBA(8, phi=0.3, warmup_steps=2)},
+            {"params": ps[4:7], "weight_decay": 0.3, "eps": 1e-4},
+            {"params": ps[7:], "lr": 0.01, "schedule": uf.Linear(5)},  # bf16: a second launch per step
+        ], lr=0.05, schedule=uf.Cosine(10), backend=backend)
+
+    _twins(make, params, steps=10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_matches_torch_backend_with_params_without_grads(case):
+    make = lambda ps, backend: case.make(ps, backend=backend, schedule=SCHEDULES["rex"])  # noqa: E731
+    _twins(make, lambda: make_params(DEVICE, seed=5), steps=10)
+
+
+def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel():
+    # A tensor lr is read on the device; a host lr changed by a torch scheduler refreshes the table.
+    def make(ps, backend):
+        opt = uf.AdamW([{"params": ps[:3], "lr": torch.tensor(0.03, device=DEVICE)}, {"params": ps[3:]}],
+                       lr=0.01, backend=backend)
+        opt._sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 / (1 + t))
+        return opt
+
+    a, b = make_params(DEVICE), make_params(DEVICE)
+    opt_a, opt_b = make(a, "torch"), make(b, "triton")
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        grads = random_grads(a, gen)
+        for ps, opt in ((a, opt_a), (b, opt_b)):
+            set_grads(ps, grads)
+            opt.step()
+            opt._sched.step()
+    _assert_same(a, b, opt_a, opt_b)
+
+
+def test_gradient_with_another_layout_is_walked_in_the_parameters_layout():
+    p = torch.randn(6, 5).t().detach().to(DEVICE).requires_grad_()  # transposed parameter
+    q = p.detach().clone().requires_grad_()
+    opt_p, opt_q = uf.Lion([p], backend="triton", lr=0.1), uf.Lion([q], backend="torch", lr=0.1)
+    for _ in range(3):
+        g = torch.randn(5, 6, device=DEVICE)  # contiguous, unlike p
+        p.grad, q.grad = g.clone(), g.clone()
+        opt_p.step()
+        opt_q.step()
+    torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+
+def test_state_dict_round_trip_and_switching_backends():
+    a = make_params(DEVICE)
+    opt = uf.AdaBelief(a, backend="triton", schedule=uf.UBA(10, phi=0.5), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        set_grads(a, random_grads(a, gen))
+        opt.step()
+    b = [p.detach().clone().requires_grad_() for p in a]
+    opt_b = uf.AdaBelief(b, backend="torch", lr=0.01)
+    opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if saved: no shared tensors
+    for _ in range(4):
+        grads = random_grads(a, gen)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        opt.step()
+        opt_b.step()
+    _assert_same(b, a, opt_b, opt)
+
+
+def test_kernel_backend_refuses_what_it_cannot_walk():
+    with pytest.raises(ValueError, match="has gaps or overlaps in memory"):
+        uf.AdamW([torch.randn(10, device=DEVICE)[::2].detach().requires_grad_()], backend="triton")
+    with pytest.raises(uf.BackendUnavailableError, match="the kernels take"):
+        uf.AdamW([torch.randn(3, dtype=torch.float64, device=DEVICE)], backend="triton")
+
+
+def test_interpreter_is_never_picked_by_auto():
+    assert uf.AdamW(make_params(), backend="auto").backends == ["torch"]
+
+
+# ---------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gpu_realistic_sizes_match_torch_backend(case):
+    def params():
+        gen = torch.Generator().manual_seed(0)
+        shapes = [(1024, 4096), (4096,), (50304, 256), (3, 7, 11), (1,), (0,), (1_000_003,)]
+        ps = [torch.randn(s, generator=gen).cuda() for s in shapes] + [torch.randn(999_999).cuda()[3:]]
+        return [p.detach().requires_grad_() for p in ps]
+
+    make = lambda ps, backend: case.make(ps, backend=backend, schedule=SCHEDULES["uba"])  # noqa: E731
+    _twins(make, params, steps=12)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gpu_cuda_graph_replay_equals_eager(case):
+    def run(graph):
+        ps = make_params("cuda", seed=1)
+        for p in ps:
+            p.grad = torch.zeros_like(p)
+        opt = case.make(ps, backend="triton", schedule=uf.UBA(9, phi=0.7, warmup_steps=2))
+        gen = torch.Generator().manual_seed(3)
+        grads = [random_grads(ps, gen) for _ in range(12)]
+        static = [p.grad for p in ps]
+        set_static = lambda gs: [s.copy_(g) for s, g in zip(static, gs)]  # noqa: E731
+        if not graph:
+            for gs in grads:
+                set_static(gs)
+                opt.step()
+            return ps, opt
+        set_static(grads[0])
+        opt.step()  # warm-up step: builds the plan and state outside the capture
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s), torch.cuda.graph(g):
+            opt.step()
+        torch.cuda.current_stream().wait_stream(s)
+        for gs in grads[1:]:
+            set_static(gs)
+            g.replay()
+        return ps, opt
+
+    a, opt_a = run(graph=False)
+    b, opt_b = run(graph=True)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert int(opt_b.param_groups[0]["schedule_step"]) == 12
+    assert torch.equal(opt_a.get_last_lr()[0], opt_b.get_last_lr()[0])
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_step_never_syncs():
+    ps = make_params("cuda")
+    opt = uf.AdamW(ps, backend="triton", schedule=uf.UBA(100))
+    gen = torch.Generator().manual_seed(0)
+    grads = [[g.cuda() if g is not None else None for g in random_grads(ps, gen)] for _ in range(3)]
+    set_grads(ps, grads[0])
+    opt.step()  # first step allocates state and builds the plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for gs in grads[1:]:
+            set_grads(ps, gs)  # new grad tensors every step, as zero_grad(set_to_none=True) gives
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.skipif(os.environ.get("UBA_FUSED_BIG_TESTS") != "1", reason="set UBA_FUSED_BIG_TESTS=1 (needs ~20 GB)")
+def test_gpu_tensor_over_2_pow_31_elements():
+    n = 2**31 + 4099
+    p = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    p.grad = torch.randn_like(p)
+    head, tail = p.detach()[:4096].float().clone(), p.detach()[-4096:].float().clone()
+    opt = uf.SGD([p], lr=0.5, momentum=0.0, backend="triton")
+    opt.step()
+    g = p.grad
+    torch.testing.assert_close(p.detach()[:4096].float(), (head - 0.5 * g[:4096].float()).bfloat16().float())
+    torch.testing.assert_close(p.detach()[-4096:].float(), (tail - 0.5 * g[-4096:].float()).bfloat16().float())

@@ -1,0 +1,162 @@
+"""Device tables that let one kernel launch update a whole parameter list (shared by the kernel backends).
+
+A plan is built once per (rule, set of parameters that have gradients) and cached in the optimizer;
+each step only refreshes what changed: gradient addresses (new ``.grad`` tensors after
+``zero_grad(set_to_none=True)`` usually land at the same addresses, and then nothing is copied) and
+the per-group hyper-parameters (copied only when a host value changed; a tensor ``lr`` is copied
+device to device every step).
+
+Tables, all on the parameters' device:
+  tensors  int64 [n + 1, 8]  per tensor: addresses of p, g, state0, state1, step; numel; group; info
+                             (info = n_chunks << 1 | aligned). Row n is a sentinel with no elements,
+                             so a launch always has a program that advances the group counters.
+  work     int64 [items, 2]  per program: (tensor row, first element); every tensor has >= 1 chunk
+  done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
+  groups   float64 [G, 16]   per group: the columns of GROUP_COLS
+  gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
+
+A step with parameters of several dtypes makes one launch per dtype ("part"); only the last launch
+advances the group counters, so every launch reads the same step index t.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ..schedules import KIND_CONSTANT
+from .work import GroupWork
+
+# Columns of the group table. One minus a beta is computed here in float64: in float32,
+# 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
+GROUP_COLS = ("lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps",
+              "weight_decay", "momentum", "one_minus_dampening", "nesterov", "kind", "warmup", "total",
+              "min_ratio", "phi", "has_state")
+G = {name: i for i, name in enumerate(GROUP_COLS)}
+TENSOR_COLS = 8
+ALIGN = 16  # bytes: what a 128-bit vector access needs
+
+
+def is_dense(t: torch.Tensor) -> bool:
+    """Non-overlapping and dense: some permutation of a contiguous layout, so it can be walked linearly."""
+    expect = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expect:
+            return False
+        expect *= size
+    return True
+
+
+def _log(b: float) -> float:
+    return math.log(b) if b > 0 else -math.inf
+
+
+def group_row(w: GroupWork) -> tuple[float, ...]:
+    """The host values of one group's row (lr is 0 here when it is a tensor; it is copied on the device)."""
+    h = w.hyper
+    b1, b2 = h.get("betas", (0.0, 0.0))
+    lr = 0.0 if isinstance(h["lr"], torch.Tensor) else float(h["lr"])
+    kind, warmup, total, min_ratio, phi = (w.schedule.kernel_constants() if w.schedule is not None
+                                           else (KIND_CONSTANT, 0.0, 1.0, 0.0, 2.0))
+    values = dict(lr=lr, beta1=b1, beta2=b2, one_minus_beta1=1.0 - b1, one_minus_beta2=1.0 - b2,
+                  log_beta1=_log(b1), log_beta2=_log(b2), eps=float(h.get("eps", 0.0)),
+                  weight_decay=float(h["weight_decay"]), momentum=float(h.get("momentum", 0.0)),
+                  one_minus_dampening=1.0 - float(h.get("dampening", 0.0)), nesterov=float(bool(h.get("nesterov"))),
+                  kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
+                  has_state=float(bool(w.state)))
+    return tuple(values[c] for c in GROUP_COLS)
+
+
+@dataclass
+class Part:
+    """The tensors of one dtype: one launch."""
+
+    dtype: torch.dtype
+    members: list[tuple[int, int]]          # (position in work, index in that GroupWork)
+    tensors: torch.Tensor
+    work: torch.Tensor
+    done: torch.Tensor
+    info: list[int]                         # host copy of the info column, gradients not yet counted
+    grad_ptrs: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    key: tuple
+    device: torch.device
+    parts: list[Part]
+    groups: torch.Tensor
+    gaddr: torch.Tensor
+    rows: list[tuple[float, ...]]
+    tensor_lrs: list[tuple[int, torch.Tensor]]
+    scratch: torch.Tensor                   # where the sentinel row points; never read or written
+    keep: list[torch.Tensor]                # temporaries whose addresses a table holds this step
+
+    @staticmethod
+    def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:
+        return (rule,) + tuple((w.index, tuple(map(id, w.params))) for w in work)
+
+    @classmethod
+    def build(cls, rule: str, work: Sequence[GroupWork], block: int) -> Plan:
+        device = work[0].schedule_step.device
+        scratch = torch.zeros(ALIGN, dtype=torch.float64, device=device)
+        by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
+        for wi, w in enumerate(work):
+            for i, p in enumerate(w.params):
+                by_dtype.setdefault(p.dtype, []).append((wi, i))
+        if not by_dtype:
+            by_dtype[torch.float32] = []
+        parts = []
+        for dtype, members in by_dtype.items():
+            rows, items, info = [], [], []
+            for r, (wi, i) in enumerate(members):
+                w = work[wi]
+                p = w.params[i]
+                states = [w.state[n][i] for n in w.state]
+                ptrs = [p.data_ptr(), 0] + [s.data_ptr() for s in states] + [scratch.data_ptr()] * (2 - len(states))
+                aligned = all(x % ALIGN == 0 for x in ptrs if x)  # the gradient is checked at refresh
+                n_chunks = max(1, -(-p.numel() // block))
+                info.append(n_chunks << 1 | int(aligned))
+                rows.append(ptrs + [w.steps[i].data_ptr(), p.numel(), wi, info[-1]])
+                items += [(r, c * block) for c in range(n_chunks)]
+            s = scratch.data_ptr()
+            rows.append([s, s, s, s, s, 0, 0, 1 << 1])
+            items.append((len(members), 0))
+            parts.append(Part(dtype, members,
+                              torch.tensor(rows, dtype=torch.int64).to(device),
+                              torch.tensor(items, dtype=torch.int64).to(device),
+                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device), info))
+        gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work],
+                             dtype=torch.int64).to(device)
+        plan = cls(cls.key_of(rule, work), device, parts, torch.zeros(len(work), len(GROUP_COLS),
+                   dtype=torch.float64, device=device), gaddr, [], [], scratch, [])
+        return plan
+
+    def refresh(self, work: Sequence[GroupWork]) -> None:
+        """Bring gradient addresses and group rows up to date; copies only what changed; never syncs."""
+        self.keep = []
+        for part in self.parts:
+            grads = []
+            for wi, i in part.members:
+                g = work[wi].grads[i]
+                p = work[wi].params[i]
+                if g.stride() != p.stride():  # a hand-set gradient with another layout: walk a copy
+                    g = torch.empty_like(p).copy_(g)
+                    self.keep.append(g)
+                grads.append(g.data_ptr())
+            if grads != part.grad_ptrs:
+                info = [x & ~1 | (x & int(g % ALIGN == 0)) for x, g in zip(part.info, grads)]
+                cols = torch.tensor([grads, info], dtype=torch.int64).t().to(self.device, non_blocking=True)
+                part.tensors[:-1, 1].copy_(cols[:, 0])
+                part.tensors[:-1, 7].copy_(cols[:, 1])
+                part.grad_ptrs = grads
+        rows = [group_row(w) for w in work]
+        if rows != self.rows:
+            self.groups.copy_(torch.tensor(rows, dtype=torch.float64), non_blocking=True)
+            self.rows = rows
+        self.tensor_lrs = [(wi, w.hyper["lr"]) for wi, w in enumerate(work) if isinstance(w.hyper["lr"], torch.Tensor)]
+        for wi, lr in self.tensor_lrs:
+            self.groups[wi, G["lr"]].copy_(lr.reshape(()), non_blocking=True)
