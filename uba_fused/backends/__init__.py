@@ -1,6 +1,6 @@
 """Backend registry and the one ``backend=`` option.
 
-Every backend module exposes ``step(rule, work, cache) -> None`` with the
+Every backend module exposes ``prepare(rule, work, cache) -> launch`` with the
 semantics written in ``work.py``; the optimizer classes never know which one
 runs. ``resolve`` turns a requested name into a usable backend for the
 parameters' device, once per param group.
@@ -88,9 +88,9 @@ def resolve(requested: str, device: torch.device | str, dtypes: Iterable[torch.d
     return requested
 
 
-StepFn = Callable[[str, Sequence[GroupWork], dict], None]
+PrepareFn = Callable[[str, Sequence[GroupWork], dict], Callable[[], None]]
 
 
-def get(name: str) -> StepFn:
+def get(name: str) -> PrepareFn:
     module = {"torch": "reference", "triton": "triton", "cuda": "cuda"}[name]
-    return importlib.import_module(f"{__name__}.{module}").step
+    return importlib.import_module(f"{__name__}.{module}").prepare

@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from ..schedules import KIND_CONSTANT
-from .work import GroupWork
+from .work import GroupWork, check_no_sparse
 
 # Columns of the group table. One minus a beta is computed here in float64: in float32,
 # 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
@@ -80,7 +80,9 @@ class Part:
     work: torch.Tensor
     done: torch.Tensor
     info: list[int]                         # host copy of the info column, gradients not yet counted
-    grad_ptrs: list[int] = field(default_factory=list)
+    params: list[torch.Tensor]
+    flat_index: list[int] | None            # positions in the flat gradient list; None: all, in order
+    grad_ptrs: list[int] | None = None
 
 
 @dataclass
@@ -94,19 +96,25 @@ class Plan:
     tensor_lrs: list[tuple[int, torch.Tensor]]
     scratch: torch.Tensor                   # where the sentinel row points; never read or written
     keep: list[torch.Tensor]                # temporaries whose addresses a table holds this step
+    lists: list[list[torch.Tensor]]         # the params lists the key names by id
 
     @staticmethod
     def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:
-        return (rule,) + tuple((w.index, tuple(map(id, w.params))) for w in work)
+        # The optimizer hands the same params list object while the selection of params with a
+        # gradient holds (see FusedOptimizer._selection); a plan keeps those lists alive (``lists``),
+        # so their ids cannot be reused while it is cached.
+        return (rule,) + tuple((w.index, id(w.params)) for w in work)
 
     @classmethod
     def build(cls, rule: str, work: Sequence[GroupWork], block: int) -> Plan:
         device = work[0].schedule_step.device
         scratch = torch.zeros(ALIGN, dtype=torch.float64, device=device)
         by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
+        flat_of: dict[tuple[int, int], int] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
                 by_dtype.setdefault(p.dtype, []).append((wi, i))
+                flat_of[wi, i] = len(flat_of)
         if not by_dtype:
             by_dtype[torch.float32] = []
         parts = []
@@ -128,31 +136,41 @@ class Plan:
             parts.append(Part(dtype, members,
                               torch.tensor(rows, dtype=torch.int64).to(device),
                               torch.tensor(items, dtype=torch.int64).to(device),
-                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device), info))
+                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device), info,
+                              [work[wi].params[i] for wi, i in members],
+                              None if len(by_dtype) == 1 else [flat_of[m] for m in members]))
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work],
                              dtype=torch.int64).to(device)
         plan = cls(cls.key_of(rule, work), device, parts, torch.zeros(len(work), len(GROUP_COLS),
-                   dtype=torch.float64, device=device), gaddr, [], [], scratch, [])
+                   dtype=torch.float64, device=device), gaddr, [], [], scratch, [], [w.params for w in work])
         return plan
 
     def refresh(self, work: Sequence[GroupWork]) -> None:
         """Bring gradient addresses and group rows up to date; copies only what changed; never syncs."""
         self.keep = []
+        flat = [g for w in work for g in w.grads]
         for part in self.parts:
-            grads = []
-            for wi, i in part.members:
-                g = work[wi].grads[i]
-                p = work[wi].params[i]
+            grads = flat if part.flat_index is None else [flat[j] for j in part.flat_index]
+            try:
+                ptrs = [g.data_ptr() for g in grads]
+            except RuntimeError:  # a sparse gradient has no data pointer; say so plainly
+                for w in work:
+                    check_no_sparse(w)
+                raise
+            if ptrs == part.grad_ptrs:
+                continue  # the usual case: the caching allocator hands out the same addresses every step
+            part.grad_ptrs = ptrs
+            for j, g in enumerate(grads):
+                p = part.params[j]
                 if g.stride() != p.stride():  # a hand-set gradient with another layout: walk a copy
-                    g = torch.empty_like(p).copy_(g)
-                    self.keep.append(g)
-                grads.append(g.data_ptr())
-            if grads != part.grad_ptrs:
-                info = [x & ~1 | (x & int(g % ALIGN == 0)) for x, g in zip(part.info, grads)]
-                cols = torch.tensor([grads, info], dtype=torch.int64).t().to(self.device, non_blocking=True)
-                part.tensors[:-1, 1].copy_(cols[:, 0])
-                part.tensors[:-1, 7].copy_(cols[:, 1])
-                part.grad_ptrs = grads
+                    grads[j] = torch.empty_like(p).copy_(g)
+                    self.keep.append(grads[j])
+                    ptrs[j] = grads[j].data_ptr()
+                    part.grad_ptrs = None  # compare afresh next step
+            info = [x & ~1 | (x & int(g % ALIGN == 0)) for x, g in zip(part.info, ptrs)]
+            cols = torch.tensor([ptrs, info], dtype=torch.int64).t().to(self.device, non_blocking=True)
+            part.tensors[:-1, 1].copy_(cols[:, 0])
+            part.tensors[:-1, 7].copy_(cols[:, 1])
         rows = [group_row(w) for w in work]
         if rows != self.rows:
             self.groups.copy_(torch.tensor(rows, dtype=torch.float64), non_blocking=True)

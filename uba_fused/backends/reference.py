@@ -9,11 +9,11 @@ kernels do; per-step scalars (schedule factor, bias corrections) are float64
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .work import GroupWork
+from .work import GroupWork, check_no_sparse
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -81,8 +81,13 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def step(rule: str, work: Sequence[GroupWork], cache: dict) -> None:
-    update = UPDATES[rule]
+def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
+    for w in work:
+        check_no_sparse(w)
+    return lambda: _run(UPDATES[rule], work)
+
+
+def _run(update, work: Sequence[GroupWork]) -> None:
     for w in work:
         lr = applied_lr(w)
         w.lr_out.copy_(lr)

@@ -19,7 +19,7 @@ unmasked one, and only a tensor's last chunk (or a misaligned tensor) pays for e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import triton
@@ -184,15 +184,18 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
                     tl.store(counter_j, tl.load(counter_j) + 1)
 
 
-def step(rule: str, work: Sequence[GroupWork], cache: dict) -> None:
+def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
     plan = cache.get("triton")
     key = Plan.key_of(rule, work)
     if plan is None or plan.key != key:
         plan = cache["triton"] = Plan.build(rule, work, BLOCK)
     plan.refresh(work)
+    return lambda: _launch(plan, rule, len(work))
+
+
+def _launch(plan: Plan, rule: str, n_groups: int) -> None:
     last = len(plan.parts) - 1
     for i, part in enumerate(plan.parts):
-        n_rows = part.tensors.shape[0]
         _step_kernel[(part.work.shape[0],)](
-            part.work, part.tensors, plan.groups, plan.gaddr, part.done, n_rows, len(work), int(i == last),
-            RULE=_RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, num_warps=NUM_WARPS)
+            part.work, part.tensors, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
+            int(i == last), RULE=_RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, num_warps=NUM_WARPS)

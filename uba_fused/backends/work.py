@@ -1,12 +1,13 @@
 """What an optimizer hands a backend: one ``GroupWork`` per param group.
 
-Every backend is a function ``step(rule, work, cache) -> None`` (see
-``backends/__init__.py``). It applies ``rule`` to every parameter listed in
-``work``, advances each listed parameter's ``step`` and each group's
-``schedule_step`` by one, and writes the learning rate it applied into
-``lr_out``. ``cache`` is a dict the optimizer owns, where a kernel backend may
-keep device tables between steps; the optimizer clears it when storages may
-have changed (``load_state_dict``, ``add_param_group``).
+Every backend is a function ``prepare(rule, work, cache) -> launch`` (see ``backends/__init__.py``).
+``prepare`` checks and builds whatever can fail, touching no parameter or state; the ``launch`` it
+returns applies ``rule`` to every parameter listed in ``work``, advances each listed parameter's
+``step`` and each group's ``schedule_step`` by one, and writes the learning rate it applied into
+``lr_out``. The optimizer prepares every backend before it launches any, so an error leaves
+nothing half-updated. ``cache`` is a dict the optimizer owns, where a kernel backend keeps device
+tables between steps; the optimizer clears it when storages may have changed
+(``load_state_dict``, ``add_param_group``).
 """
 
 from __future__ import annotations
@@ -32,3 +33,9 @@ class GroupWork:
     grads: list[torch.Tensor]
     steps: list[torch.Tensor]      # float32 0-dim per parameter: updates applied so far
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
+
+
+def check_no_sparse(work: GroupWork) -> None:
+    if any(g.is_sparse for g in work.grads):
+        raise RuntimeError(f"param_groups[{work.index}]: a parameter has a sparse gradient; uba_fused does not "
+                           f"support sparse gradients")

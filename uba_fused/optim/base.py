@@ -153,28 +153,35 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        # 1. Check everything before touching anything.
-        selected: list[list[torch.Tensor]] = []
+        # Everything that can fail runs before anything is written: the group checks here, lazy state
+        # only after its gradients passed, then every backend's prepare before any launch.
+        work = []
         for gi, group in enumerate(self.param_groups):
             self._check_group(group)
-            with_grad = [p for p in group["params"] if p.grad is not None]
-            if any(p.grad.is_sparse for p in with_grad):  # torch itself keeps grads' shape/dtype/device right
-                raise RuntimeError(f"param_groups[{gi}]: a parameter has a sparse gradient; "
-                                   f"uba_fused.{type(self).__name__} does not support sparse gradients")
-            selected.append(with_grad)
-
-        # 2. Lazy state, then one call per backend covering all of its groups.
-        work = []
-        for gi, (group, params) in enumerate(zip(self.param_groups, selected)):
-            names = self._state_names(group)
-            states = [self._state_for(p, names) for p in params]
+            grads = [p.grad for p in group["params"]]
+            present = [g for g in grads if g is not None]
+            params, steps, states = self._selection(gi, group, grads, present)
             work.append(backends.GroupWork(
                 index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-                lr_out=self._last_lr[gi], params=params, grads=[p.grad for p in params],
-                steps=[s["step"] for s in states], state={n: [s[n] for s in states] for n in names}))
-        for name, ws in groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index]):
-            backends.get(name)(self.rule, list(ws), self._cache)
+                lr_out=self._last_lr[gi], params=params, grads=present, steps=steps, state=states))
+        by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
+        launches = [backends.get(name)(self.rule, list(ws), self._cache) for name, ws in by_backend]
+        for launch in launches:
+            launch()
         return loss
+
+    def _selection(self, gi: int, group: dict, grads: list, present: list):
+        """Params with a gradient, their step tensors and state lists; cached while the selection holds."""
+        names = self._state_names(group)
+        mask = None if len(present) == len(grads) else tuple(g is not None for g in grads)
+        key = ("selection", gi, mask, names)
+        hit = self._cache.get(key)
+        if hit is None:
+            params = [p for p, g in zip(group["params"], grads) if g is not None]
+            backends.work.check_no_sparse(backends.GroupWork(gi, group, None, None, None, params, present, [], {}))
+            st = [self._state_for(p, names) for p in params]
+            hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names})
+        return hit
 
     def _state_for(self, p: torch.Tensor, names: tuple[str, ...]) -> dict:
         state = self.state[p]
