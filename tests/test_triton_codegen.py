@@ -27,11 +27,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from uba_fused.backends import triton as backend
 sig = {"work": "*i64", "tensors": "*i64", "groups": "*fp64", "gaddr": "*i64", "done": "*i32", "n_rows": "i32",
-       "n_groups": "i32", "advance": "i32", "RULE": "constexpr", "DTYPE": "constexpr", "BLOCK": "constexpr"}
+       "n_groups": "i32", "advance": "i32", "RULE": "constexpr", "DTYPE": "constexpr", "BLOCK": "constexpr",
+       "GROUPS": "constexpr"}
 out = {}
 for rule, dtype in json.loads(sys.argv[1]):
     src = ASTSource(fn=backend._step_kernel, signature=sig, constexprs={
-        "RULE": backend._RULE_ID[rule], "DTYPE": backend._TL_DTYPE[getattr(torch, dtype)], "BLOCK": backend.BLOCK})
+        "RULE": backend._RULE_ID[rule], "DTYPE": backend._TL_DTYPE[getattr(torch, dtype)], "BLOCK": backend.BLOCK,
+        "GROUPS": 4})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS}).asm["ptx"]
     out[f"{rule}/{dtype}"] = [len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
                               len(re.findall(r"st\.global(\.\w+)*\.v4", ptx))]

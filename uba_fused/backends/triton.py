@@ -42,7 +42,7 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 @triton.jit
 def _schedule_factor(t, kind, warmup, total, min_ratio, phi):
     """factor(t) of schedules.py in float32 (csrc/schedules.cuh is the same function)."""
-    p = tl.minimum(tl.maximum((t - warmup) / (total - warmup), 0.0), 1.0)
+    p = tl.minimum(tl.maximum((t - warmup) / tl.maximum(total - warmup, 1.0), 0.0), 1.0)  # T - W >= 1
     c = 1.0 + tl.cos(3.141592653589793 * p)
     uba = 2.0 * c / (2.0 * phi + (2.0 - phi) * c)
     shape = tl.where(kind == 1, uba, tl.where(kind == 2, 0.5 * c, tl.where(kind == 3, 1.0 - p,
@@ -52,15 +52,16 @@ def _schedule_factor(t, kind, warmup, total, min_ratio, phi):
 
 
 @triton.jit
-def _group_lr(groups, gaddr, gi):
-    """The group's lr for this step and its counter's address."""
+def _group_lr(groups, gaddr, gi, mask):
+    """The lr of group(s) gi for this step, with the address(es) of their step counters."""
     row = groups + gi * _NG
-    counter = tl.load(gaddr + 2 * gi).to(tl.pointer_type(tl.int64))
-    t = tl.load(counter).to(tl.float32)
-    f = _schedule_factor(t, tl.load(row + _KIND).to(tl.float32), tl.load(row + _WARMUP).to(tl.float32),
-                         tl.load(row + _TOTAL).to(tl.float32), tl.load(row + _MINR).to(tl.float32),
-                         tl.load(row + _PHI).to(tl.float32))
-    return tl.load(row + _LR).to(tl.float32) * f, counter
+    counter = tl.load(gaddr + 2 * gi, mask=mask).to(tl.pointer_type(tl.int64))
+    t = tl.load(counter, mask=mask).to(tl.float32)
+    f = _schedule_factor(t, tl.load(row + _KIND, mask=mask).to(tl.float32),
+                         tl.load(row + _WARMUP, mask=mask).to(tl.float32),
+                         tl.load(row + _TOTAL, mask=mask).to(tl.float32),
+                         tl.load(row + _MINR, mask=mask).to(tl.float32), tl.load(row + _PHI, mask=mask).to(tl.float32))
+    return tl.load(row + _LR, mask=mask).to(tl.float32) * f, counter
 
 
 @triton.jit
@@ -143,7 +144,7 @@ def _chunk(RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASKED:
 
 @triton.jit
 def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
-                 RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+                 RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
@@ -157,7 +158,7 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
     gi = tl.load(trow + 6)
     info = tl.load(trow + 7)
     row = groups + gi * _NG
-    lr, counter = _group_lr(groups, gaddr, gi)
+    lr, _ = _group_lr(groups, gaddr, gi, None)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
 
     if start + BLOCK <= numel:
@@ -169,6 +170,9 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
         _chunk(RULE, DTYPE, BLOCK, True, False, p_addr, g_addr, a_addr, b_addr, start, numel, k, lr, row)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
+    # The barrier makes every warp's reads of this step's counters precede the release below (the
+    # atomic is one thread's), so no warp can read a counter after another program advanced it.
+    tl.debug_barrier()
     chunks_done = tl.atomic_add(done + slot, 1, sem="acq_rel")
     if chunks_done == (info >> 1) - 1:
         tl.store(done + slot, 0)
@@ -177,11 +181,12 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
         rows_done = tl.atomic_add(done + n_rows, 1, sem="acq_rel")
         if rows_done == n_rows - 1:
             tl.store(done + n_rows, 0)
-            if advance != 0:
-                for gj in range(n_groups):
-                    lr_j, counter_j = _group_lr(groups, gaddr, gj)
-                    tl.store(tl.load(gaddr + 2 * gj + 1).to(tl.pointer_type(tl.float32)), lr_j)
-                    tl.store(counter_j, tl.load(counter_j) + 1)
+            if advance != 0:  # every group at once: its lr (as every program computed it) and t + 1
+                gs = tl.arange(0, GROUPS)
+                live = gs < n_groups
+                lrs, counters = _group_lr(groups, gaddr, gs, live)
+                tl.store(tl.load(gaddr + 2 * gs + 1, mask=live).to(tl.pointer_type(tl.float32)), lrs, mask=live)
+                tl.store(counters, tl.load(counters, mask=live) + 1, mask=live)
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
@@ -198,4 +203,5 @@ def _launch(plan: Plan, rule: str, n_groups: int) -> None:
     for i, part in enumerate(plan.parts):
         _step_kernel[(part.work.shape[0],)](
             part.work, part.tensors, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
-            int(i == last), RULE=_RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, num_warps=NUM_WARPS)
+            int(i == last), RULE=_RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK,
+            GROUPS=triton.next_power_of_2(n_groups), num_warps=NUM_WARPS)
