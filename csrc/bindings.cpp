@@ -3,7 +3,12 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <initializer_list>
+#include <string>
+#include <vector>
+
 #include "launch.h"
+#include "updates.cuh"
 
 namespace {
 
@@ -35,6 +40,71 @@ double schedule_factor_host(int64_t step, int64_t kind, double warmup, double to
   return uf::schedule_factor(consts(kind, warmup, total, min_ratio, phi), static_cast<float>(step));
 }
 
+void check_table(const at::Tensor& t, at::ScalarType type, const char* name, const at::Device& device) {
+  TORCH_CHECK(t.device() == device, "uba_fused._C.fused_step: ", name, " is on ", t.device(), ", expected ", device);
+  TORCH_CHECK(t.scalar_type() == type, "uba_fused._C.fused_step: ", name, " must be ", type, ", got ",
+              t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), "uba_fused._C.fused_step: ", name, " must be contiguous");
+}
+
+// One launch of the fused step over the tables of one plan part (backends/cuda.py).
+void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& groups, const at::Tensor& gaddr,
+                const at::Tensor& done, int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
+  TORCH_CHECK(work.is_cuda(), "uba_fused._C.fused_step: the tables must be CUDA tensors, got ", work.device());
+  const auto device = work.device();
+  check_table(work, at::kLong, "work", device);
+  check_table(tensors, at::kLong, "tensors", device);
+  check_table(groups, at::kDouble, "groups", device);
+  check_table(gaddr, at::kLong, "gaddr", device);
+  check_table(done, at::kInt, "done", device);
+  TORCH_CHECK(tensors.dim() == 2 && tensors.size(1) == uf::kTensorCols && groups.dim() == 2 &&
+                  groups.size(1) == uf::kGroupCols && groups.size(0) == n_groups && done.numel() == tensors.size(0) + 1,
+              "uba_fused._C.fused_step: tables of inconsistent shapes");
+  TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, "uba_fused._C.fused_step: unknown rule ", rule);
+  TORCH_CHECK(dtype >= uf::kFloat32 && dtype <= uf::kFloat16, "uba_fused._C.fused_step: unknown dtype code ", dtype);
+  const c10::cuda::CUDAGuard guard(device);
+  uf::FusedStepArgs args{work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), groups.data_ptr<double>(),
+                         gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), work.size(0),
+                         static_cast<int>(tensors.size(0)), static_cast<int>(n_groups), advance ? 1 : 0};
+  cudaError_t err = uf::launch_fused_step(args, static_cast<int>(rule), static_cast<int>(dtype),
+                                          c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));
+}
+
+// The device update functions compiled for the host, on float32 CPU tensors, so CI can check the
+// CUDA backend's math against the float64 oracle without a GPU.
+void update_host(int64_t rule, at::Tensor p, const at::Tensor& g, at::Tensor a, at::Tensor b, const at::Tensor& row,
+                 double lr, double k) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&p, &g, &a, &b}) {
+    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
+                    t->numel() == p.numel(),
+                "uba_fused._C.update_host: p, g, a, b must be contiguous float32 CPU tensors of one size");
+  }
+  TORCH_CHECK(row.device().is_cpu() && row.scalar_type() == at::kDouble && row.numel() == uf::kGroupCols,
+              "uba_fused._C.update_host: row must be a float64 CPU tensor of ", uf::kGroupCols, " values");
+  TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, "uba_fused._C.update_host: unknown rule ", rule);
+  const uf::RuleScalars s = uf::rule_scalars(row.data_ptr<double>(), static_cast<float>(lr), static_cast<float>(k));
+  float *pp = p.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
+  const float* gp = g.data_ptr<float>();
+  for (int64_t i = 0; i < p.numel(); ++i) {
+    float af = s.has_state ? ap[i] : gp[i];
+    switch (rule) {
+      case uf::kAdamW: uf::update<uf::kAdamW>(pp[i], gp[i], af, bp[i], s); break;
+      case uf::kAdaBelief: uf::update<uf::kAdaBelief>(pp[i], gp[i], af, bp[i], s); break;
+      case uf::kLion: uf::update<uf::kLion>(pp[i], gp[i], af, bp[i], s); break;
+      case uf::kSGD: uf::update<uf::kSGD>(pp[i], gp[i], af, bp[i], s); break;
+      default: break;
+    }
+    if (s.has_state) ap[i] = af;
+  }
+}
+
+double group_lr_host(const at::Tensor& row, int64_t t) {
+  TORCH_CHECK(row.device().is_cpu() && row.scalar_type() == at::kDouble && row.numel() == uf::kGroupCols,
+              "uba_fused._C.group_lr_host: row must be a float64 CPU tensor of ", uf::kGroupCols, " values");
+  return uf::group_lr(row.data_ptr<double>(), static_cast<float>(t));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -45,4 +115,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("schedule_factor_host", &schedule_factor_host, "factor(t) of a schedule, the C++ code run on the host",
         py::arg("step"), py::arg("kind"), py::arg("warmup"), py::arg("total"), py::arg("min_ratio"),
         py::arg("phi"));
+  m.def("fused_step", &fused_step, "one fused optimizer step over the device tables of a plan part",
+        py::arg("work"), py::arg("tensors"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
+        py::arg("n_groups"), py::arg("advance"), py::arg("rule"), py::arg("dtype"));
+  m.def("update_host", &update_host, "the kernel's per-element update, run on the host (for tests)", py::arg("rule"),
+        py::arg("p"), py::arg("g"), py::arg("a"), py::arg("b"), py::arg("row"), py::arg("lr"), py::arg("k"));
+  m.def("group_lr_host", &group_lr_host, "the kernel's lr of a group row at step t, run on the host (for tests)",
+        py::arg("row"), py::arg("t"));
+  m.attr("CHUNK") = uf::kChunk;
+  m.attr("GROUP_COLS") = static_cast<int>(uf::kGroupCols);
+  m.attr("TENSOR_COLS") = static_cast<int>(uf::kTensorCols);
 }

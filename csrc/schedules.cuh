@@ -27,7 +27,7 @@ struct ScheduleConsts {
 UF_HD float schedule_factor(const ScheduleConsts& s, float t) {
   if (t < s.warmup) return (t + 1.0f) / s.warmup;
   if (s.kind == kConstant) return 1.0f;
-  float p = fminf(fmaxf((t - s.warmup) / (s.total - s.warmup), 0.0f), 1.0f);
+  float p = fminf(fmaxf((t - s.warmup) / fmaxf(s.total - s.warmup, 1.0f), 0.0f), 1.0f);  // T - W >= 1
   float shape;
   switch (s.kind) {
     case kUBA: {

@@ -1,7 +1,8 @@
-"""backend="triton": the kernels against the float64 oracle and the torch backend.
+"""The kernel backends against the float64 oracle and the torch backend.
 
-Without a GPU these run in Triton's interpreter on CPU tensors (conftest sets TRITON_INTERPRET=1),
-so the sizes stay small; the GPU tests at the end repeat the checks at realistic sizes.
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (conftest sets
+TRITON_INTERPRET=1), so the sizes stay small; the GPU tests at the end run both kernel backends,
+"triton" and "cuda", at realistic sizes, under CUDA-graph capture and with syncs forbidden.
 """
 
 import copy
@@ -14,20 +15,26 @@ import uba_fused as uf
 from uba_fused import backends
 
 from harness import (CASE_IDS, CASES, RTOL, SCHEDULES, assert_scaled_close, check_steps_against_oracle, f64,
-                     make_params, random_grads, set_grads)
+                     make_params, random_grads, set_grads, step_together)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 USABLE = backends.availability(DEVICE)["triton"]
-pytestmark = pytest.mark.skipif(USABLE is not None, reason=f"triton backend unusable here: {USABLE}")
+triton_here = pytest.mark.skipif(USABLE is not None, reason=f"triton backend unusable here: {USABLE}")
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(
+    torch.cuda.is_available() and backends.availability("cuda")[b] is not None,
+    reason=f"backend {b!r} unusable: {backends.availability('cuda')[b] if torch.cuda.is_available() else ''}"))
+    for b in ("triton", "cuda")]
 
 
+@triton_here
 @pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_matches_float64_oracle(case, schedule):
     check_steps_against_oracle(case, schedule, backend="triton", device=DEVICE, steps=12)
 
 
+@triton_here
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES[::2], ids=CASE_IDS[::2])
 def test_low_precision_matches_oracle(case, dtype):
@@ -42,6 +49,7 @@ def _big_params(device, seed=0):
     return [p.detach().to(device).requires_grad_() for p in ps]
 
 
+@triton_here
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_multi_chunk_tensors_match_oracle(case):
     check_steps_against_oracle(case, SCHEDULES["cosine"], backend="triton", device=DEVICE, steps=3,
@@ -50,7 +58,10 @@ def test_multi_chunk_tensors_match_oracle(case):
 
 def _assert_same(a, b, opt_a, opt_b, where=""):
     for i, (p, q) in enumerate(zip(a, b)):
-        assert_scaled_close(q, f64(p), RTOL[p.dtype], f"{where}param {i}")
+        # Lion moves each element by +-lr: a near-zero update direction may round to either sign on
+        # two backends. Such flips are counted (about 1e-6 of the elements), not hidden by a tolerance.
+        allowed = int(1e-5 * p.numel()) + 1 if opt_a.rule == "lion" else 0
+        assert_scaled_close(q, f64(p), RTOL[p.dtype], f"{where}param {i}", allowed=allowed)
         for k, v in opt_a.state.get(p, {}).items():
             if k == "step":
                 assert int(v) == int(opt_b.state[q][k]), f"{where}param {i} step"
@@ -62,11 +73,11 @@ def _assert_same(a, b, opt_a, opt_b, where=""):
         assert float(lb) == pytest.approx(float(la), rel=1e-6)
 
 
-def _twins(make, params_fn, steps):
-    """Step the torch and triton backends side by side, comparing after every step, then copying the
-    torch side's values over so that rounding (a bf16 ulp flips easily) cannot drift across steps."""
+def _twins(make, params_fn, steps, backend="triton", reference="torch"):
+    """Step a reference backend and a kernel backend side by side, comparing after every step, then copying
+    the reference's values over so that rounding (a bf16 ulp flips easily) cannot drift across steps."""
     a, b = params_fn(), params_fn()
-    opt_a, opt_b = make(a, "torch"), make(b, "triton")
+    opt_a, opt_b = make(a, reference), make(b, backend)
     gen = torch.Generator().manual_seed(11)
     for t in range(steps):
         grads = random_grads(a, gen, skip=t % len(a) if t % 2 else None)
@@ -82,6 +93,7 @@ def _twins(make, params_fn, steps):
                     opt_b.state[q][k].copy_(v)
 
 
+@triton_here
 def test_groups_with_different_hyperparameters_schedules_and_dtypes():
     def params():
         ps = make_params(DEVICE, seed=3)
@@ -97,12 +109,14 @@ def test_groups_with_different_hyperparameters_schedules_and_dtypes():
     _twins(make, params, steps=10)
 
 
+@triton_here
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_matches_torch_backend_with_params_without_grads(case):
     make = lambda ps, backend: case.make(ps, backend=backend, schedule=SCHEDULES["rex"])  # noqa: E731
     _twins(make, lambda: make_params(DEVICE, seed=5), steps=10)
 
 
+@triton_here
 def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel():
     # A tensor lr is read on the device; a host lr changed by a torch scheduler refreshes the table.
     def make(ps, backend):
@@ -123,6 +137,7 @@ def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel():
     _assert_same(a, b, opt_a, opt_b)
 
 
+@triton_here
 def test_gradient_with_another_layout_is_walked_in_the_parameters_layout():
     p = torch.randn(6, 5).t().detach().to(DEVICE).requires_grad_()  # transposed parameter
     q = p.detach().clone().requires_grad_()
@@ -135,6 +150,7 @@ def test_gradient_with_another_layout_is_walked_in_the_parameters_layout():
     torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
+@triton_here
 def test_state_dict_round_trip_and_switching_backends():
     a = make_params(DEVICE)
     opt = uf.AdaBelief(a, backend="triton", schedule=uf.UBA(10, phi=0.5), lr=0.01)
@@ -145,15 +161,11 @@ def test_state_dict_round_trip_and_switching_backends():
     b = [p.detach().clone().requires_grad_() for p in a]
     opt_b = uf.AdaBelief(b, backend="torch", lr=0.01)
     opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if saved: no shared tensors
-    for _ in range(4):
-        grads = random_grads(a, gen)
-        set_grads(a, grads)
-        set_grads(b, grads)
-        opt.step()
-        opt_b.step()
+    step_together([(a, opt), (b, opt_b)], gen, 4)
     _assert_same(b, a, opt_b, opt)
 
 
+@triton_here
 def test_kernel_backend_refuses_what_it_cannot_walk():
     with pytest.raises(ValueError, match="has gaps or overlaps in memory"):
         uf.AdamW([torch.randn(10, device=DEVICE)[::2].detach().requires_grad_()], backend="triton")
@@ -161,6 +173,7 @@ def test_kernel_backend_refuses_what_it_cannot_walk():
         uf.AdamW([torch.randn(3, dtype=torch.float64, device=DEVICE)], backend="triton")
 
 
+@triton_here
 def test_interpreter_is_never_picked_by_auto():
     assert uf.AdamW(make_params(), backend="auto").backends == ["torch"]
 
@@ -168,27 +181,29 @@ def test_interpreter_is_never_picked_by_auto():
 # ---------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_gpu_realistic_sizes_match_torch_backend(case):
+def test_gpu_realistic_sizes_match_torch_backend(case, backend):
     def params():
         gen = torch.Generator().manual_seed(0)
         shapes = [(1024, 4096), (4096,), (50304, 256), (3, 7, 11), (1,), (0,), (1_000_003,)]
         ps = [torch.randn(s, generator=gen).cuda() for s in shapes] + [torch.randn(999_999).cuda()[3:]]
         return [p.detach().requires_grad_() for p in ps]
 
-    make = lambda ps, backend: case.make(ps, backend=backend, schedule=SCHEDULES["uba"])  # noqa: E731
-    _twins(make, params, steps=12)
+    make = lambda ps, b: case.make(ps, backend=b, schedule=SCHEDULES["uba"])  # noqa: E731
+    _twins(make, params, steps=12, backend=backend)
 
 
 @pytest.mark.gpu
 @gpu
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_gpu_cuda_graph_replay_equals_eager(case):
+def test_gpu_cuda_graph_replay_equals_eager(case, backend):
     def run(graph):
         ps = make_params("cuda", seed=1)
         for p in ps:
             p.grad = torch.zeros_like(p)
-        opt = case.make(ps, backend="triton", schedule=uf.UBA(9, phi=0.7, warmup_steps=2))
+        opt = case.make(ps, backend=backend, schedule=uf.UBA(9, phi=0.7, warmup_steps=2))
         gen = torch.Generator().manual_seed(3)
         grads = [random_grads(ps, gen) for _ in range(12)]
         static = [p.grad for p in ps]
@@ -221,9 +236,10 @@ def test_gpu_cuda_graph_replay_equals_eager(case):
 
 @pytest.mark.gpu
 @gpu
-def test_gpu_step_never_syncs():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_step_never_syncs(backend):
     ps = make_params("cuda")
-    opt = uf.AdamW(ps, backend="triton", schedule=uf.UBA(100))
+    opt = uf.AdamW(ps, backend=backend, schedule=uf.UBA(100))
     gen = torch.Generator().manual_seed(0)
     grads = [[g.cuda() if g is not None else None for g in random_grads(ps, gen)] for _ in range(3)]
     set_grads(ps, grads[0])
@@ -241,13 +257,26 @@ def test_gpu_step_never_syncs():
 @pytest.mark.gpu
 @gpu
 @pytest.mark.skipif(os.environ.get("UBA_FUSED_BIG_TESTS") != "1", reason="set UBA_FUSED_BIG_TESTS=1 (needs ~20 GB)")
-def test_gpu_tensor_over_2_pow_31_elements():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_tensor_over_2_pow_31_elements(backend):
     n = 2**31 + 4099
     p = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_()
     p.grad = torch.randn_like(p)
     head, tail = p.detach()[:4096].float().clone(), p.detach()[-4096:].float().clone()
-    opt = uf.SGD([p], lr=0.5, momentum=0.0, backend="triton")
+    opt = uf.SGD([p], lr=0.5, momentum=0.0, backend=backend)
     opt.step()
     g = p.grad
     torch.testing.assert_close(p.detach()[:4096].float(), (head - 0.5 * g[:4096].float()).bfloat16().float())
     torch.testing.assert_close(p.detach()[-4096:].float(), (tail - 0.5 * g[-4096:].float()).bfloat16().float())
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_gpu_cuda_and_triton_agree(case):
+    """The two kernel backends, step by step on the same gradients, within float32 rounding."""
+    if any(backends.availability("cuda")[b] for b in ("triton", "cuda")):
+        pytest.skip("needs both kernel backends")
+    make = lambda ps, b: case.make(ps, backend=b, schedule=SCHEDULES["cosine"])  # noqa: E731
+    _twins(make, lambda: make_params("cuda", seed=9) + _big_params("cuda"), steps=10, backend="cuda",
+           reference="triton")

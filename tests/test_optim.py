@@ -5,7 +5,8 @@ import torch
 
 import uba_fused as uf
 
-from harness import CASE_IDS, CASES, SCHEDULES, check_steps_against_oracle, make_params, random_grads, set_grads
+from harness import (CASE_IDS, CASES, SCHEDULES, check_steps_against_oracle, make_params, random_grads, set_grads,
+                     step_together)
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
@@ -74,13 +75,7 @@ def test_tensor_lr_equals_float_lr():
     a, b = make_params(), make_params()
     opt_a = uf.AdamW(a, lr=torch.tensor(0.01, dtype=torch.float64), schedule=SCHEDULES["uba"])
     opt_b = uf.AdamW(b, lr=0.01, schedule=SCHEDULES["uba"])
-    gen = torch.Generator().manual_seed(1)
-    for _ in range(5):
-        grads = random_grads(a, gen)
-        set_grads(a, grads)
-        set_grads(b, grads)
-        opt_a.step()
-        opt_b.step()
+    step_together([(a, opt_a), (b, opt_b)], torch.Generator().manual_seed(1), 5)
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=0, atol=0)
 

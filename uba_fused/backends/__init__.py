@@ -19,8 +19,9 @@ from .work import RULES, GroupWork
 __all__ = ["NAMES", "RULES", "KERNEL_DTYPES", "GroupWork", "BackendUnavailableError", "availability", "resolve", "get"]
 
 NAMES = ("auto", "torch", "triton", "cuda")
-# "auto" tries these in order; the first usable one wins.
-AUTO_ORDER = ("cuda", "triton", "torch")
+# "auto" tries these in order; the first usable one wins. Triton first: its whole launcher is tested
+# in CI (interpreter), the CUDA one only on a GPU. Reorder by measurement (benchmarks/RESULTS.md).
+AUTO_ORDER = ("triton", "cuda", "torch")
 # What the kernels store; they compute in float32 (float64 parameters take backend "torch").
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 

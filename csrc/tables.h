@@ -1,0 +1,18 @@
+// Layouts of the device tables built by uba_fused/backends/plan.py (tests check they agree).
+#pragma once
+
+namespace uf {
+
+// Columns of the per-group float64 table (plan.GROUP_COLS).
+enum GroupCol : int {
+  kLR = 0, kBeta1, kBeta2, kOneMinusBeta1, kOneMinusBeta2, kLogBeta1, kLogBeta2, kEps, kWeightDecay, kMomentum,
+  kOneMinusDampening, kNesterov, kKind, kWarmup, kTotal, kMinRatio, kPhi, kHasState, kGroupCols
+};
+
+// Columns of the per-tensor int64 table (plan.TENSOR_COLS): addresses, then sizes.
+enum TensorCol : int { kParam = 0, kGrad, kState0, kState1, kStep, kNumel, kGroup, kInfo, kTensorCols };
+
+// Update rules (backends/triton.py _RULE_ID).
+enum Rule : int { kAdamW = 0, kAdaBelief = 1, kLion = 2, kSGD = 3 };
+
+}  // namespace uf
