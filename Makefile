@@ -1,4 +1,4 @@
-# `make test` and `make demo` each do all of the set-up on a fresh machine: a virtual environment in
+# `make bench` and `make test` each do all of the set-up on a fresh machine: a virtual environment in
 # .venv, the pinned requirements, and an editable build of uba_fused against that torch (no build
 # isolation, so no second torch is fetched). Steps re-run only when their inputs change.
 
@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 DEPS   := $(VENV)/.deps-installed
 BUILT  := $(VENV)/.uba_fused-built
 
-.PHONY: setup test demo clean
+.PHONY: setup test bench demo clean
 
 setup: $(BUILT)
 
@@ -25,6 +25,10 @@ $(BUILT): $(DEPS) setup.py $(wildcard csrc/*)
 test: $(BUILT)
 	$(PY) -m uba_fused.env
 	$(PY) -m pytest -q tests
+
+bench: $(BUILT)
+	$(PY) -m uba_fused.env
+	$(PY) -m uba_fused.bench --json bench.json --plot bench.png
 
 demo: $(BUILT)
 	$(PY) examples/quickstart.py

@@ -1,0 +1,69 @@
+"""Smoke tests of both benchmark entry points at tiny sizes: they run, and their numbers are sane."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from uba_fused.bench import __main__ as bench_main
+from uba_fused.bench import train, throughput
+from uba_fused.bench.presets import PRESETS
+
+
+def test_presets_match_the_published_model_shapes():
+    # Counts from shared/anchors (GPT-2-medium: 292 tensors, 354.9M; the 1.3B list: 292, 1313.7M).
+    assert len(PRESETS["gpt2-medium"].shapes) == 292 and round(PRESETS["gpt2-medium"].numel / 1e5) == 3549
+    assert len(PRESETS["gpt2-1.3b"].shapes) == 292 and round(PRESETS["gpt2-1.3b"].numel / 1e5) == 13137
+    assert round(PRESETS["gpt2-small"].numel / 1e6, 1) == 124.5
+
+
+@pytest.mark.parametrize("rule,dtype,expected", [("adamw", torch.float32, 28), ("adabelief", torch.float32, 28),
+                                                 ("lion", torch.float32, 20), ("sgd", torch.float32, 20),
+                                                 ("adamw", torch.bfloat16, 14)])
+def test_minimal_bytes_per_element(rule, dtype, expected):
+    assert throughput.bytes_per_element(rule, dtype) == expected
+
+
+def test_throughput_cli_on_cpu(tmp_path, capsys):
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    assert bench_main.main(["--device", "cpu", "--presets", "cpu-small", "--steps", "2", "--warmup", "1",
+                            "--json", str(out_json), "--plot", str(out_png)]) == 0
+    data = json.loads(out_json.read_text())
+    assert data["environment"]["copy_GBps"] > 0 and data["environment"]["torch"] == torch.__version__
+    names = [r["name"] for r in data["rows"]]
+    assert {"uba_fused.AdamW [torch]", "uba_fused.Lion [torch]", "torch AdamW fused"} <= set(names)
+    numel = PRESETS["cpu-small"].numel
+    for r in data["rows"]:
+        assert set(r) >= {"preset", "dtype", "name", "rule", "tensors", "numel", "bytes_per_step", "ms", "gbps",
+                          "frac_copy", "host_us", "speedup_vs_torch_fused"}
+        assert r["numel"] == numel and r["tensors"] == len(PRESETS["cpu-small"].shapes)
+        assert r["bytes_per_step"] == throughput.bytes_per_element(r["rule"], torch.float32) * numel
+        assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["host_us"] > 0
+        assert r["gbps"] == pytest.approx(r["bytes_per_step"] / (r["ms"] * 1e-3) / 1e9)
+        assert r["frac_copy"] == pytest.approx(r["gbps"] / data["environment"]["copy_GBps"])
+    fused = next(r for r in data["rows"] if r["name"] == "torch AdamW fused")
+    assert fused["speedup_vs_torch_fused"] == pytest.approx(1.0)
+    assert out_png.stat().st_size > 10_000
+    assert "uba_fused.AdamW [torch]" in capsys.readouterr().out
+
+
+def test_training_benchmark_tiny(tmp_path):
+    out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
+    assert train.main(["--budgets", "4", "8", "--seeds", "2", "--schedules", "Cosine", "UBA phi=1", "--device",
+                       "cpu", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    data = json.loads(out_json.read_text())
+    assert len(data["runs"]) == 2 * 2 * 2 * 2  # tasks x budgets x schedules x seeds
+    for s in data["summary"]:
+        assert s["seeds"] == 2 and math.isfinite(s["loss"]) and s["loss"] > 0 and s["loss_std"] >= 0
+        if s["task"] == "digits":
+            assert 0.0 <= s["accuracy"] <= 1.0
+    # Training learns something: the char LM's held-out loss falls below that of a uniform guess, ln 256.
+    lm = {(s["budget"], s["schedule"]): s["loss"] for s in data["summary"] if s["task"] == "charlm"}
+    assert lm[(8, "Cosine")] < math.log(256) - 0.1
+    assert out_png.stat().st_size > 10_000
+
+
+def test_stdlib_text_is_deterministic():
+    a, b = train.stdlib_text(10_000), train.stdlib_text(10_000)
+    assert a == b and len(a) == 10_000

@@ -1,0 +1,251 @@
+"""Optimizer-step throughput: uba_fused against torch.optim (and timm, if installed) in one run.
+
+For every row: median time per ``step()`` over many steps after warm-up (CUDA events on a GPU,
+wall clock on the CPU), the minimal bytes that step must move (read p, g and the state, write p and
+the state), GB/s, that rate as a fraction of a device-to-device copy measured in the same run,
+speed-up against torch's fused AdamW (SGD rows: torch's fused SGD), and host time per ``step()``.
+Gradients are new tensor objects before every step, as ``zero_grad(set_to_none=True)`` gives.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .. import backends
+from ..optim import SGD, AdaBelief, AdamW, Lion
+from ..schedules import UBA
+from .presets import Preset
+
+# Tensors streamed per element: (read, written). Minimal bytes = (read + written) * itemsize.
+STREAMS = {"adamw": (4, 3), "adabelief": (4, 3), "lion": (3, 2), "sgd": (3, 2)}
+OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD}
+HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, weight_decay=0.01),
+         "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9)}
+
+
+@dataclass
+class Candidate:
+    name: str
+    rule: str                      # what it computes, for the bytes it must move
+    make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
+    compiled: bool = False         # time torch.compile(step), report compile time apart
+
+
+@dataclass
+class Row:
+    preset: str
+    dtype: str
+    name: str
+    rule: str
+    tensors: int
+    numel: int
+    bytes_per_step: int
+    ms: float
+    ms_p10: float
+    ms_p90: float
+    gbps: float
+    frac_copy: float
+    host_us: float
+    speedup_vs_torch_fused: float | None = None
+    compile_s: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def candidates(device: torch.device, optimizers: list[str], ours: list[str], torch_rows: bool) -> list[Candidate]:
+    """The rows to measure: each of our optimizers on each usable backend, then what users pick instead."""
+    out = []
+    for rule in optimizers:
+        for backend in ours:
+            out.append(Candidate(f"uba_fused.{OURS[rule].__name__} [{backend}]", rule,
+                                 lambda ps, r=rule, b=backend: OURS[r](ps, **HYPER[r], backend=b,
+                                                                        schedule=UBA(10_000, phi=1.0))))
+    if not torch_rows:
+        return out
+    cuda = device.type == "cuda"
+    if "adamw" in optimizers:
+        h = HYPER["adamw"]
+        out += [Candidate("torch AdamW for-loop", "adamw", lambda ps: torch.optim.AdamW(ps, **h, foreach=False)),
+                Candidate("torch AdamW foreach", "adamw", lambda ps: torch.optim.AdamW(ps, **h, foreach=True)),
+                Candidate("torch AdamW fused", "adamw", lambda ps: torch.optim.AdamW(ps, **h, fused=True))]
+        if cuda:
+            out += [Candidate("torch AdamW fused capturable, tensor lr", "adamw",
+                              lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(h["lr"], device=device),
+                                                           weight_decay=h["weight_decay"], fused=True,
+                                                           capturable=True)),
+                    Candidate("torch.compile AdamW step (foreach, tensor lr)", "adamw",
+                              lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(h["lr"], device=device),
+                                                           weight_decay=h["weight_decay"], foreach=True,
+                                                           capturable=True), compiled=True)]
+    if "sgd" in optimizers:
+        out.append(Candidate("torch SGD momentum fused", "sgd",
+                             lambda ps: torch.optim.SGD(ps, **HYPER["sgd"], fused=True)))
+    try:
+        import timm.optim as timm_optim  # optional: never required
+    except ImportError:
+        timm_optim = None
+    if timm_optim is not None:
+        if "lion" in optimizers:
+            out.append(Candidate("timm Lion", "lion", lambda ps: timm_optim.Lion(ps, **HYPER["lion"])))
+        if "adabelief" in optimizers:
+            out.append(Candidate("timm AdaBelief", "adabelief",
+                                 lambda ps: timm_optim.AdaBelief(ps, **HYPER["adabelief"], rectify=False)))
+    return out
+
+
+class Timer:
+    """Per-step device time (CUDA events, or wall clock on the CPU) and host time of the call."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def run(self, fn: Callable[[], None], before: Callable[[], None], steps: int) -> tuple[list[float], list[float]]:
+        host, events = [], []
+        for _ in range(steps):
+            before()
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            fn()
+            host.append((time.perf_counter() - t0) * 1e6)
+            if self.cuda:
+                end.record()
+                events.append((start, end))
+            else:
+                events.append(host[-1] / 1e3)
+        if self.cuda:
+            torch.cuda.synchronize()
+            device_ms = [s.elapsed_time(e) for s, e in events]
+        else:
+            device_ms = events
+        return device_ms, host
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> float:
+    """Device-to-device copy rate in GB/s, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    timer = Timer(device)
+    ms, _ = timer.run(lambda: dst.copy_(src), lambda: None, repeats + 2)
+    del src, dst
+    return 2 * nbytes / (statistics.median(ms[2:]) * 1e-3) / 1e9
+
+
+def measure(preset: Preset, dtype: torch.dtype, device: torch.device, cands: list[Candidate], steps: int,
+            warmup: int, copy_gbps: float, progress=None, seed: int = 0) -> list[Row]:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    params = [torch.randn(s, device=device, dtype=dtype, generator=gen).mul_(0.02).requires_grad_()
+              for s in preset.shapes]
+    grads = [torch.randn(s, device=device, dtype=dtype, generator=gen) for s in preset.shapes]
+    numel = preset.numel
+    timer = Timer(device)
+
+    def fresh_grads():  # new tensor objects at the same addresses, as the caching allocator gives
+        for p, g in zip(params, grads):
+            p.grad = g.detach()
+
+    rows = []
+    for cand in cands:
+        compile_s = None
+        try:
+            opt = cand.make(params)
+        except (RuntimeError, ValueError, TypeError) as exc:  # e.g. fused torch optimizers on this device
+            if progress:
+                progress.write(f"skipped {cand.name}: {exc}")
+            continue
+        step = opt.step
+        if cand.compiled:
+            step = torch.compile(opt.step)
+            fresh_grads()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+        timer.run(step, fresh_grads, warmup)
+        ms, host = timer.run(step, fresh_grads, steps)
+        med = statistics.median(ms)
+        read, written = STREAMS[cand.rule]
+        nbytes = (read + written) * dtype.itemsize * numel
+        gbps = nbytes / (med * 1e-3) / 1e9
+        qs = statistics.quantiles(ms, n=10) if len(ms) > 1 else [med] * 9
+        rows.append(Row(preset.name, str(dtype).replace("torch.", ""), cand.name, cand.rule, len(preset.shapes),
+                        numel, nbytes, med, qs[0], qs[-1], gbps, gbps / copy_gbps, statistics.median(host),
+                        compile_s=compile_s))
+        del opt, step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if progress:
+            progress.update(1)
+    _speedups(rows)
+    return rows
+
+
+def _speedups(rows: list[Row]) -> None:
+    ref = {r.rule: r.ms for r in rows if r.name in ("torch AdamW fused", "torch SGD momentum fused")}
+    for r in rows:
+        base = ref.get("sgd") if r.rule == "sgd" else ref.get("adamw")
+        r.speedup_vs_torch_fused = base / r.ms if base and r.ms > 0 else None
+
+
+def usable_backends(device: torch.device, dtype: torch.dtype, requested: list[str] | None) -> list[str]:
+    avail = backends.availability(device, [dtype])
+    names = requested or [n for n in ("cuda", "triton", "torch") if avail[n] is None]
+    if device.type == "cpu":  # the Triton interpreter is a test tool, not something to time
+        names = [n for n in names if n == "torch"]
+    return [n for n in names if avail[n] is None]
+
+
+def format_table(rows: list[Row]) -> str:
+    head = f"{'preset':12s} {'dtype':8s} {'step':46s} {'ms':>9s} {'GB/s':>8s} {'of copy':>8s} {'vs fused':>9s} " \
+           f"{'host us':>8s}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        sp = f"{r.speedup_vs_torch_fused:.2f}x" if r.speedup_vs_torch_fused else "-"
+        extra = f"  (compile {r.compile_s:.0f} s)" if r.compile_s is not None else ""
+        lines.append(f"{r.preset:12s} {r.dtype:8s} {r.name:46s} {r.ms:9.3f} {r.gbps:8.1f} {r.frac_copy:8.2f} "
+                     f"{sp:>9s} {r.host_us:8.0f}{extra}")
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({(r.preset, r.dtype) for r in rows})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(10, 0.45 * len(rows) + 1.5 * len(keys)), squeeze=False)
+    for ax, (preset, dt) in zip(axes[:, 0], keys):
+        sel = [r for r in rows if (r.preset, r.dtype) == (preset, dt)]
+        colors = ["tab:blue" if r.name.startswith("uba_fused") else "tab:gray" for r in sel]
+        ax.barh([r.name for r in sel], [r.frac_copy for r in sel], color=colors)
+        ax.axvline(1.0, color="k", lw=0.8, ls="--")
+        ax.invert_yaxis()
+        ax.set_xlabel("minimal bytes moved per second / device-to-device copy bandwidth")
+        ax.set_title(f"{preset}, {dt}")
+        for i, r in enumerate(sel):
+            ax.text(r.frac_copy, i, f" {r.ms:.2f} ms", va="center", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def copy_size(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(min(2 * 2**30, free // 8))
+    return 256 * 2**20
+
+
+def bytes_per_element(rule: str, dtype: torch.dtype) -> int:
+    read, written = STREAMS[rule]
+    return (read + written) * dtype.itemsize
+
