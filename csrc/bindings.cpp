@@ -105,6 +105,36 @@ double group_lr_host(const at::Tensor& row, int64_t t) {
   return uf::group_lr(row.data_ptr<double>(), static_cast<float>(t));
 }
 
+// Where each parameter's gradient lived at the last step. `unchanged()` is the steady-state test of
+// FusedOptimizer.step, done here because it visits every parameter: every one has a dense gradient at
+// the recorded address with the parameter's own strides, so the device tables are already right.
+class GradAddresses {
+ public:
+  explicit GradAddresses(std::vector<at::Tensor> params) : params_(std::move(params)), ptrs_(params_.size()) {}
+
+  bool unchanged() const {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = params_[i].grad();
+      if (!g.defined() || g.layout() != c10::kStrided || g.data_ptr() != ptrs_[i] ||
+          g.strides() != params_[i].strides()) {
+        return false;
+      }
+    }
+    return true;
+  }
+
+  void record() {
+    for (size_t i = 0; i < params_.size(); ++i) {
+      const at::Tensor& g = params_[i].grad();
+      ptrs_[i] = g.defined() && g.layout() == c10::kStrided ? g.data_ptr() : nullptr;
+    }
+  }
+
+ private:
+  std::vector<at::Tensor> params_;
+  std::vector<const void*> ptrs_;
+};
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -122,6 +152,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("p"), py::arg("g"), py::arg("a"), py::arg("b"), py::arg("row"), py::arg("lr"), py::arg("k"));
   m.def("group_lr_host", &group_lr_host, "the kernel's lr of a group row at step t, run on the host (for tests)",
         py::arg("row"), py::arg("t"));
+  py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
+      .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
+      .def("unchanged", &GradAddresses::unchanged, "every gradient dense, at its recorded address and layout")
+      .def("record", &GradAddresses::record, "remember the current gradients' addresses");
   m.attr("CHUNK") = uf::kChunk;
   m.attr("GROUP_COLS") = static_cast<int>(uf::kGroupCols);
   m.attr("TENSOR_COLS") = static_cast<int>(uf::kTensorCols);

@@ -280,3 +280,44 @@ def test_gpu_cuda_and_triton_agree(case):
     make = lambda ps, b: case.make(ps, backend=b, schedule=SCHEDULES["cosine"])  # noqa: E731
     _twins(make, lambda: make_params("cuda", seed=9) + _big_params("cuda"), steps=10, backend="cuda",
            reference="triton")
+
+
+@triton_here
+@pytest.mark.skipif(not hasattr(getattr(uf._ext, "_C", None), "GradAddresses"), reason="needs uba_fused._C")
+def test_steady_state_fast_path_is_taken_and_stays_exact():
+    """With gradients at the same addresses step after step (zero_grad(set_to_none=False), or the
+    caching allocator), step() skips its Python pass over parameters; results must not change, and
+    moving, dropping or sparsifying a gradient must fall back to the full path."""
+    a, b = make_params(DEVICE, seed=2), make_params(DEVICE, seed=2)
+    opt_a = uf.AdamW(a, backend="torch", lr=0.01, schedule=SCHEDULES["uba"])
+    opt_b = uf.AdamW(b, backend="triton", lr=0.01, schedule=SCHEDULES["uba"])
+    for p in a + b:
+        p.grad = torch.zeros_like(p)
+    gen = torch.Generator().manual_seed(8)
+    taken = []
+    for t in range(8):
+        grads = random_grads(a, gen)
+        with torch.no_grad():
+            for p, q, g in zip(a, b, grads):
+                p.grad.copy_(g)
+                q.grad.copy_(g)  # same storage as before: the steady state
+        if t == 5:
+            b[3].grad = b[3].grad.clone()  # one gradient moves: the full path refreshes the table
+        taken.append(opt_b._steady_work() is not None)
+        opt_a.step()
+        opt_b.step()
+        _assert_same(a, b, opt_a, opt_b, f"step {t}: ")
+    assert taken == [False, True, True, True, True, False, True, True]
+    b[0].grad = None  # a missing gradient: the full path, which skips that parameter
+    assert opt_b._steady_work() is None
+    before = b[0].detach().clone()
+    opt_b.step()
+    assert torch.equal(b[0].detach(), before)
+    b[0].grad = torch.randn_like(b[0])
+    opt_b.step()
+    opt_b.step()
+    b[4].grad = b[4].grad.to_sparse()
+    snapshot = [p.detach().clone() for p in b]
+    with pytest.raises(RuntimeError, match="sparse gradient"):
+        opt_b.step()
+    assert all(torch.equal(p.detach(), s) for p, s in zip(b, snapshot))

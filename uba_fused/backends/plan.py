@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schedules import KIND_CONSTANT
-from .work import GroupWork, check_no_sparse
+from .work import GroupWork, check_no_sparse, signature
 
 # Columns of the group table. One minus a beta is computed here in float64: in float32,
 # 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
@@ -92,7 +92,7 @@ class Plan:
     parts: list[Part]
     groups: torch.Tensor
     gaddr: torch.Tensor
-    rows: list[tuple[float, ...]]
+    rows: list[tuple]                       # signatures of the group rows last uploaded
     tensor_lrs: list[tuple[int, torch.Tensor]]
     scratch: torch.Tensor                   # where the sentinel row points; never read or written
     keep: list[torch.Tensor]                # temporaries whose addresses a table holds this step
@@ -148,8 +148,8 @@ class Plan:
     def refresh(self, work: Sequence[GroupWork]) -> None:
         """Bring gradient addresses and group rows up to date; copies only what changed; never syncs."""
         self.keep = []
-        flat = [g for w in work for g in w.grads]
-        for part in self.parts:
+        flat = [g for w in work for g in w.grads] if all(w.grads is not None for w in work) else None
+        for part in self.parts if flat is not None else ():  # None: the gradient table is current
             grads = flat if part.flat_index is None else [flat[j] for j in part.flat_index]
             try:
                 ptrs = [g.data_ptr() for g in grads]
@@ -171,10 +171,11 @@ class Plan:
             cols = torch.tensor([ptrs, info], dtype=torch.int64).t().to(self.device, non_blocking=True)
             part.tensors[:-1, 1].copy_(cols[:, 0])
             part.tensors[:-1, 7].copy_(cols[:, 1])
-        rows = [group_row(w) for w in work]
-        if rows != self.rows:
+        sigs = [signature(w.hyper) for w in work]
+        if sigs != self.rows:  # a group's host values changed (a torch scheduler's lr, say): upload its rows
+            rows = [group_row(w) for w in work]
             self.groups.copy_(torch.tensor(rows, dtype=torch.float64), non_blocking=True)
-            self.rows = rows
+            self.rows = sigs
         self.tensor_lrs = [(wi, w.hyper["lr"]) for wi, w in enumerate(work) if isinstance(w.hyper["lr"], torch.Tensor)]
         for wi, lr in self.tensor_lrs:
             self.groups[wi, G["lr"]].copy_(lr.reshape(()), non_blocking=True)

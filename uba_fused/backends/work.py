@@ -30,7 +30,7 @@ class GroupWork:
     schedule_step: torch.Tensor    # int64 0-dim: step() calls made before this one
     lr_out: torch.Tensor           # float32 0-dim: receives the lr applied by this step
     params: list[torch.Tensor]     # parameters that have a gradient
-    grads: list[torch.Tensor]
+    grads: list[torch.Tensor] | None  # None: the same gradient storage as the previous step (kernel backends)
     steps: list[torch.Tensor]      # float32 0-dim per parameter: updates applied so far
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
 
@@ -39,3 +39,10 @@ def check_no_sparse(work: GroupWork) -> None:
     if any(g.is_sparse for g in work.grads):
         raise RuntimeError(f"param_groups[{work.index}]: a parameter has a sparse gradient; uba_fused does not "
                            f"support sparse gradients")
+
+
+def signature(group: dict) -> tuple:
+    """The group's values other than its tensors' contents, cheap to compare step to step: tensors
+    (a tensor lr, the counter) stand in by identity, so comparing never reads a device value."""
+    return tuple((k, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v)
+                 for k, v in group.items() if k != "params")

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import backends
+from .. import _ext, backends
 from ..backends.plan import is_dense
 from ..schedules import Schedule, schedule_from_dict
 
@@ -72,6 +72,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- groups ------------------------------------------------------------------
+    def _check_group_at_step(self, gi: int, group: dict) -> None:
+        """_check_group, skipped while the group's values are the ones last found valid."""
+        sig = backends.work.signature(group)
+        if self._cache.get(("valid", gi)) != sig:
+            self._check_group(group)
+            self._cache[("valid", gi)] = sig
+
     def _check_group(self, group: dict) -> None:
         """Every host-side check of a (defaults-filled) group; raises before anything changes."""
         self._check_hyper(group)
@@ -153,22 +160,60 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
+        work = self._steady_work()
+        if work is not None:  # the gradients sit where they sat last step: no Python loop over parameters
+            self._launch(work)
+            return loss
+
         # Everything that can fail runs before anything is written: the group checks here, lazy state
         # only after its gradients passed, then every backend's prepare before any launch.
         work = []
+        all_present = True
         for gi, group in enumerate(self.param_groups):
-            self._check_group(group)
+            self._check_group_at_step(gi, group)
             grads = [p.grad for p in group["params"]]
             present = [g for g in grads if g is not None]
+            all_present &= len(present) == len(grads)
             params, steps, states = self._selection(gi, group, grads, present)
             work.append(backends.GroupWork(
                 index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
                 lr_out=self._last_lr[gi], params=params, grads=present, steps=steps, state=states))
+        self._launch(work)
+        self._remember_grads(all_present)
+        return loss
+
+    def _launch(self, work: list) -> None:
         by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
         launches = [backends.get(name)(self.rule, list(ws), self._cache) for name, ws in by_backend]
         for launch in launches:
             launch()
-        return loss
+
+    def _remember_grads(self, all_present: bool) -> None:
+        """After a step that read every gradient: remember their addresses for the steady-state test."""
+        if not all_present or "torch" in self._backends or not hasattr(_ext._C, "GradAddresses"):
+            self._cache.pop("grads", None)
+            return
+        if "grads" not in self._cache:
+            self._cache["grads"] = _ext._C.GradAddresses([p for g in self.param_groups for p in g["params"]])
+        self._cache["grads"].record()
+
+    def _steady_work(self) -> list | None:
+        """The work of a step whose gradients are where the last step found them (kernel backends only):
+        the cached selections, with ``grads=None`` telling the backend its gradient table is current."""
+        addresses = self._cache.get("grads")
+        if addresses is None or not addresses.unchanged():
+            return None
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            self._check_group_at_step(gi, group)
+            hit = self._cache.get(("selection", gi, None, self._state_names(group)))
+            if hit is None:
+                return None
+            params, steps, states = hit
+            work.append(backends.GroupWork(
+                index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
+                lr_out=self._last_lr[gi], params=params, grads=None, steps=steps, state=states))
+        return work
 
     def _selection(self, gi: int, group: dict, grads: list, present: list):
         """Params with a gradient, their step tensors and state lists; cached while the selection holds."""
