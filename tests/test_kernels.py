@@ -236,7 +236,7 @@ def test_gpu_cuda_graph_replay_equals_eager(case, backend):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", ["torch"] + GPU_BACKENDS)
 def test_gpu_step_never_syncs(backend):
     ps = make_params("cuda")
     opt = uf.AdamW(ps, backend=backend, schedule=uf.UBA(100))

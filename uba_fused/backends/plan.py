@@ -12,7 +12,7 @@ Tables, all on the parameters' device:
                              so a launch always has a program that advances the group counters.
   work     int64 [items, 2]  per program: (tensor row, first element); every tensor has >= 1 chunk
   done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
-  groups   float64 [G, 16]   per group: the columns of GROUP_COLS
+  groups   float64 [G, 18]   per group: the columns of GROUP_COLS
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
 
 A step with parameters of several dtypes makes one launch per dtype ("part"); only the last launch

@@ -20,7 +20,8 @@ def applied_lr(w: GroupWork) -> torch.Tensor:
     """lr(t) = group lr * factor(t), as a float64 0-dim tensor on the group's device."""
     lr = w.hyper["lr"]
     dev = w.schedule_step.device
-    lr = lr.to(dev, torch.float64) if isinstance(lr, torch.Tensor) else torch.tensor(lr, dtype=torch.float64, device=dev)
+    # torch.full, not torch.tensor: a fill on the device, where torch.tensor would copy from the host.
+    lr = lr.to(dev, torch.float64) if isinstance(lr, torch.Tensor) else torch.full((), lr, dtype=torch.float64, device=dev)
     if w.schedule is not None:
         lr = lr * w.schedule.factor_tensor(w.schedule_step)
     return lr
