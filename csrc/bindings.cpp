@@ -105,22 +105,32 @@ double group_lr_host(const at::Tensor& row, int64_t t) {
   return uf::group_lr(row.data_ptr<double>(), static_cast<float>(t));
 }
 
-// Where each parameter's gradient lived at the last step. `unchanged()` is the steady-state test of
-// FusedOptimizer.step, done here because it visits every parameter: every one has a dense gradient at
-// the recorded address with the parameter's own strides, so the device tables are already right.
+// Where each parameter's gradient lived at the last step: the steady-state test of FusedOptimizer.step,
+// done here because it visits every parameter. scan() answers kUnchanged when every parameter has a
+// dense gradient at the recorded address with the parameter's own strides (the device tables are
+// right as they are), kMoved when that holds but some addresses changed (all are written to `out`;
+// record() makes them the reference), and kOther otherwise (a missing, sparse or differently laid-out
+// gradient). scan() changes nothing.
 class GradAddresses {
  public:
+  enum Status : int { kUnchanged = 0, kMoved = 1, kOther = 2 };
+
   explicit GradAddresses(std::vector<at::Tensor> params) : params_(std::move(params)), ptrs_(params_.size()) {}
 
-  bool unchanged() const {
+  int scan(at::Tensor& out) const {
+    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.is_contiguous() &&
+                    out.numel() == static_cast<int64_t>(params_.size()),
+                "uba_fused._C.GradAddresses.scan: out must be a contiguous int64 CPU tensor of ", params_.size(),
+                " values");
+    int64_t* o = out.data_ptr<int64_t>();
+    bool moved = false;
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& g = params_[i].grad();
-      if (!g.defined() || g.layout() != c10::kStrided || g.data_ptr() != ptrs_[i] ||
-          g.strides() != params_[i].strides()) {
-        return false;
-      }
+      if (!g.defined() || g.layout() != c10::kStrided || g.strides() != params_[i].strides()) return kOther;
+      o[i] = reinterpret_cast<int64_t>(g.data_ptr());
+      moved |= g.data_ptr() != ptrs_[i];
     }
-    return true;
+    return moved ? kMoved : kUnchanged;
   }
 
   void record() {
@@ -129,6 +139,8 @@ class GradAddresses {
       ptrs_[i] = g.defined() && g.layout() == c10::kStrided ? g.data_ptr() : nullptr;
     }
   }
+
+  size_t size() const { return params_.size(); }
 
  private:
   std::vector<at::Tensor> params_;
@@ -154,8 +166,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("row"), py::arg("t"));
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
-      .def("unchanged", &GradAddresses::unchanged, "every gradient dense, at its recorded address and layout")
-      .def("record", &GradAddresses::record, "remember the current gradients' addresses");
+      .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",
+           py::arg("out"))
+      .def("record", &GradAddresses::record, "remember the current gradients' addresses")
+      .def("__len__", &GradAddresses::size);
   m.attr("CHUNK") = uf::kChunk;
   m.attr("GROUP_COLS") = static_cast<int>(uf::kGroupCols);
   m.attr("TENSOR_COLS") = static_cast<int>(uf::kTensorCols);

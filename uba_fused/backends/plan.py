@@ -79,7 +79,7 @@ class Part:
     tensors: torch.Tensor
     work: torch.Tensor
     done: torch.Tensor
-    info: list[int]                         # host copy of the info column, gradients not yet counted
+    info: torch.Tensor                      # host copy of the info column (int64), gradients not yet counted
     params: list[torch.Tensor]
     flat_index: list[int] | None            # positions in the flat gradient list; None: all, in order
     grad_ptrs: list[int] | None = None
@@ -136,7 +136,8 @@ class Plan:
             parts.append(Part(dtype, members,
                               torch.tensor(rows, dtype=torch.int64).to(device),
                               torch.tensor(items, dtype=torch.int64).to(device),
-                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device), info,
+                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device),
+                              torch.tensor(info, dtype=torch.int64),
                               [work[wi].params[i] for wi, i in members],
                               None if len(by_dtype) == 1 else [flat_of[m] for m in members]))
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work],
@@ -148,8 +149,13 @@ class Plan:
     def refresh(self, work: Sequence[GroupWork]) -> None:
         """Bring gradient addresses and group rows up to date; copies only what changed; never syncs."""
         self.keep = []
-        flat = [g for w in work for g in w.grads] if all(w.grads is not None for w in work) else None
-        for part in self.parts if flat is not None else ():  # None: the gradient table is current
+        if all(w.grads is None for w in work):  # the steady state: addresses known without Python's help
+            if work and work[0].grad_ptrs is not None:
+                self._set_grad_ptrs(torch.cat([w.grad_ptrs for w in work]))
+            flat = None
+        else:
+            flat = [g for w in work for g in w.grads]
+        for part in self.parts if flat is not None else ():
             grads = flat if part.flat_index is None else [flat[j] for j in part.flat_index]
             try:
                 ptrs = [g.data_ptr() for g in grads]
@@ -167,10 +173,24 @@ class Plan:
                     self.keep.append(grads[j])
                     ptrs[j] = grads[j].data_ptr()
                     part.grad_ptrs = None  # compare afresh next step
-            info = [x & ~1 | (x & int(g % ALIGN == 0)) for x, g in zip(part.info, ptrs)]
-            cols = torch.tensor([ptrs, info], dtype=torch.int64).t().to(self.device, non_blocking=True)
-            part.tensors[:-1, 1].copy_(cols[:, 0])
-            part.tensors[:-1, 7].copy_(cols[:, 1])
+            self._write_grad_column(part, torch.tensor(ptrs, dtype=torch.int64))
+        self._upload_rows(work)
+
+    def _set_grad_ptrs(self, flat: torch.Tensor) -> None:
+        """New gradient addresses (int64 CPU, in the order of the plan's params), all laid out like their params."""
+        for part in self.parts:
+            ptrs = flat if part.flat_index is None else flat[part.flat_index]
+            self._write_grad_column(part, ptrs)
+            part.grad_ptrs = ptrs.tolist()
+
+    def _write_grad_column(self, part: Part, ptrs: torch.Tensor) -> None:
+        """Gradient addresses into the table, and each tensor's aligned bit with its gradient counted."""
+        info = part.info & ~1 | (part.info & 1 & (ptrs % ALIGN == 0).long())
+        cols = torch.stack([ptrs, info], 1).to(self.device, non_blocking=True)
+        part.tensors[:-1, 1].copy_(cols[:, 0])
+        part.tensors[:-1, 7].copy_(cols[:, 1])
+
+    def _upload_rows(self, work: Sequence[GroupWork]) -> None:
         sigs = [signature(w.hyper) for w in work]
         if sigs != self.rows:  # a group's host values changed (a torch scheduler's lr, say): upload its rows
             rows = [group_row(w) for w in work]

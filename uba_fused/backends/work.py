@@ -30,9 +30,10 @@ class GroupWork:
     schedule_step: torch.Tensor    # int64 0-dim: step() calls made before this one
     lr_out: torch.Tensor           # float32 0-dim: receives the lr applied by this step
     params: list[torch.Tensor]     # parameters that have a gradient
-    grads: list[torch.Tensor] | None  # None: the same gradient storage as the previous step (kernel backends)
+    grads: list[torch.Tensor] | None  # None (kernel backends): the gradients' storage is known, see grad_ptrs
     steps: list[torch.Tensor]      # float32 0-dim per parameter: updates applied so far
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
+    grad_ptrs: torch.Tensor | None = None  # with grads=None: the gradients' new addresses (int64, CPU)
 
 
 def check_no_sparse(work: GroupWork) -> None:

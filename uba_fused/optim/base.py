@@ -194,25 +194,36 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._cache.pop("grads", None)
             return
         if "grads" not in self._cache:
-            self._cache["grads"] = _ext._C.GradAddresses([p for g in self.param_groups for p in g["params"]])
-        self._cache["grads"].record()
+            params = [p for g in self.param_groups for p in g["params"]]
+            self._cache["grads"] = (_ext._C.GradAddresses(params), torch.empty(len(params), dtype=torch.int64))
+        self._cache["grads"][0].record()
 
     def _steady_work(self) -> list | None:
-        """The work of a step whose gradients are where the last step found them (kernel backends only):
-        the cached selections, with ``grads=None`` telling the backend its gradient table is current."""
-        addresses = self._cache.get("grads")
-        if addresses is None or not addresses.unchanged():
+        """The work of a step whose every gradient is present, dense and laid out like its parameter,
+        found by one C++ pass (kernel backends only): the cached selections with ``grads=None`` and,
+        where gradients moved, their new addresses in ``grad_ptrs``."""
+        cached = self._cache.get("grads")
+        if cached is None:
             return None
-        work = []
+        addresses, buf = cached
+        status = addresses.scan(buf)
+        if status == 2:
+            return None
+        work, start = [], 0
         for gi, group in enumerate(self.param_groups):
             self._check_group_at_step(gi, group)
             hit = self._cache.get(("selection", gi, None, self._state_names(group)))
             if hit is None:
                 return None
             params, steps, states = hit
+            n = len(params)
             work.append(backends.GroupWork(
                 index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-                lr_out=self._last_lr[gi], params=params, grads=None, steps=steps, state=states))
+                lr_out=self._last_lr[gi], params=params, grads=None, steps=steps, state=states,
+                grad_ptrs=buf[start:start + n] if status == 1 else None))
+            start += n
+        if status == 1:
+            addresses.record()
         return work
 
     def _selection(self, gi: int, group: dict, grads: list, present: list):
