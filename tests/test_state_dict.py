@@ -87,3 +87,18 @@ def test_our_adamw_state_dict_loads_into_torch_optim():
     _train(theirs, b, gen_b, 3)
     for p, q in zip(a, b):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES[::3], ids=CASE_IDS[::3])
+def test_deepcopy_gives_an_independent_optimizer_that_continues_identically(case):
+    a = make_params()
+    opt_a = case.make(a, schedule=uf.Cosine(12))
+    _train(opt_a, a, torch.Generator().manual_seed(3), 4)
+    b, opt_b = copy.deepcopy((a, opt_a))  # as torch.optim allows: params and optimizer copied together
+    gen_a, gen_b = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
+    _train(opt_a, a, gen_a, 3)
+    _train(opt_b, b, gen_b, 3)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q) and (p.numel() == 0 or p.data_ptr() != q.data_ptr())
+    assert torch.equal(opt_a.get_last_lr()[0], opt_b.get_last_lr()[0])
+    assert int(opt_b.param_groups[0]["schedule_step"]) == 7

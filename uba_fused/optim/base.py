@@ -64,6 +64,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._cache: dict = {}  # backend-owned device tables, rebuilt when storages may have changed
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if not hasattr(self, "_cache"):  # unpickled or deep-copied: rebuild what is not state
+            self._cache, self._backends, self._last_lr = {}, [], []
+            for i in range(len(self.param_groups)):
+                self._setup_group(i)
+
     # -- what a subclass defines ------------------------------------------------
     def _state_names(self, group: dict) -> tuple[str, ...]:
         raise NotImplementedError
