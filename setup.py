@@ -97,6 +97,7 @@ setup(
     version="0.1.0",
     description="Fused optimizer steps (AdamW, AdaBelief, Lion, SGD) with the UBA schedule computed on the GPU",
     packages=find_packages(include=["uba_fused", "uba_fused.*"]),
+    package_data={"uba_fused": ["py.typed"]},
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     ext_modules=ext_modules,

@@ -10,6 +10,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import uba_fused as uf
 from uba_fused import backends
@@ -324,3 +326,20 @@ def test_steady_state_fast_path_is_taken_and_stays_exact():
     with pytest.raises(RuntimeError, match="sparse gradient"):
         opt_b.step()
     assert all(torch.equal(p.detach(), s) for p, s in zip(b, snapshot))
+
+
+@triton_here
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sizes=st.lists(st.sampled_from([1, 3, 4095, 4096, 4097, 8191, 8192, 8195, 12289]), min_size=1, max_size=4),
+       offsets=st.lists(st.integers(0, 5), min_size=4, max_size=4),
+       case=st.sampled_from(CASES), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_chunk_boundaries_and_misalignment_match_torch_backend(sizes, offsets, case, dtype):
+    """Sizes around the chunk size and storage offsets that break 16-byte alignment, drawn at random:
+    every element of every tensor is updated exactly once, as the torch backend does it."""
+    def params():
+        gen = torch.Generator().manual_seed(sum(sizes))
+        ps = [torch.randn(n + off, generator=gen)[off:].to(DEVICE, dtype) for n, off in zip(sizes, offsets)]
+        return [p.detach().requires_grad_() for p in ps]
+
+    make = lambda ps, b: case.make(ps, backend=b, schedule=SCHEDULES["uba-phi3"])  # noqa: E731
+    _twins(make, params, steps=2)
