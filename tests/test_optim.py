@@ -54,10 +54,10 @@ def test_matches_torch_optim(name, ours, theirs):
     # Same fp32 formulas in a different operation order (torch lerps the first moment): a few ulps apart.
     a, b, opt_a, opt_b = _run_twins(ours, theirs)
     for i, (p, q) in enumerate(zip(a, b)):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=lambda m: f"param {i}: {m}")
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
         for k, v in opt_b.state.get(q, {}).items():
             torch.testing.assert_close(opt_a.state[p][k].float(), v.float(), rtol=1e-5, atol=1e-7,
-                                       msg=lambda m: f"param {i} state {k}: {m}")
+                                       msg=lambda m, i=i, k=k: f"param {i} state {k}: {m}")
 
 
 @pytest.mark.parametrize("schedule", [s for s in SCHEDULES.values() if s is not None],

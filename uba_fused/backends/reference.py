@@ -21,7 +21,10 @@ def applied_lr(w: GroupWork) -> torch.Tensor:
     lr = w.hyper["lr"]
     dev = w.schedule_step.device
     # torch.full, not torch.tensor: a fill on the device, where torch.tensor would copy from the host.
-    lr = lr.to(dev, torch.float64) if isinstance(lr, torch.Tensor) else torch.full((), lr, dtype=torch.float64, device=dev)
+    if isinstance(lr, torch.Tensor):
+        lr = lr.to(dev, torch.float64)
+    else:
+        lr = torch.full((), lr, dtype=torch.float64, device=dev)
     if w.schedule is not None:
         lr = lr * w.schedule.factor_tensor(w.schedule_step)
     return lr

@@ -134,7 +134,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, repeats: int = 10) -> floa
     dst = torch.empty_like(src)
     timer = Timer(device)
     ms, _ = timer.run(lambda: dst.copy_(src), lambda: None, repeats + 2)
-    del src, dst
     return 2 * nbytes / (statistics.median(ms[2:]) * 1e-3) / 1e9
 
 
