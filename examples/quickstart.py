@@ -16,7 +16,8 @@ model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.
 steps = 300
 opt = uf.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01,
                schedule=uf.UBA(total_steps=steps, phi=1.0, warmup_steps=20))
-print(f"uba_fused {uf.__version__}: AdamW on {device}, backend {opt.backends[0]!r}, schedule {opt.defaults['schedule']}")
+print(f"uba_fused {uf.__version__}: AdamW on {device}, backend {opt.backends[0]!r}, "
+      f"schedule {opt.defaults['schedule']}")
 lr_log = opt.get_last_lr()[0]  # a device tensor, updated in place by every step: no sync until read
 for t in range(steps):
     loss = torch.nn.functional.mse_loss(model(x), y)
