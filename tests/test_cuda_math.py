@@ -10,13 +10,13 @@ import torch
 
 from uba_fused import _ext
 from uba_fused.backends import GroupWork, plan
+from uba_fused.backends.work import RULE_ID, signature
 
 import oracle
 from harness import CASE_IDS, CASES, SCHEDULES, assert_scaled_close, f64
 
 pytestmark = pytest.mark.skipif(_ext._C is None or not hasattr(_ext._C, "update_host"),
                                 reason=f"uba_fused._C not built: {_ext.ERROR}")
-RULE_ID = {"adamw": 0, "adabelief": 1, "lion": 2, "sgd": 3}
 
 
 def _row(case, schedule=None, lr=None):
@@ -25,7 +25,8 @@ def _row(case, schedule=None, lr=None):
     if lr is not None:
         group["lr"] = lr
     names = opt._state_names(group)
-    w = GroupWork(0, group, schedule, group["schedule_step"], opt._last_lr[0], [], [], [], {n: [] for n in names})
+    w = GroupWork(0, group, schedule, group["schedule_step"], opt._last_lr[0], [], [], [], {n: [] for n in names},
+                  signature(group))
     return torch.tensor(plan.group_row(w), dtype=torch.float64), group, names
 
 

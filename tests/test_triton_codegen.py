@@ -32,7 +32,7 @@ sig = {"work": "*i64", "tensors": "*i64", "groups": "*fp64", "gaddr": "*i64", "d
 out = {}
 for rule, dtype in json.loads(sys.argv[1]):
     src = ASTSource(fn=backend._step_kernel, signature=sig, constexprs={
-        "RULE": backend._RULE_ID[rule], "DTYPE": backend._TL_DTYPE[getattr(torch, dtype)], "BLOCK": backend.BLOCK,
+        "RULE": backend.RULE_ID[rule], "DTYPE": backend._TL_DTYPE[getattr(torch, dtype)], "BLOCK": backend.BLOCK,
         "GROUPS": 4})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS}).asm["ptx"]
     out[f"{rule}/{dtype}"] = [len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),

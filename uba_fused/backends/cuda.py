@@ -13,23 +13,18 @@ import torch
 
 from .._ext import _C
 from .plan import GROUP_COLS, TENSOR_COLS, Plan
-from .work import GroupWork
+from .work import RULE_ID, GroupWork
 
 if _C is None or not hasattr(_C, "fused_step"):
     raise NotImplementedError("uba_fused._C was built without the fused-step kernels; reinstall with "
                               "`pip install --no-build-isolation -e .` where nvcc is present")
 assert (_C.GROUP_COLS, _C.TENSOR_COLS) == (len(GROUP_COLS), TENSOR_COLS), "csrc/tables.h disagrees with plan.py"
 
-_RULE_ID = {"adamw": 0, "adabelief": 1, "lion": 2, "sgd": 3}
 _DTYPE_ID = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
-    plan = cache.get("cuda")
-    key = Plan.key_of(rule, work)
-    if plan is None or plan.key != key:
-        plan = cache["cuda"] = Plan.build(rule, work, _C.CHUNK)
-    plan.refresh(work)
+    plan = Plan.for_step(cache, "cuda", rule, work, _C.CHUNK)
     return lambda: _launch(plan, rule, len(work))
 
 
@@ -37,4 +32,4 @@ def _launch(plan: Plan, rule: str, n_groups: int) -> None:
     last = len(plan.parts) - 1
     for i, part in enumerate(plan.parts):
         _C.fused_step(part.work, part.tensors, plan.groups, plan.gaddr, part.done, n_groups, i == last,
-                      _RULE_ID[rule], _DTYPE_ID[part.dtype])
+                      RULE_ID[rule], _DTYPE_ID[part.dtype])

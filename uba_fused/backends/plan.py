@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schedules import KIND_CONSTANT
-from .work import GroupWork, check_no_sparse, signature
+from .work import GroupWork, check_no_sparse
 
 # Columns of the group table. One minus a beta is computed here in float64: in float32,
 # 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
@@ -92,8 +92,7 @@ class Plan:
     parts: list[Part]
     groups: torch.Tensor
     gaddr: torch.Tensor
-    rows: list[tuple]                       # signatures of the group rows last uploaded
-    tensor_lrs: list[tuple[int, torch.Tensor]]
+    row_sigs: list[tuple]                   # signatures of the group rows last uploaded
     scratch: torch.Tensor                   # where the sentinel row points; never read or written
     keep: list[torch.Tensor]                # temporaries whose addresses a table holds this step
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
@@ -104,6 +103,15 @@ class Plan:
         # gradient holds (see FusedOptimizer._selection); a plan keeps those lists alive (``lists``),
         # so their ids cannot be reused while it is cached.
         return (rule,) + tuple((w.index, id(w.params)) for w in work)
+
+    @classmethod
+    def for_step(cls, cache: dict, name: str, rule: str, work: Sequence[GroupWork], block: int) -> Plan:
+        """The plan of backend ``name`` cached for this selection (built if there is none), refreshed."""
+        plan = cache.get(name)
+        if plan is None or plan.key != cls.key_of(rule, work):
+            plan = cache[name] = cls.build(rule, work, block)
+        plan.refresh(work)
+        return plan
 
     @classmethod
     def build(cls, rule: str, work: Sequence[GroupWork], block: int) -> Plan:
@@ -143,7 +151,7 @@ class Plan:
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work],
                              dtype=torch.int64).to(device)
         plan = cls(cls.key_of(rule, work), device, parts, torch.zeros(len(work), len(GROUP_COLS),
-                   dtype=torch.float64, device=device), gaddr, [], [], scratch, [], [w.params for w in work])
+                   dtype=torch.float64, device=device), gaddr, [], scratch, [], [w.params for w in work])
         return plan
 
     def refresh(self, work: Sequence[GroupWork]) -> None:
@@ -161,7 +169,7 @@ class Plan:
                 ptrs = [g.data_ptr() for g in grads]
             except RuntimeError:  # a sparse gradient has no data pointer; say so plainly
                 for w in work:
-                    check_no_sparse(w)
+                    check_no_sparse(w.index, w.grads)
                 raise
             if ptrs == part.grad_ptrs:
                 continue  # the usual case: the caching allocator hands out the same addresses every step
@@ -191,11 +199,11 @@ class Plan:
         part.tensors[:-1, 7].copy_(cols[:, 1])
 
     def _upload_rows(self, work: Sequence[GroupWork]) -> None:
-        sigs = [signature(w.hyper) for w in work]
-        if sigs != self.rows:  # a group's host values changed (a torch scheduler's lr, say): upload its rows
+        sigs = [w.signature for w in work]
+        if sigs != self.row_sigs:  # a group's host values changed (a torch scheduler's lr, say): upload its rows
             rows = [group_row(w) for w in work]
             self.groups.copy_(torch.tensor(rows, dtype=torch.float64), non_blocking=True)
-            self.rows = sigs
-        self.tensor_lrs = [(wi, w.hyper["lr"]) for wi, w in enumerate(work) if isinstance(w.hyper["lr"], torch.Tensor)]
-        for wi, lr in self.tensor_lrs:
-            self.groups[wi, G["lr"]].copy_(lr.reshape(()), non_blocking=True)
+            self.row_sigs = sigs
+        for wi, w in enumerate(work):
+            if isinstance(w.hyper["lr"], torch.Tensor):
+                self.groups[wi, G["lr"]].copy_(w.hyper["lr"].reshape(()), non_blocking=True)

@@ -87,7 +87,7 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
     for w in work:
-        check_no_sparse(w)
+        check_no_sparse(w.index, w.grads)
     return lambda: _run(UPDATES[rule], work)
 
 

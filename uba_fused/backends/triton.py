@@ -26,11 +26,10 @@ import triton
 import triton.language as tl
 
 from .plan import GROUP_COLS, TENSOR_COLS, Plan
-from .work import GroupWork
+from .work import RULE_ID, GroupWork
 
 BLOCK = 4096      # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
-_RULE_ID = {"adamw": 0, "adabelief": 1, "lion": 2, "sgd": 3}
 # Table layouts of plan.py, as compile-time constants of the kernels.
 _NT = tl.constexpr(TENSOR_COLS)
 _NG = tl.constexpr(len(GROUP_COLS))
@@ -190,11 +189,7 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
-    plan = cache.get("triton")
-    key = Plan.key_of(rule, work)
-    if plan is None or plan.key != key:
-        plan = cache["triton"] = Plan.build(rule, work, BLOCK)
-    plan.refresh(work)
+    plan = Plan.for_step(cache, "triton", rule, work, BLOCK)
     return lambda: _launch(plan, rule, len(work))
 
 
@@ -203,5 +198,5 @@ def _launch(plan: Plan, rule: str, n_groups: int) -> None:
     for i, part in enumerate(plan.parts):
         _step_kernel[(part.work.shape[0],)](
             part.work, part.tensors, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
-            int(i == last), RULE=_RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK,
+            int(i == last), RULE=RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK,
             GROUPS=triton.next_power_of_2(n_groups), num_warps=NUM_WARPS)

@@ -20,6 +20,7 @@ import torch
 from ..schedules import Schedule
 
 RULES = ("adamw", "adabelief", "lion", "sgd")
+RULE_ID = {rule: i for i, rule in enumerate(RULES)}  # the kernels' rule numbers (csrc/tables.h: Rule)
 
 
 @dataclass
@@ -33,12 +34,13 @@ class GroupWork:
     grads: list[torch.Tensor] | None  # None (kernel backends): the gradients' storage is known, see grad_ptrs
     steps: list[torch.Tensor]      # float32 0-dim per parameter: updates applied so far
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
+    signature: tuple               # signature(hyper) for this step, computed once by the optimizer
     grad_ptrs: torch.Tensor | None = None  # with grads=None: the gradients' new addresses (int64, CPU)
 
 
-def check_no_sparse(work: GroupWork) -> None:
-    if any(g.is_sparse for g in work.grads):
-        raise RuntimeError(f"param_groups[{work.index}]: a parameter has a sparse gradient; uba_fused does not "
+def check_no_sparse(index: int, grads: list[torch.Tensor]) -> None:
+    if any(g.is_sparse for g in grads):
+        raise RuntimeError(f"param_groups[{index}]: a parameter has a sparse gradient; uba_fused does not "
                            f"support sparse gradients")
 
 

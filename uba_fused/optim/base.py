@@ -79,12 +79,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         raise NotImplementedError
 
     # -- groups ------------------------------------------------------------------
-    def _check_group_at_step(self, gi: int, group: dict) -> None:
-        """_check_group, skipped while the group's values are the ones last found valid."""
+    def _check_group_at_step(self, gi: int, group: dict) -> tuple:
+        """_check_group, skipped while the group's values are the ones last found valid; returns
+        the group's signature, which the kernel backends reuse to skip unchanged table uploads."""
         sig = backends.work.signature(group)
         if self._cache.get(("valid", gi)) != sig:
             self._check_group(group)
             self._cache[("valid", gi)] = sig
+        return sig
 
     def _check_group(self, group: dict) -> None:
         """Every host-side check of a (defaults-filled) group; raises before anything changes."""
@@ -177,14 +179,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = []
         all_present = True
         for gi, group in enumerate(self.param_groups):
-            self._check_group_at_step(gi, group)
+            sig = self._check_group_at_step(gi, group)
             grads = [p.grad for p in group["params"]]
             present = [g for g in grads if g is not None]
             all_present &= len(present) == len(grads)
             params, steps, states = self._selection(gi, group, grads, present)
             work.append(backends.GroupWork(
                 index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-                lr_out=self._last_lr[gi], params=params, grads=present, steps=steps, state=states))
+                lr_out=self._last_lr[gi], params=params, grads=present, steps=steps, state=states, signature=sig))
         self._launch(work)
         self._remember_grads(all_present)
         return loss
@@ -218,7 +220,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return None
         work, start = [], 0
         for gi, group in enumerate(self.param_groups):
-            self._check_group_at_step(gi, group)
+            sig = self._check_group_at_step(gi, group)
             hit = self._cache.get(("selection", gi, None, self._state_names(group)))
             if hit is None:
                 return None
@@ -226,7 +228,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             n = len(params)
             work.append(backends.GroupWork(
                 index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-                lr_out=self._last_lr[gi], params=params, grads=None, steps=steps, state=states,
+                lr_out=self._last_lr[gi], params=params, grads=None, steps=steps, state=states, signature=sig,
                 grad_ptrs=buf[start:start + n] if status == 1 else None))
             start += n
         if status == 1:
@@ -241,7 +243,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         hit = self._cache.get(key)
         if hit is None:
             params = [p for p, g in zip(group["params"], grads) if g is not None]
-            backends.work.check_no_sparse(backends.GroupWork(gi, group, None, None, None, params, present, [], {}))
+            backends.work.check_no_sparse(gi, present)
             st = [self._state_for(p, names) for p in params]
             hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names})
         return hit
