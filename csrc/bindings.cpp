@@ -47,25 +47,32 @@ void check_table(const at::Tensor& t, at::ScalarType type, const char* name, con
   TORCH_CHECK(t.is_contiguous(), "uba_fused._C.fused_step: ", name, " must be contiguous");
 }
 
-// One launch of the fused step over the tables of one plan part (backends/cuda.py).
+// One launch of the fused step over the tables of one plan part (backends/cuda.py). Tables in CPU
+// memory (CPU parameters) run the kernel body on the host instead: see run_fused_step_on_host.
 void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& groups, const at::Tensor& gaddr,
                 const at::Tensor& done, int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
-  TORCH_CHECK(work.is_cuda(), "uba_fused._C.fused_step: the tables must be CUDA tensors, got ", work.device());
   const auto device = work.device();
+  TORCH_CHECK(device.is_cuda() || device.is_cpu(), "uba_fused._C.fused_step: the tables must be CUDA or CPU tensors, got ",
+              device);
   check_table(work, at::kLong, "work", device);
   check_table(tensors, at::kLong, "tensors", device);
   check_table(groups, at::kDouble, "groups", device);
   check_table(gaddr, at::kLong, "gaddr", device);
   check_table(done, at::kInt, "done", device);
-  TORCH_CHECK(tensors.dim() == 2 && tensors.size(1) == uf::kTensorCols && groups.dim() == 2 &&
-                  groups.size(1) == uf::kGroupCols && groups.size(0) == n_groups && done.numel() == tensors.size(0) + 1,
+  TORCH_CHECK(work.dim() == 2 && work.size(1) == 2 && tensors.dim() == 2 && tensors.size(1) == uf::kTensorCols &&
+                  groups.dim() == 2 && groups.size(1) == uf::kGroupCols && groups.size(0) == n_groups &&
+                  gaddr.numel() == 2 * n_groups && done.numel() == tensors.size(0) + 1,
               "uba_fused._C.fused_step: tables of inconsistent shapes");
   TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, "uba_fused._C.fused_step: unknown rule ", rule);
   TORCH_CHECK(dtype >= uf::kFloat32 && dtype <= uf::kFloat16, "uba_fused._C.fused_step: unknown dtype code ", dtype);
-  const c10::cuda::CUDAGuard guard(device);
   uf::FusedStepArgs args{work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), groups.data_ptr<double>(),
                          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), work.size(0),
                          static_cast<int>(tensors.size(0)), static_cast<int>(n_groups), advance ? 1 : 0};
+  if (device.is_cpu()) {
+    uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(dtype));
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(device);
   cudaError_t err = uf::launch_fused_step(args, static_cast<int>(rule), static_cast<int>(dtype),
                                           c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));

@@ -1,7 +1,11 @@
 // One launch per step over a whole parameter list, from the device tables of backends/plan.py.
 // The CUDA twin of backends/triton.py: the same tables, chunks, counters and math (updates.cuh).
+// The kernel body is host+device code: run_fused_step_on_host runs it on CPU tables for the tests.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstring>
+#include <type_traits>
 
 #include "launch.h"
 #include "updates.cuh"
@@ -11,33 +15,80 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename T> __device__ __forceinline__ float to_float(T x);
-template <> __device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <> __device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+// What differs between the device and the host build of the code below (the host build runs the
+// same kernel body on CPU tables, one item after another: how CI tests this launcher without a GPU).
+UF_HD float u32_as_float(unsigned u) {
+#ifdef __CUDA_ARCH__
+  return __uint_as_float(u);
+#else
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+#endif
+}
+UF_HD unsigned float_as_u32(float f) {
+#ifdef __CUDA_ARCH__
+  return __float_as_uint(f);
+#else
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+#endif
+}
+// 16 bytes at v * 16 bytes from base, read and written once per step: streaming (evict-first) on the device.
+UF_HD uint4 load16(const void* base, int64_t v) {
+#ifdef __CUDA_ARCH__
+  return __ldcs(static_cast<const uint4*>(base) + v);
+#else
+  uint4 r;
+  std::memcpy(&r, static_cast<const char*>(base) + 16 * v, sizeof r);
+  return r;
+#endif
+}
+UF_HD void store16(void* base, int64_t v, const uint4& x) {
+#ifdef __CUDA_ARCH__
+  __stcs(static_cast<uint4*>(base) + v, x);
+#else
+  std::memcpy(static_cast<char*>(base) + 16 * v, &x, sizeof x);
+#endif
+}
+UF_HD int fetch_add(int* p, int v) {
+#ifdef __CUDA_ARCH__
+  return atomicAdd(p, v);
+#else
+  const int old = *p;
+  *p = old + v;
+  return old;
+#endif
+}
+UF_HD void fence() {
+#ifdef __CUDA_ARCH__
+  __threadfence();
+#endif
+}
 
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <typename T> UF_HD float to_float(T x);
+template <> UF_HD float to_float<float>(float x) { return x; }
+template <> UF_HD float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <> UF_HD float to_float<__half>(__half x) { return __half2float(x); }
 
-// 16 bytes hold kVec<T> elements; they travel as one uint4 through streaming (evict-first) global
-// loads and stores, since every element is read once and written once per step.
+template <typename T> UF_HD T from_float(float x);
+template <> UF_HD float from_float<float>(float x) { return x; }
+template <> UF_HD __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <> UF_HD __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// 16 bytes hold kVec<T> elements; they travel as one uint4.
 template <typename T> constexpr int kVec = 16 / sizeof(T);
 
-__device__ __forceinline__ float bits_to_float(unsigned bits, float*) { return __uint_as_float(bits); }
-__device__ __forceinline__ float bits_to_float(unsigned short bits, __nv_bfloat16*) {
-  return __bfloat162float(__ushort_as_bfloat16(bits));
-}
-__device__ __forceinline__ float bits_to_float(unsigned short bits, __half*) { return __half2float(__ushort_as_half(bits)); }
-__device__ __forceinline__ unsigned float_to_bits(float x, float*) { return __float_as_uint(x); }
-__device__ __forceinline__ unsigned short float_to_bits(float x, __nv_bfloat16*) {
-  return __bfloat16_as_ushort(__float2bfloat16_rn(x));
-}
-__device__ __forceinline__ unsigned short float_to_bits(float x, __half*) { return __half_as_ushort(__float2half_rn(x)); }
+UF_HD float bits_to_float(unsigned bits, float*) { return u32_as_float(bits); }
+UF_HD float bits_to_float(unsigned short bits, __nv_bfloat16*) { return __bfloat162float(__ushort_as_bfloat16(bits)); }
+UF_HD float bits_to_float(unsigned short bits, __half*) { return __half2float(__ushort_as_half(bits)); }
+UF_HD unsigned float_to_bits(float x, float*) { return float_as_u32(x); }
+UF_HD unsigned short float_to_bits(float x, __nv_bfloat16*) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+UF_HD unsigned short float_to_bits(float x, __half*) { return __half_as_ushort(__float2half_rn(x)); }
 
 template <typename T>
-__device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kVec<T>]) {
+UF_HD void unpack(const uint4& raw, float (&out)[kVec<T>]) {
   const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
   for (int j = 0; j < kVec<T>; ++j) {
@@ -50,7 +101,7 @@ __device__ __forceinline__ void unpack(const uint4& raw, float (&out)[kVec<T>]) 
 }
 
 template <typename T>
-__device__ __forceinline__ uint4 pack(const float (&in)[kVec<T>]) {
+UF_HD uint4 pack(const float (&in)[kVec<T>]) {
   unsigned w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -64,75 +115,92 @@ __device__ __forceinline__ uint4 pack(const float (&in)[kVec<T>]) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-template <typename T, int RULE>
-__device__ __forceinline__ void update_vector(T* p, const T* g, T* a, T* b, int64_t i, const RuleScalars& s) {
-  constexpr int N = kVec<T>;
-  float pf[N], gf[N], af[N], bf[N];
-  unpack<T>(__ldcs(reinterpret_cast<const uint4*>(p) + i), pf);
-  unpack<T>(__ldcs(reinterpret_cast<const uint4*>(g) + i), gf);
-  if (s.has_state) unpack<T>(__ldcs(reinterpret_cast<const uint4*>(a) + i), af);
-  if (RULE <= kAdaBelief) unpack<T>(__ldcs(reinterpret_cast<const uint4*>(b) + i), bf);
-#pragma unroll
-  for (int j = 0; j < N; ++j) {
-    if (!s.has_state) af[j] = gf[j];
-    update<RULE>(pf[j], gf[j], af[j], bf[j], s);
-  }
-  __stcs(reinterpret_cast<uint4*>(p) + i, pack<T>(pf));
-  if (s.has_state) __stcs(reinterpret_cast<uint4*>(a) + i, pack<T>(af));
-  if (RULE <= kAdaBelief) __stcs(reinterpret_cast<uint4*>(b) + i, pack<T>(bf));
-}
+// One work item (one block on the device): a chunk of one tensor, with what its update needs.
+template <typename T>
+struct Item {
+  T* p;
+  const T* g;
+  T* a;
+  T* b;
+  float* step;
+  int64_t slot, start, end, n_chunks;
+  bool vector;  // an aligned full chunk: 128-bit accesses, no bounds checks
+  float k;      // this tensor's step count after this update
+  RuleScalars s;
+};
 
-template <typename T, int RULE>
-__device__ __forceinline__ void update_scalar(T* p, const T* g, T* a, T* b, int64_t i, const RuleScalars& s) {
-  float pf = to_float(p[i]), gf = to_float(g[i]);
-  float af = s.has_state ? to_float(a[i]) : gf;
-  float bf = RULE <= kAdaBelief ? to_float(b[i]) : 0.0f;
-  update<RULE>(pf, gf, af, bf, s);
-  p[i] = from_float<T>(pf);
-  if (s.has_state) a[i] = from_float<T>(af);
-  if (RULE <= kAdaBelief) b[i] = from_float<T>(bf);
-}
-
-template <typename T, int RULE>
-__global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args) {
-  const int64_t item = blockIdx.x;
-  const int64_t slot = args.work[2 * item];
-  const int64_t start = args.work[2 * item + 1];
-  const int64_t* row = args.tensors + slot * kTensorCols;
-  T* p = reinterpret_cast<T*>(row[kParam]);
-  const T* g = reinterpret_cast<const T*>(row[kGrad]);
-  T* a = reinterpret_cast<T*>(row[kState0]);
-  T* b = reinterpret_cast<T*>(row[kState1]);
-  float* step = reinterpret_cast<float*>(row[kStep]);
-  const int64_t numel = row[kNumel];
-  const int64_t info = row[kInfo];
+template <typename T>
+UF_HD Item<T> open_item(const FusedStepArgs& args, int64_t item) {
+  Item<T> it;
+  it.slot = args.work[2 * item];
+  it.start = args.work[2 * item + 1];
+  const int64_t* row = args.tensors + it.slot * kTensorCols;
+  it.p = reinterpret_cast<T*>(row[kParam]);
+  it.g = reinterpret_cast<const T*>(row[kGrad]);
+  it.a = reinterpret_cast<T*>(row[kState0]);
+  it.b = reinterpret_cast<T*>(row[kState1]);
+  it.step = reinterpret_cast<float*>(row[kStep]);
+  const int64_t numel = row[kNumel], info = row[kInfo];
+  it.end = numel - it.start < kChunk ? numel : it.start + kChunk;
+  it.n_chunks = info >> 1;
+  it.vector = (info & 1) && it.end - it.start == kChunk;
   const double* grow = args.groups + row[kGroup] * kGroupCols;
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
+  it.k = *it.step + 1.0f;
+  it.s = rule_scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
+  return it;
+}
 
-  const float k = *step + 1.0f;  // this tensor's step count after this update
-  const RuleScalars s = rule_scalars(grow, group_lr(grow, static_cast<float>(*counter)), k);
-
-  const int64_t end = min(start + static_cast<int64_t>(kChunk), numel);
-  if ((info & 1) && end - start == kChunk) {  // aligned full chunk: 128-bit accesses, no bounds checks
-    const int64_t v0 = start / kVec<T>;
+// The elements of an item that lane `lane` of LANES takes: every LANES-th vector or element.
+template <typename T, int RULE, int LANES>
+UF_HD void update_elements(const Item<T>& it, int lane) {
+  const RuleScalars& s = it.s;
+  if (it.vector) {
+    constexpr int N = kVec<T>;
+    const int64_t v0 = it.start / N;
 #pragma unroll
-    for (int i = threadIdx.x; i < kChunk / kVec<T>; i += kThreads) update_vector<T, RULE>(p, g, a, b, v0 + i, s);
+    for (int i = lane; i < kChunk / N; i += LANES) {
+      const int64_t v = v0 + i;
+      float pf[N], gf[N], af[N], bf[N];
+      unpack<T>(load16(it.p, v), pf);
+      unpack<T>(load16(it.g, v), gf);
+      if (s.has_state) unpack<T>(load16(it.a, v), af);
+      if (RULE <= kAdaBelief) unpack<T>(load16(it.b, v), bf);
+#pragma unroll
+      for (int j = 0; j < N; ++j) {
+        if (!s.has_state) af[j] = gf[j];
+        update<RULE>(pf[j], gf[j], af[j], bf[j], s);
+      }
+      store16(it.p, v, pack<T>(pf));
+      if (s.has_state) store16(it.a, v, pack<T>(af));
+      if (RULE <= kAdaBelief) store16(it.b, v, pack<T>(bf));
+    }
   } else {
-    for (int64_t i = start + threadIdx.x; i < end; i += kThreads) update_scalar<T, RULE>(p, g, a, b, i, s);
+    for (int64_t i = it.start + lane; i < it.end; i += LANES) {
+      float pf = to_float(it.p[i]), gf = to_float(it.g[i]);
+      float af = s.has_state ? to_float(it.a[i]) : gf;
+      float bf = RULE <= kAdaBelief ? to_float(it.b[i]) : 0.0f;
+      update<RULE>(pf, gf, af, bf, s);
+      it.p[i] = from_float<T>(pf);
+      if (s.has_state) it.a[i] = from_float<T>(af);
+      if (RULE <= kAdaBelief) it.b[i] = from_float<T>(bf);
+    }
   }
+}
 
-  // Counters, as in triton.py: every thread's reads of this step's counters precede the release;
-  // the last chunk of a tensor writes its step; the last tensor advances every group.
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  __threadfence();
-  if (atomicAdd(args.done + slot, 1) != (info >> 1) - 1) return;
-  args.done[slot] = 0;
-  if (slot < args.n_rows - 1) *step = k;  // the last row is the sentinel
-  __threadfence();
-  if (atomicAdd(args.done + args.n_rows, 1) != args.n_rows - 1) return;
+// Counters, as in triton.py, once per item after all its lanes updated their elements (and so read
+// this step's counters): the last chunk of a tensor writes its step; the last tensor advances every
+// group and writes the lr it applied.
+template <typename T>
+UF_HD void finish_item(const FusedStepArgs& args, const Item<T>& it) {
+  fence();
+  if (fetch_add(args.done + it.slot, 1) != it.n_chunks - 1) return;
+  args.done[it.slot] = 0;
+  if (it.slot < args.n_rows - 1) *it.step = it.k;  // the last row is the sentinel
+  fence();
+  if (fetch_add(args.done + args.n_rows, 1) != args.n_rows - 1) return;
   args.done[args.n_rows] = 0;
-  __threadfence();
+  fence();
   if (!args.advance) return;
   for (int gi = 0; gi < args.n_groups; ++gi) {
     int64_t* c = reinterpret_cast<int64_t*>(args.gaddr[2 * gi]);
@@ -142,29 +210,61 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args
   }
 }
 
-template <typename T>
-cudaError_t launch_typed(const FusedStepArgs& args, int rule, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(args.n_items)), block(kThreads);
-  switch (rule) {
-    case kAdamW: fused_step_kernel<T, kAdamW><<<grid, block, 0, stream>>>(args); break;
-    case kAdaBelief: fused_step_kernel<T, kAdaBelief><<<grid, block, 0, stream>>>(args); break;
-    case kLion: fused_step_kernel<T, kLion><<<grid, block, 0, stream>>>(args); break;
-    case kSGD: fused_step_kernel<T, kSGD><<<grid, block, 0, stream>>>(args); break;
-    default: return cudaErrorInvalidValue;
+template <typename T, int RULE>
+__global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args) {
+  const Item<T> it = open_item<T>(args, blockIdx.x);
+  update_elements<T, RULE, kThreads>(it, threadIdx.x);
+  __syncthreads();  // every thread's reads of this step's counters precede the release
+  if (threadIdx.x == 0) finish_item(args, it);
+}
+
+template <typename T, int RULE>
+void run_on_host(const FusedStepArgs& args) {
+  for (int64_t item = 0; item < args.n_items; ++item) {
+    const Item<T> it = open_item<T>(args, item);
+    update_elements<T, RULE, 1>(it, 0);
+    finish_item(args, it);
   }
-  return cudaGetLastError();
+}
+
+template <typename T> struct Type { using type = T; };
+template <int R> using RuleTag = std::integral_constant<int, R>;
+
+// f(Type<T>{}, RuleTag<RULE>{}) for the runtime codes; false when a code is unknown.
+template <typename F>
+bool with_types(int rule, int dtype, F&& f) {
+  auto with_rule = [&](auto type) {
+    switch (rule) {
+      case kAdamW: f(type, RuleTag<kAdamW>{}); return true;
+      case kAdaBelief: f(type, RuleTag<kAdaBelief>{}); return true;
+      case kLion: f(type, RuleTag<kLion>{}); return true;
+      case kSGD: f(type, RuleTag<kSGD>{}); return true;
+      default: return false;
+    }
+  };
+  switch (dtype) {
+    case kFloat32: return with_rule(Type<float>{});
+    case kBFloat16: return with_rule(Type<__nv_bfloat16>{});
+    case kFloat16: return with_rule(Type<__half>{});
+    default: return false;
+  }
 }
 
 }  // namespace
 
 cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int dtype, cudaStream_t stream) {
   if (args.n_items == 0) return cudaSuccess;
-  switch (dtype) {
-    case kFloat32: return launch_typed<float>(args, rule, stream);
-    case kBFloat16: return launch_typed<__nv_bfloat16>(args, rule, stream);
-    case kFloat16: return launch_typed<__half>(args, rule, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  const bool known = with_types(rule, dtype, [&](auto type, auto r) {
+    using T = typename decltype(type)::type;
+    fused_step_kernel<T, decltype(r)::value><<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
+  });
+  return known ? cudaGetLastError() : cudaErrorInvalidValue;
+}
+
+bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int dtype) {
+  return with_types(rule, dtype, [&](auto type, auto r) {
+    run_on_host<typename decltype(type)::type, decltype(r)::value>(args);
+  });
 }
 
 }  // namespace uf

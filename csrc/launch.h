@@ -32,4 +32,8 @@ struct FusedStepArgs {
 // One step of `rule` over every tensor of the tables; returns the launch's error code.
 cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int dtype, cudaStream_t stream);
 
+// The same kernel body compiled for the host, run on tables (and tensors) in CPU memory, one work item
+// after another; false when `rule` or `dtype` is unknown. It is how the tests run this backend without a GPU.
+bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int dtype);
+
 }  // namespace uf

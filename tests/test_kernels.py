@@ -1,8 +1,8 @@
-"""The kernel backends against the float64 oracle and the torch backend.
+"""The kernel backends, "triton" and "cuda", against the float64 oracle, the torch backend and each other.
 
-Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (conftest sets
-TRITON_INTERPRET=1), so the sizes stay small; the GPU tests at the end run both kernel backends,
-"triton" and "cuda", at realistic sizes, under CUDA-graph capture and with syncs forbidden.
+Without a GPU both run on CPU tensors (the Triton interpreter; the CUDA kernel body compiled for the
+host, one work item at a time), so the sizes stay small; the GPU tests at the end run them at
+realistic sizes, under CUDA-graph capture and with syncs forbidden.
 """
 
 import copy
@@ -20,42 +20,43 @@ from harness import (CASE_IDS, CASES, RTOL, SCHEDULES, assert_scaled_close, chec
                      make_params, random_grads, set_grads, step_together)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-USABLE = backends.availability(DEVICE)["triton"]
-triton_here = pytest.mark.skipif(USABLE is not None, reason=f"triton backend unusable here: {USABLE}")
+# The two kernel backends, each skipped where it cannot run on DEVICE. Without a GPU, "triton" runs in
+# Triton's interpreter and "cuda" runs its kernel body compiled for the host (conftest sets both up).
+_AVAIL = backends.availability(DEVICE)
+KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=f"backend {b!r} unusable: {_AVAIL[b]}"))
+           for b in ("triton", "cuda")]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(
-    torch.cuda.is_available() and backends.availability("cuda")[b] is not None,
-    reason=f"backend {b!r} unusable: {backends.availability('cuda')[b] if torch.cuda.is_available() else ''}"))
-    for b in ("triton", "cuda")]
 
 
-@triton_here
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_matches_float64_oracle(case, schedule):
-    check_steps_against_oracle(case, schedule, backend="triton", device=DEVICE, steps=12)
+def test_matches_float64_oracle(case, schedule, backend):
+    check_steps_against_oracle(case, schedule, backend=backend, device=DEVICE, steps=12)
 
 
-@triton_here
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES[::2], ids=CASE_IDS[::2])
-def test_low_precision_matches_oracle(case, dtype):
-    check_steps_against_oracle(case, SCHEDULES["uba"], backend="triton", device=DEVICE, dtype=dtype, steps=6)
+def test_low_precision_matches_oracle(case, dtype, backend):
+    check_steps_against_oracle(case, SCHEDULES["uba"], backend=backend, device=DEVICE, dtype=dtype, steps=6)
 
 
-def _big_params(device, seed=0):
+def _big_params(device, seed=0, dtype=torch.float32):
     """Tensors of several chunks: full chunks (aligned and not) and a ragged last one."""
     gen = torch.Generator().manual_seed(seed)
     ps = [torch.randn(2 * 4096 + 5, generator=gen), torch.randn(3 * 4096 + 2, generator=gen)[1:],
           torch.randn(65, 70, generator=gen).t(), torch.randn(4096, generator=gen)]
-    return [p.detach().to(device).requires_grad_() for p in ps]
+    return [p.detach().to(device, dtype).requires_grad_() for p in ps]
 
 
-@triton_here
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_multi_chunk_tensors_match_oracle(case):
-    check_steps_against_oracle(case, SCHEDULES["cosine"], backend="triton", device=DEVICE, steps=3,
-                               params=_big_params(DEVICE))
+def test_multi_chunk_tensors_match_oracle(case, dtype, backend):
+    # Full aligned chunks take the vector path (16-byte accesses), the others the scalar one: both, per dtype.
+    check_steps_against_oracle(case, SCHEDULES["cosine"], backend=backend, dtype=dtype, device=DEVICE, steps=3,
+                               params=_big_params(DEVICE, dtype=dtype))
 
 
 def _assert_same(a, b, opt_a, opt_b, where=""):
@@ -75,7 +76,7 @@ def _assert_same(a, b, opt_a, opt_b, where=""):
         assert float(lb) == pytest.approx(float(la), rel=1e-6)
 
 
-def _twins(make, params_fn, steps, backend="triton", reference="torch"):
+def _twins(make, params_fn, steps, backend, reference="torch"):
     """Step a reference backend and a kernel backend side by side, comparing after every step, then copying
     the reference's values over so that rounding (a bf16 ulp flips easily) cannot drift across steps."""
     a, b = params_fn(), params_fn()
@@ -95,8 +96,8 @@ def _twins(make, params_fn, steps, backend="triton", reference="torch"):
                     opt_b.state[q][k].copy_(v)
 
 
-@triton_here
-def test_groups_with_different_hyperparameters_schedules_and_dtypes():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_groups_with_different_hyperparameters_schedules_and_dtypes(backend):
     def params():
         ps = make_params(DEVICE, seed=3)
         return ps + [p.detach().to(torch.bfloat16).requires_grad_() for p in make_params(DEVICE, seed=4)[3:]]
@@ -108,18 +109,18 @@ def test_groups_with_different_hyperparameters_schedules_and_dtypes():
             {"params": ps[7:], "lr": 0.01, "schedule": uf.Linear(5)},  # bf16: a second launch per step
         ], lr=0.05, schedule=uf.Cosine(10), backend=backend)
 
-    _twins(make, params, steps=10)
+    _twins(make, params, steps=10, backend=backend)
 
 
-@triton_here
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_matches_torch_backend_with_params_without_grads(case):
+def test_matches_torch_backend_with_params_without_grads(case, backend):
     make = lambda ps, backend: case.make(ps, backend=backend, schedule=SCHEDULES["rex"])  # noqa: E731
-    _twins(make, lambda: make_params(DEVICE, seed=5), steps=10)
+    _twins(make, lambda: make_params(DEVICE, seed=5), steps=10, backend=backend)
 
 
-@triton_here
-def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel(backend):
     # A tensor lr is read on the device; a host lr changed by a torch scheduler refreshes the table.
     def make(ps, backend):
         opt = uf.AdamW([{"params": ps[:3], "lr": torch.tensor(0.03, device=DEVICE)}, {"params": ps[3:]}],
@@ -128,7 +129,7 @@ def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel():
         return opt
 
     a, b = make_params(DEVICE), make_params(DEVICE)
-    opt_a, opt_b = make(a, "torch"), make(b, "triton")
+    opt_a, opt_b = make(a, "torch"), make(b, backend)
     gen = torch.Generator().manual_seed(2)
     for _ in range(5):
         grads = random_grads(a, gen)
@@ -139,11 +140,11 @@ def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel():
     _assert_same(a, b, opt_a, opt_b)
 
 
-@triton_here
-def test_gradient_with_another_layout_is_walked_in_the_parameters_layout():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_gradient_with_another_layout_is_walked_in_the_parameters_layout(backend):
     p = torch.randn(6, 5).t().detach().to(DEVICE).requires_grad_()  # transposed parameter
     q = p.detach().clone().requires_grad_()
-    opt_p, opt_q = uf.Lion([p], backend="triton", lr=0.1), uf.Lion([q], backend="torch", lr=0.1)
+    opt_p, opt_q = uf.Lion([p], backend=backend, lr=0.1), uf.Lion([q], backend="torch", lr=0.1)
     for _ in range(3):
         g = torch.randn(5, 6, device=DEVICE)  # contiguous, unlike p
         p.grad, q.grad = g.clone(), g.clone()
@@ -152,10 +153,10 @@ def test_gradient_with_another_layout_is_walked_in_the_parameters_layout():
     torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
 
 
-@triton_here
-def test_state_dict_round_trip_and_switching_backends():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_state_dict_round_trip_and_switching_backends(backend):
     a = make_params(DEVICE)
-    opt = uf.AdaBelief(a, backend="triton", schedule=uf.UBA(10, phi=0.5), lr=0.01)
+    opt = uf.AdaBelief(a, backend=backend, schedule=uf.UBA(10, phi=0.5), lr=0.01)
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         set_grads(a, random_grads(a, gen))
@@ -167,23 +168,23 @@ def test_state_dict_round_trip_and_switching_backends():
     _assert_same(b, a, opt_b, opt)
 
 
-@triton_here
-def test_kernel_backend_refuses_what_it_cannot_walk():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_kernel_backend_refuses_what_it_cannot_walk(backend):
     with pytest.raises(ValueError, match="has gaps or overlaps in memory"):
-        uf.AdamW([torch.randn(10, device=DEVICE)[::2].detach().requires_grad_()], backend="triton")
+        uf.AdamW([torch.randn(10, device=DEVICE)[::2].detach().requires_grad_()], backend=backend)
     with pytest.raises(uf.BackendUnavailableError, match="the kernels take"):
-        uf.AdamW([torch.randn(3, dtype=torch.float64, device=DEVICE)], backend="triton")
+        uf.AdamW([torch.randn(3, dtype=torch.float64, device=DEVICE)], backend=backend)
 
 
-@triton_here
-def test_interpreter_is_never_picked_by_auto():
+@pytest.mark.parametrize("backend", KERNELS)
+def test_host_runs_of_kernels_are_never_picked_by_auto(backend):
     assert uf.AdamW(make_params(), backend="auto").backends == ["torch"]
 
 
 # ---------------------------------------------------------------- GPU only
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_gpu_realistic_sizes_match_torch_backend(case, backend):
     def params():
@@ -198,7 +199,7 @@ def test_gpu_realistic_sizes_match_torch_backend(case, backend):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_gpu_cuda_graph_replay_equals_eager(case, backend):
     def run(graph):
@@ -238,7 +239,7 @@ def test_gpu_cuda_graph_replay_equals_eager(case, backend):
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("backend", ["torch"] + GPU_BACKENDS)
+@pytest.mark.parametrize("backend", ["torch"] + KERNELS)
 def test_gpu_step_never_syncs(backend):
     ps = make_params("cuda")
     opt = uf.AdamW(ps, backend=backend, schedule=uf.UBA(100))
@@ -259,7 +260,7 @@ def test_gpu_step_never_syncs(backend):
 @pytest.mark.gpu
 @gpu
 @pytest.mark.skipif(os.environ.get("UBA_FUSED_BIG_TESTS") != "1", reason="set UBA_FUSED_BIG_TESTS=1 (needs ~20 GB)")
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("backend", KERNELS)
 def test_gpu_tensor_over_2_pow_31_elements(backend):
     n = 2**31 + 4099
     p = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_()
@@ -272,27 +273,25 @@ def test_gpu_tensor_over_2_pow_31_elements(backend):
     torch.testing.assert_close(p.detach()[-4096:].float(), (tail - 0.5 * g[-4096:].float()).bfloat16().float())
 
 
-@pytest.mark.gpu
-@gpu
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_gpu_cuda_and_triton_agree(case):
+def test_cuda_and_triton_agree(case):
     """The two kernel backends, step by step on the same gradients, within float32 rounding."""
-    if any(backends.availability("cuda")[b] for b in ("triton", "cuda")):
-        pytest.skip("needs both kernel backends")
+    if any(_AVAIL[b] for b in ("triton", "cuda")):
+        pytest.skip(f"needs both kernel backends on {DEVICE}")
     make = lambda ps, b: case.make(ps, backend=b, schedule=SCHEDULES["cosine"])  # noqa: E731
-    _twins(make, lambda: make_params("cuda", seed=9) + _big_params("cuda"), steps=10, backend="cuda",
-           reference="triton")
+    _twins(make, lambda: make_params(DEVICE, seed=9) + _big_params(DEVICE), steps=10 if DEVICE == "cuda" else 3,
+           backend="cuda", reference="triton")
 
 
-@triton_here
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.skipif(not hasattr(getattr(uf._ext, "_C", None), "GradAddresses"), reason="needs uba_fused._C")
-def test_steady_state_fast_path_is_taken_and_stays_exact():
+def test_steady_state_fast_path_is_taken_and_stays_exact(backend):
     """With gradients at the same addresses step after step (zero_grad(set_to_none=False), or the
     caching allocator), step() skips its Python pass over parameters; results must not change, and
     moving, dropping or sparsifying a gradient must fall back to the full path."""
     a, b = make_params(DEVICE, seed=2), make_params(DEVICE, seed=2)
     opt_a = uf.AdamW(a, backend="torch", lr=0.01, schedule=SCHEDULES["uba"])
-    opt_b = uf.AdamW(b, backend="triton", lr=0.01, schedule=SCHEDULES["uba"])
+    opt_b = uf.AdamW(b, backend=backend, lr=0.01, schedule=SCHEDULES["uba"])
     for p in a + b:
         p.grad = torch.zeros_like(p)
     gen = torch.Generator().manual_seed(8)
@@ -328,12 +327,12 @@ def test_steady_state_fast_path_is_taken_and_stays_exact():
     assert all(torch.equal(p.detach(), s) for p, s in zip(b, snapshot))
 
 
-@triton_here
+@pytest.mark.parametrize("backend", KERNELS)
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(sizes=st.lists(st.sampled_from([1, 3, 4095, 4096, 4097, 8191, 8192, 8195, 12289]), min_size=1, max_size=4),
        offsets=st.lists(st.integers(0, 5), min_size=4, max_size=4),
        case=st.sampled_from(CASES), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
-def test_chunk_boundaries_and_misalignment_match_torch_backend(sizes, offsets, case, dtype):
+def test_chunk_boundaries_and_misalignment_match_torch_backend(backend, sizes, offsets, case, dtype):
     """Sizes around the chunk size and storage offsets that break 16-byte alignment, drawn at random:
     every element of every tensor is updated exactly once, as the torch backend does it."""
     def params():
@@ -342,4 +341,4 @@ def test_chunk_boundaries_and_misalignment_match_torch_backend(sizes, offsets, c
         return [p.detach().requires_grad_() for p in ps]
 
     make = lambda ps, b: case.make(ps, backend=b, schedule=SCHEDULES["uba-phi3"])  # noqa: E731
-    _twins(make, params, steps=2)
+    _twins(make, params, steps=2, backend=backend)

@@ -19,9 +19,12 @@ from .work import RULES, GroupWork
 __all__ = ["NAMES", "RULES", "KERNEL_DTYPES", "GroupWork", "BackendUnavailableError", "availability", "resolve", "get"]
 
 NAMES = ("auto", "torch", "triton", "cuda")
-# "auto" tries these in order; the first usable one wins. Triton first: its whole launcher is tested
-# in CI (interpreter), the CUDA one only on a GPU. Reorder by measurement (benchmarks/RESULTS.md).
+# "auto" tries these in order; the first usable one wins. Triton first until the two are measured
+# against each other on a GPU (benchmarks/RESULTS.md); reorder by measurement.
 AUTO_ORDER = ("triton", "cuda", "torch")
+# With this set to 1, backend "cuda" also takes CPU parameters: the kernel body compiled for the host
+# walks the same tables one work item at a time (csrc/fused_step.cu). Like TRITON_INTERPRET, a test tool.
+CUDA_ON_CPU = "UBA_FUSED_CUDA_ON_CPU"
 # What the kernels store; they compute in float32 (float64 parameters take backend "torch").
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -53,9 +56,11 @@ def _cuda_reason(device: torch.device) -> str | None:
         importlib.import_module(f"{__name__}.cuda")
     except NotImplementedError as exc:
         return str(exc)
-    if device.type != "cuda":
-        return f"the CUDA kernels need CUDA parameters, got {device}"
-    return None
+    if device.type == "cuda":
+        return None
+    if os.environ.get(CUDA_ON_CPU) == "1" and device.type == "cpu":
+        return None
+    return f"the CUDA kernels need CUDA parameters (or CPU parameters with {CUDA_ON_CPU}=1), got {device}"
 
 
 def _dtype_reason(dtypes: Iterable[torch.dtype]) -> str | None:
@@ -80,7 +85,7 @@ def resolve(requested: str, device: torch.device | str, dtypes: Iterable[torch.d
     device = torch.device(device)
     avail = availability(device, dtypes)
     if requested == "auto":
-        # The interpreter is a test tool, never the fast path for CPU tensors.
+        # The interpreter and the host run of the CUDA kernel are test tools, never the path for CPU tensors.
         order = AUTO_ORDER if device.type == "cuda" else ("torch",)
         return next(name for name in order if avail[name] is None)
     reason = avail[requested]
