@@ -3,7 +3,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
-#include <initializer_list>
 #include <string>
 #include <vector>
 
@@ -78,40 +77,6 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
   TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));
 }
 
-// The device update functions compiled for the host, on float32 CPU tensors, so CI can check the
-// CUDA backend's math against the float64 oracle without a GPU.
-void update_host(int64_t rule, at::Tensor p, const at::Tensor& g, at::Tensor a, at::Tensor b, const at::Tensor& row,
-                 double lr, double k) {
-  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&p, &g, &a, &b}) {
-    TORCH_CHECK(t->device().is_cpu() && t->scalar_type() == at::kFloat && t->is_contiguous() &&
-                    t->numel() == p.numel(),
-                "uba_fused._C.update_host: p, g, a, b must be contiguous float32 CPU tensors of one size");
-  }
-  TORCH_CHECK(row.device().is_cpu() && row.scalar_type() == at::kDouble && row.numel() == uf::kGroupCols,
-              "uba_fused._C.update_host: row must be a float64 CPU tensor of ", uf::kGroupCols, " values");
-  TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, "uba_fused._C.update_host: unknown rule ", rule);
-  const uf::RuleScalars s = uf::rule_scalars(row.data_ptr<double>(), static_cast<float>(lr), static_cast<float>(k));
-  float *pp = p.data_ptr<float>(), *ap = a.data_ptr<float>(), *bp = b.data_ptr<float>();
-  const float* gp = g.data_ptr<float>();
-  for (int64_t i = 0; i < p.numel(); ++i) {
-    float af = s.has_state ? ap[i] : gp[i];
-    switch (rule) {
-      case uf::kAdamW: uf::update<uf::kAdamW>(pp[i], gp[i], af, bp[i], s); break;
-      case uf::kAdaBelief: uf::update<uf::kAdaBelief>(pp[i], gp[i], af, bp[i], s); break;
-      case uf::kLion: uf::update<uf::kLion>(pp[i], gp[i], af, bp[i], s); break;
-      case uf::kSGD: uf::update<uf::kSGD>(pp[i], gp[i], af, bp[i], s); break;
-      default: break;
-    }
-    if (s.has_state) ap[i] = af;
-  }
-}
-
-double group_lr_host(const at::Tensor& row, int64_t t) {
-  TORCH_CHECK(row.device().is_cpu() && row.scalar_type() == at::kDouble && row.numel() == uf::kGroupCols,
-              "uba_fused._C.group_lr_host: row must be a float64 CPU tensor of ", uf::kGroupCols, " values");
-  return uf::group_lr(row.data_ptr<double>(), static_cast<float>(t));
-}
-
 // Where each parameter's gradient lived at the last step: the steady-state test of FusedOptimizer.step,
 // done here because it visits every parameter. scan() answers kUnchanged when every parameter has a
 // dense gradient at the recorded address with the parameter's own strides (the device tables are
@@ -167,10 +132,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step, "one fused optimizer step over the device tables of a plan part",
         py::arg("work"), py::arg("tensors"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
         py::arg("n_groups"), py::arg("advance"), py::arg("rule"), py::arg("dtype"));
-  m.def("update_host", &update_host, "the kernel's per-element update, run on the host (for tests)", py::arg("rule"),
-        py::arg("p"), py::arg("g"), py::arg("a"), py::arg("b"), py::arg("row"), py::arg("lr"), py::arg("k"));
-  m.def("group_lr_host", &group_lr_host, "the kernel's lr of a group row at step t, run on the host (for tests)",
-        py::arg("row"), py::arg("t"));
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",

@@ -10,6 +10,8 @@ import torch
 
 import uba_fused as uf
 from uba_fused import _ext
+from uba_fused.backends import plan
+from uba_fused.backends.work import RULE_ID
 
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None \
     and os.environ.get("UBA_FUSED_NO_CUDA") != "1"
@@ -41,6 +43,49 @@ def test_device_schedule_kernel_matches_python(schedule):
     steps = torch.tensor(STEPS, dtype=torch.int64, device="cuda")
     got = _ext._C.schedule_factor(steps, *schedule.kernel_constants())
     torch.testing.assert_close(got.double().cpu(), schedule.factor_tensor(steps.cpu()), rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.skipif(_ext._C is None, reason="uba_fused._C not built")
+def test_table_layouts_agree_with_plan():
+    assert _ext._C.GROUP_COLS == len(plan.GROUP_COLS)
+    assert _ext._C.TENSOR_COLS == plan.TENSOR_COLS
+    assert _ext._C.CHUNK == 4096
+
+
+@pytest.mark.skipif(_ext._C is None, reason="uba_fused._C not built")
+def test_fused_step_refuses_bad_tables_before_touching_anything():
+    p, g = torch.randn(10), torch.randn(10)
+    step, counter, lr_out = torch.zeros(()), torch.zeros((), dtype=torch.int64), torch.zeros(())
+    before = p.clone()
+    tensors = torch.tensor([[p.data_ptr(), g.data_ptr(), 0, 0, step.data_ptr(), 10, 0, 1 << 1],
+                            [0, 0, 0, 0, step.data_ptr(), 0, 0, 1 << 1]])  # SGD without momentum: no state
+    good = dict(work=torch.tensor([[0, 0], [1, 0]]), tensors=tensors, groups=torch.zeros(1, len(plan.GROUP_COLS),
+                dtype=torch.float64), gaddr=torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]),
+                done=torch.zeros(3, dtype=torch.int32))
+
+    def run(**kw):
+        args = {**good, "n_groups": 1, "advance": True, "rule": RULE_ID["sgd"], "dtype": 0, **kw}
+        _ext._C.fused_step(**args)
+
+    bad = [(dict(groups=good["groups"].float()), "groups must be Double"),
+           (dict(done=torch.zeros(4, dtype=torch.int32)), "inconsistent shapes"),
+           (dict(work=torch.zeros(2, 3, dtype=torch.int64)), "inconsistent shapes"),
+           (dict(tensors=tensors.t().contiguous().t()), "tensors must be contiguous"),
+           (dict(rule=4), "unknown rule 4"),
+           (dict(dtype=3), "unknown dtype code 3")]
+    if torch.cuda.is_available():
+        bad.append((dict(done=good["done"].cuda()), "done is on cuda:0, expected cpu"))
+    for kw, message in bad:
+        with pytest.raises(RuntimeError, match=message):
+            run(**kw)
+    assert torch.equal(p, before) and int(counter) == 0 and float(step) == 0.0
+    # The good tables run (on the host, for CPU tables): plain SGD with the group's lr 0.5, no schedule.
+    good["groups"][0, plan.G["lr"]] = 0.5
+    good["groups"][0, plan.G["total"]] = 1.0
+    good["groups"][0, plan.G["phi"]] = 2.0
+    run()
+    torch.testing.assert_close(p, before - 0.5 * g, rtol=0, atol=0)
+    assert int(counter) == 1 and float(step) == 1.0 and float(lr_out) == 0.5
 
 
 def test_env_report_runs_and_names_every_backend():
