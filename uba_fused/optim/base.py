@@ -168,11 +168,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._update()
+        return loss
 
+    # Under torch.compile the closure above is traced, this is not: the kernels update memory through
+    # addresses in device tables, which no graph can see, so Dynamo must not reorder, fuse or replay
+    # them; it runs eagerly (one graph break per step, and no launch is lost by it).
+    @torch.compiler.disable
+    def _update(self) -> None:
         work = self._steady_work()
         if work is not None:  # the gradients sit where they sat last step: no Python loop over parameters
             self._launch(work)
-            return loss
+            return
 
         # Everything that can fail runs before anything is written: the group checks here, lazy state
         # only after its gradients passed, then every backend's prepare before any launch.
@@ -189,7 +196,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                 lr_out=self._last_lr[gi], params=params, grads=present, steps=steps, state=states, signature=sig))
         self._launch(work)
         self._remember_grads(all_present)
-        return loss
 
     def _launch(self, work: list) -> None:
         by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
