@@ -77,7 +77,8 @@ def test_complex_and_integer_parameters_are_refused():
         uf.AdamW([torch.zeros(2, dtype=torch.int64)])
 
 
-def test_unavailable_backend_says_why():
+def test_unavailable_backend_says_why(monkeypatch):
+    monkeypatch.delenv("UBA_FUSED_CUDA_ON_CPU", raising=False)  # conftest sets it without a GPU
     with pytest.raises(uf.BackendUnavailableError, match="backend='cuda' is unavailable for parameters on cpu: "):
         uf.AdamW(make_params(), backend="cuda")
 
