@@ -8,6 +8,7 @@ parameters' device, once per param group.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from collections.abc import Callable, Iterable, Sequence
@@ -97,6 +98,7 @@ def resolve(requested: str, device: torch.device | str, dtypes: Iterable[torch.d
 PrepareFn = Callable[[str, Sequence[GroupWork], dict], Callable[[], None]]
 
 
+@functools.cache  # called every step: skip the import machinery after the first time
 def get(name: str) -> PrepareFn:
     module = {"torch": "reference", "triton": "triton", "cuda": "cuda"}[name]
     return importlib.import_module(f"{__name__}.{module}").prepare
