@@ -15,33 +15,24 @@ namespace {
 
 constexpr int kThreads = 256;
 
+// The bits of x as a To (std::bit_cast, which nvcc's device side lacks); a register move on both sides.
+template <typename To, typename From>
+UF_HD To bit_cast(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To y;
+  memcpy(&y, &x, sizeof y);
+  return y;
+}
+
 // What differs between the device and the host build of the code below (the host build runs the
 // same kernel body on CPU tables, one item after another: how CI tests this launcher without a GPU).
-UF_HD float u32_as_float(unsigned u) {
-#ifdef __CUDA_ARCH__
-  return __uint_as_float(u);
-#else
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-#endif
-}
-UF_HD unsigned float_as_u32(float f) {
-#ifdef __CUDA_ARCH__
-  return __float_as_uint(f);
-#else
-  unsigned u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-#endif
-}
 // 16 bytes at v * 16 bytes from base, read and written once per step: streaming (evict-first) on the device.
 UF_HD uint4 load16(const void* base, int64_t v) {
 #ifdef __CUDA_ARCH__
   return __ldcs(static_cast<const uint4*>(base) + v);
 #else
   uint4 r;
-  std::memcpy(&r, static_cast<const char*>(base) + 16 * v, sizeof r);
+  memcpy(&r, static_cast<const char*>(base) + 16 * v, sizeof r);
   return r;
 #endif
 }
@@ -49,7 +40,7 @@ UF_HD void store16(void* base, int64_t v, const uint4& x) {
 #ifdef __CUDA_ARCH__
   __stcs(static_cast<uint4*>(base) + v, x);
 #else
-  std::memcpy(static_cast<char*>(base) + 16 * v, &x, sizeof x);
+  memcpy(static_cast<char*>(base) + 16 * v, &x, sizeof x);
 #endif
 }
 UF_HD int fetch_add(int* p, int v) {
@@ -80,10 +71,10 @@ template <> UF_HD __half from_float<__half>(float x) { return __float2half_rn(x)
 // 16 bytes hold kVec<T> elements; they travel as one uint4.
 template <typename T> constexpr int kVec = 16 / sizeof(T);
 
-UF_HD float bits_to_float(unsigned bits, float*) { return u32_as_float(bits); }
+UF_HD float bits_to_float(unsigned bits, float*) { return bit_cast<float>(bits); }
 UF_HD float bits_to_float(unsigned short bits, __nv_bfloat16*) { return __bfloat162float(__ushort_as_bfloat16(bits)); }
 UF_HD float bits_to_float(unsigned short bits, __half*) { return __half2float(__ushort_as_half(bits)); }
-UF_HD unsigned float_to_bits(float x, float*) { return float_as_u32(x); }
+UF_HD unsigned float_to_bits(float x, float*) { return bit_cast<unsigned>(x); }
 UF_HD unsigned short float_to_bits(float x, __nv_bfloat16*) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 UF_HD unsigned short float_to_bits(float x, __half*) { return __half_as_ushort(__float2half_rn(x)); }
 
