@@ -280,20 +280,23 @@ def test_gpu_step_never_syncs(backend):
         torch.cuda.set_sync_debug_mode(0)
 
 
-@pytest.mark.gpu
-@gpu
-@pytest.mark.skipif(os.environ.get("UBA_FUSED_BIG_TESTS") != "1", reason="set UBA_FUSED_BIG_TESTS=1 (needs ~20 GB)")
+@pytest.mark.skipif(os.environ.get("UBA_FUSED_BIG_TESTS") != "1", reason="set UBA_FUSED_BIG_TESTS=1 (needs ~9 GB)")
 @pytest.mark.parametrize("backend", KERNELS)
-def test_gpu_tensor_over_2_pow_31_elements(backend):
+def test_tensor_over_2_pow_31_elements(backend):
+    """64-bit offsets: the last chunk of a bf16 tensor of more than 2^31 elements is updated right.
+    On a CPU only "cuda" runs it (its host build: ~1 min); the interpreter would take hours."""
+    if DEVICE == "cpu" and backend == "triton":
+        pytest.skip("the Triton interpreter is too slow for 2^31 elements")
     n = 2**31 + 4099
-    p = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_()
-    p.grad = torch.randn_like(p)
+    p = torch.empty(n, device=DEVICE, dtype=torch.bfloat16).normal_().requires_grad_()
+    p.grad = torch.empty_like(p).normal_()
     head, tail = p.detach()[:4096].float().clone(), p.detach()[-4096:].float().clone()
     opt = uf.SGD([p], lr=0.5, momentum=0.0, backend=backend)
     opt.step()
     g = p.grad
     torch.testing.assert_close(p.detach()[:4096].float(), (head - 0.5 * g[:4096].float()).bfloat16().float())
     torch.testing.assert_close(p.detach()[-4096:].float(), (tail - 0.5 * g[-4096:].float()).bfloat16().float())
+    assert float(opt.state[p]["step"]) == 1.0
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
