@@ -182,6 +182,29 @@ def test_host_runs_of_kernels_are_never_picked_by_auto(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNELS)
+def test_a_new_set_of_gradients_every_step_stays_exact_and_bounded(backend):
+    """As under mixture-of-experts routing: a different subset of parameters has gradients each step.
+    Every step matches the torch backend, and the optimizer remembers one partial selection per group,
+    not one per subset ever seen."""
+    a, b = make_params(DEVICE, seed=7), make_params(DEVICE, seed=7)
+    opt_a = uf.AdamW(a, backend="torch", schedule=SCHEDULES["cosine"])
+    opt_b = uf.AdamW(b, backend=backend, schedule=SCHEDULES["cosine"])
+    gen = torch.Generator().manual_seed(12)
+    for t in range(2 * len(a)):
+        grads = random_grads(a, gen)
+        grads[t % len(a)] = None
+        if t % 3 == 0:
+            grads[(t + 2) % len(a)] = None
+        set_grads(a, grads)
+        set_grads(b, grads)
+        opt_a.step()
+        opt_b.step()
+        _assert_same(a, b, opt_a, opt_b, f"step {t}: ")
+        partial = [k for k in opt_b._cache if isinstance(k, tuple) and k[0] == "selection" and k[2] is not None]
+        assert len(partial) == 1, partial
+
+
+@pytest.mark.parametrize("backend", ["torch"] + KERNELS)
 def test_step_inside_torch_compile_runs_eagerly_and_exactly(backend):
     """A compiled training step that calls opt.step(): the closure is traced, the update is not (the
     kernels write through table addresses no graph sees), and the result is bit-for-bit the eager one."""
@@ -276,8 +299,39 @@ def test_gpu_step_never_syncs(backend):
         for gs in grads[1:]:
             set_grads(ps, gs)  # new grad tensors every step, as zero_grad(set_to_none=True) gives
             opt.step()
+        gs[1] = None  # another set of parameters with gradients: the tables are built anew
+        opt.param_groups[0]["lr"] *= 0.5  # a host lr changed: the group row is uploaded
+        set_grads(ps, gs)
+        opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("backend", ["torch"] + KERNELS)
+def test_gpu_step_does_not_wait_for_the_gpu(backend):
+    """The host runs ahead: while a long kernel occupies the stream, step() (new gradient addresses,
+    another set of parameters with gradients, a changed lr: every host-to-device path) returns
+    before that kernel ends. A hidden sync, torch's or the driver's, would make it wait."""
+    ps = make_params("cuda")
+    opt = uf.AdamW(ps, backend=backend, schedule=uf.UBA(100))
+    gen = torch.Generator().manual_seed(0)
+    grads = [[g.cuda() if g is not None else None for g in random_grads(ps, gen)] for _ in range(3)]
+    set_grads(ps, grads[0])
+    opt.step()
+    torch.cuda.synchronize()
+    busy = torch.cuda.Event()
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles
+    busy.record()
+    set_grads(ps, grads[1])
+    opt.step()
+    grads[2][1] = None
+    opt.param_groups[0]["lr"] *= 0.5
+    set_grads(ps, grads[2])
+    opt.step()
+    assert not busy.query(), "step() waited for the GPU"
+    torch.cuda.synchronize()
 
 
 @pytest.mark.skipif(os.environ.get("UBA_FUSED_BIG_TESTS") != "1", reason="set UBA_FUSED_BIG_TESTS=1 (needs ~9 GB)")

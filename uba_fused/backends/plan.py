@@ -142,14 +142,14 @@ class Plan:
             rows.append([s, s, s, s, s, 0, 0, 1 << 1])
             items.append((len(members), 0))
             parts.append(Part(dtype, members,
-                              torch.tensor(rows, dtype=torch.int64).to(device),
-                              torch.tensor(items, dtype=torch.int64).to(device),
+                              torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
+                              torch.tensor(items, dtype=torch.int64).to(device, non_blocking=True),
                               torch.zeros(len(members) + 2, dtype=torch.int32, device=device),
                               torch.tensor(info, dtype=torch.int64),
                               [work[wi].params[i] for wi, i in members],
                               None if len(by_dtype) == 1 else [flat_of[m] for m in members]))
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work],
-                             dtype=torch.int64).to(device)
+                             dtype=torch.int64).to(device, non_blocking=True)
         plan = cls(cls.key_of(rule, work), device, parts, torch.zeros(len(work), len(GROUP_COLS),
                    dtype=torch.float64, device=device), gaddr, [], scratch, [], [w.params for w in work])
         return plan

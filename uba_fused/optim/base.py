@@ -248,6 +248,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         key = ("selection", gi, mask, names)
         hit = self._cache.get(key)
         if hit is None:
+            if mask is not None:  # keep one partial selection per group: masks can be endless (MoE routing)
+                for k in [k for k in self._cache if k[:2] == ("selection", gi) and k[2] is not None]:
+                    del self._cache[k]
             params = [p for p, g in zip(group["params"], grads) if g is not None]
             backends.work.check_no_sparse(gi, present)
             st = [self._state_for(p, names) for p in params]
