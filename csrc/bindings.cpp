@@ -51,8 +51,8 @@ void check_table(const at::Tensor& t, at::ScalarType type, const char* name, con
 void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& groups, const at::Tensor& gaddr,
                 const at::Tensor& done, int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
   const auto device = work.device();
-  TORCH_CHECK(device.is_cuda() || device.is_cpu(), "uba_fused._C.fused_step: the tables must be CUDA or CPU tensors, got ",
-              device);
+  TORCH_CHECK(device.is_cuda() || device.is_cpu(),
+              "uba_fused._C.fused_step: the tables must be CUDA or CPU tensors, got ", device);
   check_table(work, at::kLong, "work", device);
   check_table(tensors, at::kLong, "tensors", device);
   check_table(groups, at::kDouble, "groups", device);
@@ -68,7 +68,8 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
                          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), work.size(0),
                          static_cast<int>(tensors.size(0)), static_cast<int>(n_groups), advance ? 1 : 0};
   if (device.is_cpu()) {
-    uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(dtype));
+    TORCH_CHECK(uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(dtype)),
+                "uba_fused: fused_step on the host: unknown rule or dtype");
     return;
   }
   const c10::cuda::CUDAGuard guard(device);

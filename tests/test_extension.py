@@ -59,22 +59,22 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     before = p.clone()
     tensors = torch.tensor([[p.data_ptr(), g.data_ptr(), 0, 0, step.data_ptr(), 10, 0, 1 << 1],
                             [0, 0, 0, 0, step.data_ptr(), 0, 0, 1 << 1]])  # SGD without momentum: no state
-    good = dict(work=torch.tensor([[0, 0], [1, 0]]), tensors=tensors, groups=torch.zeros(1, len(plan.GROUP_COLS),
-                dtype=torch.float64), gaddr=torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]),
-                done=torch.zeros(3, dtype=torch.int32))
+    good = {"work": torch.tensor([[0, 0], [1, 0]]), "tensors": tensors,
+            "groups": torch.zeros(1, len(plan.GROUP_COLS), dtype=torch.float64),
+            "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]), "done": torch.zeros(3, dtype=torch.int32)}
 
     def run(**kw):
         args = {**good, "n_groups": 1, "advance": True, "rule": RULE_ID["sgd"], "dtype": 0, **kw}
         _ext._C.fused_step(**args)
 
-    bad = [(dict(groups=good["groups"].float()), "groups must be Double"),
-           (dict(done=torch.zeros(4, dtype=torch.int32)), "inconsistent shapes"),
-           (dict(work=torch.zeros(2, 3, dtype=torch.int64)), "inconsistent shapes"),
-           (dict(tensors=tensors.t().contiguous().t()), "tensors must be contiguous"),
-           (dict(rule=4), "unknown rule 4"),
-           (dict(dtype=3), "unknown dtype code 3")]
+    bad = [({"groups": good["groups"].float()}, "groups must be Double"),
+           ({"done": torch.zeros(4, dtype=torch.int32)}, "inconsistent shapes"),
+           ({"work": torch.zeros(2, 3, dtype=torch.int64)}, "inconsistent shapes"),
+           ({"tensors": tensors.t().contiguous().t()}, "tensors must be contiguous"),
+           ({"rule": 4}, "unknown rule 4"),
+           ({"dtype": 3}, "unknown dtype code 3")]
     if torch.cuda.is_available():
-        bad.append((dict(done=good["done"].cuda()), "done is on cuda:0, expected cpu"))
+        bad.append(({"done": good["done"].cuda()}, "done is on cuda:0, expected cpu"))
     for kw, message in bad:
         with pytest.raises(RuntimeError, match=message):
             run(**kw)
