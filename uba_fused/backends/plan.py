@@ -70,6 +70,15 @@ def group_row(w: GroupWork) -> tuple[float, ...]:
     return tuple(values[c] for c in GROUP_COLS)
 
 
+def work_items(n_chunks: list[int], block: int) -> torch.Tensor:
+    """(row, first element) of every chunk of every row, row by row: int64 [sum(n_chunks), 2].
+    Built with tensor ops: a GPT-2-medium list has 87K chunks, which a Python loop took 60 ms to list."""
+    counts = torch.tensor(n_chunks, dtype=torch.int64)
+    row = torch.repeat_interleave(torch.arange(len(n_chunks)), counts)
+    first_of_row = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return torch.stack([row, (torch.arange(len(row)) - first_of_row) * block], 1)
+
+
 @dataclass
 class Part:
     """The tensors of one dtype: one launch."""
@@ -127,8 +136,8 @@ class Plan:
             by_dtype[torch.float32] = []
         parts = []
         for dtype, members in by_dtype.items():
-            rows, items, info = [], [], []
-            for r, (wi, i) in enumerate(members):
+            rows, info = [], []
+            for wi, i in members:
                 w = work[wi]
                 p = w.params[i]
                 states = [w.state[n][i] for n in w.state]
@@ -137,13 +146,11 @@ class Plan:
                 n_chunks = max(1, -(-p.numel() // block))
                 info.append(n_chunks << 1 | int(aligned))
                 rows.append(ptrs + [w.steps[i].data_ptr(), p.numel(), wi, info[-1]])
-                items += [(r, c * block) for c in range(n_chunks)]
             s = scratch.data_ptr()
             rows.append([s, s, s, s, s, 0, 0, 1 << 1])
-            items.append((len(members), 0))
             parts.append(Part(dtype, members,
                               torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
-                              torch.tensor(items, dtype=torch.int64).to(device, non_blocking=True),
+                              work_items([x >> 1 for x in info] + [1], block).to(device, non_blocking=True),
                               torch.zeros(len(members) + 2, dtype=torch.int32, device=device),
                               torch.tensor(info, dtype=torch.int64),
                               [work[wi].params[i] for wi, i in members],
