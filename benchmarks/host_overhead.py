@@ -67,10 +67,18 @@ def main(backend: str) -> None:
         for i, p in enumerate(params):
             p.grad = buf[i].clone()
 
+    gen = torch.Generator().manual_seed(0)
+
+    def new_subset():  # 16 parameters without a gradient, a different 16 each step (mixture-of-experts routing)
+        drop = set(torch.randperm(len(params), generator=gen)[:16].tolist())
+        for i, p in enumerate(params):
+            p.grad = None if i in drop else buf[i]
+
     same_addresses()
     opt.step()
     for label, before, n in [("gradients at the same addresses", same_addresses, 3000),
-                             ("gradients at new addresses", new_addresses, 1000)]:
+                             ("gradients at new addresses", new_addresses, 1000),
+                             ("a new subset of gradients", new_subset, 1000)]:
         p10, med = timed(opt, before, n)
         print(f"{backend:6s} {label:34s} p10 {p10:7.0f} us   median {med:7.0f} us   "
               f"({n} steps, 292 tensors, launch stubbed)")

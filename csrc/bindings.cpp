@@ -142,4 +142,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("CHUNK") = uf::kChunk;
   m.attr("GROUP_COLS") = static_cast<int>(uf::kGroupCols);
   m.attr("TENSOR_COLS") = static_cast<int>(uf::kTensorCols);
+  m.attr("NO_GRAD") = static_cast<int64_t>(uf::kNoGrad);
 }

@@ -115,7 +115,8 @@ struct Item {
   T* b;
   float* step;
   int64_t slot, start, end, n_chunks;
-  bool vector;  // an aligned full chunk: 128-bit accesses, no bounds checks
+  bool vector;       // an aligned full chunk: 128-bit accesses, no bounds checks
+  bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
   float k;      // this tensor's step count after this update
   RuleScalars s;
 };
@@ -131,9 +132,11 @@ UF_HD Item<T> open_item(const FusedStepArgs& args, int64_t item) {
   it.a = reinterpret_cast<T*>(row[kState0]);
   it.b = reinterpret_cast<T*>(row[kState1]);
   it.step = reinterpret_cast<float*>(row[kStep]);
-  const int64_t numel = row[kNumel], info = row[kInfo];
+  const bool live = row[kGrad] != kNoGrad;  // a tensor without a gradient this step keeps its row, skipped
+  const int64_t numel = live ? row[kNumel] : 0, info = row[kInfo];
   it.end = numel - it.start < kChunk ? numel : it.start + kChunk;
   it.n_chunks = info >> 1;
+  it.writes_step = live && it.slot < args.n_rows - 1;  // the last row is the sentinel
   it.vector = (info & 1) && it.end - it.start == kChunk;
   const double* grow = args.groups + row[kGroup] * kGroupCols;
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
@@ -187,7 +190,7 @@ UF_HD void finish_item(const FusedStepArgs& args, const Item<T>& it) {
   fence();
   if (fetch_add(args.done + it.slot, 1) != it.n_chunks - 1) return;
   args.done[it.slot] = 0;
-  if (it.slot < args.n_rows - 1) *it.step = it.k;  // the last row is the sentinel
+  if (it.writes_step) *it.step = it.k;
   fence();
   if (fetch_add(args.done + args.n_rows, 1) != args.n_rows - 1) return;
   args.done[args.n_rows] = 0;

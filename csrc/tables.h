@@ -12,6 +12,9 @@ enum GroupCol : int {
 // Columns of the per-tensor int64 table (plan.TENSOR_COLS): addresses, then sizes.
 enum TensorCol : int { kParam = 0, kGrad, kState0, kState1, kStep, kNumel, kGroup, kInfo, kTensorCols };
 
+// The kGrad entry of a tensor without a gradient this step: the kernels skip it (plan.NO_GRAD).
+constexpr long long kNoGrad = -1;
+
 // Update rules (backends/triton.py _RULE_ID).
 enum Rule : int { kAdamW = 0, kAdaBelief = 1, kLion = 2, kSGD = 3 };
 

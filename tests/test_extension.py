@@ -50,6 +50,7 @@ def test_table_layouts_agree_with_plan():
     assert _ext._C.GROUP_COLS == len(plan.GROUP_COLS)
     assert _ext._C.TENSOR_COLS == plan.TENSOR_COLS
     assert _ext._C.CHUNK == 4096
+    assert _ext._C.NO_GRAD == plan.NO_GRAD
 
 
 @pytest.mark.skipif(_ext._C is None, reason="uba_fused._C not built")

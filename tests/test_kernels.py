@@ -60,6 +60,8 @@ def test_multi_chunk_tensors_match_oracle(case, dtype, backend):
 
 
 def _assert_same(a, b, opt_a, opt_b, where=""):
+    # State exists for the same parameters: those that have had a gradient, as torch.optim does it.
+    assert [bool(opt_a.state.get(p)) for p in a] == [bool(opt_b.state.get(q)) for q in b], f"{where}which have state"
     for i, (p, q) in enumerate(zip(a, b)):
         # Lion moves each element by +-lr: a near-zero update direction may round to either sign on
         # two backends. Such flips are counted (about 1e-6 of the elements), not hidden by a tolerance.

@@ -12,13 +12,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .._ext import _C
-from .plan import GROUP_COLS, TENSOR_COLS, Plan
+from .plan import GROUP_COLS, NO_GRAD, TENSOR_COLS, Plan
 from .work import RULE_ID, GroupWork
 
 if _C is None or not hasattr(_C, "fused_step"):
     raise NotImplementedError("uba_fused._C was built without the fused-step kernels; reinstall with "
                               "`pip install --no-build-isolation -e .` where nvcc is present")
-assert (_C.GROUP_COLS, _C.TENSOR_COLS) == (len(GROUP_COLS), TENSOR_COLS), "csrc/tables.h disagrees with plan.py"
+assert (_C.GROUP_COLS, _C.TENSOR_COLS, _C.NO_GRAD) == (len(GROUP_COLS), TENSOR_COLS, NO_GRAD), \
+    "csrc/tables.h disagrees with plan.py"
 
 _DTYPE_ID = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 

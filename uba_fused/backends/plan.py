@@ -1,13 +1,14 @@
 """Device tables that let one kernel launch update a whole parameter list (shared by the kernel backends).
 
-A plan is built once per (rule, set of parameters that have gradients) and cached in the optimizer;
-each step only refreshes what changed: gradient addresses (new ``.grad`` tensors after
-``zero_grad(set_to_none=True)`` usually land at the same addresses, and then nothing is copied) and
-the per-group hyper-parameters (copied only when a host value changed; a tensor ``lr`` is copied
+A plan is built once per (rule, set of parameters the optimizer hands over: those with a gradient
+or with state) and cached in the optimizer; each step only refreshes what changed: gradient
+addresses (NO_GRAD where a parameter has no gradient this step, and the kernels skip its row; new
+``.grad`` tensors after ``zero_grad(set_to_none=True)`` usually land at the same addresses, and then
+nothing is copied) and the per-group hyper-parameters (copied only when a host value changed; a tensor ``lr`` is copied
 device to device every step).
 
 Tables, all on the parameters' device:
-  tensors  int64 [n + 1, 8]  per tensor: addresses of p, g, state0, state1, step; numel; group; info
+  tensors  int64 [n + 1, 8]  per tensor: addresses of p, g (or NO_GRAD), state0, state1, step; numel; group; info
                              (info = n_chunks << 1 | aligned). Row n is a sentinel with no elements,
                              so a launch always has a program that advances the group counters.
   work     int64 [items, 2]  per program: (tensor row, first element); every tensor has >= 1 chunk
@@ -37,6 +38,7 @@ GROUP_COLS = ("lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log
               "min_ratio", "phi", "has_state")
 G = {name: i for i, name in enumerate(GROUP_COLS)}
 TENSOR_COLS = 8
+NO_GRAD = -1  # the gradient address of a row without a gradient this step (an empty tensor's address is 0)
 ALIGN = 16  # bytes: what a 128-bit vector access needs
 
 
@@ -173,17 +175,17 @@ class Plan:
         for part in self.parts if flat is not None else ():
             grads = flat if part.flat_index is None else [flat[j] for j in part.flat_index]
             try:
-                ptrs = [g.data_ptr() for g in grads]
+                ptrs = [NO_GRAD if g is None else g.data_ptr() for g in grads]
             except RuntimeError:  # a sparse gradient has no data pointer; say so plainly
                 for w in work:
-                    check_no_sparse(w.index, w.grads)
+                    check_no_sparse(w.index, [g for g in w.grads if g is not None])
                 raise
             if ptrs == part.grad_ptrs:
                 continue  # the usual case: the caching allocator hands out the same addresses every step
             part.grad_ptrs = ptrs
             for j, g in enumerate(grads):
                 p = part.params[j]
-                if g.stride() != p.stride():  # a hand-set gradient with another layout: walk a copy
+                if g is not None and g.stride() != p.stride():  # a hand-set gradient, another layout: walk a copy
                     grads[j] = torch.empty_like(p).copy_(g)
                     self.keep.append(grads[j])
                     ptrs[j] = grads[j].data_ptr()

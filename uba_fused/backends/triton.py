@@ -25,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import GROUP_COLS, TENSOR_COLS, Plan
+from .plan import GROUP_COLS, NO_GRAD, TENSOR_COLS, Plan
 from .work import RULE_ID, GroupWork
 
 BLOCK = 4096      # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
 # Table layouts of plan.py, as compile-time constants of the kernels.
 _NT = tl.constexpr(TENSOR_COLS)
+_NO_GRAD = tl.constexpr(NO_GRAD)
 _NG = tl.constexpr(len(GROUP_COLS))
 (_LR, _B1, _B2, _OMB1, _OMB2, _LOGB1, _LOGB2, _EPS, _WD, _MOM, _OMDAMP, _NESTEROV, _KIND, _WARMUP, _TOTAL,
  _MINR, _PHI, _HAS_STATE) = (tl.constexpr(i) for i in range(len(GROUP_COLS)))
@@ -153,7 +154,7 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
     a_addr = tl.load(trow + 2)
     b_addr = tl.load(trow + 3)
     step_ptr = tl.load(trow + 4).to(tl.pointer_type(tl.float32))
-    numel = tl.load(trow + 5)
+    numel = tl.where(g_addr != _NO_GRAD, tl.load(trow + 5), 0)  # no gradient this step: nothing to update
     gi = tl.load(trow + 6)
     info = tl.load(trow + 7)
     row = groups + gi * _NG
@@ -175,7 +176,7 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
     chunks_done = tl.atomic_add(done + slot, 1, sem="acq_rel")
     if chunks_done == (info >> 1) - 1:
         tl.store(done + slot, 0)
-        if slot < n_rows - 1:  # not the sentinel
+        if (slot < n_rows - 1) & (g_addr != _NO_GRAD):  # not the sentinel, nor a tensor without a gradient
             tl.store(step_ptr, k)
         rows_done = tl.atomic_add(done + n_rows, 1, sem="acq_rel")
         if rows_done == n_rows - 1:

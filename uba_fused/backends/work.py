@@ -2,12 +2,12 @@
 
 Every backend is a function ``prepare(rule, work, cache) -> launch`` (see ``backends/__init__.py``).
 ``prepare`` checks and builds whatever can fail, touching no parameter or state; the ``launch`` it
-returns applies ``rule`` to every parameter listed in ``work``, advances each listed parameter's
-``step`` and each group's ``schedule_step`` by one, and writes the learning rate it applied into
-``lr_out``. The optimizer prepares every backend before it launches any, so an error leaves
-nothing half-updated. ``cache`` is a dict the optimizer owns, where a kernel backend keeps device
-tables between steps; the optimizer clears it when storages may have changed
-(``load_state_dict``, ``add_param_group``).
+returns applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
+gradient is None is left as it is), advances those parameters' ``step`` and each group's
+``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``. The optimizer
+prepares every backend before it launches any, so an error leaves nothing half-updated. ``cache``
+is a dict the optimizer owns, where a kernel backend keeps device tables between steps; the
+optimizer clears it when storages may have changed (``load_state_dict``, ``add_param_group``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ class GroupWork:
     schedule: Schedule | None      # None: the group's lr is applied as is
     schedule_step: torch.Tensor    # int64 0-dim: step() calls made before this one
     lr_out: torch.Tensor           # float32 0-dim: receives the lr applied by this step
-    params: list[torch.Tensor]     # parameters that have a gradient
-    grads: list[torch.Tensor] | None  # None (kernel backends): the gradients' storage is known, see grad_ptrs
+    params: list[torch.Tensor]     # "torch": the parameters that have a gradient; kernel backends: also
+                                   # those that have state but no gradient this step (grads[i] is None)
+    grads: list[torch.Tensor | None] | None  # aligned with params; None (kernel backends): the gradients'
+                                   # storage is known, see grad_ptrs
     steps: list[torch.Tensor]      # float32 0-dim per parameter: updates applied so far
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
     signature: tuple               # signature(hyper) for this step, computed once by the optimizer

@@ -190,10 +190,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in group["params"]]
             present = [g for g in grads if g is not None]
             all_present &= len(present) == len(grads)
-            params, steps, states = self._selection(gi, group, grads, present)
+            params, steps, states, index = self._selection(gi, group, grads, present)
             work.append(backends.GroupWork(
                 index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-                lr_out=self._last_lr[gi], params=params, grads=present, steps=steps, state=states, signature=sig))
+                lr_out=self._last_lr[gi], params=params, grads=grads if index is None else [grads[i] for i in index],
+                steps=steps, state=states, signature=sig))
         self._launch(work)
         self._remember_grads(all_present)
 
@@ -230,7 +231,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             hit = self._cache.get(("selection", gi, None, self._state_names(group)))
             if hit is None:
                 return None
-            params, steps, states = hit
+            params, steps, states, _ = hit
             n = len(params)
             work.append(backends.GroupWork(
                 index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
@@ -242,19 +243,30 @@ class FusedOptimizer(torch.optim.Optimizer):
         return work
 
     def _selection(self, gi: int, group: dict, grads: list, present: list):
-        """Params with a gradient, their step tensors and state lists; cached while the selection holds."""
+        """The params a step hands the group's backend, their step tensors and state lists, and their
+        positions in the group (None: all of them); cached while the selection holds.
+
+        Backend "torch" gets the params that have a gradient. A kernel backend gets every param that
+        has a gradient or state: one without a gradient keeps its table row, with no gradient address,
+        and the kernel leaves it alone. So when the set of params with gradients changes from step to
+        step (mixture-of-experts routing), the tables stay and only their gradient column changes."""
         names = self._state_names(group)
-        mask = None if len(present) == len(grads) else tuple(g is not None for g in grads)
+        if self._backends[gi] == "torch":
+            keep = [g is not None for g in grads]
+        else:
+            keep = [g is not None or "step" in self.state.get(p, ()) for p, g in zip(group["params"], grads)]
+        mask = None if all(keep) else tuple(keep)
         key = ("selection", gi, mask, names)
         hit = self._cache.get(key)
         if hit is None:
             if mask is not None:  # keep one partial selection per group: masks can be endless (MoE routing)
                 for k in [k for k in self._cache if k[:2] == ("selection", gi) and k[2] is not None]:
                     del self._cache[k]
-            params = [p for p, g in zip(group["params"], grads) if g is not None]
+            index = None if mask is None else [i for i, k in enumerate(keep) if k]
+            params = list(group["params"]) if index is None else [group["params"][i] for i in index]
             backends.work.check_no_sparse(gi, present)
             st = [self._state_for(p, names) for p in params]
-            hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names})
+            hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names}, index)
         return hit
 
     def _state_for(self, p: torch.Tensor, names: tuple[str, ...]) -> dict:
