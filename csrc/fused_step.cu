@@ -117,7 +117,7 @@ struct Item {
   int64_t slot, start, end, n_chunks;
   bool vector;       // an aligned full chunk: 128-bit accesses, no bounds checks
   bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
-  float k;      // this tensor's step count after this update
+  float k;           // this tensor's step count after this update
   RuleScalars s;
 };
 
