@@ -4,12 +4,12 @@ A plan is built once per (rule, set of parameters the optimizer hands over: thos
 or with state) and cached in the optimizer; each step only refreshes what changed: gradient
 addresses (NO_GRAD where a parameter has no gradient this step, and the kernels skip its row; new
 ``.grad`` tensors after ``zero_grad(set_to_none=True)`` usually land at the same addresses, and then
-nothing is copied) and the per-group hyper-parameters (copied only when a host value changed; a tensor ``lr`` is copied
-device to device every step).
+nothing is copied) and the per-group hyper-parameters (copied only when a host value changed; a
+tensor ``lr`` is copied device to device every step).
 
 Tables, all on the parameters' device:
-  tensors  int64 [n + 1, 8]  per tensor: addresses of p, g (or NO_GRAD), state0, state1, step; numel; group; info
-                             (info = n_chunks << 1 | aligned). Row n is a sentinel with no elements,
+  tensors  int64 [n + 1, 8]  per tensor: addresses of p, g (or NO_GRAD), state0, state1, step; numel;
+                             group; info (= n_chunks << 1 | aligned). Row n is a sentinel with no elements,
                              so a launch always has a program that advances the group counters.
   work     int64 [items, 2]  per program: (tensor row, first element); every tensor has >= 1 chunk
   done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
