@@ -104,14 +104,14 @@ class Plan:
     groups: torch.Tensor
     gaddr: torch.Tensor
     row_sigs: list[tuple]                   # signatures of the group rows last uploaded
-    scratch: torch.Tensor                   # where the sentinel row points; never read or written
+    scratch: torch.Tensor                   # where the sentinel row and absent state point; never written
     keep: list[torch.Tensor]                # temporaries whose addresses a table holds this step
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
 
     @staticmethod
     def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:
-        # The optimizer hands the same params list object while the selection of params with a
-        # gradient holds (see FusedOptimizer._selection); a plan keeps those lists alive (``lists``),
+        # The optimizer hands the same params list object while its selection of params holds
+        # (see FusedOptimizer._selection); a plan keeps those lists alive (``lists``),
         # so their ids cannot be reused while it is cached.
         return (rule,) + tuple((w.index, id(w.params)) for w in work)
 
@@ -178,7 +178,7 @@ class Plan:
                 ptrs = [NO_GRAD if g is None else g.data_ptr() for g in grads]
             except RuntimeError:  # a sparse gradient has no data pointer; say so plainly
                 for w in work:
-                    check_no_sparse(w.index, [g for g in w.grads if g is not None])
+                    check_no_sparse(w.index, w.grads)
                 raise
             if ptrs == part.grad_ptrs:
                 continue  # the usual case: the caching allocator hands out the same addresses every step

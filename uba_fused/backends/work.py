@@ -40,8 +40,8 @@ class GroupWork:
     grad_ptrs: torch.Tensor | None = None  # with grads=None: the gradients' new addresses (int64, CPU)
 
 
-def check_no_sparse(index: int, grads: list[torch.Tensor]) -> None:
-    if any(g.is_sparse for g in grads):
+def check_no_sparse(index: int, grads: list[torch.Tensor | None]) -> None:
+    if any(g is not None and g.is_sparse for g in grads):
         raise RuntimeError(f"param_groups[{index}]: a parameter has a sparse gradient; uba_fused does not "
                            f"support sparse gradients")
 

@@ -190,11 +190,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in group["params"]]
             present = [g for g in grads if g is not None]
             all_present &= len(present) == len(grads)
-            params, steps, states, index = self._selection(gi, group, grads, present)
-            work.append(backends.GroupWork(
-                index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-                lr_out=self._last_lr[gi], params=params, grads=grads if index is None else [grads[i] for i in index],
-                steps=steps, state=states, signature=sig))
+            work.append(self._group_work(gi, sig, self._selection(gi, group, grads, present), grads))
         self._launch(work)
         self._remember_grads(all_present)
 
@@ -231,16 +227,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             hit = self._cache.get(("selection", gi, None, self._state_names(group)))
             if hit is None:
                 return None
-            params, steps, states, _ = hit
-            n = len(params)
-            work.append(backends.GroupWork(
-                index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-                lr_out=self._last_lr[gi], params=params, grads=None, steps=steps, state=states, signature=sig,
-                grad_ptrs=buf[start:start + n] if status == 1 else None))
+            n = len(hit[0])
+            work.append(self._group_work(gi, sig, hit, None, buf[start:start + n] if status == 1 else None))
             start += n
         if status == 1:
             addresses.record()
         return work
+
+    def _group_work(self, gi: int, sig: tuple, selection: tuple, grads: list | None,
+                    grad_ptrs: torch.Tensor | None = None) -> backends.GroupWork:
+        """Group gi's work from its selection; ``grads``: one per param of the group, or None when the
+        backend knows them by address (``grad_ptrs``: new addresses, or None if none moved)."""
+        group = self.param_groups[gi]
+        params, steps, states, index = selection
+        if grads is not None and index is not None:
+            grads = [grads[i] for i in index]
+        return backends.GroupWork(
+            index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
+            lr_out=self._last_lr[gi], params=params, grads=grads, steps=steps, state=states, signature=sig,
+            grad_ptrs=grad_ptrs)
 
     def _selection(self, gi: int, group: dict, grads: list, present: list):
         """The params a step hands the group's backend, their step tensors and state lists, and their
