@@ -79,14 +79,16 @@ def extensions() -> tuple[list, dict]:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    includes = [os.path.join(ROOT, "csrc")] + pip_cuda_includes()
     log(f"building uba_fused._C with CUDA_HOME={cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']}")
     ext = CUDAExtension(
         name="uba_fused._C",
         sources=sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")),
-        include_dirs=includes,
+        include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # torch picks the C++ standard
     )
+    # Searched last, after torch's and the toolkit's own: they only fill the toolkit's gaps. First, pip's
+    # copies of cuda_runtime.h & co. would shadow those of the nvcc that compiles, whatever its version.
+    ext.include_dirs += pip_cuda_includes()
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)}
 
 
