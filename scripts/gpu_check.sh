@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What a GPU session checks, from the repository root on the GPU machine, logs and results in $OUT
-# (or ./gpu-out). One device call allows 10 minutes, so run the stages as separate calls (the build
-# is incremental on a machine still warm from the last call):
+# (or ./gpu-out). One device call allows 10 minutes, so run the stages as separate calls (a machine
+# still warm from the last call skips the build when nothing it depends on changed):
 #   bash scripts/gpu_check.sh test       build with the machine's torch, then the test suite natively
 #   bash scripts/gpu_check.sh sanitize   build, then compute-sanitizer (memcheck, racecheck, synccheck,
 #                                        initcheck) over a short run of every kernel
