@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 
@@ -12,13 +13,7 @@ class Preset:
 
     @property
     def numel(self) -> int:
-        total = 0
-        for s in self.shapes:
-            n = 1
-            for d in s:
-                n *= d
-            total += n
-        return total
+        return sum(math.prod(s) for s in self.shapes)
 
 
 def gpt2_shapes(d: int, layers: int, vocab: int = 50304, ctx: int = 1024) -> tuple[tuple[int, ...], ...]:

@@ -171,8 +171,7 @@ def measure(preset: Preset, dtype: torch.dtype, device: torch.device, cands: lis
         timer.run(step, fresh_grads, warmup)
         ms, host = timer.run(step, fresh_grads, steps)
         med = statistics.median(ms)
-        read, written = STREAMS[cand.rule]
-        nbytes = (read + written) * dtype.itemsize * numel
+        nbytes = bytes_per_element(cand.rule, dtype) * numel
         gbps = nbytes / (med * 1e-3) / 1e9
         qs = statistics.quantiles(ms, n=10) if len(ms) > 1 else [med] * 9
         rows.append(Row(preset.name, str(dtype).replace("torch.", ""), cand.name, cand.rule, len(preset.shapes),
