@@ -25,6 +25,7 @@ def params(dtype):
 
 def main() -> int:
     names = [b for b in ("triton", "cuda") if backends.availability("cuda")[b] is None]
+    gen = torch.Generator(device="cuda").manual_seed(1)
     for backend in names:
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for make in OPTS:
@@ -32,7 +33,7 @@ def main() -> int:
                 opt = make(ps, backend=backend, schedule=uf.UBA(10, warmup_steps=2))
                 for _ in range(3):
                     for p in ps:
-                        p.grad = torch.randn_like(p)
+                        p.grad = torch.randn(p.shape, device="cuda", dtype=dtype, generator=gen)
                     opt.step()
     torch.cuda.synchronize()
     print(f"ran every rule x dtype on {names}")

@@ -55,7 +55,8 @@ def test_table_layouts_agree_with_plan():
 
 @pytest.mark.skipif(_ext._C is None, reason="uba_fused._C not built")
 def test_fused_step_refuses_bad_tables_before_touching_anything():
-    p, g = torch.randn(10), torch.randn(10)
+    gen = torch.Generator().manual_seed(0)
+    p, g = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
     step, counter, lr_out = torch.zeros(()), torch.zeros((), dtype=torch.int64), torch.zeros(())
     before = p.clone()
     tensors = torch.tensor([[p.data_ptr(), g.data_ptr(), 0, 0, step.data_ptr(), 10, 0, 1 << 1],

@@ -144,11 +144,12 @@ def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel(backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_gradient_with_another_layout_is_walked_in_the_parameters_layout(backend):
-    p = torch.randn(6, 5).t().detach().to(DEVICE).requires_grad_()  # transposed parameter
+    gen = torch.Generator().manual_seed(13)
+    p = torch.randn(6, 5, generator=gen).t().detach().to(DEVICE).requires_grad_()  # transposed parameter
     q = p.detach().clone().requires_grad_()
     opt_p, opt_q = uf.Lion([p], backend=backend, lr=0.1), uf.Lion([q], backend="torch", lr=0.1)
     for _ in range(3):
-        g = torch.randn(5, 6, device=DEVICE)  # contiguous, unlike p
+        g = torch.randn(5, 6, generator=gen).to(DEVICE)  # contiguous, unlike p
         p.grad, q.grad = g.clone(), g.clone()
         opt_p.step()
         opt_q.step()
@@ -173,9 +174,9 @@ def test_state_dict_round_trip_and_switching_backends(backend):
 @pytest.mark.parametrize("backend", KERNELS)
 def test_kernel_backend_refuses_what_it_cannot_walk(backend):
     with pytest.raises(ValueError, match="has gaps or overlaps in memory"):
-        uf.AdamW([torch.randn(10, device=DEVICE)[::2].detach().requires_grad_()], backend=backend)
+        uf.AdamW([torch.ones(10, device=DEVICE)[::2].detach().requires_grad_()], backend=backend)
     with pytest.raises(uf.BackendUnavailableError, match="the kernels take"):
-        uf.AdamW([torch.randn(3, dtype=torch.float64, device=DEVICE)], backend=backend)
+        uf.AdamW([torch.ones(3, dtype=torch.float64, device=DEVICE)], backend=backend)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -238,7 +239,7 @@ def test_gpu_realistic_sizes_match_torch_backend(case, backend):
     def params():
         gen = torch.Generator().manual_seed(0)
         shapes = [(1024, 4096), (4096,), (50304, 256), (3, 7, 11), (1,), (0,), (1_000_003,)]
-        ps = [torch.randn(s, generator=gen).cuda() for s in shapes] + [torch.randn(999_999).cuda()[3:]]
+        ps = [torch.randn(s, generator=gen).cuda() for s in shapes] + [torch.randn(999_999, generator=gen).cuda()[3:]]
         return [p.detach().requires_grad_() for p in ps]
 
     make = lambda ps, b: case.make(ps, backend=b, schedule=SCHEDULES["uba"])  # noqa: E731
@@ -344,8 +345,9 @@ def test_tensor_over_2_pow_31_elements(backend):
     if DEVICE == "cpu" and backend == "triton":
         pytest.skip("the Triton interpreter is too slow for 2^31 elements")
     n = 2**31 + 4099
-    p = torch.empty(n, device=DEVICE, dtype=torch.bfloat16).normal_().requires_grad_()
-    p.grad = torch.empty_like(p).normal_()
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    p = torch.empty(n, device=DEVICE, dtype=torch.bfloat16).normal_(generator=gen).requires_grad_()
+    p.grad = torch.empty_like(p).normal_(generator=gen)
     head, tail = p.detach()[:4096].float().clone(), p.detach()[-4096:].float().clone()
     opt = uf.SGD([p], lr=0.5, momentum=0.0, backend=backend)
     opt.step()
@@ -399,7 +401,7 @@ def test_steady_state_fast_path_is_taken_and_stays_exact(backend):
     before = b[0].detach().clone()
     opt_b.step()
     assert torch.equal(b[0].detach(), before)
-    b[0].grad = torch.randn_like(b[0])
+    b[0].grad = torch.randn(b[0].shape, generator=gen).to(DEVICE)
     opt_b.step()
     opt_b.step()
     b[4].grad = b[4].grad.to_sparse()

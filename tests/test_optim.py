@@ -106,7 +106,7 @@ def test_schedule_counter_advances_even_when_no_param_has_a_grad():
 
 
 def test_closure_is_called_with_grad_enabled():
-    p = torch.nn.Parameter(torch.randn(5))
+    p = torch.nn.Parameter(torch.randn(5, generator=torch.Generator().manual_seed(0)))
     opt = uf.SGD([p], lr=0.1)
 
     def closure():

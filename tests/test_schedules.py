@@ -68,7 +68,7 @@ def test_monotone_after_warmup(cls, phi, total, warmup_frac, r):
 
 def test_uba_phi_2_equals_torch_cosine_annealing():
     base, total, r = 0.3, 40, 0.1
-    p = torch.nn.Parameter(torch.randn(3))
+    p = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([p], lr=base)
     torch_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total, eta_min=r * base)
     ours = uf.UBA(total, phi=2.0, min_lr_ratio=r)
@@ -81,12 +81,13 @@ def test_uba_phi_2_equals_torch_cosine_annealing():
 @pytest.mark.parametrize("name", ["UBA", "Cosine", "Linear", "REX", "Constant"])
 def test_lr_scheduler_adapter_drives_any_torch_optimizer(name):
     s = _make(name, 20, 3, 0.1, 0.6)
-    p = torch.nn.Parameter(torch.randn(4))
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, generator=gen))
     opt = torch.optim.Adam([p], lr=0.01)
     sched = uf.LRScheduler(opt, s)
     for t in range(25):
         assert opt.param_groups[0]["lr"] == pytest.approx(0.01 * s.factor(t), rel=1e-14), t
-        p.grad = torch.randn(4)
+        p.grad = torch.randn(4, generator=gen)
         opt.step()
         sched.step()
 
