@@ -39,40 +39,55 @@ double schedule_factor_host(int64_t step, int64_t kind, double warmup, double to
   return uf::schedule_factor(consts(kind, warmup, total, min_ratio, phi), static_cast<float>(step));
 }
 
-void check_table(const at::Tensor& t, at::ScalarType type, const char* name, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, "uba_fused._C.fused_step: ", name, " is on ", t.device(), ", expected ", device);
-  TORCH_CHECK(t.scalar_type() == type, "uba_fused._C.fused_step: ", name, " must be ", type, ", got ",
-              t.scalar_type());
-  TORCH_CHECK(t.is_contiguous(), "uba_fused._C.fused_step: ", name, " must be contiguous");
+// The tables of one launch, checked as a whole before any address in them is read: every table on
+// the device of `work`, of its dtype, contiguous, of consistent shapes, and known rule and dtype codes.
+uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& groups,
+                               const at::Tensor& gaddr, const at::Tensor& done, int64_t n_groups, bool advance,
+                               int64_t rule, int64_t dtype) {
+  const char* what = "uba_fused._C.fused_step: ";
+  const auto device = work.device();
+  TORCH_CHECK(device.is_cuda() || device.is_cpu(), what, "the tables must be CUDA or CPU tensors, got ", device);
+  const struct {
+    const at::Tensor& t;
+    at::ScalarType type;
+    const char* name;
+  } tables[] = {{work, at::kLong, "work"}, {tensors, at::kLong, "tensors"}, {groups, at::kDouble, "groups"},
+                {gaddr, at::kLong, "gaddr"}, {done, at::kInt, "done"}};
+  for (const auto& table : tables) {
+    TORCH_CHECK(table.t.defined(), what, table.name, " is undefined");
+    TORCH_CHECK(table.t.device() == device, what, table.name, " is on ", table.t.device(), ", expected ", device,
+                " (the device of work)");
+    TORCH_CHECK(table.t.scalar_type() == table.type, what, table.name, " must be ", table.type, ", got ",
+                table.t.scalar_type());
+    TORCH_CHECK(table.t.is_contiguous(), what, table.name, " must be contiguous");
+  }
+  TORCH_CHECK(work.dim() == 2 && work.size(1) == 2, what, "work must have shape [items, 2], got ", work.sizes());
+  TORCH_CHECK(tensors.dim() == 2 && tensors.size(1) == uf::kTensorCols && tensors.size(0) >= 1, what,
+              "tensors must have shape [rows >= 1, ", uf::kTensorCols, "], got ", tensors.sizes());
+  TORCH_CHECK(n_groups >= 1 && groups.dim() == 2 && groups.size(1) == uf::kGroupCols && groups.size(0) == n_groups,
+              what, "groups must have shape [n_groups = ", n_groups, ", ", uf::kGroupCols, "], got ", groups.sizes());
+  TORCH_CHECK(gaddr.numel() == 2 * n_groups, what, "gaddr must hold 2 * n_groups = ", 2 * n_groups,
+              " addresses, got ", gaddr.numel());
+  TORCH_CHECK(done.numel() == tensors.size(0) + 1, what, "done must hold rows + 1 = ", tensors.size(0) + 1,
+              " counters, got ", done.numel());
+  TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, what, "unknown rule ", rule);
+  TORCH_CHECK(dtype >= uf::kFloat32 && dtype <= uf::kFloat16, what, "unknown dtype code ", dtype);
+  return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), groups.data_ptr<double>(), gaddr.data_ptr<int64_t>(),
+          done.data_ptr<int>(), work.size(0), static_cast<int>(tensors.size(0)), static_cast<int>(n_groups),
+          advance ? 1 : 0};
 }
 
 // One launch of the fused step over the tables of one plan part (backends/cuda.py). Tables in CPU
 // memory (CPU parameters) run the kernel body on the host instead: see run_fused_step_on_host.
 void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& groups, const at::Tensor& gaddr,
                 const at::Tensor& done, int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
-  const auto device = work.device();
-  TORCH_CHECK(device.is_cuda() || device.is_cpu(),
-              "uba_fused._C.fused_step: the tables must be CUDA or CPU tensors, got ", device);
-  check_table(work, at::kLong, "work", device);
-  check_table(tensors, at::kLong, "tensors", device);
-  check_table(groups, at::kDouble, "groups", device);
-  check_table(gaddr, at::kLong, "gaddr", device);
-  check_table(done, at::kInt, "done", device);
-  TORCH_CHECK(work.dim() == 2 && work.size(1) == 2 && tensors.dim() == 2 && tensors.size(1) == uf::kTensorCols &&
-                  groups.dim() == 2 && groups.size(1) == uf::kGroupCols && groups.size(0) == n_groups &&
-                  gaddr.numel() == 2 * n_groups && done.numel() == tensors.size(0) + 1,
-              "uba_fused._C.fused_step: tables of inconsistent shapes");
-  TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, "uba_fused._C.fused_step: unknown rule ", rule);
-  TORCH_CHECK(dtype >= uf::kFloat32 && dtype <= uf::kFloat16, "uba_fused._C.fused_step: unknown dtype code ", dtype);
-  uf::FusedStepArgs args{work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), groups.data_ptr<double>(),
-                         gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), work.size(0),
-                         static_cast<int>(tensors.size(0)), static_cast<int>(n_groups), advance ? 1 : 0};
-  if (device.is_cpu()) {
+  const uf::FusedStepArgs args = checked_args(work, tensors, groups, gaddr, done, n_groups, advance, rule, dtype);
+  if (work.device().is_cpu()) {
     TORCH_CHECK(uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(dtype)),
                 "uba_fused: fused_step on the host: unknown rule or dtype");
     return;
   }
-  const c10::cuda::CUDAGuard guard(device);
+  const c10::cuda::CUDAGuard guard(work.device());
   cudaError_t err = uf::launch_fused_step(args, static_cast<int>(rule), static_cast<int>(dtype),
                                           c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));
@@ -80,10 +95,11 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
 
 // Where each parameter's gradient lived at the last step: the steady-state test of FusedOptimizer.step,
 // done here because it visits every parameter. scan() answers kUnchanged when every parameter has a
-// dense gradient at the recorded address with the parameter's own strides (the device tables are
-// right as they are), kMoved when that holds but some addresses changed (all are written to `out`;
-// record() makes them the reference), and kOther otherwise (a missing, sparse or differently laid-out
-// gradient). scan() changes nothing.
+// dense gradient at the recorded address with the parameter's own sizes, strides, dtype and device
+// (the device tables are right as they are), kMoved when that holds but some addresses changed (all
+// are written to `out`; record() makes them the reference), and kOther otherwise (a missing, sparse,
+// mismatched or differently laid-out gradient: the Python path checks and handles it). scan()
+// changes nothing.
 class GradAddresses {
  public:
   enum Status : int { kUnchanged = 0, kMoved = 1, kOther = 2 };
@@ -99,7 +115,11 @@ class GradAddresses {
     bool moved = false;
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& g = params_[i].grad();
-      if (!g.defined() || g.layout() != c10::kStrided || g.strides() != params_[i].strides()) return kOther;
+      const at::Tensor& p = params_[i];
+      if (!g.defined() || g.layout() != c10::kStrided || g.sizes() != p.sizes() || g.strides() != p.strides() ||
+          g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
+        return kOther;
+      }
       o[i] = reinterpret_cast<int64_t>(g.data_ptr());
       moved |= g.data_ptr() != ptrs_[i];
     }

@@ -69,14 +69,25 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
         args = {**good, "n_groups": 1, "advance": True, "rule": RULE_ID["sgd"], "dtype": 0, **kw}
         _ext._C.fused_step(**args)
 
+    n = len(plan.GROUP_COLS)
     bad = [({"groups": good["groups"].float()}, "groups must be Double"),
-           ({"done": torch.zeros(4, dtype=torch.int32)}, "inconsistent shapes"),
-           ({"work": torch.zeros(2, 3, dtype=torch.int64)}, "inconsistent shapes"),
+           ({"done": torch.zeros(4, dtype=torch.int32)}, r"done must hold rows \+ 1 = 3 counters, got 4"),
+           ({"work": torch.zeros(2, 3, dtype=torch.int64)}, r"work must have shape \[items, 2\], got \[2, 3\]"),
+           ({"tensors": tensors[:, :7].contiguous()}, r"tensors must have shape \[rows >= 1, 8\], got \[2, 7\]"),
+           ({"groups": torch.zeros(2, n, dtype=torch.float64)}, r"groups must have shape \[n_groups = 1"),
+           ({"gaddr": torch.zeros(1, dtype=torch.int64)}, "gaddr must hold 2 \\* n_groups = 2 addresses, got 1"),
            ({"tensors": tensors.t().contiguous().t()}, "tensors must be contiguous"),
            ({"rule": 4}, "unknown rule 4"),
            ({"dtype": 3}, "unknown dtype code 3")]
+    # A table on another device than work's must be refused before any address is read (on a GPU, a CUDA
+    # table beside CPU ones crashed the interpreter once). The meta device shows it without a GPU.
+    others = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
+    for name in ("tensors", "groups", "gaddr", "done"):
+        for dev in others:
+            bad.append(({name: good[name].to(dev)}, f"{name} is on {dev}(:0)?, expected cpu"))
+    bad.append(({"work": good["work"].to("meta")}, "the tables must be CUDA or CPU tensors, got meta"))
     if torch.cuda.is_available():
-        bad.append(({"done": good["done"].cuda()}, "done is on cuda:0, expected cpu"))
+        bad.append(({"work": good["work"].cuda()}, "tensors is on cpu, expected cuda:0"))
     for kw, message in bad:
         with pytest.raises(RuntimeError, match=message):
             run(**kw)

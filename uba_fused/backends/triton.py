@@ -3,8 +3,8 @@
 Each program takes one work item (tensor row, first element) of the plan (backends/plan.py), reads
 the tensor's addresses and its group's hyper-parameters from device tables, computes the group's
 learning rate from the device step counter (the formulas of schedules.py, in float32; bias
-corrections in float64), and updates BLOCK elements. The math mirrors backends/reference.py term
-by term.
+corrections in float64), and updates BLOCK elements, one sub-tile at a time. The math mirrors
+backends/reference.py term by term.
 
 Counters are advanced by the kernel itself, without a second launch: each program counts its chunk
 done with an atomic; the last chunk of a tensor writes the tensor's new step, and the last tensor
@@ -14,7 +14,8 @@ Every program reads the counters before its atomic, so none sees a value written
 Speed notes (H100 probes in shared/anchors): loads through a pointer read from memory vectorize
 only when the compiler is told it is 16-byte aligned (0.75 -> 0.98 of copy bandwidth), and a mask
 on every chunk costs vectorization too; so aligned tensors take a hinted path, full chunks an
-unmasked one, and only a tensor's last chunk (or a misaligned tensor) pays for either.
+unmasked one, and only a tensor's last chunk (or a misaligned tensor) pays for either. Sub-tiles
+keep the registers a thread needs bounded (see VECTOR_BYTES).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ from .work import RULE_ID, GroupWork
 
 BLOCK = 4096      # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
+# A program walks its chunk in sub-tiles of one 16-byte vector per thread and tensor (512 fp32 or
+# 1024 bf16 elements with 4 warps), as the CUDA kernel's loop does. The whole chunk at once kept 32
+# elements of each of 4 tensors per thread live: ptxas (sm_90) gave 255 registers and spilled 532
+# bytes per thread (AdamW fp32; 688 in bf16), and on an H100 bf16 reached only 0.70-0.74 of copy
+# bandwidth. In sub-tiles (ptxas, sm_90): AdamW 56 registers in fp32 and 95 in bf16, no spills;
+# two vectors per thread and tensor gave AdamW 238 registers in bf16. tests/test_triton_codegen.py keeps the bound.
+VECTOR_BYTES = 16
 # Table layouts of plan.py, as compile-time constants of the kernels.
 _NT = tl.constexpr(TENSOR_COLS)
 _NO_GRAD = tl.constexpr(NO_GRAD)
@@ -70,34 +78,39 @@ def _f32(row, col):
 
 
 @triton.jit
-def _update(RULE: tl.constexpr, p, g, a, b, k, lr, row):
-    """One step of the rule on float32 blocks (a, b: the rule's state); returns the new p, a, b."""
-    wd = _f32(row, _WD)
+def _rule_scalars(row, k, lr):
+    """What every element of one tensor's chunk needs (csrc/updates.cuh: rule_scalars), loaded once per
+    program: hyper-parameters from the group row, bias corrections in float64 from the step count k."""
+    bc1 = 1.0 - tl.exp(k.to(tl.float64) * tl.load(row + _LOGB1))
+    sqrt_bc2 = tl.sqrt(1.0 - tl.exp(k.to(tl.float64) * tl.load(row + _LOGB2))).to(tl.float32)
+    step_size = (lr.to(tl.float64) / bc1).to(tl.float32)
+    return (lr, _f32(row, _WD), _f32(row, _B1), _f32(row, _OMB1), _f32(row, _B2), _f32(row, _OMB2), _f32(row, _EPS),
+            _f32(row, _MOM), _f32(row, _OMDAMP), step_size, sqrt_bc2, tl.load(row + _NESTEROV) != 0.0, k == 1.0)
+
+
+@triton.jit
+def _update(RULE: tl.constexpr, p, g, a, b, s):
+    """One step of the rule on float32 blocks (a, b: the rule's state; s: _rule_scalars); returns p, a, b."""
+    lr, wd, b1, omb1, b2, omb2, eps, mom, omdamp, step_size, sqrt_bc2, nesterov, first = s
     if RULE == 0 or RULE == 1:  # AdamW, AdaBelief
-        bc1 = 1.0 - tl.exp(k.to(tl.float64) * tl.load(row + _LOGB1))
-        sqrt_bc2 = tl.sqrt(1.0 - tl.exp(k.to(tl.float64) * tl.load(row + _LOGB2))).to(tl.float32)
-        step_size = (lr.to(tl.float64) / bc1).to(tl.float32)
-        eps = _f32(row, _EPS)
-        b2 = _f32(row, _B2)
         p = p * (1.0 - lr * wd)
-        a = a * _f32(row, _B1) + g * _f32(row, _OMB1)
+        a = a * b1 + g * omb1
         if RULE == 0:
-            b = b * b2 + g * g * _f32(row, _OMB2)
+            b = b * b2 + g * g * omb2
         else:
             r = g - a
-            b = b * b2 + r * r * _f32(row, _OMB2) + eps
+            b = b * b2 + r * r * omb2 + eps
         p = p - a / (tl.sqrt_rn(b) / sqrt_bc2 + eps) * step_size
     elif RULE == 2:  # Lion
-        c = a * _f32(row, _B1) + g * _f32(row, _OMB1)
+        c = a * b1 + g * omb1
         sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
         p = p * (1.0 - lr * wd) - sign * lr
-        a = a * _f32(row, _B2) + g * _f32(row, _OMB2)
+        a = a * b2 + g * omb2
     else:  # SGD: L2 decay into the gradient; the buffer starts as the first gradient
-        mom = _f32(row, _MOM)
         g = g + wd * p
         if mom != 0.0:
-            a = tl.where(k == 1.0, g, a * mom + g * _f32(row, _OMDAMP))
-            if tl.load(row + _NESTEROV) != 0.0:
+            a = tl.where(first, g, a * mom + g * omdamp)
+            if nesterov:
                 g = g + mom * a
             else:
                 g = a
@@ -106,8 +119,9 @@ def _update(RULE: tl.constexpr, p, g, a, b, k, lr, row):
 
 
 @triton.jit
-def _chunk(RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASKED: tl.constexpr,
-           ALIGNED: tl.constexpr, p_addr, g_addr, a_addr, b_addr, start, numel, k, lr, row):
+def _chunk(RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr,
+           ALIGNED: tl.constexpr, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state):
+    """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time."""
     pp = p_addr.to(tl.pointer_type(DTYPE))
     gp = g_addr.to(tl.pointer_type(DTYPE))
     ap = a_addr.to(tl.pointer_type(DTYPE))
@@ -117,34 +131,37 @@ def _chunk(RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, MASKED:
         gp = tl.multiple_of(gp, 16)
         ap = tl.multiple_of(ap, 16)
         bp = tl.multiple_of(bp, 16)
-    offs = start + tl.arange(0, BLOCK).to(tl.int64)
-    offs = tl.max_contiguous(tl.multiple_of(offs, BLOCK), BLOCK)
-    if MASKED:
-        mask = offs < numel
-    else:
-        mask = None
-    p = tl.load(pp + offs, mask=mask).to(tl.float32)
-    g = tl.load(gp + offs, mask=mask).to(tl.float32)
-    has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
-    if has_state:
-        a = tl.load(ap + offs, mask=mask).to(tl.float32)
-    else:
-        a = g
-    if RULE < 2:
-        b = tl.load(bp + offs, mask=mask).to(tl.float32)
-    else:
-        b = a
-    p, a, b = _update(RULE, p, g, a, b, k, lr, row)
-    tl.store(pp + offs, p.to(DTYPE), mask=mask)
-    if has_state:
-        tl.store(ap + offs, a.to(DTYPE), mask=mask)
-    if RULE < 2:
-        tl.store(bp + offs, b.to(DTYPE), mask=mask)
+    # A static trip count, also for a tensor's last (masked) chunk: bounding that loop by the elements
+    # left made ptxas use 127 registers in bf16, or spill, depending on the sub-tile.
+    for sub in range(0, BLOCK, SUB):
+        offs = start + sub + tl.arange(0, SUB).to(tl.int64)
+        offs = tl.max_contiguous(tl.multiple_of(offs, SUB), SUB)
+        if MASKED:
+            mask = offs < numel
+        else:
+            mask = None
+        p = tl.load(pp + offs, mask=mask).to(tl.float32)
+        g = tl.load(gp + offs, mask=mask).to(tl.float32)
+        if has_state:
+            a = tl.load(ap + offs, mask=mask).to(tl.float32)
+        else:
+            a = g
+        if RULE < 2:
+            b = tl.load(bp + offs, mask=mask).to(tl.float32)
+        else:
+            b = a
+        p, a, b = _update(RULE, p, g, a, b, s)
+        tl.store(pp + offs, p.to(DTYPE), mask=mask)
+        if has_state:
+            tl.store(ap + offs, a.to(DTYPE), mask=mask)
+        if RULE < 2:
+            tl.store(bp + offs, b.to(DTYPE), mask=mask)
 
 
 @triton.jit
 def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
-                 RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, GROUPS: tl.constexpr):
+                 RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                 GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
@@ -160,14 +177,16 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
     row = groups + gi * _NG
     lr, _ = _group_lr(groups, gaddr, gi, None)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
+    s = _rule_scalars(row, k, lr)
+    has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
 
     if start + BLOCK <= numel:
         if (info & 1) != 0:
-            _chunk(RULE, DTYPE, BLOCK, False, True, p_addr, g_addr, a_addr, b_addr, start, numel, k, lr, row)
+            _chunk(RULE, DTYPE, BLOCK, SUB, False, True, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
         else:
-            _chunk(RULE, DTYPE, BLOCK, False, False, p_addr, g_addr, a_addr, b_addr, start, numel, k, lr, row)
+            _chunk(RULE, DTYPE, BLOCK, SUB, False, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
     elif start < numel:
-        _chunk(RULE, DTYPE, BLOCK, True, False, p_addr, g_addr, a_addr, b_addr, start, numel, k, lr, row)
+        _chunk(RULE, DTYPE, BLOCK, SUB, True, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
@@ -189,6 +208,11 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
                 tl.store(counters, tl.load(counters, mask=live) + 1, mask=live)
 
 
+def sub_tile(dtype: torch.dtype) -> int:
+    """Elements per sub-tile: one VECTOR_BYTES access per thread and tensor."""
+    return VECTOR_BYTES * 32 * NUM_WARPS // dtype.itemsize
+
+
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
     plan = Plan.for_step(cache, "triton", rule, work, BLOCK)
     return lambda: _launch(plan, rule, len(work))
@@ -199,5 +223,5 @@ def _launch(plan: Plan, rule: str, n_groups: int) -> None:
     for i, part in enumerate(plan.parts):
         _step_kernel[(part.work.shape[0],)](
             part.work, part.tensors, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
-            int(i == last), RULE=RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK,
+            int(i == last), RULE=RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, SUB=sub_tile(part.dtype),
             GROUPS=triton.next_power_of_2(n_groups), num_warps=NUM_WARPS)
