@@ -36,7 +36,7 @@ NUM_WARPS = 4
 # elements of each of 4 tensors per thread live: ptxas (sm_90) gave 255 registers and spilled 532
 # bytes per thread (AdamW fp32; 688 in bf16), and on an H100 bf16 reached only 0.70-0.74 of copy
 # bandwidth. In sub-tiles (ptxas, sm_90): AdamW 56 registers in fp32 and 95 in bf16, no spills;
-# two vectors per thread and tensor gave AdamW 238 registers in bf16. tests/test_triton_codegen.py keeps the bound.
+# two vectors per thread and tensor gave 238 in bf16. tests/test_triton_codegen.py keeps the bound.
 VECTOR_BYTES = 16
 # Table layouts of plan.py, as compile-time constants of the kernels.
 _NT = tl.constexpr(TENSOR_COLS)
