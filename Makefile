@@ -14,11 +14,10 @@ setup: $(BUILT)
 
 $(DEPS): requirements.txt requirements-test.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt -r requirements-test.txt
 	touch $@
 
-$(BUILT): $(DEPS) setup.py $(wildcard csrc/*)
+$(BUILT): $(DEPS) pyproject.toml setup.py $(wildcard csrc/*)
 	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 

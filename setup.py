@@ -1,8 +1,9 @@
-"""Build uba_fused; compile uba_fused._C from csrc/ when nvcc and a CUDA build of torch are present.
+"""The compiled part of uba_fused's build: uba_fused._C from csrc/, when nvcc and a CUDA build of torch
+are present. The package's metadata is in pyproject.toml.
 
 Install with the torch you already have (no second torch in an isolated build):
 
-    pip install --no-build-isolation -e .
+    pip install --no-build-isolation -e .      (or `.`)
 
 Environment:
     UBA_FUSED_NO_CUDA=1      skip the extension even where it could be built
@@ -18,7 +19,7 @@ import re
 import shutil
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -70,7 +71,14 @@ def extensions() -> tuple[list, dict]:
     if cuda_home is None:
         log("no nvcc found: installing the pure-Python package (backends 'torch' and 'triton' only)")
         return [], {}
-    import torch
+    try:
+        import torch
+    except ImportError as exc:
+        raise SystemExit(
+            f"uba_fused setup: nvcc is on PATH ({cuda_home}), so this build compiles the CUDA extension against "
+            f"torch, but torch cannot be imported here ({exc}). pip builds in an isolated environment unless told "
+            "not to: install torch first, then run `pip install --no-build-isolation .` (or `-e .`). To install "
+            "without the CUDA extension instead, set UBA_FUSED_NO_CUDA=1.") from None
 
     if torch.version.cuda is None:
         log(f"torch {torch.__version__} is a CPU build: installing without the CUDA extension")
@@ -94,14 +102,4 @@ def extensions() -> tuple[list, dict]:
 
 ext_modules, cmdclass = extensions()
 
-setup(
-    name="uba_fused",
-    version="0.1.0",
-    description="Fused optimizer steps (AdamW, AdaBelief, Lion, SGD) with the UBA schedule computed on the GPU",
-    packages=find_packages(include=["uba_fused", "uba_fused.*"]),
-    package_data={"uba_fused": ["py.typed"]},
-    python_requires=">=3.10",
-    install_requires=["torch>=2.4"],
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)  # everything else: pyproject.toml

@@ -14,10 +14,20 @@ STAGE=${1:-all}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 # Build only when the sources or torch changed since the last build on this machine (a warm machine
-# keeps build/ and the .so between calls; a build costs over a minute of device time).
-SIG=$( (cat setup.py csrc/*; python3 -c "import torch; print(torch.__version__)") | sha256sum | cut -c1-16)
+# keeps build/ and the .so between calls; a build costs over a minute of device time). `python3 -m pip`:
+# on the GPU image the `pip` on PATH belongs to another Python. For this GPU's architecture only.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} MAX_JOBS=${MAX_JOBS:-16}
+ARCH=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$ARCH}
+SIG=$( (cat pyproject.toml setup.py csrc/*; python3 -c "import torch; print(torch.__version__)"
+        echo "$TORCH_CUDA_ARCH_LIST") | sha256sum | cut -c1-16)
 if [ "$(cat build/gpu-check.sig 2>/dev/null)" != "$SIG" ] || ! python3 -c "import uba_fused._C" 2>/dev/null; then
-  python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  if python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    echo "built: editable install (python3 -m pip install --no-build-isolation --no-deps -e .)"
+  else  # the editable install failed: say so, and build in place (uba_fused is found through PYTHONPATH)
+    echo "the editable install failed (see $OUT/build.log); building in place"
+    python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+  fi
   mkdir -p build && echo "$SIG" > build/gpu-check.sig
 else
   echo "uba_fused._C is up to date: not rebuilt" > "$OUT/build.log"
