@@ -16,8 +16,9 @@ from uba_fused.backends.work import RULE_ID
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None \
     and os.environ.get("UBA_FUSED_NO_CUDA") != "1"
 
-SCHEDULES = [uf.UBA(100, phi=0.4, warmup_steps=10, min_lr_ratio=0.1), uf.UBA(77, phi=5.0), uf.Cosine(50, 5, 0.2),
-             uf.Linear(30), uf.REX(64, 3, 0.05), uf.Constant(8), uf.Constant()]
+SCHEDULES = [uf.UBA(100, phi=0.4, warmup_steps=10, min_lr_ratio=0.1), uf.UBA(77, phi=5.0),
+             uf.Cosine(50, warmup_steps=5, min_lr_ratio=0.2), uf.Linear(30),
+             uf.REX(64, warmup_steps=3, min_lr_ratio=0.05), uf.Constant(warmup_steps=8), uf.Constant()]
 STEPS = [0, 1, 2, 5, 9, 10, 11, 25, 29, 30, 31, 49, 50, 63, 64, 76, 77, 99, 100, 101, 1000]
 
 

@@ -93,7 +93,8 @@ def test_lr_scheduler_adapter_drives_any_torch_optimizer(name):
 
 
 def test_round_trip_through_dict():
-    for s in [uf.UBA(10, 0.5, 2, 0.1), uf.Cosine(7, 1), uf.Linear(3), uf.REX(9, 0, 0.3), uf.Constant(5)]:
+    for s in [uf.UBA(10, phi=0.5, warmup_steps=2, min_lr_ratio=0.1), uf.Cosine(7, warmup_steps=1), uf.Linear(3),
+              uf.REX(9, min_lr_ratio=0.3), uf.Constant(warmup_steps=5)]:
         assert uf.schedules.schedule_from_dict(s.to_dict()) == s
         assert eval(repr(s), {**vars(uf)}) == s
 
@@ -117,8 +118,57 @@ def test_bad_schedule_arguments(make, match):
         make()
 
 
-@pytest.mark.parametrize("make", [lambda: uf.Cosine(10.5), lambda: uf.UBA("10"), lambda: uf.Linear(True),
-                                  lambda: uf.UBA(10, phi="2")])
-def test_schedule_argument_types(make):
-    with pytest.raises(TypeError):
+@pytest.mark.parametrize("make,match", [
+    (lambda: uf.Cosine(10.5), "total_steps must be an integer"), (lambda: uf.UBA("10"), "total_steps"),
+    (lambda: uf.Linear(True), "total_steps"), (lambda: uf.UBA(10, phi="2"), "phi must be a real"),
+    # A budget schedule needs its budget: total_steps=None would never decay.
+    (lambda: uf.UBA(total_steps=None), "total_steps must be an integer, got NoneType"),
+    (lambda: uf.REX(None), "total_steps must be an integer"),
+    # Everything after total_steps is keyword-only: UBA(100, 10) once meant phi=10, Cosine(100, 10) warmup=10.
+    (lambda: uf.UBA(100, 10), "positional argument"), (lambda: uf.Cosine(100, 10), "positional argument"),
+    (lambda: uf.Constant(5), "positional argument"),
+])
+def test_schedule_argument_types(make, match):
+    with pytest.raises(TypeError, match=match):
         make()
+
+
+@pytest.mark.parametrize("d,match", [
+    ({"name": "UBA", "total_steps": 10, "phi": 1.0, "warmup": 3}, r"unknown key\(s\) \['warmup'\]; UBA takes"),
+    ({"name": "Cosine", "total_steps": 10, "phi": 1.0}, r"unknown key\(s\) \['phi'\]"),
+    ({"name": "Linear", "warmup_steps": 2}, "Linear needs 'total_steps'"),
+    ({"name": "Step", "total_steps": 10}, "expected a 'name' among"),
+    ({"total_steps": 10}, "expected a 'name' among"),
+])
+def test_schedule_dicts_that_no_schedule_wrote_are_refused(d, match):
+    with pytest.raises(ValueError, match=match):
+        uf.schedules.schedule_from_dict(d)
+
+
+def test_lr_scheduler_adapter_state_dict_loads_with_weights_only():
+    # torch.load's default (weights_only=True) refuses arbitrary objects: the schedule is stored as a dict.
+    import io
+
+    def make():
+        p = torch.nn.Parameter(torch.ones(2))
+        opt = torch.optim.SGD([p], lr=0.1)
+        return opt, uf.LRScheduler(opt, uf.UBA(20, phi=0.5, warmup_steps=2))
+
+    opt, sched = make()
+    for _ in range(7):
+        opt.step()
+        sched.step()
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    saved = torch.load(buf)  # weights_only=True, torch's default
+    assert saved["schedule"] == {"name": "UBA", "total_steps": 20, "phi": 0.5, "warmup_steps": 2, "min_lr_ratio": 0.0}
+    opt2, sched2 = make()
+    sched2.load_state_dict(saved)
+    assert sched2.schedule == sched.schedule and sched2.last_epoch == 7
+    for _ in range(3):
+        for o, s in ((opt, sched), (opt2, sched2)):
+            o.step()
+            s.step()
+        expected = 0.1 * sched.schedule.factor(sched.last_epoch)
+        assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-14)

@@ -65,10 +65,12 @@ class Schedule:
     kind: ClassVar[int]
     _fields: ClassVar[tuple[str, ...]] = ("total_steps", "warmup_steps", "min_lr_ratio")
 
-    def __init__(self, total_steps: int | None, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+    def __init__(self, total_steps: int | None, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        # Constant passes total_steps=None; for the budgeted schedules it must be an integer.
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         self.min_lr_ratio = _check_ratio("min_lr_ratio", min_lr_ratio)
-        self.total_steps = None if total_steps is None else _check_int("total_steps", total_steps, 1)
+        self.total_steps = None if total_steps is None and self.kind == KIND_CONSTANT else \
+            _check_int("total_steps", total_steps, 1)
         if self.total_steps is not None and self.warmup_steps >= self.total_steps:
             raise ValueError(f"warmup_steps must be < total_steps, got warmup_steps={self.warmup_steps}, "
                              f"total_steps={self.total_steps}")
@@ -123,13 +125,13 @@ class UBA(Schedule):
     kind = KIND_UBA
     _fields = ("total_steps", "phi", "warmup_steps", "min_lr_ratio")
 
-    def __init__(self, total_steps: int, phi: float = 1.0, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+    def __init__(self, total_steps: int, *, phi: float = 1.0, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
         if isinstance(phi, bool) or not isinstance(phi, numbers.Real):
             raise TypeError(f"phi must be a real number, got {type(phi).__name__} {phi!r}")
         if not (math.isfinite(phi) and phi > 0.0):
             raise ValueError(f"phi must be finite and > 0, got {phi}")
         self.phi = float(phi)
-        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+        super().__init__(total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
 
     def _shape(self, p: torch.Tensor) -> torch.Tensor:
         c = 1.0 + torch.cos(math.pi * p)
@@ -141,8 +143,8 @@ class Cosine(Schedule):
 
     kind = KIND_COSINE
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
-        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+    def __init__(self, total_steps: int, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        super().__init__(total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
 
     def _shape(self, p: torch.Tensor) -> torch.Tensor:
         return 0.5 * (1.0 + torch.cos(math.pi * p))
@@ -153,8 +155,8 @@ class Linear(Schedule):
 
     kind = KIND_LINEAR
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
-        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+    def __init__(self, total_steps: int, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        super().__init__(total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
 
     def _shape(self, p: torch.Tensor) -> torch.Tensor:
         return 1.0 - p
@@ -165,8 +167,8 @@ class REX(Schedule):
 
     kind = KIND_REX
 
-    def __init__(self, total_steps: int, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
-        super().__init__(total_steps, warmup_steps, min_lr_ratio)
+    def __init__(self, total_steps: int, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
+        super().__init__(total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
 
     def _shape(self, p: torch.Tensor) -> torch.Tensor:
         return (1.0 - p) / (1.0 - 0.5 * p)
@@ -178,19 +180,25 @@ class Constant(Schedule):
     kind = KIND_CONSTANT
     _fields = ("warmup_steps",)
 
-    def __init__(self, warmup_steps: int = 0):
-        super().__init__(None, warmup_steps, 0.0)
+    def __init__(self, *, warmup_steps: int = 0):
+        super().__init__(None, warmup_steps=warmup_steps)
 
 
 _BY_NAME = {c.__name__: c for c in (UBA, Cosine, Linear, REX, Constant)}
 
 
 def schedule_from_dict(d: dict) -> Schedule:
-    """Inverse of ``Schedule.to_dict``."""
+    """Inverse of ``Schedule.to_dict``; a dict that no schedule wrote raises ValueError saying why."""
     if not isinstance(d, dict) or d.get("name") not in _BY_NAME:
         raise ValueError(f"not a schedule dict: {d!r}; expected a 'name' among {sorted(_BY_NAME)}")
+    cls = _BY_NAME[d["name"]]
     kwargs = {k: v for k, v in d.items() if k != "name"}
-    return _BY_NAME[d["name"]](**kwargs)
+    unknown = sorted(set(kwargs) - set(cls._fields))
+    if unknown:
+        raise ValueError(f"schedule dict {d!r}: unknown key(s) {unknown}; {cls.__name__} takes {list(cls._fields)}")
+    if "total_steps" in cls._fields and "total_steps" not in kwargs:
+        raise ValueError(f"schedule dict {d!r}: {cls.__name__} needs 'total_steps'")
+    return cls(**kwargs)
 
 
 class LRScheduler(torch.optim.lr_scheduler.LRScheduler):
@@ -210,3 +218,15 @@ class LRScheduler(torch.optim.lr_scheduler.LRScheduler):
     def get_lr(self) -> list[float]:
         f = self.schedule.factor(max(self.last_epoch, 0))
         return [base_lr * f for base_lr in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        """torch's scheduler state, with the schedule as a plain dict (``torch.load(weights_only=True)`` reads it)."""
+        return {**super().state_dict(), "schedule": self.schedule.to_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        schedule = state_dict.get("schedule")
+        if isinstance(schedule, dict):
+            schedule = schedule_from_dict(schedule)
+        if not isinstance(schedule, Schedule):
+            raise ValueError(f"state_dict['schedule'] must be a schedule dict, got {type(schedule).__name__}")
+        super().load_state_dict({**state_dict, "schedule": schedule})
