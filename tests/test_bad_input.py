@@ -70,6 +70,32 @@ def test_wrong_types_raise(kwargs):
         uf.SGD(make_params(), **kwargs)
 
 
+@pytest.mark.parametrize("cls,kwargs,error,match", [
+    (uf.AdamW, dict(betas=0.9), ValueError, "betas must be a tuple of 2 numbers, got 0.9"),
+    (uf.Lion, dict(betas=[0.9]), ValueError, r"betas must be a tuple of 2 numbers, got \(0.9,\)"),
+    (uf.AdamW, dict(amsgrad=True), ValueError, "amsgrad=True is not implemented"),
+    (uf.SGD, dict(maximize=True), ValueError, "maximize=True is not supported: minimize the negated objective"),
+    (uf.Lion, dict(differentiable=True), ValueError, "differentiable=True is not supported: the update runs in place"),
+    (uf.AdaBelief, dict(fused=False), ValueError, "fused=False asks for an unfused step; .*backend='torch'"),
+    (uf.AdamW, dict(foreach="yes"), TypeError, "foreach must be a bool, got str"),
+    (uf.SGD, dict(capturable=1), TypeError, "capturable must be a bool"),
+])
+def test_torch_flags_are_taken_or_refused_with_the_reason(cls, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        cls(make_params(), **kwargs)
+
+
+def test_params_as_a_set_or_half_named_are_refused():
+    ps = make_params()
+    for params in (set(ps), [{"params": set(ps)}]):
+        with pytest.raises(TypeError, match="not a set"):
+            uf.AdamW(params)
+    with pytest.raises(ValueError, match=r"all tensors or all \(name, tensor\) pairs.*params\[1\] is a Tensor"):
+        uf.AdamW([("a", ps[0]), ps[1]])
+    with pytest.raises(ValueError, match=r"params\[1\] \('b'\) is complex"):
+        uf.AdamW([("a", ps[0]), ("b", torch.zeros(2, dtype=torch.complex64))])
+
+
 def test_complex_and_integer_parameters_are_refused():
     with pytest.raises(ValueError, match=r"params\[1\] is complex"):
         uf.AdamW([torch.zeros(2), torch.zeros(2, dtype=torch.complex64)])
@@ -143,7 +169,7 @@ def _break(sd, how):
     ("step", r"state\[3\]\['step'\] must be a finite non-negative scalar"),
     ("groups", "has 2 param groups, this optimizer has 1"),
     ("params", "has 6 parameters"),
-    ("amsgrad", "amsgrad=True is not supported"),
+    ("amsgrad", r"param_groups\[0\]: uba_fused.AdamW: amsgrad=True is not implemented"),
     ("lr", r"param_groups\[0\]: lr must be"),
     ("schedule", "phi must be finite and > 0"),
     ("schedule_step", "schedule_step'] must be a non-negative integer"),

@@ -119,3 +119,45 @@ def test_closure_is_called_with_grad_enabled():
     loss = opt.step(closure)
     torch.testing.assert_close(loss, (before**2).sum())
     torch.testing.assert_close(p.detach(), before - 0.1 * 2 * before)
+
+
+def _named(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [("encoder.weight", torch.nn.Parameter(torch.randn(4, 3, generator=gen))),
+            ("encoder.bias", torch.nn.Parameter(torch.randn(4, generator=gen)))]
+
+
+@pytest.mark.parametrize("ours,theirs", [
+    (uf.AdamW, torch.optim.AdamW),
+    (lambda ps, **kw: uf.SGD(ps, lr=0.1, momentum=0.9, **kw), lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9)),
+], ids=["adamw", "sgd"])
+def test_named_parameters_are_taken_as_torch_optim_takes_them(ours, theirs):
+    a, b = _named(), _named()
+    opt_a, opt_b = ours(a), theirs(b)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for (_, p), (_, q) in zip(a, b):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for (_, p), (_, q) in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert opt_a.state_dict()["param_groups"][0]["param_names"] == ["encoder.weight", "encoder.bias"]
+    assert opt_a.state_dict()["param_groups"][0]["param_names"] == opt_b.state_dict()["param_groups"][0]["param_names"]
+
+
+def test_torch_signatures_and_implementation_flags_are_accepted():
+    """torch.optim's positional order, and foreach / capturable / fused=True, which change nothing here."""
+    make = lambda: make_params(seed=2)  # noqa: E731
+    a, b, c, d = make(), make(), make(), make()
+    runs = [(a, uf.AdamW(a, 1e-2, (0.8, 0.9), 1e-6, 0.1, False, foreach=True, capturable=True, fused=True)),
+            (b, torch.optim.AdamW(b, 1e-2, (0.8, 0.9), 1e-6, 0.1, False, foreach=False)),
+            (c, uf.SGD(c, 1e-2, 0.9, 0.1, 1e-3, False, foreach=False, capturable=False, fused=None)),
+            (d, torch.optim.SGD(d, 1e-2, 0.9, 0.1, 1e-3, False, foreach=False))]
+    step_together(runs, torch.Generator().manual_seed(3), 5)
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    for p, q in zip(c, d):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    assert uf.SGD(make()).defaults["momentum"] == torch.optim.SGD(make()).defaults["momentum"] == 0

@@ -7,7 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from ..schedules import Schedule
-from .base import FusedOptimizer, check_betas, check_lr, check_real
+from .base import FusedOptimizer, as_tuple, check_betas, check_lr, check_real, check_torch_flags
 
 
 class AdaBelief(FusedOptimizer):
@@ -23,9 +23,12 @@ class AdaBelief(FusedOptimizer):
     rule = "adabelief"
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-16, weight_decay: float = 0.0, schedule: Schedule | None = None,
-                 backend: str = "auto"):
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, schedule=schedule,
+                 eps: float = 1e-16, weight_decay: float = 0.0, *, schedule: Schedule | None = None,
+                 backend: str = "auto", maximize: bool = False, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
+        check_torch_flags("uba_fused.AdaBelief", maximize=maximize, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable, fused=fused)
+        defaults = dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay, schedule=schedule,
                         backend=backend)
         super().__init__(params, defaults)
 

@@ -25,8 +25,28 @@ from ..backends.plan import is_dense
 from ..schedules import Schedule, schedule_from_dict
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# torch.optim group flags whose non-default value we cannot honour.
-_UNSUPPORTED_FLAGS = ("amsgrad", "maximize", "differentiable")
+# torch.optim flags whose True we cannot honour, and why (in a constructor or in a param group).
+_REFUSED_FLAGS = {
+    "amsgrad": "amsgrad=True is not implemented by uba_fused",
+    "maximize": "maximize=True is not supported: minimize the negated objective instead",
+    "differentiable": "differentiable=True is not supported: the update runs in place, outside autograd",
+}
+
+
+def check_torch_flags(owner: str, *, amsgrad: bool = False, maximize: bool = False, foreach: bool | None = None,
+                      capturable: bool = False, differentiable: bool = False, fused: bool | None = None) -> None:
+    """torch.optim's implementation flags, taken where their meaning holds: every uba_fused step is one
+    fused, capturable update, so ``foreach``, ``capturable`` and ``fused=True`` change nothing. The rest
+    raises with the reason. ``backend=`` is what chooses the implementation."""
+    for name, value in (("amsgrad", amsgrad), ("maximize", maximize), ("differentiable", differentiable),
+                        ("capturable", capturable), ("foreach", foreach), ("fused", fused)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"{owner}: {name} must be a bool, got {type(value).__name__} {value!r}")
+        if value and name in _REFUSED_FLAGS:
+            raise ValueError(f"{owner}: {_REFUSED_FLAGS[name]}")
+    if fused is False:
+        raise ValueError(f"{owner}: fused=False asks for an unfused step; uba_fused chooses its implementation with "
+                         f"backend= (backend='torch' is the unfused, per-tensor one)")
 
 
 def check_real(name: str, value: Any, lo: float = 0.0, hi: float = math.inf, hi_open: bool = False) -> None:
@@ -48,6 +68,11 @@ def check_lr(lr: Any) -> None:
     check_real("lr", lr)
 
 
+def as_tuple(betas: Any) -> Any:
+    """A list of betas as a tuple (as torch.optim stores them); anything else as it is, for check_betas to refuse."""
+    return tuple(betas) if isinstance(betas, (tuple, list)) else betas
+
+
 def check_betas(betas: Any, n: int = 2) -> None:
     if not isinstance(betas, (tuple, list)) or len(betas) != n:
         raise ValueError(f"betas must be a tuple of {n} numbers, got {betas!r}")
@@ -55,10 +80,27 @@ def check_betas(betas: Any, n: int = 2) -> None:
         check_real(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
 
 
+_SET_PARAMS = ("params must be an ordered collection (a list, or model.parameters()), not a set: a set's order "
+               "changes between runs, and with it which saved state belongs to which parameter")
+
+
+def _split_names(given: list) -> tuple[list, list[str] | None]:
+    """The tensors of a params list and, for ``model.named_parameters()``, their names (as torch.optim)."""
+    named = [isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in given]
+    if not any(named):
+        return given, None
+    if not all(named):
+        raise ValueError("params must be all tensors or all (name, tensor) pairs, as named_parameters() gives; "
+                         f"params[{named.index(False)}] is a {type(given[named.index(False)]).__name__}")
+    return [x[1] for x in given], [x[0] for x in given]
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     rule: ClassVar[str]
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
+        if isinstance(params, set):  # torch.optim refuses a set only inside a param group
+            raise TypeError(_SET_PARAMS)
         self._last_lr: list[torch.Tensor] = []
         self._backends: list[str] = []
         self._cache: dict = {}  # backend-owned device tables, rebuilt when storages may have changed
@@ -91,9 +133,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_group(self, group: dict) -> None:
         """Every host-side check of a (defaults-filled) group; raises before anything changes."""
         self._check_hyper(group)
-        for flag in _UNSUPPORTED_FLAGS:
+        for flag, reason in _REFUSED_FLAGS.items():
             if group.get(flag):
-                raise ValueError(f"{flag}=True is not supported by uba_fused.{type(self).__name__}")
+                raise ValueError(f"uba_fused.{type(self).__name__}: {reason}")
         sched = group["schedule"]
         if sched is not None and not isinstance(sched, Schedule):
             raise TypeError(f"schedule must be None or a uba_fused schedule (UBA, Cosine, Linear, REX, Constant), "
@@ -102,17 +144,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"backend must be one of {backends.NAMES}, got {group['backend']!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        for i, p in enumerate(params):
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError(f"a param group needs 'params'; got the keys {sorted(param_group)}")
+        given = param_group["params"]
+        if isinstance(given, set):
+            raise TypeError(_SET_PARAMS)
+        given = [given] if isinstance(given, torch.Tensor) else list(given)
+        params, names = _split_names(given)
+        labels = [f"params[{i}]" + (f" ({names[i]!r})" if names else "") for i in range(len(params))]
+        for what, p in zip(labels, params):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+                raise TypeError(f"{what} must be a torch.Tensor or a (name, tensor) pair, got {type(p).__name__}")
             if p.is_complex():
-                raise ValueError(f"params[{i}] is complex ({p.dtype}); complex parameters are not supported")
+                raise ValueError(f"{what} is complex ({p.dtype}); complex parameters are not supported")
             if p.dtype not in _FLOAT_DTYPES:
-                raise ValueError(f"params[{i}] has dtype {p.dtype}; supported: {_FLOAT_DTYPES}")
+                raise ValueError(f"{what} has dtype {p.dtype}; supported: {_FLOAT_DTYPES}")
             if p.is_sparse:
-                raise ValueError(f"params[{i}] is sparse; sparse parameters are not supported")
+                raise ValueError(f"{what} is sparse; sparse parameters are not supported")
         full = {**self.defaults, **param_group, "params": params}
         self._check_group(full)
         devices = {p.device for p in params}
@@ -121,12 +171,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         if backend != "torch":
             if len(devices) > 1:
                 raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
-            for i, p in enumerate(params):
+            for what, p in zip(labels, params):
                 if not is_dense(p):
-                    raise ValueError(f"params[{i}] (shape {tuple(p.shape)}, strides {p.stride()}) has gaps or "
+                    raise ValueError(f"{what} (shape {tuple(p.shape)}, strides {p.stride()}) has gaps or "
                                      f"overlaps in memory; backend={backend!r} walks parameters linearly: use "
                                      f"backend='torch' for it, or a dense parameter")
-        super().add_param_group({**param_group, "params": params})
+        super().add_param_group({**param_group, "params": given})  # torch.optim keeps the names, if given
         group = self.param_groups[-1]
         group.setdefault("schedule_step", torch.zeros((), dtype=torch.int64, device=device))
         self._setup_group(len(self.param_groups) - 1)

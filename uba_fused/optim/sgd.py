@@ -7,11 +7,11 @@ from collections.abc import Iterable
 import torch
 
 from ..schedules import Schedule
-from .base import FusedOptimizer, check_lr, check_real
+from .base import FusedOptimizer, check_lr, check_real, check_torch_flags
 
 
 class SGD(FusedOptimizer):
-    """Drop-in for ``torch.optim.SGD`` (maximize aside)::
+    """Drop-in for ``torch.optim.SGD`` (maximize aside), its arguments in its order and with its defaults::
 
         g = g + wd p                                   (L2 decay, as torch)
         b = g on a parameter's first step, else momentum b + (1 - dampening) g
@@ -22,9 +22,13 @@ class SGD(FusedOptimizer):
 
     rule = "sgd"
 
-    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.9,
-                 dampening: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0,
-                 schedule: Schedule | None = None, backend: str = "auto"):
+    def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
+                 schedule: Schedule | None = None, backend: str = "auto", maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None):
+        check_torch_flags("uba_fused.SGD", maximize=maximize, foreach=foreach, capturable=capturable,
+                          differentiable=differentiable, fused=fused)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, schedule=schedule, backend=backend)
         super().__init__(params, defaults)
