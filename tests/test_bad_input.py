@@ -161,6 +161,16 @@ def _break(sd, how):
         sd["param_groups"][0]["schedule_step"] = torch.tensor(2.5)
     elif how == "not a dict":
         sd = [sd]
+    elif how == "no params":
+        del sd["param_groups"][0]["params"]
+    elif how == "lacks exp_avg_sq":
+        del sd["state"][3]["exp_avg_sq"]
+    elif how == "lacks step":
+        del sd["state"][3]["step"]
+    elif how == "unknown param id":
+        sd["state"][99] = copy.deepcopy(sd["state"][3])
+    elif how == "schedule key":
+        sd["param_groups"][0]["schedule"] = {"name": "Cosine", "total_steps": 10, "warmup": 3}
     return sd
 
 
@@ -173,7 +183,12 @@ def _break(sd, how):
     ("lr", r"param_groups\[0\]: lr must be"),
     ("schedule", "phi must be finite and > 0"),
     ("schedule_step", "schedule_step'] must be a non-negative integer"),
-    ("not a dict", "must be a dict with 'state' and 'param_groups'"),
+    ("not a dict", r"must be a dict with 'state' \(a dict\) and 'param_groups' \(a list\)"),
+    ("no params", r"param_groups\[0\] must be a dict with 'params'"),
+    ("lacks exp_avg_sq", r"state\[3\] lacks 'exp_avg_sq', which uba_fused.AdamW needs"),
+    ("lacks step", r"state\[3\] lacks 'step'"),
+    ("unknown param id", r"entries for parameter ids \[99\], which no param group lists"),
+    ("schedule key", r"param_groups\[0\]\['schedule'\]: .*unknown key\(s\) \['warmup'\]"),
 ])
 def test_bad_state_dict_raises_and_changes_nothing(how, match):
     opt, params = _trained(schedule=uf.Cosine(10))
@@ -182,3 +197,35 @@ def test_bad_state_dict_raises_and_changes_nothing(how, match):
     with pytest.raises(ValueError, match=match):
         opt.load_state_dict(_break(good, how))
     _assert_unchanged(opt, params, snap)
+
+
+def _trained_state_dict(make, steps=2):
+    params = make_params()
+    opt = make(params)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        set_grads(params, random_grads(params, gen))
+        opt.step()
+    return opt.state_dict()
+
+
+@pytest.mark.parametrize("source,target,match", [
+    (lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9), uf.AdamW, r"lacks 'betas', 'eps', which uba_fused.AdamW"),
+    (lambda ps: uf.SGD(ps, lr=0.1, momentum=0.9), uf.AdamW, r"lacks 'betas', 'eps'"),
+    (lambda ps: uf.Lion(ps), uf.AdamW, r"lacks 'eps', which uba_fused.AdamW needs"),
+    (lambda ps: uf.AdamW(ps), uf.Lion, r"holds 'exp_avg_sq', which uba_fused.Lion does not keep"),
+    (lambda ps: uf.AdaBelief(ps), uf.AdamW, r"holds 'exp_avg_var', which uba_fused.AdamW does not keep"),
+    (lambda ps: uf.AdamW(ps), uf.AdaBelief, r"holds 'exp_avg_sq', which uba_fused.AdaBelief does not keep"),
+    (lambda ps: uf.AdamW(ps), uf.SGD, r"lacks 'momentum', 'dampening', 'nesterov'"),
+    (lambda ps: torch.optim.Adam(ps), uf.AdamW, r"decoupled_weight_decay=False is torch.optim.Adam's L2 decay"),
+], ids=["torch-sgd>adamw", "sgd>adamw", "lion>adamw", "adamw>lion", "adabelief>adamw", "adamw>adabelief",
+        "adamw>sgd", "torch-adam>adamw"])
+def test_another_optimizers_state_dict_is_refused(source, target, match):
+    """Loading it once ran the next step at the other optimizer's lr, with its leftover buffers."""
+    sd = _trained_state_dict(source)
+    opt, params = _trained(target, lr=1e-3)
+    snap = _snapshot(opt, params)
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict(sd)
+    _assert_unchanged(opt, params, snap)
+    assert opt.param_groups[0]["lr"] == 1e-3

@@ -37,6 +37,9 @@ class AdamW(FusedOptimizer):
         return ("exp_avg", "exp_avg_sq")
 
     def _check_hyper(self, group: dict) -> None:
+        if group.get("decoupled_weight_decay") is False:  # what a torch.optim.Adam state dict holds
+            raise ValueError("decoupled_weight_decay=False is torch.optim.Adam's L2 decay; uba_fused.AdamW decays "
+                             "decoupled, as torch.optim.AdamW")
         check_lr(group["lr"])
         check_betas(group["betas"])
         check_real("eps", group["eps"])

@@ -97,6 +97,7 @@ def _split_names(given: list) -> tuple[list, list[str] | None]:
 
 class FusedOptimizer(torch.optim.Optimizer):
     rule: ClassVar[str]
+    _step_optional: ClassVar[bool] = False  # a loaded state may lack 'step' (torch.optim.SGD keeps none)
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         if isinstance(params, set):  # torch.optim refuses a set only inside a param group
@@ -370,44 +371,78 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._setup_group(i)
 
     def _checked_state_dict(self, sd: Any) -> dict[str, Any]:
-        if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
-            raise ValueError("state_dict must be a dict with 'state' and 'param_groups' (from Optimizer.state_dict())")
+        """The state dict with its schedules as objects, after every check a load needs; raises before any change.
+
+        Another optimizer's state dict is refused: a saved group must hold every hyper-parameter of this
+        class, and each parameter's saved state exactly this rule's buffers (and its step), each shaped
+        like the parameter."""
+        name = f"uba_fused.{type(self).__name__}"
+        if not isinstance(sd, dict) or not isinstance(sd.get("state"), dict) or \
+                not isinstance(sd.get("param_groups"), (list, tuple)):
+            raise ValueError("state_dict must be a dict with 'state' (a dict) and 'param_groups' (a list), as "
+                             "Optimizer.state_dict() returns")
         saved_groups = sd["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
-        groups = []
+        hyper = [k for k in self.defaults if k not in ("schedule", "backend")]
+        groups, listed = [], set()
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            where = f"state_dict param_groups[{gi}]"
+            if not isinstance(saved, dict) or "params" not in saved:
+                raise ValueError(f"{where} must be a dict with 'params' (the parameter ids), got "
+                                 f"{sorted(saved) if isinstance(saved, dict) else type(saved).__name__}")
             if len(saved["params"]) != len(group["params"]):
-                raise ValueError(f"state_dict param_groups[{gi}] has {len(saved['params'])} parameters, this "
-                                 f"optimizer's has {len(group['params'])}")
+                raise ValueError(f"{where} has {len(saved['params'])} parameters, this optimizer's has "
+                                 f"{len(group['params'])}")
+            missing = [k for k in hyper if k not in saved]
+            if missing:
+                raise ValueError(f"{where} lacks {', '.join(map(repr, missing))}, which {name} needs; it holds "
+                                 f"{sorted(k for k in saved if k != 'params')}: the state dict of another optimizer?")
             saved = dict(saved)
-            if isinstance(saved.get("schedule"), dict):
-                saved["schedule"] = schedule_from_dict(saved["schedule"])
+            try:
+                if isinstance(saved.get("schedule"), dict):
+                    saved["schedule"] = schedule_from_dict(saved["schedule"])
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}['schedule']: {exc}") from None
             if "schedule_step" in saved:
                 t = torch.as_tensor(saved["schedule_step"])
                 if t.numel() != 1 or t.is_floating_point() or t.is_complex() or int(t) < 0:
-                    raise ValueError(f"state_dict param_groups[{gi}]['schedule_step'] must be a non-negative "
-                                     f"integer scalar, got {saved['schedule_step']!r}")
+                    raise ValueError(f"{where}['schedule_step'] must be a non-negative integer scalar, got "
+                                     f"{saved['schedule_step']!r}")
             merged = {**group, **saved, "backend": group["backend"]}
             try:
                 self._check_group(merged)
             except (TypeError, ValueError) as exc:
-                raise type(exc)(f"state_dict param_groups[{gi}]: {exc}") from None
+                raise type(exc)(f"{where}: {exc}") from None
             groups.append(saved)
+            listed.update(saved["params"])
             for pid, p in zip(saved["params"], group["params"]):
-                st = sd["state"].get(pid)
-                if st is None:
-                    continue
-                for key in (*self._state_names(merged), "momentum_buffer"):
-                    v = st.get(key)
-                    if v is not None and (not isinstance(v, torch.Tensor) or v.shape != p.shape):
-                        shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                        raise ValueError(f"state_dict state[{pid}][{key!r}] has shape {shape}, its parameter has "
-                                         f"{tuple(p.shape)}")
-                if "step" in st:
-                    step = torch.as_tensor(st["step"])
-                    if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:
-                        raise ValueError(f"state_dict state[{pid}]['step'] must be a finite non-negative scalar, "
-                                         f"got {st['step']!r}")
+                if pid in sd["state"]:
+                    self._check_saved_state(f"state_dict state[{pid!r}]", sd["state"][pid], p, merged, name)
+        unlisted = [pid for pid in sd["state"] if pid not in listed]
+        if unlisted:
+            raise ValueError(f"state_dict state has entries for parameter ids {unlisted}, which no param group lists")
         return {**sd, "param_groups": groups}
+
+    def _check_saved_state(self, where: str, st: Any, p: torch.Tensor, group: dict, name: str) -> None:
+        names = self._state_names(group)
+        if not isinstance(st, dict):
+            raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
+        foreign = [k for k in st if k != "step" and k not in names]
+        if foreign:
+            raise ValueError(f"{where} holds {', '.join(map(repr, foreign))}, which {name} does not keep (it keeps "
+                             f"{['step', *names]}): the state dict of another optimizer?")
+        lacking = [k for k in names if st.get(k) is None] + ([] if "step" in st or self._step_optional else ["step"])
+        if lacking:
+            raise ValueError(f"{where} lacks {', '.join(map(repr, lacking))}, which {name} needs; refilling it "
+                             f"would restart that statistic while keeping the rest")
+        for key in names:
+            v = st[key]
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape:
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"{where}[{key!r}] has shape {shape}, its parameter has {tuple(p.shape)}")
+        if "step" in st:
+            step = torch.as_tensor(st["step"])
+            if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:
+                raise ValueError(f"{where}['step'] must be a finite non-negative scalar, got {st['step']!r}")

@@ -21,6 +21,7 @@ class SGD(FusedOptimizer):
     """
 
     rule = "sgd"
+    _step_optional = True  # torch.optim.SGD keeps no step; a loaded buffer counts as one step taken
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
