@@ -229,3 +229,39 @@ def test_another_optimizers_state_dict_is_refused(source, target, match):
         opt.load_state_dict(sd)
     _assert_unchanged(opt, params, snap)
     assert opt.param_groups[0]["lr"] == 1e-3
+
+
+_AVAIL = uf.backends.availability("cpu")
+BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=str(_AVAIL[b])))
+            for b in ("torch", "triton", "cuda")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("how,match", [
+    ("shape", r"param_groups\[1\]\['params'\]\[2\] has a gradient of shape \(3,\), torch.float32 on cpu, but the "
+              r"parameter is \(1,\)"),
+    ("dtype", r"param_groups\[1\]\['params'\]\[2\] has a gradient of shape \(1,\), torch.float64"),
+    ("sparse", r"param_groups\[1\]\['params'\]\[2\] has a sparse gradient"),
+])
+def test_a_mismatched_gradient_raises_before_any_group_changes(backend, how, match):
+    """torch's .grad setter refuses another shape or dtype, but `.grad.data = ...` does not. The torch
+    backend used to update earlier parameters (and this one's step) before a broadcast error."""
+    params = make_params(seed=1)
+    extra = [p.detach().clone().requires_grad_() for p in make_params(seed=2)[:3]]
+    opt = uf.AdamW([{"params": params}, {"params": extra, "lr": 0.1}], backend=backend, schedule=uf.UBA(10))
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(2):  # with the gradients at the same addresses: the kernel backends' steady path
+        grads = random_grads(params + extra, gen)
+        set_grads(params + extra, grads)
+        opt.step()
+    snap = _snapshot(opt, params + extra)
+    bad = extra[2]  # the third parameter of the second group
+    if how == "shape":
+        bad.grad.data = torch.randn(3, generator=gen)
+    elif how == "dtype":
+        bad.grad.data = bad.grad.data.double()
+    else:
+        bad.grad = bad.grad.to_sparse()
+    with pytest.raises(RuntimeError, match=match):
+        opt.step()
+    _assert_unchanged(opt, params + extra, snap)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..schedules import KIND_CONSTANT
-from .work import GroupWork, check_no_sparse
+from .work import GroupWork
 
 # Columns of the group table. One minus a beta is computed here in float64: in float32,
 # 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
@@ -174,12 +174,7 @@ class Plan:
             flat = [g for w in work for g in w.grads]
         for part in self.parts if flat is not None else ():
             grads = flat if part.flat_index is None else [flat[j] for j in part.flat_index]
-            try:
-                ptrs = [NO_GRAD if g is None else g.data_ptr() for g in grads]
-            except RuntimeError:  # a sparse gradient has no data pointer; say so plainly
-                for w in work:
-                    check_no_sparse(w.index, w.grads)
-                raise
+            ptrs = [NO_GRAD if g is None else g.data_ptr() for g in grads]
             if ptrs == part.grad_ptrs:
                 continue  # the usual case: the caching allocator hands out the same addresses every step
             part.grad_ptrs = ptrs

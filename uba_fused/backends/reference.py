@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .work import GroupWork, check_no_sparse
+from .work import GroupWork
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -86,8 +86,6 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
-    for w in work:
-        check_no_sparse(w.index, w.grads)
     return lambda: _run(UPDATES[rule], work)
 
 

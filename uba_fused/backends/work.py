@@ -5,7 +5,8 @@ Every backend is a function ``prepare(rule, work, cache) -> launch`` (see ``back
 returns applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
 gradient is None is left as it is), advances those parameters' ``step`` and each group's
 ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``. The optimizer
-prepares every backend before it launches any, so an error leaves nothing half-updated. ``cache``
+has checked the gradients (``check_grads``) and prepares every backend before it launches any, so
+an error leaves nothing half-updated. ``cache``
 is a dict the optimizer owns, where a kernel backend keeps device tables between steps; the
 optimizer clears it when storages may have changed (``load_state_dict``, ``add_param_group``).
 """
@@ -40,10 +41,21 @@ class GroupWork:
     grad_ptrs: torch.Tensor | None = None  # with grads=None: the gradients' new addresses (int64, CPU)
 
 
-def check_no_sparse(index: int, grads: list[torch.Tensor | None]) -> None:
-    if any(g is not None and g.is_sparse for g in grads):
-        raise RuntimeError(f"param_groups[{index}]: a parameter has a sparse gradient; uba_fused does not "
-                           f"support sparse gradients")
+def check_grads(index: int, group: dict, grads: list[torch.Tensor | None]) -> None:
+    """Every gradient of group ``index`` dense and shaped, typed and placed like its parameter, or None;
+    raises naming the first that is not. The optimizer runs this before any backend sees the step."""
+    names = group.get("param_names")
+    for i, (p, g) in enumerate(zip(group["params"], grads)):
+        if g is None:
+            continue
+        where = f"param_groups[{index}]['params'][{i}]" + (f" ({names[i]!r})" if names else "")
+        if g.layout != torch.strided:
+            raise RuntimeError(f"{where} has a sparse gradient ({g.layout}); uba_fused does not support sparse "
+                               f"gradients")
+        if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+            raise RuntimeError(f"{where} has a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device}, but the "
+                               f"parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; the update reads each "
+                               f"gradient as its parameter")
 
 
 def signature(group: dict) -> tuple:

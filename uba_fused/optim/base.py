@@ -232,18 +232,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._launch(work)
             return
 
-        # Everything that can fail runs before anything is written: the group checks here, lazy state
-        # only after its gradients passed, then every backend's prepare before any launch.
-        work = []
-        all_present = True
+        # Everything that can fail runs before anything is written: every group's values and gradients
+        # first, lazy state only after all of them passed, then every backend's prepare before any launch.
+        checked = []
         for gi, group in enumerate(self.param_groups):
             sig = self._check_group_at_step(gi, group)
             grads = [p.grad for p in group["params"]]
-            present = [g for g in grads if g is not None]
-            all_present &= len(present) == len(grads)
-            work.append(self._group_work(gi, sig, self._selection(gi, group, grads, present), grads))
+            backends.work.check_grads(gi, group, grads)
+            checked.append((sig, grads))
+        work = [self._group_work(gi, sig, self._selection(gi, group, grads), grads)
+                for gi, (group, (sig, grads)) in enumerate(zip(self.param_groups, checked))]
         self._launch(work)
-        self._remember_grads(all_present)
+        self._remember_grads(all(g is not None for _, grads in checked for g in grads))
 
     def _launch(self, work: list) -> None:
         by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
@@ -298,7 +298,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr_out=self._last_lr[gi], params=params, grads=grads, steps=steps, state=states, signature=sig,
             grad_ptrs=grad_ptrs)
 
-    def _selection(self, gi: int, group: dict, grads: list, present: list):
+    def _selection(self, gi: int, group: dict, grads: list):
         """The params a step hands the group's backend, their step tensors and state lists, and their
         positions in the group (None: all of them); cached while the selection holds.
 
@@ -320,7 +320,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     del self._cache[k]
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
-            backends.work.check_no_sparse(gi, present)
             st = [self._state_for(p, names) for p in params]
             hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names}, index)
         return hit
