@@ -2,9 +2,9 @@
 
 from .backends import BackendUnavailableError
 from .optim import SGD, AdaBelief, AdamW, FusedOptimizer, Lion
-from .schedules import REX, UBA, Constant, Cosine, Linear, LRScheduler, Schedule
+from .schedules import REX, UBA, AppliedLR, Constant, Cosine, Linear, LRScheduler, Schedule
 
 __version__ = "0.1.0"
 
 __all__ = ["AdamW", "AdaBelief", "Lion", "SGD", "FusedOptimizer", "UBA", "Cosine", "Linear", "REX", "Constant",
-           "Schedule", "LRScheduler", "BackendUnavailableError"]
+           "Schedule", "LRScheduler", "AppliedLR", "BackendUnavailableError"]

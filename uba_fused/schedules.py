@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import torch
 
-__all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "LRScheduler", "schedule_from_dict"]
+__all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "LRScheduler", "AppliedLR", "schedule_from_dict"]
 
 # Integer ids shared with the kernels (csrc/schedules.cuh, backends/triton.py).
 KIND_CONSTANT, KIND_UBA, KIND_COSINE, KIND_LINEAR, KIND_REX = 0, 1, 2, 3, 4
@@ -230,3 +230,24 @@ class LRScheduler(torch.optim.lr_scheduler.LRScheduler):
         if not isinstance(schedule, Schedule):
             raise ValueError(f"state_dict['schedule'] must be a schedule dict, got {type(schedule).__name__}")
         super().load_state_dict({**state_dict, "schedule": schedule})
+
+
+class AppliedLR(torch.optim.lr_scheduler.LRScheduler):
+    """A torch LR scheduler for trainers that insist on one, over a uba_fused optimizer with device schedules.
+
+    It never changes a group's ``lr``, so nothing multiplies with the schedule computed in the kernel, and
+    its ``get_last_lr()`` reports the lr the latest ``step()`` applied (``optimizer.get_last_lr()``, read
+    as floats: that syncs, and trainers read it only when they log). HF Trainer logs it as
+    ``learning_rate``: ``Trainer(..., optimizers=(opt, uf.AppliedLR(opt)))``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, last_epoch: int = -1):
+        if not callable(getattr(optimizer, "get_last_lr", None)):
+            raise TypeError(f"AppliedLR reports the lr a uba_fused optimizer applied; got {type(optimizer).__name__}")
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self) -> list:
+        return [group["lr"] for group in self.optimizer.param_groups]  # left as they are
+
+    def get_last_lr(self) -> list[float]:
+        return [float(lr) for lr in self.optimizer.get_last_lr()]

@@ -12,8 +12,13 @@ it) plus the rule's buffers. Each param group carries ``schedule`` and
 
 from __future__ import annotations
 
+import gc
 import math
 import numbers
+import os
+import sys
+import types
+import warnings
 from collections.abc import Callable, Iterable
 from itertools import groupby
 from typing import Any, ClassVar
@@ -80,6 +85,41 @@ def check_betas(betas: Any, n: int = 2) -> None:
         check_real(f"betas[{i}]", b, 0.0, 1.0, hi_open=True)
 
 
+def _caller_level() -> int:
+    """The stacklevel of the first frame outside uba_fused and torch (the user's ``opt.step()``) for warnings."""
+    inside = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _lr_schedulers_of(opt: torch.optim.Optimizer, depth: int = 4) -> list[str]:
+    """Names of the torch LR schedulers that drive ``opt``'s param groups, directly or through a wrapper
+    (accelerate's, under HF Trainer), found by walking the garbage collector's referrers up from ``opt``.
+    Slow, and only called to write a warning, once."""
+    found, seen, layer = [], {id(opt)}, [opt]
+    for _ in range(depth):
+        above = []
+        for obj in layer:
+            for ref in gc.get_referrers(obj):
+                if id(ref) in seen or not (isinstance(ref, dict) or hasattr(ref, "__dict__")) or \
+                        isinstance(ref, (types.FrameType, types.ModuleType, types.FunctionType, type)):
+                    continue
+                seen.add(id(ref))
+                if isinstance(ref, torch.optim.lr_scheduler.LRScheduler):
+                    if getattr(ref.optimizer, "param_groups", None) is opt.param_groups:
+                        found.append(ref)
+                else:
+                    above.append(ref)
+        layer = above
+    names = []
+    for h in found:
+        fns = [getattr(getattr(f, "func", f), "__name__", "") for f in getattr(h, "lr_lambdas", [])]
+        names.append(type(h).__name__ + (f"({fns[0]})" if fns and fns[0] else ""))
+    return names
+
+
 _SET_PARAMS = ("params must be an ordered collection (a list, or model.parameters()), not a set: a set's order "
                "changes between runs, and with it which saved state belongs to which parameter")
 
@@ -103,6 +143,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(params, set):  # torch.optim refuses a set only inside a param group
             raise TypeError(_SET_PARAMS)
         self._last_lr: list[torch.Tensor] = []
+        self._setup_lr: list[Any] = []  # each group's host lr when last seen: a change under a schedule warns
+        self._warned_lr_twice = False
         self._backends: list[str] = []
         self._cache: dict = {}  # backend-owned device tables, rebuilt when storages may have changed
         super().__init__(params, defaults)
@@ -110,7 +152,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if not hasattr(self, "_cache"):  # unpickled or deep-copied: rebuild what is not state
-            self._cache, self._backends, self._last_lr = {}, [], []
+            self._cache, self._backends, self._last_lr, self._setup_lr = {}, [], [], []
+            self._warned_lr_twice = False
             for i in range(len(self.param_groups)):
                 self._setup_group(i)
 
@@ -128,8 +171,26 @@ class FusedOptimizer(torch.optim.Optimizer):
         sig = backends.work.signature(group)
         if self._cache.get(("valid", gi)) != sig:
             self._check_group(group)
+            self._warn_if_lr_scheduled_twice(gi, group)
             self._cache[("valid", gi)] = sig
         return sig
+
+    def _warn_if_lr_scheduled_twice(self, gi: int, group: dict) -> None:
+        """Warn once if a group's host lr changed since it was set up while the group has a schedule: the two
+        multiply. torch LR schedulers (and the trainers that add one, as HF Trainer does) change that lr."""
+        lr, before = group["lr"], self._setup_lr[gi]
+        changed = lr is not before if isinstance(lr, torch.Tensor) or isinstance(before, torch.Tensor) else lr != before
+        self._setup_lr[gi] = lr
+        if not changed or group["schedule"] is None or self._warned_lr_twice:
+            return
+        self._warned_lr_twice = True
+        by = ", ".join(_lr_schedulers_of(self)) or "something outside uba_fused (a torch LR scheduler?)"
+        warnings.warn(
+            f"param_groups[{gi}]['lr'] changed from {before} to {lr}, set by {by}, while the group has "
+            f"schedule={group['schedule']!r}: the lr applied is group lr x schedule factor, so the two schedules "
+            f"multiply. Keep one: schedule=None with the torch scheduler, or the uba_fused schedule with a constant "
+            f"host lr (HF Trainer: lr_scheduler_type='constant'); log the applied lr from opt.get_last_lr().",
+            UserWarning, stacklevel=_caller_level())
 
     def _check_group(self, group: dict) -> None:
         """Every host-side check of a (defaults-filled) group; raises before anything changes."""
@@ -192,9 +253,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             last_lr.copy_(group["lr"])
         else:
             last_lr.fill_(group["lr"])
-        del self._backends[i:], self._last_lr[i:]
+        del self._backends[i:], self._last_lr[i:], self._setup_lr[i:]
         self._backends.append(backend)
         self._last_lr.append(last_lr)
+        self._setup_lr.append(group["lr"])
         self._cache.clear()
 
     @property
