@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -31,6 +32,10 @@ def test_throughput_cli_on_cpu(tmp_path, capsys):
                             "--json", str(out_json), "--plot", str(out_png)]) == 0
     data = json.loads(out_json.read_text())
     assert data["environment"]["copy_GBps"] > 0 and data["environment"]["torch"] == torch.__version__
+    # On the CPU the baseline is a copy in host memory, and the device is the CPU's model, not "x86_64".
+    assert data["environment"]["copy"] == "host memory copy (CPU)"
+    assert data["environment"]["device_name"] == throughput.device_name(torch.device("cpu"))
+    assert data["environment"]["device_name"].endswith(f"({os.cpu_count()} cores)")
     names = [r["name"] for r in data["rows"]]
     assert {"uba_fused.AdamW [torch]", "uba_fused.Lion [torch]", "torch AdamW fused"} <= set(names)
     numel = PRESETS["cpu-small"].numel

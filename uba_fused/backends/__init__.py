@@ -46,7 +46,8 @@ def _triton_reason(device: torch.device) -> str | None:
         return None
     if os.environ.get("TRITON_INTERPRET") == "1" and device.type == "cpu":
         return None
-    return f"triton kernels need CUDA parameters (or CPU parameters with TRITON_INTERPRET=1), got {device}"
+    return (f"the Triton kernels need CUDA parameters, got {device} (TRITON_INTERPRET=1 takes CPU ones, as a slow "
+            f"test mode)")
 
 
 def _cuda_reason(device: torch.device) -> str | None:
@@ -62,7 +63,7 @@ def _cuda_reason(device: torch.device) -> str | None:
         return None
     if os.environ.get(CUDA_ON_CPU) == "1" and device.type == "cpu":
         return None
-    return f"the CUDA kernels need CUDA parameters (or CPU parameters with {CUDA_ON_CPU}=1), got {device}"
+    return f"the CUDA kernels need CUDA parameters, got {device} ({CUDA_ON_CPU}=1 takes CPU ones, as a slow test mode)"
 
 
 def _dtype_reason(dtypes: Iterable[torch.dtype]) -> str | None:

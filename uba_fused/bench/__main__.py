@@ -56,8 +56,8 @@ def environment(device: torch.device) -> dict:
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
-    env["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() \
-        or platform.machine()
+    env["device_name"] = tp.device_name(device)
+    env["copy"] = tp.copy_label(device)
     return env
 
 
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
               "kernels need a GPU; run this on one to measure them.", file=sys.stderr)
     copy_gbps = tp.copy_bandwidth(device, tp.copy_size(device))
     env["copy_GBps"] = copy_gbps
-    print(f"{env['device_name']}: device-to-device copy {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
+    print(f"{env['device_name']}: {env['copy']} {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
 
     plans = []
     for name in args.presets:
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                        "rows": [r.as_dict() for r in rows]}, f, indent=1)
     if args.plot:
         tp.plot(rows, args.plot, f"{env['device_name']}, torch {env['torch']}, {env['date'][:10]}: "
-                                 f"copy {copy_gbps:.0f} GB/s")
+                                 f"{env['copy']} {copy_gbps:.0f} GB/s", env["copy"])
     return 0
 
 

@@ -2,13 +2,16 @@
 
 For every row: median time per ``step()`` over many steps after warm-up (CUDA events on a GPU,
 wall clock on the CPU), the minimal bytes that step must move (read p, g and the state, write p and
-the state), GB/s, that rate as a fraction of a device-to-device copy measured in the same run,
+the state), GB/s, that rate as a fraction of a copy measured in the same run (within GPU memory, or
+within host memory on the CPU),
 speed-up against torch's fused AdamW (SGD rows: torch's fused SGD), and host time per ``step()``.
 Gradients are new tensor objects before every step, as ``zero_grad(set_to_none=True)`` gives.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -213,7 +216,7 @@ def format_table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], path: str, title: str) -> None:
+def plot(rows: list[Row], path: str, title: str, copy: str = "device-to-device copy") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -227,13 +230,31 @@ def plot(rows: list[Row], path: str, title: str) -> None:
         ax.barh([r.name for r in sel], [r.frac_copy for r in sel], color=colors)
         ax.axvline(1.0, color="k", lw=0.8, ls="--")
         ax.invert_yaxis()
-        ax.set_xlabel("minimal bytes moved per second / device-to-device copy bandwidth")
+        ax.set_xlabel(f"minimal bytes moved per second / {copy} bandwidth")
         ax.set_title(f"{preset}, {dt}")
         for i, r in enumerate(sel):
             ax.text(r.frac_copy, i, f" {r.ms:.2f} ms", va="center", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model (from /proc/cpuinfo where there is one) and its core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def copy_label(device: torch.device) -> str:
+    """What the copy baseline measured: a copy within GPU memory, or within host memory on the CPU."""
+    return "device-to-device copy" if device.type == "cuda" else "host memory copy (CPU)"
 
 
 def copy_size(device: torch.device) -> int:

@@ -31,6 +31,8 @@ from torch import nn
 
 import uba_fused as uf
 
+from .throughput import device_name
+
 SCHEDULES = {
     "UBA phi=0.5": lambda T, W: uf.UBA(T, phi=0.5, warmup_steps=W),
     "UBA phi=1": lambda T, W: uf.UBA(T, phi=1.0, warmup_steps=W),
@@ -282,7 +284,7 @@ def main(argv=None) -> int:
         results.append({"task": task, "budget": budget, "schedule": sched, "seed": seed, **r})
     summary = summarize(results)
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine(),
+           "device": device_name(device),
            "torch": torch.__version__, "python": platform.python_version(), "uba_fused": uf.__version__,
            "seconds": round(time.time() - t0, 1)}
     print(format_table(summary))

@@ -29,6 +29,7 @@ from .. import _ext, backends
 from ..backends.plan import is_dense
 from ..schedules import Schedule, schedule_from_dict
 
+_disable_dynamo = getattr(torch, "_disable_dynamo", torch.compiler.disable)
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch.optim flags whose True we cannot honour, and why (in a constructor or in a param group).
 _REFUSED_FLAGS = {
@@ -286,8 +287,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # Under torch.compile the closure above is traced, this is not: the kernels update memory through
     # addresses in device tables, which no graph can see, so Dynamo must not reorder, fuse or replay
-    # them; it runs eagerly (one graph break per step, and no launch is lost by it).
-    @torch.compiler.disable
+    # them; it runs eagerly (one graph break per step, and no launch is lost by it). torch's lazy form
+    # of torch.compiler.disable: that one imports torch._dynamo (1.4 s) when `import uba_fused` runs,
+    # this one at the first step, as torch.optim's own optimizers do.
+    @_disable_dynamo
     def _update(self) -> None:
         work = self._steady_work()
         if work is not None:  # the gradients sit where they sat last step: no Python loop over parameters
