@@ -4,7 +4,9 @@
   through table-loaded pointers and 0.98 with them: full aligned chunks must keep 128-bit accesses.
 - On an H100 the kernel once used 255 registers per thread and spilled (ptxas: 532 bytes of spill
   stores for AdamW fp32, 688 for bf16); bf16 then reached only 0.70-0.74 of copy bandwidth, against
-  0.93-0.94 for the CUDA kernel at 61 registers. The guard: at most 128 registers, no spills.
+  0.93-0.94 for the CUDA kernel at 61 registers. It now takes 40-56 (triton 3.6 and 3.8). The guard:
+  at most 80 registers (6 blocks of 128 threads per SM), which leaves room for another compiler's
+  choices and still catches a return towards 128, and no spills.
 
 It compiles in a subprocess because the interpreter (TRITON_INTERPRET=1) replaces triton.jit here,
 and reads registers and spills from Triton's own ptxas (``ptxas -v``) on the PTX it produced.
@@ -25,7 +27,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 CASES = [(r, d) for r in RULES for d in DTYPES]
 # Tensors each rule streams on a full chunk: (loaded, stored).
 STREAMS = {"adamw": (4, 3), "adabelief": (4, 3), "lion": (3, 2), "sgd": (3, 2)}
-MAX_REGISTERS = 128
+MAX_REGISTERS = 80
 
 SCRIPT = r"""
 import json, os, re, shutil, subprocess, sys, tempfile

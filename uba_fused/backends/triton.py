@@ -31,13 +31,16 @@ from .work import RULE_ID, GroupWork
 
 BLOCK = 4096      # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
-# A program walks its chunk in sub-tiles of one 16-byte vector per thread and tensor (512 fp32 or
-# 1024 bf16 elements with 4 warps), as the CUDA kernel's loop does. The whole chunk at once kept 32
-# elements of each of 4 tensors per thread live: ptxas (sm_90) gave 255 registers and spilled 532
-# bytes per thread (AdamW fp32; 688 in bf16), and on an H100 bf16 reached only 0.70-0.74 of copy
-# bandwidth. In sub-tiles (ptxas, sm_90): AdamW 56 registers in fp32 and 95 in bf16, no spills;
-# two vectors per thread and tensor gave 238 in bf16. tests/test_triton_codegen.py keeps the bound.
+# A program walks its chunk in sub-tiles: on the vector path (aligned full chunks) one 16-byte vector per
+# thread and tensor (512 fp32 or 1024 bf16 elements with 4 warps), as the CUDA kernel's loop does; on
+# the scalar paths (a tensor's last chunk, a misaligned tensor) 4 elements per thread, since each scalar
+# access holds its own 64-bit address. The whole chunk at once kept 32 elements of each of 4 tensors per
+# thread live: ptxas (sm_90) gave 255 registers and spilled 532 bytes per thread (AdamW fp32; 688 in
+# bf16), and on an H100 bf16 reached only 0.70-0.74 of copy bandwidth. Sub-tiles of one vector on every
+# path still took 95 registers in bf16 (128 with triton 3.6's ptxas), all of it on the scalar paths;
+# now 40-56 registers in every rule and dtype, no spills. tests/test_triton_codegen.py keeps the bound.
 VECTOR_BYTES = 16
+_SCALAR_SUB = tl.constexpr(4 * 32 * NUM_WARPS)
 # Table layouts of plan.py, as compile-time constants of the kernels.
 _NT = tl.constexpr(TENSOR_COLS)
 _NO_GRAD = tl.constexpr(NO_GRAD)
@@ -184,9 +187,9 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
         if (info & 1) != 0:
             _chunk(RULE, DTYPE, BLOCK, SUB, False, True, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
         else:
-            _chunk(RULE, DTYPE, BLOCK, SUB, False, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
+            _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, False, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
     elif start < numel:
-        _chunk(RULE, DTYPE, BLOCK, SUB, True, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
+        _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, True, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
