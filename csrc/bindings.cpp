@@ -41,9 +41,9 @@ double schedule_factor_host(int64_t step, int64_t kind, double warmup, double to
 
 // The tables of one launch, checked as a whole before any address in them is read: every table on
 // the device of `work`, of its dtype, contiguous, of consistent shapes, and known rule and dtype codes.
-uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& groups,
-                               const at::Tensor& gaddr, const at::Tensor& done, int64_t n_groups, bool advance,
-                               int64_t rule, int64_t dtype) {
+uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads,
+                               const at::Tensor& groups, const at::Tensor& gaddr, const at::Tensor& done,
+                               int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
   const char* what = "uba_fused._C.fused_step: ";
   const auto device = work.device();
   TORCH_CHECK(device.is_cuda() || device.is_cpu(), what, "the tables must be CUDA or CPU tensors, got ", device);
@@ -51,8 +51,8 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
     const at::Tensor& t;
     at::ScalarType type;
     const char* name;
-  } tables[] = {{work, at::kLong, "work"}, {tensors, at::kLong, "tensors"}, {groups, at::kDouble, "groups"},
-                {gaddr, at::kLong, "gaddr"}, {done, at::kInt, "done"}};
+  } tables[] = {{work, at::kLong, "work"}, {tensors, at::kLong, "tensors"}, {grads, at::kLong, "grads"},
+                {groups, at::kDouble, "groups"}, {gaddr, at::kLong, "gaddr"}, {done, at::kInt, "done"}};
   for (const auto& table : tables) {
     TORCH_CHECK(table.t.defined(), what, table.name, " is undefined");
     TORCH_CHECK(table.t.device() == device, what, table.name, " is on ", table.t.device(), ", expected ", device,
@@ -64,6 +64,8 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
   TORCH_CHECK(work.dim() == 2 && work.size(1) == 2, what, "work must have shape [items, 2], got ", work.sizes());
   TORCH_CHECK(tensors.dim() == 2 && tensors.size(1) == uf::kTensorCols && tensors.size(0) >= 1, what,
               "tensors must have shape [rows >= 1, ", uf::kTensorCols, "], got ", tensors.sizes());
+  TORCH_CHECK(grads.dim() == 1 && grads.numel() >= 1, what, "grads must be a vector of >= 1 addresses, got ",
+              grads.sizes());
   TORCH_CHECK(n_groups >= 1 && groups.dim() == 2 && groups.size(1) == uf::kGroupCols && groups.size(0) == n_groups,
               what, "groups must have shape [n_groups = ", n_groups, ", ", uf::kGroupCols, "], got ", groups.sizes());
   TORCH_CHECK(gaddr.numel() == 2 * n_groups, what, "gaddr must hold 2 * n_groups = ", 2 * n_groups,
@@ -72,16 +74,18 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
               " counters, got ", done.numel());
   TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, what, "unknown rule ", rule);
   TORCH_CHECK(dtype >= uf::kFloat32 && dtype <= uf::kFloat16, what, "unknown dtype code ", dtype);
-  return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), groups.data_ptr<double>(), gaddr.data_ptr<int64_t>(),
-          done.data_ptr<int>(), work.size(0), static_cast<int>(tensors.size(0)), static_cast<int>(n_groups),
-          advance ? 1 : 0};
+  return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), grads.data_ptr<int64_t>(), groups.data_ptr<double>(),
+          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), work.size(0), static_cast<int>(tensors.size(0)),
+          static_cast<int>(n_groups), advance ? 1 : 0};
 }
 
 // One launch of the fused step over the tables of one plan part (backends/cuda.py). Tables in CPU
 // memory (CPU parameters) run the kernel body on the host instead: see run_fused_step_on_host.
-void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& groups, const at::Tensor& gaddr,
-                const at::Tensor& done, int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
-  const uf::FusedStepArgs args = checked_args(work, tensors, groups, gaddr, done, n_groups, advance, rule, dtype);
+void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
+                const at::Tensor& gaddr, const at::Tensor& done, int64_t n_groups, bool advance, int64_t rule,
+                int64_t dtype) {
+  const uf::FusedStepArgs args =
+      checked_args(work, tensors, grads, groups, gaddr, done, n_groups, advance, rule, dtype);
   if (work.device().is_cpu()) {
     TORCH_CHECK(uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(dtype)),
                 "uba_fused: fused_step on the host: unknown rule or dtype");
@@ -151,7 +155,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("step"), py::arg("kind"), py::arg("warmup"), py::arg("total"), py::arg("min_ratio"),
         py::arg("phi"));
   m.def("fused_step", &fused_step, "one fused optimizer step over the device tables of a plan part",
-        py::arg("work"), py::arg("tensors"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
+        py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
         py::arg("n_groups"), py::arg("advance"), py::arg("rule"), py::arg("dtype"));
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))

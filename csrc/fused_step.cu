@@ -115,7 +115,7 @@ struct Item {
   T* b;
   float* step;
   int64_t slot, start, end, n_chunks;
-  bool vector;       // an aligned full chunk: 128-bit accesses, no bounds checks
+  bool vector;       // a full chunk, all four tensors 16-byte aligned: 128-bit accesses, no bounds checks
   bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
   float k;           // this tensor's step count after this update
   RuleScalars s;
@@ -127,17 +127,18 @@ UF_HD Item<T> open_item(const FusedStepArgs& args, int64_t item) {
   it.slot = args.work[2 * item];
   it.start = args.work[2 * item + 1];
   const int64_t* row = args.tensors + it.slot * kTensorCols;
+  const int64_t grad = args.grads[row[kGradSlot]];
   it.p = reinterpret_cast<T*>(row[kParam]);
-  it.g = reinterpret_cast<const T*>(row[kGrad]);
+  it.g = reinterpret_cast<const T*>(grad);
   it.a = reinterpret_cast<T*>(row[kState0]);
   it.b = reinterpret_cast<T*>(row[kState1]);
   it.step = reinterpret_cast<float*>(row[kStep]);
-  const bool live = row[kGrad] != kNoGrad;  // a tensor without a gradient this step keeps its row, skipped
+  const bool live = grad != kNoGrad;  // a tensor without a gradient this step keeps its row, skipped
   const int64_t numel = live ? row[kNumel] : 0, info = row[kInfo];
   it.end = numel - it.start < kChunk ? numel : it.start + kChunk;
   it.n_chunks = info >> 1;
   it.writes_step = live && it.slot < args.n_rows - 1;  // the last row is the sentinel
-  it.vector = (info & 1) && it.end - it.start == kChunk;
+  it.vector = (info & 1) && grad % 16 == 0 && it.end - it.start == kChunk;  // the gradient moves: checked here
   const double* grow = args.groups + row[kGroup] * kGroupCols;
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
   it.k = *it.step + 1.0f;

@@ -22,6 +22,7 @@ enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 struct FusedStepArgs {
   const int64_t* work;     // [n_items, 2]
   const int64_t* tensors;  // [n_rows, kTensorCols]
+  const int64_t* grads;    // [slots]: each tensor's gradient address (kNoGrad: none), at its kGradSlot
   const double* groups;    // [n_groups, kGroupCols]
   const int64_t* gaddr;    // [n_groups, 2]
   int* done;               // [n_rows + 1]

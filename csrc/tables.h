@@ -9,10 +9,11 @@ enum GroupCol : int {
   kOneMinusDampening, kNesterov, kKind, kWarmup, kTotal, kMinRatio, kPhi, kHasState, kGroupCols
 };
 
-// Columns of the per-tensor int64 table (plan.TENSOR_COLS): addresses, then sizes.
-enum TensorCol : int { kParam = 0, kGrad, kState0, kState1, kStep, kNumel, kGroup, kInfo, kTensorCols };
+// Columns of the per-tensor int64 table (plan.TENSOR_COLS): addresses, the tensor's slot in the gradient
+// table, sizes. kInfo = n_chunks << 1 | (parameter and state 16-byte aligned).
+enum TensorCol : int { kParam = 0, kGradSlot, kState0, kState1, kStep, kNumel, kGroup, kInfo, kTensorCols };
 
-// The kGrad entry of a tensor without a gradient this step: the kernels skip it (plan.NO_GRAD).
+// The gradient table's entry for a tensor without a gradient this step: the kernels skip it (plan.NO_GRAD).
 constexpr long long kNoGrad = -1;
 
 // Update rules (backends/triton.py _RULE_ID).

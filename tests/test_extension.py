@@ -60,9 +60,10 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     p, g = torch.randn(10, generator=gen), torch.randn(10, generator=gen)
     step, counter, lr_out = torch.zeros(()), torch.zeros((), dtype=torch.int64), torch.zeros(())
     before = p.clone()
-    tensors = torch.tensor([[p.data_ptr(), g.data_ptr(), 0, 0, step.data_ptr(), 10, 0, 1 << 1],
-                            [0, 0, 0, 0, step.data_ptr(), 0, 0, 1 << 1]])  # SGD without momentum: no state
-    good = {"work": torch.tensor([[0, 0], [1, 0]]), "tensors": tensors,
+    # One tensor (gradient slot 0), the sentinel (slot 1: no gradient); SGD without momentum keeps no state.
+    tensors = torch.tensor([[p.data_ptr(), 0, 0, 0, step.data_ptr(), 10, 0, 1 << 1],
+                            [0, 1, 0, 0, step.data_ptr(), 0, 0, 1 << 1]])
+    good = {"work": torch.tensor([[0, 0], [1, 0]]), "tensors": tensors, "grads": torch.tensor([g.data_ptr(), -1]),
             "groups": torch.zeros(1, len(plan.GROUP_COLS), dtype=torch.float64),
             "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]), "done": torch.zeros(3, dtype=torch.int32)}
 
@@ -78,12 +79,14 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
            ({"groups": torch.zeros(2, n, dtype=torch.float64)}, r"groups must have shape \[n_groups = 1"),
            ({"gaddr": torch.zeros(1, dtype=torch.int64)}, "gaddr must hold 2 \\* n_groups = 2 addresses, got 1"),
            ({"tensors": tensors.t().contiguous().t()}, "tensors must be contiguous"),
+           ({"grads": torch.zeros(0, dtype=torch.int64)}, r"grads must be a vector of >= 1 addresses, got \[0\]"),
+           ({"grads": good["grads"].int()}, "grads must be Long"),
            ({"rule": 4}, "unknown rule 4"),
            ({"dtype": 3}, "unknown dtype code 3")]
     # A table on another device than work's must be refused before any address is read (on a GPU, a CUDA
     # table beside CPU ones crashed the interpreter once). The meta device shows it without a GPU.
     others = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
-    for name in ("tensors", "groups", "gaddr", "done"):
+    for name in ("tensors", "grads", "groups", "gaddr", "done"):
         for dev in others:
             bad.append(({name: good[name].to(dev)}, f"{name} is on {dev}(:0)?, expected cpu"))
     bad.append(({"work": good["work"].to("meta")}, "the tables must be CUDA or CPU tensors, got meta"))

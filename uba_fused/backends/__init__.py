@@ -1,6 +1,6 @@
 """Backend registry and the one ``backend=`` option.
 
-Every backend module exposes ``prepare(rule, work, cache) -> launch`` with the
+Every backend module exposes ``prepare(rule, work, cache, grads) -> launch`` with the
 semantics written in ``work.py``; the optimizer classes never know which one
 runs. ``resolve`` turns a requested name into a usable backend for the
 parameters' device, once per param group.
@@ -15,9 +15,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from .work import RULES, GroupWork
+from .plan import CaptureError, GradScan
+from .work import RULES, Capture, GradSource, GroupWork
 
-__all__ = ["NAMES", "RULES", "KERNEL_DTYPES", "GroupWork", "BackendUnavailableError", "availability", "resolve", "get"]
+__all__ = ["NAMES", "RULES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
+           "BackendUnavailableError", "availability", "resolve", "get", "capturing"]
 
 NAMES = ("auto", "torch", "triton", "cuda")
 # "auto" tries these in order; the first usable one wins. CUDA first: on an H100 (GPT-2-medium list,
@@ -97,7 +99,12 @@ def resolve(requested: str, device: torch.device | str, dtypes: Iterable[torch.d
     return requested
 
 
-PrepareFn = Callable[[str, Sequence[GroupWork], dict], Callable[[], None]]
+PrepareFn = Callable[[str, Sequence[GroupWork], dict, "GradSource | None"], Callable[[], None]]
+
+
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (a step then keeps what the graph reads)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @functools.cache  # called every step: skip the import machinery after the first time

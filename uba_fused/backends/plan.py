@@ -1,16 +1,23 @@
 """Device tables that let one kernel launch update a whole parameter list (shared by the kernel backends).
 
 A plan is built once per (rule, set of parameters the optimizer hands over: those with a gradient
-or with state) and cached in the optimizer; each step only refreshes what changed: gradient
-addresses (NO_GRAD where a parameter has no gradient this step, and the kernels skip its row; new
-``.grad`` tensors after ``zero_grad(set_to_none=True)`` usually land at the same addresses, and then
-nothing is copied) and the per-group hyper-parameters (copied only when a host value changed; a
-tensor ``lr`` is copied device to device every step).
+or with state) and cached in the optimizer. Each step copies only what changed: the gradient
+addresses, one int64 per parameter of the optimizer, in one copy (none at all when every gradient
+sits where the last step found it, which the caching allocator usually arranges), and the group
+rows when a host value changed (a tensor ``lr`` is copied device to device every step).
+
+Every host-to-device copy reads pinned memory (``_to_device``, ``GradSource.staged``): a copy from
+pageable memory may make the host wait, and CUDA-graph capture refuses it. A step captured into a
+graph reads the gradient addresses from a table of its own, refilled by the graph at every replay
+from a pinned block it owns, so eager steps and replays never overwrite each other's addresses.
 
 Tables, all on the parameters' device:
-  tensors  int64 [n + 1, 8]  per tensor: addresses of p, g (or NO_GRAD), state0, state1, step; numel;
-                             group; info (= n_chunks << 1 | aligned). Row n is a sentinel with no elements,
-                             so a launch always has a program that advances the group counters.
+  tensors  int64 [n + 1, 8]  per tensor: addresses of p, its gradient's slot in ``grads``, addresses of
+                             state0, state1, step; numel; group; info (= n_chunks << 1 | p and state
+                             16-byte aligned). Row n is a sentinel with no elements, so a launch always
+                             has a program that advances the group counters.
+  grads    int64 [m + 1]     per parameter of the optimizer (m of them, flat, in group order): the address
+                             of its gradient this step, or NO_GRAD; entry m stays NO_GRAD (the sentinel's)
   work     int64 [items, 2]  per program: (tensor row, first element); every tensor has >= 1 chunk
   done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
   groups   float64 [G, 18]   per group: the columns of GROUP_COLS
@@ -28,8 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import _ext
 from ..schedules import KIND_CONSTANT
-from .work import GroupWork
+from .work import Capture, GradSource, GroupWork
 
 # Columns of the group table. One minus a beta is computed here in float64: in float32,
 # 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
@@ -38,8 +46,17 @@ GROUP_COLS = ("lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log
               "min_ratio", "phi", "has_state")
 G = {name: i for i, name in enumerate(GROUP_COLS)}
 TENSOR_COLS = 8
-NO_GRAD = -1  # the gradient address of a row without a gradient this step (an empty tensor's address is 0)
+NO_GRAD = -1  # the gradient address of a parameter without a gradient this step (an empty tensor's is 0)
 ALIGN = 16  # bytes: what a 128-bit vector access needs
+
+
+class CaptureError(RuntimeError):
+    """A rule of CUDA-graph capture was broken; the message names it."""
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``, copied from pinned memory (see the module's docstring)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -86,14 +103,9 @@ class Part:
     """The tensors of one dtype: one launch."""
 
     dtype: torch.dtype
-    members: list[tuple[int, int]]          # (position in work, index in that GroupWork)
     tensors: torch.Tensor
     work: torch.Tensor
     done: torch.Tensor
-    info: torch.Tensor                      # host copy of the info column (int64), gradients not yet counted
-    params: list[torch.Tensor]
-    flat_index: list[int] | None            # positions in the flat gradient list; None: all, in order
-    grad_ptrs: list[int] | None = None
 
 
 @dataclass
@@ -103,9 +115,9 @@ class Plan:
     parts: list[Part]
     groups: torch.Tensor
     gaddr: torch.Tensor
+    grads: torch.Tensor                     # the gradient table of eager steps (captured steps own theirs)
     row_sigs: list[tuple]                   # signatures of the group rows last uploaded
     scratch: torch.Tensor                   # where the sentinel row and absent state point; never written
-    keep: list[torch.Tensor]                # temporaries whose addresses a table holds this step
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
 
     @staticmethod
@@ -116,98 +128,137 @@ class Plan:
         return (rule,) + tuple((w.index, id(w.params)) for w in work)
 
     @classmethod
-    def for_step(cls, cache: dict, name: str, rule: str, work: Sequence[GroupWork], block: int) -> Plan:
-        """The plan of backend ``name`` cached for this selection (built if there is none), refreshed."""
+    def for_step(cls, cache: dict, name: str, rule: str, work: Sequence[GroupWork], block: int,
+                 source: GradSource) -> tuple[Plan, torch.Tensor]:
+        """The plan of backend ``name`` for this selection (built if none is cached) with its group rows
+        current, and the gradient table its kernels read this step, current too. Never syncs."""
         plan = cache.get(name)
-        if plan is None or plan.key != cls.key_of(rule, work):
-            plan = cache[name] = cls.build(rule, work, block)
-        plan.refresh(work)
-        return plan
+        built = plan is None or plan.key != cls.key_of(rule, work)
+        if built:
+            if source.capture is not None:
+                raise CaptureError("CUDA-graph capture of step() found no device tables for these parameters (none "
+                                   "built yet, or a state dict loaded since): run eager steps before capturing, with "
+                                   "the same parameters receiving gradients (PyTorch's recipe warms up on a side "
+                                   "stream)")
+            plan = cache[name] = cls.build(rule, work, block, len(source.addresses))
+        plan.upload_rows(work, source.capture)
+        table = plan.grads
+        if source.capture is not None:  # the graph's own table, and the plan it reads, for the graph's life
+            table = torch.empty_like(plan.grads)
+            source.capture.keep += [table, plan]
+        if built or source.changed or source.capture is not None:
+            table.copy_(source.staged(plan.device), non_blocking=True)
+        return plan, table
 
     @classmethod
-    def build(cls, rule: str, work: Sequence[GroupWork], block: int) -> Plan:
+    def build(cls, rule: str, work: Sequence[GroupWork], block: int, n_slots: int) -> Plan:
         device = work[0].schedule_step.device
         scratch = torch.zeros(ALIGN, dtype=torch.float64, device=device)
         by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
-        flat_of: dict[tuple[int, int], int] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
                 by_dtype.setdefault(p.dtype, []).append((wi, i))
-                flat_of[wi, i] = len(flat_of)
         if not by_dtype:
             by_dtype[torch.float32] = []
         parts = []
         for dtype, members in by_dtype.items():
-            rows, info = [], []
+            rows, chunks = [], []
             for wi, i in members:
                 w = work[wi]
                 p = w.params[i]
                 states = [w.state[n][i] for n in w.state]
-                ptrs = [p.data_ptr(), 0] + [s.data_ptr() for s in states] + [scratch.data_ptr()] * (2 - len(states))
-                aligned = all(x % ALIGN == 0 for x in ptrs if x)  # the gradient is checked at refresh
-                n_chunks = max(1, -(-p.numel() // block))
-                info.append(n_chunks << 1 | int(aligned))
-                rows.append(ptrs + [w.steps[i].data_ptr(), p.numel(), wi, info[-1]])
+                ptrs = [p.data_ptr()] + [s.data_ptr() for s in states] + [scratch.data_ptr()] * (2 - len(states))
+                aligned = all(x % ALIGN == 0 for x in ptrs if x)  # the kernels check the gradient's each step
+                chunks.append(max(1, -(-p.numel() // block)))
+                rows.append([ptrs[0], w.slots[i], *ptrs[1:], w.steps[i].data_ptr(), p.numel(), wi,
+                             chunks[-1] << 1 | int(aligned)])
             s = scratch.data_ptr()
-            rows.append([s, s, s, s, s, 0, 0, 1 << 1])
-            parts.append(Part(dtype, members,
-                              torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True),
-                              work_items([x >> 1 for x in info] + [1], block).to(device, non_blocking=True),
-                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device),
-                              torch.tensor(info, dtype=torch.int64),
-                              [work[wi].params[i] for wi, i in members],
-                              None if len(by_dtype) == 1 else [flat_of[m] for m in members]))
-        gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work],
-                             dtype=torch.int64).to(device, non_blocking=True)
-        plan = cls(cls.key_of(rule, work), device, parts, torch.zeros(len(work), len(GROUP_COLS),
-                   dtype=torch.float64, device=device), gaddr, [], scratch, [], [w.params for w in work])
-        return plan
+            rows.append([s, n_slots - 1, s, s, s, 0, 0, 1 << 1])  # the sentinel: the last slot is NO_GRAD
+            parts.append(Part(dtype, _to_device(torch.tensor(rows, dtype=torch.int64), device),
+                              _to_device(work_items(chunks + [1], block), device),
+                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device)))
+        gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
+        return cls(cls.key_of(rule, work), device, parts,
+                   torch.zeros(len(work), len(GROUP_COLS), dtype=torch.float64, device=device),
+                   _to_device(gaddr, device), torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
+                   scratch, [w.params for w in work])
 
-    def refresh(self, work: Sequence[GroupWork]) -> None:
-        """Bring gradient addresses and group rows up to date; copies only what changed; never syncs."""
-        self.keep = []
-        if all(w.grads is None for w in work):  # the steady state: addresses known without Python's help
-            if work and work[0].grad_ptrs is not None:
-                self._set_grad_ptrs(torch.cat([w.grad_ptrs for w in work]))
-            flat = None
-        else:
-            flat = [g for w in work for g in w.grads]
-        for part in self.parts if flat is not None else ():
-            grads = flat if part.flat_index is None else [flat[j] for j in part.flat_index]
-            ptrs = [NO_GRAD if g is None else g.data_ptr() for g in grads]
-            if ptrs == part.grad_ptrs:
-                continue  # the usual case: the caching allocator hands out the same addresses every step
-            part.grad_ptrs = ptrs
-            for j, g in enumerate(grads):
-                p = part.params[j]
-                if g is not None and g.stride() != p.stride():  # a hand-set gradient, another layout: walk a copy
-                    grads[j] = torch.empty_like(p).copy_(g)
-                    self.keep.append(grads[j])
-                    ptrs[j] = grads[j].data_ptr()
-                    part.grad_ptrs = None  # compare afresh next step
-            self._write_grad_column(part, torch.tensor(ptrs, dtype=torch.int64))
-        self._upload_rows(work)
-
-    def _set_grad_ptrs(self, flat: torch.Tensor) -> None:
-        """New gradient addresses (int64 CPU, in the order of the plan's params), all laid out like their params."""
-        for part in self.parts:
-            ptrs = flat if part.flat_index is None else flat[part.flat_index]
-            self._write_grad_column(part, ptrs)
-            part.grad_ptrs = ptrs.tolist()
-
-    def _write_grad_column(self, part: Part, ptrs: torch.Tensor) -> None:
-        """Gradient addresses into the table, and each tensor's aligned bit with its gradient counted."""
-        info = part.info & ~1 | (part.info & 1 & (ptrs % ALIGN == 0).long())
-        cols = torch.stack([ptrs, info], 1).to(self.device, non_blocking=True)
-        part.tensors[:-1, 1].copy_(cols[:, 0])
-        part.tensors[:-1, 7].copy_(cols[:, 1])
-
-    def _upload_rows(self, work: Sequence[GroupWork]) -> None:
+    def upload_rows(self, work: Sequence[GroupWork], capture: Capture | None) -> None:
+        """The group rows, uploaded when a group's host values changed (a torch scheduler's lr, say);
+        a tensor lr copied on the device every step, so that a graph's replays read its current value."""
         sigs = [w.signature for w in work]
-        if sigs != self.row_sigs:  # a group's host values changed (a torch scheduler's lr, say): upload its rows
-            rows = [group_row(w) for w in work]
-            self.groups.copy_(torch.tensor(rows, dtype=torch.float64), non_blocking=True)
+        if sigs != self.row_sigs:
+            if capture is not None and self.row_sigs:
+                changed = [w.index for w, a, b in zip(work, sigs, self.row_sigs) if a != b]
+                raise CaptureError(f"param_groups{changed}: hyper-parameters changed since the last eager step, "
+                                   f"during CUDA-graph capture; change them before the warm-up steps (a tensor lr "
+                                   f"may change any time, by fill_)")
+            rows = torch.tensor([group_row(w) for w in work], dtype=torch.float64)
+            self.groups.copy_(_to_device(rows, self.device), non_blocking=True)
             self.row_sigs = sigs
         for wi, w in enumerate(work):
             if isinstance(w.hyper["lr"], torch.Tensor):
                 self.groups[wi, G["lr"]].copy_(w.hyper["lr"].reshape(()), non_blocking=True)
+
+
+class GradScan:
+    """The addresses of an optimizer's gradients, step after step, for the kernel backends: one entry per
+    parameter in the optimizer's flat order, and a last one, NO_GRAD, for the tables' sentinel row.
+
+    ``steady()`` is the common case: one C++ pass (``uba_fused._C.GradAddresses``) confirms that every
+    gradient is present, dense and like its parameter, and says whether any moved since ``record()``;
+    no Python loop visits the parameters. ``full()`` is the Python path for everything else."""
+
+    UNCHANGED, MOVED, OTHER = 0, 1, 2  # what GradAddresses.scan answers
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.addresses = torch.full((len(params) + 1,), NO_GRAD, dtype=torch.int64)
+        self._scan_out = self.addresses[:-1]
+        c = getattr(_ext._C, "GradAddresses", None)
+        self._c = c(params) if c is not None else None
+        self._recorded = False
+        self._cuda = any(p.is_cuda for p in params)
+        self._spare: torch.Tensor | None = None  # a pinned block set aside for the next captured step
+
+    def steady(self, capture: Capture | None) -> GradSource | None:
+        """This step's gradients, if one C++ pass can vouch for them all; else None (take ``full()``)."""
+        if self._c is None or not self._recorded:
+            return None
+        status = self._c.scan(self._scan_out)
+        return None if status == self.OTHER else self._source(self.addresses, status == self.MOVED, capture, [])
+
+    def full(self, grads: list[torch.Tensor | None], capture: Capture | None) -> GradSource:
+        """From the gradients themselves (checked by the optimizer), one per parameter in flat order. One
+        laid out unlike its parameter (set by hand, say) is walked as a copy in the parameter's layout."""
+        ptrs, keep = [], []
+        for p, g in zip(self.params, grads):
+            if g is None:
+                ptrs.append(NO_GRAD)
+                continue
+            if g.stride() != p.stride():
+                g = torch.empty_like(p).copy_(g)
+                keep.append(g)
+            ptrs.append(g.data_ptr())
+        return self._source(torch.tensor(ptrs + [NO_GRAD], dtype=torch.int64), True, capture, keep)
+
+    def _source(self, addresses: torch.Tensor, changed: bool, capture: Capture | None, keep: list) -> GradSource:
+        source = GradSource(addresses, changed, capture, keep)
+        if capture is not None and self._spare is not None:
+            source.pinned = self._spare.copy_(addresses)  # a host copy: nothing for the capture to refuse
+            capture.keep.append(self._spare)
+            self._spare = None
+        return source
+
+    def after_eager_step(self, grads: GradSource | None) -> None:
+        """The addresses just copied into the plans' own tables are the reference of the next ``steady()``;
+        and a pinned block is set aside for a step that a CUDA graph may capture next."""
+        if grads is not None and grads.changed and self._c is not None:
+            self._c.record()
+            self._recorded = True
+        if self._cuda and self._spare is None:
+            self._spare = torch.empty(self.addresses.shape, dtype=torch.int64, pin_memory=True)
+
+    def after_captured_step(self) -> None:
+        """Those addresses went to the graph's own table, not to the plans': the next eager step copies its own."""
+        self._recorded = False

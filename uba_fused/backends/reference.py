@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .work import GroupWork
+from .work import GradSource, GroupWork
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -85,8 +85,8 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
-    return lambda: _run(UPDATES[rule], work)
+def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource | None) -> Callable[[], None]:
+    return lambda: _run(UPDATES[rule], work)  # the gradients are in work (GroupWork.grads)
 
 
 def _run(update, work: Sequence[GroupWork]) -> None:

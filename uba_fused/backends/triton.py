@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .plan import GROUP_COLS, NO_GRAD, TENSOR_COLS, Plan
-from .work import RULE_ID, GroupWork
+from .work import RULE_ID, GradSource, GroupWork
 
 BLOCK = 4096      # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
@@ -162,7 +162,7 @@ def _chunk(RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl
 
 
 @triton.jit
-def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
+def _step_kernel(work, tensors, grads, groups, gaddr, done, n_rows, n_groups, advance,
                  RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
                  GROUPS: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
@@ -170,7 +170,7 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
     start = tl.load(work + 2 * pid + 1)
     trow = tensors + slot * _NT
     p_addr = tl.load(trow + 0)
-    g_addr = tl.load(trow + 1)
+    g_addr = tl.load(grads + tl.load(trow + 1))  # the gradient table, at this tensor's slot
     a_addr = tl.load(trow + 2)
     b_addr = tl.load(trow + 3)
     step_ptr = tl.load(trow + 4).to(tl.pointer_type(tl.float32))
@@ -183,13 +183,14 @@ def _step_kernel(work, tensors, groups, gaddr, done, n_rows, n_groups, advance,
     s = _rule_scalars(row, k, lr)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
 
+    addrs = (p_addr, g_addr, a_addr, b_addr)
     if start + BLOCK <= numel:
-        if (info & 1) != 0:
-            _chunk(RULE, DTYPE, BLOCK, SUB, False, True, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
+        if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
+            _chunk(RULE, DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, s, has_state)
         else:
-            _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, False, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
+            _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel, s, has_state)
     elif start < numel:
-        _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, True, False, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state)
+        _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, s, has_state)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
@@ -216,15 +217,15 @@ def sub_tile(dtype: torch.dtype) -> int:
     return VECTOR_BYTES * 32 * NUM_WARPS // dtype.itemsize
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: dict) -> Callable[[], None]:
-    plan = Plan.for_step(cache, "triton", rule, work, BLOCK)
-    return lambda: _launch(plan, rule, len(work))
+def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource) -> Callable[[], None]:
+    plan, table = Plan.for_step(cache, "triton", rule, work, BLOCK, grads)
+    return lambda: _launch(plan, table, rule, len(work))
 
 
-def _launch(plan: Plan, rule: str, n_groups: int) -> None:
+def _launch(plan: Plan, grads: torch.Tensor, rule: str, n_groups: int) -> None:
     last = len(plan.parts) - 1
     for i, part in enumerate(plan.parts):
         _step_kernel[(part.work.shape[0],)](
-            part.work, part.tensors, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
+            part.work, part.tensors, grads, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
             int(i == last), RULE=RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, SUB=sub_tile(part.dtype),
             GROUPS=triton.next_power_of_2(n_groups), num_warps=NUM_WARPS)

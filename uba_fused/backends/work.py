@@ -1,19 +1,20 @@
-"""What an optimizer hands a backend: one ``GroupWork`` per param group.
+"""What an optimizer hands a backend: one ``GroupWork`` per param group, and where the gradients are.
 
-Every backend is a function ``prepare(rule, work, cache) -> launch`` (see ``backends/__init__.py``).
+Every backend is a function ``prepare(rule, work, cache, grads) -> launch`` (see ``backends/__init__.py``).
 ``prepare`` checks and builds whatever can fail, touching no parameter or state; the ``launch`` it
 returns applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
 gradient is None is left as it is), advances those parameters' ``step`` and each group's
 ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``. The optimizer
 has checked the gradients (``check_grads``) and prepares every backend before it launches any, so
-an error leaves nothing half-updated. ``cache``
-is a dict the optimizer owns, where a kernel backend keeps device tables between steps; the
-optimizer clears it when storages may have changed (``load_state_dict``, ``add_param_group``).
+an error leaves nothing half-updated. ``cache`` is a dict the optimizer owns, where a kernel backend
+keeps device tables between steps; the optimizer clears it when storages may have changed
+(``load_state_dict``, ``add_param_group``). The torch backend reads the gradients from
+``GroupWork.grads``; the kernel backends read their addresses from ``grads`` (a ``GradSource``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -32,13 +33,54 @@ class GroupWork:
     schedule_step: torch.Tensor    # int64 0-dim: step() calls made before this one
     lr_out: torch.Tensor           # float32 0-dim: receives the lr applied by this step
     params: list[torch.Tensor]     # "torch": the parameters that have a gradient; kernel backends: also
-                                   # those that have state but no gradient this step (grads[i] is None)
-    grads: list[torch.Tensor | None] | None  # aligned with params; None (kernel backends): the gradients'
-                                   # storage is known, see grad_ptrs
+                                   # those that have state but no gradient this step
+    grads: list[torch.Tensor | None] | None  # aligned with params ("torch"); None when the step took the
+                                   # kernel backends' address path, which does not list them
     steps: list[torch.Tensor]      # float32 0-dim per parameter: updates applied so far
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
     signature: tuple               # signature(hyper) for this step, computed once by the optimizer
-    grad_ptrs: torch.Tensor | None = None  # with grads=None: the gradients' new addresses (int64, CPU)
+    slots: list[int]               # each param's position in the optimizer's flat parameter order
+
+
+@dataclass
+class Capture:
+    """What one step captured into a CUDA graph owns for as long as the optimizer lives: every replay reads
+    it (the staged gradient addresses its copy reads, its own device tables of them, temporaries its
+    kernels read), and the plans whose tables its kernels use must outlive any rebuild."""
+
+    keep: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class GradSource:
+    """Where this step's gradients are, for the kernel backends.
+
+    ``addresses`` is an int64 CPU tensor with one entry per parameter of the optimizer, in the order of
+    its param groups: the address of the gradient the kernels read (NO_GRAD for none). ``changed`` is
+    False when every address is the one the last eager step copied to the device, so a plan's own
+    table is current. ``capture`` is set while a CUDA graph captures this step. ``keep`` holds
+    temporaries the addresses point into (gradients copied to their parameter's layout).
+    """
+
+    addresses: torch.Tensor
+    changed: bool
+    capture: Capture | None = None
+    keep: list[torch.Tensor] = field(default_factory=list)
+    pinned: torch.Tensor | None = None  # the staged copy, once made (or set aside before a capture)
+
+    def staged(self, device: torch.device) -> torch.Tensor:
+        """The addresses where a copy to ``device`` may read them without the host waiting, or a later
+        step overwriting them before it ran: for CUDA, a pinned block taken once per step from torch's
+        host allocator (which reuses a block only after the copies that read it have run). Under
+        capture the block is one set aside before (``GradScan``): taking one from the allocator means
+        querying events, which capture may refuse; it stays the capture's, as every replay reads it."""
+        if device.type != "cuda":
+            return self.addresses  # a copy between CPU tensors is done when it returns
+        if self.pinned is None:
+            self.pinned = self.addresses.pin_memory()
+            if self.capture is not None:
+                self.capture.keep.append(self.pinned)
+        return self.pinned
 
 
 def check_grads(index: int, group: dict, grads: list[torch.Tensor | None]) -> None:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import _ext, backends
+from .. import backends
 from ..backends.plan import is_dense
 from ..schedules import Schedule, schedule_from_dict
 
@@ -121,6 +121,27 @@ def _lr_schedulers_of(opt: torch.optim.Optimizer, depth: int = 4) -> list[str]:
     return names
 
 
+_CAPTURED = ("{what} cannot take effect: a CUDA graph captured this optimizer's step, and its replays keep what "
+             "they captured (addresses, hyper-parameters). Make such changes before capturing; a tensor lr may "
+             "change any time, by fill_().")
+
+
+class _ParamGroup(dict):
+    """A param group that refuses a changed value once a CUDA graph captured the step: the graph's replays
+    would go on with the captured one, silently. (torch LR schedulers set ``group["lr"]``.)"""
+
+    captured = False
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        if self.captured and key in self:
+            old = self[key]
+            same = old is value or not isinstance(old, torch.Tensor) and not isinstance(value, torch.Tensor) and \
+                type(old) is type(value) and old == value
+            if not same:
+                raise backends.CaptureError(_CAPTURED.format(what=f"Setting a param group's {key!r} to {value!r}"))
+        super().__setitem__(key, value)
+
+
 _SET_PARAMS = ("params must be an ordered collection (a list, or model.parameters()), not a set: a set's order "
                "changes between runs, and with it which saved state belongs to which parameter")
 
@@ -148,13 +169,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._warned_lr_twice = False
         self._backends: list[str] = []
         self._cache: dict = {}  # backend-owned device tables, rebuilt when storages may have changed
+        self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if not hasattr(self, "_cache"):  # unpickled or deep-copied: rebuild what is not state
-            self._cache, self._backends, self._last_lr, self._setup_lr = {}, [], [], []
+            self._cache, self._backends, self._last_lr, self._setup_lr, self._captures = {}, [], [], [], []
             self._warned_lr_twice = False
+            self.param_groups = [_ParamGroup(g) for g in self.param_groups]  # no graph captured the copy
             for i in range(len(self.param_groups)):
                 self._setup_group(i)
 
@@ -205,8 +228,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                             f"got {type(sched).__name__}")
         if group["backend"] not in backends.NAMES:
             raise ValueError(f"backend must be one of {backends.NAMES}, got {group['backend']!r}")
+        lr, params = group["lr"], group["params"]
+        if isinstance(lr, torch.Tensor) and params and lr.device != params[0].device:
+            raise ValueError(f"lr as a tensor must be on the parameters' device ({params[0].device}), got {lr.device}: "
+                             f"else every step would copy it from there")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_captures", None):
+            raise backends.CaptureError(_CAPTURED.format(what="add_param_group: a new param group"))
         if not isinstance(param_group, dict):
             raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
         if "params" not in param_group:
@@ -239,7 +268,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"{what} (shape {tuple(p.shape)}, strides {p.stride()}) has gaps or "
                                      f"overlaps in memory; backend={backend!r} walks parameters linearly: use "
                                      f"backend='torch' for it, or a dense parameter")
-        super().add_param_group({**param_group, "params": given})  # torch.optim keeps the names, if given
+        super().add_param_group(_ParamGroup({**param_group, "params": given}))  # torch.optim keeps the names
         group = self.param_groups[-1]
         group.setdefault("schedule_step", torch.zeros((), dtype=torch.int64, device=device))
         self._setup_group(len(self.param_groups) - 1)
@@ -292,11 +321,36 @@ class FusedOptimizer(torch.optim.Optimizer):
     # this one at the first step, as torch.optim's own optimizers do.
     @_disable_dynamo
     def _update(self) -> None:
-        work = self._steady_work()
-        if work is not None:  # the gradients sit where they sat last step: no Python loop over parameters
-            self._launch(work)
-            return
+        capture = backends.Capture() if backends.capturing() else None
+        work, grads = self._steady_work(capture)
+        if work is None:
+            work, grads = self._full_work(capture)
+        by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
+        launches = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
+        for launch in launches:
+            launch()
+        if capture is not None:
+            self._captured(capture, grads)
+        elif "scan" in self._cache:
+            self._cache["scan"].after_eager_step(grads)
 
+    def _steady_work(self, capture: backends.Capture | None) -> tuple[list | None, backends.GradSource | None]:
+        """The work of a step whose every gradient is present, dense and laid out like its parameter, found
+        by one C++ pass (kernel backends only), with the cached selections; (None, None) if not."""
+        scan = self._cache.get("scan")
+        grads = scan.steady(capture) if scan is not None and "torch" not in self._backends else None
+        if grads is None:
+            return None, None
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            sig = self._check_group_at_step(gi, group)
+            hit = self._cache.get(("selection", gi, None, self._state_names(group)))
+            if hit is None:
+                return None, None
+            work.append(self._group_work(gi, sig, hit, None))
+        return work, grads
+
+    def _full_work(self, capture: backends.Capture | None) -> tuple[list, backends.GradSource | None]:
         # Everything that can fail runs before anything is written: every group's values and gradients
         # first, lazy state only after all of them passed, then every backend's prepare before any launch.
         checked = []
@@ -305,67 +359,43 @@ class FusedOptimizer(torch.optim.Optimizer):
             grads = [p.grad for p in group["params"]]
             backends.work.check_grads(gi, group, grads)
             checked.append((sig, grads))
-        work = [self._group_work(gi, sig, self._selection(gi, group, grads), grads)
+        work = [self._group_work(gi, sig, self._selection(gi, group, grads, capture), grads)
                 for gi, (group, (sig, grads)) in enumerate(zip(self.param_groups, checked))]
-        self._launch(work)
-        self._remember_grads(all(g is not None for _, grads in checked for g in grads))
+        if all(b == "torch" for b in self._backends):
+            return work, None
+        scan = self._cache.get("scan")
+        if scan is None:
+            scan = self._cache["scan"] = backends.GradScan([p for g in self.param_groups for p in g["params"]])
+        return work, scan.full([g for _, grads in checked for g in grads], capture)
 
-    def _launch(self, work: list) -> None:
-        by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
-        launches = [backends.get(name)(self.rule, list(ws), self._cache) for name, ws in by_backend]
-        for launch in launches:
-            launch()
+    def _captured(self, capture: backends.Capture, grads: backends.GradSource | None) -> None:
+        """After a step captured into a CUDA graph: keep what its replays read, for the optimizer's life, and
+        refuse from now on what they would not see (a changed hyper-parameter, a new param group)."""
+        if grads is not None:
+            capture.keep += grads.keep
+        self._captures.append(capture)
+        for group in self.param_groups:
+            group.captured = True
+        if "scan" in self._cache:
+            self._cache["scan"].after_captured_step()
 
-    def _remember_grads(self, all_present: bool) -> None:
-        """After a step that read every gradient: remember their addresses for the steady-state test."""
-        if not all_present or "torch" in self._backends or not hasattr(_ext._C, "GradAddresses"):
-            self._cache.pop("grads", None)
-            return
-        if "grads" not in self._cache:
-            params = [p for g in self.param_groups for p in g["params"]]
-            self._cache["grads"] = (_ext._C.GradAddresses(params), torch.empty(len(params), dtype=torch.int64))
-        self._cache["grads"][0].record()
-
-    def _steady_work(self) -> list | None:
-        """The work of a step whose every gradient is present, dense and laid out like its parameter,
-        found by one C++ pass (kernel backends only): the cached selections with ``grads=None`` and,
-        where gradients moved, their new addresses in ``grad_ptrs``."""
-        cached = self._cache.get("grads")
-        if cached is None:
-            return None
-        addresses, buf = cached
-        status = addresses.scan(buf)
-        if status == 2:
-            return None
-        work, start = [], 0
-        for gi, group in enumerate(self.param_groups):
-            sig = self._check_group_at_step(gi, group)
-            hit = self._cache.get(("selection", gi, None, self._state_names(group)))
-            if hit is None:
-                return None
-            n = len(hit[0])
-            work.append(self._group_work(gi, sig, hit, None, buf[start:start + n] if status == 1 else None))
-            start += n
-        if status == 1:
-            addresses.record()
-        return work
-
-    def _group_work(self, gi: int, sig: tuple, selection: tuple, grads: list | None,
-                    grad_ptrs: torch.Tensor | None = None) -> backends.GroupWork:
-        """Group gi's work from its selection; ``grads``: one per param of the group, or None when the
-        backend knows them by address (``grad_ptrs``: new addresses, or None if none moved)."""
+    def _group_work(self, gi: int, sig: tuple, selection: tuple, grads: list | None) -> backends.GroupWork:
+        """Group gi's work from its selection; ``grads``: one per param of the group, or None when the step
+        took the kernel backends' address path."""
         group = self.param_groups[gi]
-        params, steps, states, index = selection
+        params, steps, states, index, slots = selection
         if grads is not None and index is not None:
             grads = [grads[i] for i in index]
         return backends.GroupWork(
             index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
             lr_out=self._last_lr[gi], params=params, grads=grads, steps=steps, state=states, signature=sig,
-            grad_ptrs=grad_ptrs)
+            slots=slots)
 
-    def _selection(self, gi: int, group: dict, grads: list):
-        """The params a step hands the group's backend, their step tensors and state lists, and their
-        positions in the group (None: all of them); cached while the selection holds.
+    def _selection(self, gi: int, group: dict, grads: list, capture: backends.Capture | None = None):
+        """The params a step hands the group's backend, their step tensors and state lists, their
+        positions in the group (None: all of them) and in the optimizer's flat order; cached while the
+        selection holds. Under CUDA-graph capture it must be cached already: state made then would live
+        in the graph's memory pool.
 
         Backend "torch" gets the params that have a gradient. A kernel backend gets every param that
         has a gradient or state: one without a gradient keeps its table row, with no gradient address,
@@ -379,6 +409,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         mask = None if all(keep) else tuple(keep)
         key = ("selection", gi, mask, names)
         hit = self._cache.get(key)
+        if hit is None and capture is not None:
+            fresh = [i for i, (p, k) in enumerate(zip(group["params"], keep))
+                     if k and "step" not in self.state.get(p, ())]
+            if fresh:
+                raise backends.CaptureError(
+                    f"CUDA-graph capture of step() needs this optimizer's state ready: param_groups[{gi}]['params']"
+                    f"{fresh} have no state yet. Run eager steps with the same parameters receiving gradients "
+                    f"before capturing (PyTorch's recipe warms up on a side stream)")
         if hit is None:
             if mask is not None:  # keep one partial selection per group: masks can be endless (MoE routing)
                 for k in [k for k in self._cache if k[:2] == ("selection", gi) and k[2] is not None]:
@@ -386,7 +424,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
             st = [self._state_for(p, names) for p in params]
-            hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names}, index)
+            first = sum(len(g["params"]) for g in self.param_groups[:gi])
+            slots = [first + i for i in (range(len(params)) if index is None else index)]
+            hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names}, index,
+                                      slots)
         return hit
 
     def _state_for(self, p: torch.Tensor, names: tuple[str, ...]) -> dict:
@@ -413,9 +454,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved groups lack (a torch.optim state dict has no schedule) keep this
         optimizer's values; ``backend`` always stays this optimizer's.
         """
+        if self._captures:  # the graph would go on updating the state it captured, not the loaded one
+            raise backends.CaptureError(_CAPTURED.format(what="load_state_dict"))
         state_dict = self._checked_state_dict(state_dict)
         old_groups = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
+        self.param_groups[:] = [_ParamGroup(g) for g in self.param_groups]
         for i, (group, old) in enumerate(zip(self.param_groups, old_groups)):
             for key, value in old.items():
                 group.setdefault(key, value)

@@ -1,0 +1,219 @@
+"""The kernel backends' gradient-address path, and the rules of CUDA-graph capture, checked without a GPU.
+
+In a real training loop every gradient moves every step (backward allocates new ones). The kernels
+read the addresses from one device table per plan, refreshed by one copy per step; a step captured
+into a CUDA graph reads a table of its own. On a CPU the kernels run in their test modes, and a
+capture is simulated by making ``backends.capturing()`` answer True for one step: that runs the
+optimizer's capture path (its own table, the rules, what it keeps) on CPU tensors. Replays need a
+GPU: tests/test_kernels.py has them.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import uba_fused as uf
+from uba_fused import backends
+
+from harness import CASE_IDS, CASES, RTOL, assert_scaled_close, f64, make_params, random_grads
+
+_AVAIL = backends.availability("cpu")
+KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=str(_AVAIL[b])))
+           for b in ("triton", "cuda")]
+SCHEDULE = uf.UBA(12, phi=0.5, warmup_steps=2)
+
+
+def _grads(params, gen):
+    """Fresh gradient tensors: new addresses, as backward gives."""
+    return [None if g is None else g.clone() for g in random_grads(params, gen)]
+
+
+def _assert_equal_runs(a, b, opt_a, opt_b):
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert_scaled_close(q, f64(p), RTOL[p.dtype], f"param {i}", allowed=int(1e-5 * p.numel()) + 1
+                            if opt_a.rule == "lion" else 0)
+    assert [int(g["schedule_step"]) for g in opt_a.param_groups] == \
+        [int(g["schedule_step"]) for g in opt_b.param_groups]
+    for p, q in zip(a, b):
+        assert (p in opt_a.state) == (q in opt_b.state)
+        if p in opt_a.state:
+            assert int(opt_a.state[p]["step"]) == int(opt_b.state[q]["step"])
+    # The torch backend computes the lr in float64, the kernels in float32.
+    assert [float(x) for x in opt_b.get_last_lr()] == pytest.approx([float(x) for x in opt_a.get_last_lr()], rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("case", CASES[::2], ids=CASE_IDS[::2])
+def test_moved_gradients_are_read_where_they_are_now(case, backend):
+    """Every step's gradients are new tensors, and the last step's are poisoned (NaN) before the next step
+    runs, so a kernel reading a stale address fails. Some steps keep the addresses, some drop a gradient."""
+    a, b = make_params(seed=1), make_params(seed=1)
+    opt_a, opt_b = case.make(a, backend="torch", schedule=SCHEDULE), case.make(b, backend=backend, schedule=SCHEDULE)
+    gen = torch.Generator().manual_seed(2)
+    old = []
+    for t in range(8):
+        grads = _grads(a, gen)
+        if t == 5:
+            grads[2] = None
+        for ps in (a, b):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone()
+        if t in (3, 4):  # the same tensors again, refilled in place: the addresses hold
+            for q, g in zip(b, grads):
+                if g is not None:
+                    old_q = next(o for o in old if o.shape == q.shape)
+                    old_q.copy_(g)
+                    q.grad = old_q
+            old = []
+        for g in old:
+            g.fill_(float("nan"))
+        opt_a.step()
+        opt_b.step()
+        _assert_equal_runs(a, b, opt_a, opt_b)
+        old = [q.grad for q in b if q.grad is not None]
+
+
+def _capturing(monkeypatch, on: bool):
+    monkeypatch.setattr(backends, "capturing", lambda: on)
+
+
+def _warmed(backend, steps=2, seed=3, cls=uf.AdamW):
+    params = make_params(seed=seed)
+    opt = cls([{"params": params[:4]}, {"params": params[4:], "lr": 0.02, "schedule": uf.Cosine(10)}],
+              lr=0.01, backend=backend, schedule=SCHEDULE)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for _ in range(steps):
+        for p, g in zip(params, _grads(params, gen)):
+            p.grad = g
+        opt.step()
+    return params, opt, gen
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_a_captured_step_computes_like_an_eager_one_and_reads_its_own_table(backend, monkeypatch):
+    a, opt_a, gen_a = _warmed("torch")
+    b, opt_b, _ = _warmed(backend)
+    plan = opt_b._cache[backend]
+    eager_table = plan.grads.clone()
+    for t in range(4):
+        grads = _grads(a, gen_a)
+        for ps in (a, b):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        _capturing(monkeypatch, t == 1)
+        opt_a.step()
+        opt_b.step()
+        _capturing(monkeypatch, False)
+        _assert_equal_runs(a, b, opt_a, opt_b)
+        if t == 1:  # the captured step wrote the graph's table, not the plan's own
+            assert torch.equal(plan.grads, eager_table)
+            [table] = [k for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor) and k.shape == plan.grads.shape
+                       and k.data_ptr() != plan.grads.data_ptr()]
+            kept = {k.data_ptr() for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor)}
+            for q, address in zip(b, table[:-1].tolist()):
+                if q.grad.stride() == q.stride():
+                    assert address == q.grad.data_ptr()
+                else:  # walked as a copy in the parameter's layout, which the capture keeps
+                    assert address != q.grad.data_ptr() and address in kept
+            assert opt_b._captures[0].keep.count(plan) == 1
+        eager_table = plan.grads.clone()
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_an_eager_step_after_a_capture_reads_its_gradients_even_at_the_captured_addresses(backend, monkeypatch):
+    """The captured step's addresses went to the graph's table only; the next eager step, with the very same
+    gradient tensors, must copy them into the plan's own table rather than trust it."""
+    a, opt_a, gen = _warmed("torch", seed=5)
+    b, opt_b, _ = _warmed(backend, seed=5)
+    grads = _grads(a, gen)
+    for ps in (a, b):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+    _capturing(monkeypatch, True)
+    opt_a.step()
+    opt_b.step()
+    _capturing(monkeypatch, False)
+    with torch.no_grad():
+        for p, q, g in zip(a, b, _grads(a, gen)):
+            p.grad.copy_(g)
+            q.grad.copy_(g)  # refilled in place: the addresses the capture saw
+    opt_a.step()
+    opt_b.step()
+    _assert_equal_runs(a, b, opt_a, opt_b)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
+@pytest.mark.parametrize("backend", ["torch"] + KERNELS)
+def test_the_rules_of_capture_raise_naming_the_rule(backend, monkeypatch):
+    # State not created before capture.
+    params = make_params()
+    opt = uf.AdamW(params, backend=backend)
+    for p, g in zip(params, _grads(params, torch.Generator().manual_seed(0))):
+        p.grad = g
+    _capturing(monkeypatch, True)
+    with pytest.raises(uf.CaptureError, match=r"param_groups\[0\]\['params'\]\[0, 1, 2, 3, 4, 5, 6\] have no state"):
+        opt.step()
+    _capturing(monkeypatch, False)
+    assert len(opt.state) == 0 and not opt._captures
+
+    # A parameter that had no gradient during the warm-up (so no state) has one in the capture.
+    params, opt, gen = _warmed(backend)
+    for p in params[4:]:
+        del opt.state[p]  # as if they had had no gradient: no state
+    opt._cache.clear()
+    _capturing(monkeypatch, True)
+    with pytest.raises(uf.CaptureError, match=r"param_groups\[1\]\['params'\]\[0, 1, 2\] have no state yet"):
+        opt.step()
+    _capturing(monkeypatch, False)
+    # A parameter without a gradient in the capture, but with state: the graph skips it, like an eager step.
+    params, opt, gen = _warmed(backend)
+    params[1].grad = None
+    _capturing(monkeypatch, True)
+    opt.step()
+    _capturing(monkeypatch, False)
+
+    if backend != "torch":  # the torch backend reads the host values at every step: nothing to re-upload
+        # A state dict loaded, and no eager step since: no device tables for the capture.
+        params, opt, gen = _warmed(backend)
+        opt.load_state_dict(opt.state_dict())
+        _capturing(monkeypatch, True)
+        with pytest.raises(uf.CaptureError, match="found no device tables for these parameters"):
+            opt.step()
+        _capturing(monkeypatch, False)
+        # A hyper-parameter changed between the warm-up and the capture.
+        params, opt, gen = _warmed(backend)
+        opt.param_groups[1]["weight_decay"] = 0.5
+        _capturing(monkeypatch, True)
+        with pytest.raises(uf.CaptureError, match=r"param_groups\[1\]: hyper-parameters changed since the last eager"):
+            opt.step()
+        _capturing(monkeypatch, False)
+
+    # After a capture: a changed hyper-parameter, a new group, a loaded state dict.
+    params, opt, gen = _warmed(backend)
+    _capturing(monkeypatch, True)
+    opt.step()
+    _capturing(monkeypatch, False)
+    sd = opt.state_dict()
+    with pytest.raises(uf.CaptureError, match="Setting a param group's 'lr' to 0.5 cannot take effect: a CUDA graph "
+                                              "captured this optimizer's step"):
+        opt.param_groups[0]["lr"] = 0.5
+    opt.param_groups[0]["lr"] = 0.01  # the same value: allowed, as a constant scheduler sets it
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 ** t)
+    with pytest.raises(uf.CaptureError, match="'lr'"):
+        sched.step()
+    with pytest.raises(uf.CaptureError, match="add_param_group: a new param group cannot take effect"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+    with pytest.raises(uf.CaptureError, match="load_state_dict cannot take effect"):
+        opt.load_state_dict(sd)
+    assert opt.param_groups[0]["lr"] == 0.01 and len(opt.param_groups) == 2
+    # Eager steps go on; a copy of the optimizer is not captured by anything.
+    opt.step()
+    twin = copy.deepcopy(opt)
+    twin.param_groups[0]["lr"] = 0.5
+    twin.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+
+
+def test_a_tensor_lr_must_live_on_the_parameters_device():
+    with pytest.raises(ValueError, match=r"lr as a tensor must be on the parameters' device \(cpu\), got meta"):
+        uf.AdamW(make_params(), lr=torch.tensor(0.1, device="meta"))
