@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "launch.h"
@@ -97,25 +98,21 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
   TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));
 }
 
-// Where each parameter's gradient lived at the last step: the steady-state test of FusedOptimizer.step,
-// done here because it visits every parameter. scan() answers kUnchanged when every parameter has a
-// dense gradient at the recorded address with the parameter's own sizes, strides, dtype and device
-// (the device tables are right as they are), kMoved when that holds but some addresses changed (all
-// are written to `out`; record() makes them the reference), and kOther otherwise (a missing, sparse,
-// mismatched or differently laid-out gradient: the Python path checks and handles it). scan()
-// changes nothing.
+// Where each parameter's gradient lives, for backends/plan.py's GradScan: one pass over every parameter,
+// done here so that no Python loop visits them. scan() answers kUnchanged when every parameter has a
+// dense gradient with the parameter's own sizes, strides, dtype and device at the recorded address (the
+// device tables are right as they are), kMoved when that holds but some addresses changed, and kOther
+// otherwise (a missing, sparse, mismatched or differently laid-out gradient: collect() then handles it).
+// Both write every address to `out`; record() makes the last ones seen the reference.
 class GradAddresses {
  public:
   enum Status : int { kUnchanged = 0, kMoved = 1, kOther = 2 };
 
-  explicit GradAddresses(std::vector<at::Tensor> params) : params_(std::move(params)), ptrs_(params_.size()) {}
+  explicit GradAddresses(std::vector<at::Tensor> params)
+      : params_(std::move(params)), ptrs_(params_.size()), seen_(params_.size()) {}
 
-  int scan(at::Tensor& out) const {
-    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.is_contiguous() &&
-                    out.numel() == static_cast<int64_t>(params_.size()),
-                "uba_fused._C.GradAddresses.scan: out must be a contiguous int64 CPU tensor of ", params_.size(),
-                " values");
-    int64_t* o = out.data_ptr<int64_t>();
+  int scan(at::Tensor& out) {
+    int64_t* o = checked_out(out);
     bool moved = false;
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& g = params_[i].grad();
@@ -125,23 +122,55 @@ class GradAddresses {
         return kOther;
       }
       o[i] = reinterpret_cast<int64_t>(g.data_ptr());
-      moved |= g.data_ptr() != ptrs_[i];
+      seen_[i] = g.data_ptr();
+      moved |= seen_[i] != ptrs_[i];
     }
     return moved ? kMoved : kUnchanged;
   }
 
-  void record() {
+  // The other path's pass, for steps scan() cannot vouch for: every gradient's address into `out`, kNoGrad
+  // where there is none. Returns the index of the first gradient that is not dense and shaped, typed and
+  // placed like its parameter (-1: none; the caller then says which and why), and the indices of those
+  // laid out unlike their parameter (the caller walks copies of them).
+  std::pair<int64_t, std::vector<int64_t>> collect(at::Tensor& out) {
+    int64_t* o = checked_out(out);
+    std::vector<int64_t> relayout;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& g = params_[i].grad();
-      ptrs_[i] = g.defined() && g.layout() == c10::kStrided ? g.data_ptr() : nullptr;
+      const at::Tensor& p = params_[i];
+      const at::Tensor& g = p.grad();
+      if (!g.defined()) {
+        o[i] = uf::kNoGrad;
+        seen_[i] = nullptr;
+        continue;
+      }
+      if (g.layout() != c10::kStrided || g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() ||
+          g.device() != p.device()) {
+        return {static_cast<int64_t>(i), {}};
+      }
+      if (g.strides() != p.strides()) relayout.push_back(static_cast<int64_t>(i));
+      o[i] = reinterpret_cast<int64_t>(g.data_ptr());
+      seen_[i] = g.data_ptr();
     }
+    return {-1, relayout};
   }
+
+  // What the last scan() or collect() saw becomes the reference of the next scan() (null for a missing
+  // gradient: a gradient that appears there has moved).
+  void record() { ptrs_ = seen_; }
 
   size_t size() const { return params_.size(); }
 
  private:
+  int64_t* checked_out(at::Tensor& out) const {
+    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.is_contiguous() &&
+                    out.numel() == static_cast<int64_t>(params_.size()),
+                "uba_fused._C.GradAddresses: out must be a contiguous int64 CPU tensor of ", params_.size(),
+                " values");
+    return out.data_ptr<int64_t>();
+  }
+
   std::vector<at::Tensor> params_;
-  std::vector<const void*> ptrs_;
+  std::vector<const void*> ptrs_, seen_;
 };
 
 }  // namespace
@@ -161,7 +190,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",
            py::arg("out"))
-      .def("record", &GradAddresses::record, "remember the current gradients' addresses")
+      .def("collect", &GradAddresses::collect,
+           "every address (NO_GRAD: none) into out; (first mismatched index or -1, indices laid out otherwise)",
+           py::arg("out"))
+      .def("record", &GradAddresses::record, "make the addresses the last scan or collect saw the reference")
       .def("__len__", &GradAddresses::size);
   m.attr("CHUNK") = uf::kChunk;
   m.attr("GROUP_COLS") = static_cast<int>(uf::kGroupCols);

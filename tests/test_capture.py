@@ -217,3 +217,29 @@ def test_the_rules_of_capture_raise_naming_the_rule(backend, monkeypatch):
 def test_a_tensor_lr_must_live_on_the_parameters_device():
     with pytest.raises(ValueError, match=r"lr as a tensor must be on the parameters' device \(cpu\), got meta"):
         uf.AdamW(make_params(), lr=torch.tensor(0.1, device="meta"))
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_the_address_path_without_the_extensions_scanner(backend):
+    """Where uba_fused._C is missing (backend "triton" alone), GradScan takes its Python path every step:
+    moved, missing and re-laid-out gradients, and a mismatched one, as with the C++ pass."""
+    a, b = make_params(seed=6), make_params(seed=6)
+    opt_a, opt_b = uf.Lion(a, backend="torch", lr=0.1), uf.Lion(b, backend=backend, lr=0.1)
+    gen = torch.Generator().manual_seed(7)
+    for t in range(5):
+        grads = _grads(a, gen)
+        grads[t % 3] = None
+        for ps in (a, b):
+            for p, g in zip(ps, grads):
+                p.grad = None if g is None else g.clone()
+        if t == 0:
+            opt_a.step()
+            opt_b.step()
+            opt_b._cache["scan"]._c = None  # as if the extension were not built
+            continue
+        opt_a.step()
+        opt_b.step()
+        _assert_equal_runs(a, b, opt_a, opt_b)
+    b[3].grad.data = torch.zeros(2)
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[3\] has a gradient of shape \(2,\)"):
+        opt_b.step()

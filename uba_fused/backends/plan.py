@@ -30,7 +30,7 @@ advances the group counters, so every launch reads the same step index t.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -228,19 +228,28 @@ class GradScan:
         status = self._c.scan(self._scan_out)
         return None if status == self.OTHER else self._source(self.addresses, status == self.MOVED, capture, [])
 
-    def full(self, grads: list[torch.Tensor | None], capture: Capture | None) -> GradSource:
-        """From the gradients themselves (checked by the optimizer), one per parameter in flat order. One
-        laid out unlike its parameter (set by hand, say) is walked as a copy in the parameter's layout."""
-        ptrs, keep = [], []
-        for p, g in zip(self.params, grads):
-            if g is None:
-                ptrs.append(NO_GRAD)
-                continue
-            if g.stride() != p.stride():
-                g = torch.empty_like(p).copy_(g)
-                keep.append(g)
-            ptrs.append(g.data_ptr())
-        return self._source(torch.tensor(ptrs + [NO_GRAD], dtype=torch.int64), True, capture, keep)
+    def full(self, capture: Capture | None, check: Callable[[], None]) -> GradSource:
+        """From the gradients themselves, whatever they are; ``check()`` raises saying which gradient is not
+        dense and shaped, typed and placed like its parameter (called when one is found: C++ finds it, or
+        first of all without the extension). One laid out unlike its parameter is walked as a copy in the
+        parameter's layout."""
+        addresses = torch.full((len(self.params) + 1,), NO_GRAD, dtype=torch.int64)
+        if self._c is not None:
+            bad, relayout = self._c.collect(addresses[:-1])
+            if bad >= 0:
+                check()
+                raise RuntimeError(f"the gradient of parameter {bad} (in the optimizer's order) does not match it")
+        else:
+            check()
+            grads = [p.grad for p in self.params]
+            relayout = [i for i, (p, g) in enumerate(zip(self.params, grads))
+                        if g is not None and g.stride() != p.stride()]
+            addresses[:-1] = torch.tensor([NO_GRAD if g is None else g.data_ptr() for g in grads], dtype=torch.int64)
+        keep = []
+        for i in relayout:
+            keep.append(torch.empty_like(self.params[i]).copy_(self.params[i].grad))
+            addresses[i] = keep[-1].data_ptr()
+        return self._source(addresses, True, capture, keep)
 
     def _source(self, addresses: torch.Tensor, changed: bool, capture: Capture | None, keep: list) -> GradSource:
         source = GradSource(addresses, changed, capture, keep)
