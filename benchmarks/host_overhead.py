@@ -1,21 +1,41 @@
-"""Host-side Python cost of one kernel-backend step() on a GPT-2-medium-sized list (292 tensors),
-measurable without a GPU: the parameters are tiny CPU tensors and the kernel launch is replaced by a
-no-op, so what is timed is the optimizer's own Python (and torch.optim's step wrapper), nothing else.
+"""Host time of one kernel-backend step() on a GPT-2-medium-sized list (292 tensors), in isolation.
 
-    python benchmarks/host_overhead.py [triton|cuda]     (default: both)
+    python benchmarks/host_overhead.py [triton] [cuda]              (default: both)
+    python benchmarks/host_overhead.py --device cuda [triton] [cuda]
+
+Without --device (or with --device cpu) it runs on any machine: the parameters are tiny CPU tensors and
+the kernel launch is replaced by a no-op, so what is timed is the optimizer's own Python and C++ (and
+torch.optim's step wrapper), nothing else. With --device cuda the parameters are tiny CUDA tensors
+and the kernels really launch (they finish long before the host's next step, so nothing queues):
+that adds the launch and the pinned copy of the gradient addresses. Median and 10th percentile of
+wall-clock time around step(), for three cases:
+  - gradients at the addresses of the last step (the caching allocator often arranges it),
+  - every gradient at a new address (what backward gives in a real training loop),
+  - a new subset of 16 parameters without a gradient every step (mixture-of-experts routing).
 """
 
+import argparse
 import os
-import sys
+import statistics
 import time
 
-os.environ["TRITON_INTERPRET"] = "1"  # lets backend="triton" take CPU tensors; the launch is stubbed below
-os.environ["UBA_FUSED_CUDA_ON_CPU"] = "1"  # the same for backend="cuda"
+_args = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+_args.add_argument("backends", nargs="*", help="triton and/or cuda (default: both)")
+_args.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+_args.add_argument("--steps", type=int, default=1000)
+ARGS = _args.parse_args()
+if set(ARGS.backends) - {"triton", "cuda"}:
+    _args.error(f"backends are triton and cuda, got {ARGS.backends}")
+if ARGS.device == "cpu":  # lets the kernel backends take CPU tensors; their launch is stubbed below
+    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["UBA_FUSED_CUDA_ON_CPU"] = "1"
 
 import torch  # noqa: E402
 
 import uba_fused as uf  # noqa: E402
 from uba_fused import backends  # noqa: E402
+
+N_TENSORS = 292
 
 
 class _NoLaunch:
@@ -49,45 +69,50 @@ def timed(opt, before, n):
         t0 = time.perf_counter()
         opt.step()
         ts.append((time.perf_counter() - t0) * 1e6)
-    ts.sort()
-    return ts[n // 10], ts[n // 2]
+    return statistics.quantiles(ts, n=10)[0], statistics.median(ts)
 
 
-def main(backend: str) -> None:
-    stub_launch(backend)
-    params = [torch.nn.Parameter(torch.randn(8)) for _ in range(292)]
-    opt = uf.AdamW(params, backend=backend, schedule=uf.UBA(10_000))
-    buf = torch.randn(292, 8)
-
-    def same_addresses():  # new gradient objects where the last ones were, as the caching allocator gives
-        for i, p in enumerate(params):
-            p.grad = buf[i]
-
-    def new_addresses():
-        for i, p in enumerate(params):
-            p.grad = buf[i].clone()
-
+def main(backend: str, device: str, steps: int) -> None:
+    if device == "cpu":
+        stub_launch(backend)
     gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(8, generator=gen).to(device)) for _ in range(N_TENSORS)]
+    opt = uf.AdamW(params, backend=backend, schedule=uf.UBA(10_000))
+    grads = [[torch.randn(8, generator=gen).to(device) for _ in params] for _ in range(2)]
+    which = [0]
 
-    def new_subset():  # 16 parameters without a gradient, a different 16 each step (mixture-of-experts routing)
+    def same_addresses():  # new gradient objects where the last ones were
+        for p, g in zip(params, grads[0]):
+            p.grad = g.detach()
+
+    def new_addresses():  # two sets of tensors in turn: every address differs from the last step's
+        which[0] ^= 1
+        for p, g in zip(params, grads[which[0]]):
+            p.grad = g
+
+    def new_subset():
         drop = set(torch.randperm(len(params), generator=gen)[:16].tolist())
         for i, p in enumerate(params):
-            p.grad = None if i in drop else buf[i]
+            p.grad = None if i in drop else grads[0][i]
 
-    same_addresses()
-    opt.step()
-    for label, before, n in [("gradients at the same addresses", same_addresses, 3000),
-                             ("gradients at new addresses", new_addresses, 1000),
-                             ("a new subset of gradients", new_subset, 1000)]:
+    for _ in range(3):
+        same_addresses()
+        opt.step()
+    for label, before, n in [("gradients at the same addresses", same_addresses, 3 * steps),
+                             ("gradients at new addresses", new_addresses, steps),
+                             ("a new subset of gradients", new_subset, steps)]:
         p10, med = timed(opt, before, n)
+        what = "launch stubbed" if device == "cpu" else "real launches"
         print(f"{backend:6s} {label:34s} p10 {p10:7.0f} us   median {med:7.0f} us   "
-              f"({n} steps, 292 tensors, launch stubbed)")
+              f"({n} steps, {N_TENSORS} tensors, {device}, {what})")
+    if device == "cuda":
+        torch.cuda.synchronize()
 
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or ["triton", "cuda"]:
-        reason = backends.availability("cpu")[name]
+    for name in ARGS.backends or ["triton", "cuda"]:
+        reason = backends.availability(ARGS.device)[name]
         if reason:
             print(f"{name}: skipped, {reason}")
         else:
-            main(name)
+            main(name, ARGS.device, ARGS.steps)

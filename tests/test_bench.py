@@ -72,3 +72,23 @@ def test_training_benchmark_tiny(tmp_path):
 def test_stdlib_text_is_deterministic():
     a, b = train.stdlib_text(10_000), train.stdlib_text(10_000)
     assert a == b and len(a) == 10_000
+
+
+def test_host_overhead_script_runs_on_the_cpu():
+    """benchmarks/host_overhead.py tracks the host cost of step() without a GPU (launch stubbed)."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "host_overhead.py"
+    out = subprocess.run([sys.executable, str(script), "--steps", "20"], capture_output=True, text=True,
+                         check=True).stdout
+    rows = re.findall(r"^(triton|cuda)\s+(.+?)\s+p10\s+(\d+) us\s+median\s+(\d+) us", out, re.M)
+    expected = {"gradients at the same addresses", "gradients at new addresses", "a new subset of gradients"}
+    for backend in ("triton", "cuda"):
+        if f"{backend}: skipped" in out:
+            continue
+        got = {label for b, label, _, _ in rows if b == backend}
+        assert got == expected, out
+    assert all(0 < int(p10) <= int(med) for _, _, p10, med in rows), out
