@@ -92,3 +92,25 @@ def test_host_overhead_script_runs_on_the_cpu():
         got = {label for b, label, _, _ in rows if b == backend}
         assert got == expected, out
     assert all(0 < int(p10) <= int(med) for _, _, p10, med in rows), out
+
+
+def test_loop_benchmark_tiny(tmp_path):
+    """The training-loop benchmark's CPU version: both rows run, report what the table promises, and train
+    alike (torch's AdamW with the UBA schedule as a LambdaLR, uba_fused's with it on the device)."""
+    from uba_fused.bench import loop
+
+    out_json, out_png = tmp_path / "l.json", tmp_path / "l.png"
+    assert loop.main(["--device", "cpu", "--rounds", "2", "--iters", "2", "--json", str(out_json),
+                      "--plot", str(out_png)]) == 0
+    data = json.loads(out_json.read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert set(rows) == {"torch AdamW fused + LambdaLR", "uba_fused AdamW [torch]"}
+    d, layers, heads, ctx, batch = loop.SIZES["tiny"]
+    for r in rows.values():
+        assert r["size"] == "tiny" and r["rounds"] == 2 and r["ms_min"] <= r["ms"] <= r["ms_max"]
+        assert r["tokens_per_s"] == pytest.approx(batch * ctx / (r["ms"] * 1e-3))
+        assert r["host_us"] > 0 and r["optimizer_gpu_ms"] is None
+        assert 0 < r["final_loss"] < math.log(256) + 0.5
+    a, b = (rows[n]["final_loss"] for n in ("torch AdamW fused + LambdaLR", "uba_fused AdamW [torch]"))
+    assert a == pytest.approx(b, rel=1e-5)
+    assert out_png.stat().st_size > 10_000
