@@ -74,8 +74,8 @@ class Loop:
     def snapshot(self):
         state = {i: {k: v.clone() for k, v in self.opt.state[p].items()} for i, p in enumerate(self.params)
                  if p in self.opt.state}
-        return ([p.detach().clone() for p in self.params], state,
-                [g["schedule_step"].clone() for g in self.opt.param_groups], [x.clone() for x in self.opt.get_last_lr()])
+        counters = [g["schedule_step"].clone() for g in self.opt.param_groups]
+        return [p.detach().clone() for p in self.params], state, counters, [x.clone() for x in self.opt.get_last_lr()]
 
 
 def _assert_identical(a, b):

@@ -31,8 +31,9 @@ def test_a_torch_scheduler_on_a_scheduled_group_warns_once_naming_both():
     params = make_params()
     opt = uf.AdamW(params, lr=LR, schedule=SCHEDULE)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1.0 - t / (2 * T))
-    with pytest.warns(UserWarning, match=r"param_groups\[0\]\['lr'\] changed from 0.1 to .*set by LambdaLR\(<lambda>\), "
-                      r"while the group has schedule=UBA\(total_steps=12.*multiply") as record:
+    match = r"param_groups\[0\]\['lr'\] changed from 0.1 to .*set by LambdaLR\(<lambda>\), while the group has " \
+            r"schedule=UBA\(total_steps=12.*multiply"
+    with pytest.warns(UserWarning, match=match) as record:
         _steps(opt, params, sched)
     assert len([w for w in record if "multiply" in str(w.message)]) == 1
     assert record[0].filename == __file__  # points at the caller's opt.step()
