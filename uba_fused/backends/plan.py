@@ -6,7 +6,7 @@ addresses, one int64 per parameter of the optimizer, in one copy (none at all wh
 sits where the last step found it, which the caching allocator usually arranges), and the group
 rows when a host value changed (a tensor ``lr`` is copied device to device every step).
 
-Every host-to-device copy reads pinned memory (``_to_device``, ``GradSource.staged``): a copy from
+Every host-to-device copy reads pinned memory (``_host``, ``GradSource.staged``): a copy from
 pageable memory may make the host wait, and CUDA-graph capture refuses it. A step captured into a
 graph reads the gradient addresses from a table of its own, refilled by the graph at every replay
 from a pinned block it owns, so eager steps and replays never overwrite each other's addresses.
@@ -54,9 +54,14 @@ class CaptureError(RuntimeError):
     """A rule of CUDA-graph capture was broken; the message names it."""
 
 
+def _host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor where a copy to ``device`` may read it while the host runs ahead: pinned, for CUDA
+    (torch's host allocator reuses the block only after the copies that read it ran)."""
+    return t.pin_memory() if device.type == "cuda" else t
+
+
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A host tensor on ``device``, copied from pinned memory (see the module's docstring)."""
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+    return _host(t, device).to(device, non_blocking=True)
 
 
 def is_dense(t: torch.Tensor) -> bool:
@@ -188,13 +193,13 @@ class Plan:
         a tensor lr copied on the device every step, so that a graph's replays read its current value."""
         sigs = [w.signature for w in work]
         if sigs != self.row_sigs:
-            if capture is not None and self.row_sigs:
+            if capture is not None:
                 changed = [w.index for w, a, b in zip(work, sigs, self.row_sigs) if a != b]
                 raise CaptureError(f"param_groups{changed}: hyper-parameters changed since the last eager step, "
                                    f"during CUDA-graph capture; change them before the warm-up steps (a tensor lr "
                                    f"may change any time, by fill_)")
             rows = torch.tensor([group_row(w) for w in work], dtype=torch.float64)
-            self.groups.copy_(_to_device(rows, self.device), non_blocking=True)
+            self.groups.copy_(_host(rows, self.device), non_blocking=True)
             self.row_sigs = sigs
         for wi, w in enumerate(work):
             if isinstance(w.hyper["lr"], torch.Tensor):
