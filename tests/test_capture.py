@@ -16,7 +16,7 @@ import torch
 import uba_fused as uf
 from uba_fused import backends
 
-from harness import CASE_IDS, CASES, RTOL, assert_scaled_close, f64, make_params, random_grads
+from harness import CASE_IDS, CASES, assert_same_runs, make_params, random_grads
 
 _AVAIL = backends.availability("cpu")
 KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=str(_AVAIL[b])))
@@ -27,20 +27,6 @@ SCHEDULE = uf.UBA(12, phi=0.5, warmup_steps=2)
 def _grads(params, gen):
     """Fresh gradient tensors: new addresses, as backward gives."""
     return [None if g is None else g.clone() for g in random_grads(params, gen)]
-
-
-def _assert_equal_runs(a, b, opt_a, opt_b):
-    for i, (p, q) in enumerate(zip(a, b)):
-        assert_scaled_close(q, f64(p), RTOL[p.dtype], f"param {i}", allowed=int(1e-5 * p.numel()) + 1
-                            if opt_a.rule == "lion" else 0)
-    assert [int(g["schedule_step"]) for g in opt_a.param_groups] == \
-        [int(g["schedule_step"]) for g in opt_b.param_groups]
-    for p, q in zip(a, b):
-        assert (p in opt_a.state) == (q in opt_b.state)
-        if p in opt_a.state:
-            assert int(opt_a.state[p]["step"]) == int(opt_b.state[q]["step"])
-    # The torch backend computes the lr in float64, the kernels in float32.
-    assert [float(x) for x in opt_b.get_last_lr()] == pytest.approx([float(x) for x in opt_a.get_last_lr()], rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -70,7 +56,7 @@ def test_moved_gradients_are_read_where_they_are_now(case, backend):
             g.fill_(float("nan"))
         opt_a.step()
         opt_b.step()
-        _assert_equal_runs(a, b, opt_a, opt_b)
+        assert_same_runs(a, b, opt_a, opt_b)
         old = [q.grad for q in b if q.grad is not None]
 
 
@@ -105,7 +91,7 @@ def test_a_captured_step_computes_like_an_eager_one_and_reads_its_own_table(back
         opt_a.step()
         opt_b.step()
         _capturing(monkeypatch, False)
-        _assert_equal_runs(a, b, opt_a, opt_b)
+        assert_same_runs(a, b, opt_a, opt_b)
         if t == 1:  # the captured step wrote the graph's table, not the plan's own
             assert torch.equal(plan.grads, eager_table)
             [table] = [k for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor) and k.shape == plan.grads.shape
@@ -140,7 +126,7 @@ def test_an_eager_step_after_a_capture_reads_its_gradients_even_at_the_captured_
             q.grad.copy_(g)  # refilled in place: the addresses the capture saw
     opt_a.step()
     opt_b.step()
-    _assert_equal_runs(a, b, opt_a, opt_b)
+    assert_same_runs(a, b, opt_a, opt_b)
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before")
@@ -239,7 +225,7 @@ def test_the_address_path_without_the_extensions_scanner(backend):
             continue
         opt_a.step()
         opt_b.step()
-        _assert_equal_runs(a, b, opt_a, opt_b)
+        assert_same_runs(a, b, opt_a, opt_b)
     b[3].grad.data = torch.zeros(2)
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[3\] has a gradient of shape \(2,\)"):
         opt_b.step()

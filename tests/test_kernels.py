@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 import uba_fused as uf
 from uba_fused import backends
 
-from harness import (CASE_IDS, CASES, RTOL, SCHEDULES, assert_scaled_close, check_steps_against_oracle, f64,
-                     make_params, random_grads, set_grads, step_together)
+from harness import (CASE_IDS, CASES, SCHEDULES, assert_same_runs, check_steps_against_oracle, make_params,
+                     random_grads, set_grads, step_together)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The two kernel backends, each skipped where it cannot run on DEVICE. Without a GPU, "triton" runs in
@@ -59,25 +59,6 @@ def test_multi_chunk_tensors_match_oracle(case, dtype, backend):
                                params=_big_params(DEVICE, dtype=dtype))
 
 
-def _assert_same(a, b, opt_a, opt_b, where=""):
-    # State exists for the same parameters: those that have had a gradient, as torch.optim does it.
-    assert [bool(opt_a.state.get(p)) for p in a] == [bool(opt_b.state.get(q)) for q in b], f"{where}which have state"
-    for i, (p, q) in enumerate(zip(a, b)):
-        # Lion moves each element by +-lr: a near-zero update direction may round to either sign on
-        # two backends. Such flips are counted (about 1e-6 of the elements), not hidden by a tolerance.
-        allowed = int(1e-5 * p.numel()) + 1 if opt_a.rule == "lion" else 0
-        assert_scaled_close(q, f64(p), RTOL[p.dtype], f"{where}param {i}", allowed=allowed)
-        for k, v in opt_a.state.get(p, {}).items():
-            if k == "step":
-                assert int(v) == int(opt_b.state[q][k]), f"{where}param {i} step"
-            else:
-                assert_scaled_close(opt_b.state[q][k], f64(v), RTOL[p.dtype], f"{where}param {i} state {k}")
-    for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
-        assert int(ga["schedule_step"]) == int(gb["schedule_step"])
-    for la, lb in zip(opt_a.get_last_lr(), opt_b.get_last_lr()):
-        assert float(lb) == pytest.approx(float(la), rel=1e-6)
-
-
 def _twins(make, params_fn, steps, backend, reference="torch"):
     """Step a reference backend and a kernel backend side by side, comparing after every step, then copying
     the reference's values over so that rounding (a bf16 ulp flips easily) cannot drift across steps."""
@@ -90,7 +71,7 @@ def _twins(make, params_fn, steps, backend, reference="torch"):
         set_grads(b, grads)
         opt_a.step()
         opt_b.step()
-        _assert_same(a, b, opt_a, opt_b, f"step {t}: ")
+        assert_same_runs(a, b, opt_a, opt_b, f"step {t}: ")
         with torch.no_grad():
             for p, q in zip(a, b):
                 q.copy_(p)
@@ -139,7 +120,7 @@ def test_tensor_lr_and_torch_lr_scheduler_drive_the_kernel(backend):
             set_grads(ps, grads)
             opt.step()
             opt._sched.step()
-    _assert_same(a, b, opt_a, opt_b)
+    assert_same_runs(a, b, opt_a, opt_b)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -168,7 +149,7 @@ def test_state_dict_round_trip_and_switching_backends(backend):
     opt_b = uf.AdaBelief(b, backend="torch", lr=0.01)
     opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if saved: no shared tensors
     step_together([(a, opt), (b, opt_b)], gen, 4)
-    _assert_same(b, a, opt_b, opt)
+    assert_same_runs(b, a, opt_b, opt)
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -210,7 +191,7 @@ def test_a_new_set_of_gradients_every_step_stays_exact_and_bounded(backend):
         set_grads(b, grads)
         opt_a.step()
         opt_b.step()
-        _assert_same(a, b, opt_a, opt_b, f"step {t}: ")
+        assert_same_runs(a, b, opt_a, opt_b, f"step {t}: ")
         partial = [k for k in opt_b._cache if isinstance(k, tuple) and k[0] == "selection" and k[2] is not None]
         assert len(partial) <= 1, partial
 
@@ -407,7 +388,7 @@ def test_steady_state_fast_path_is_taken_and_stays_exact(backend):
             b[4].grad = b[4].grad.contiguous()  # laid out unlike its (transposed) parameter: the full path
         opt_a.step()
         opt_b.step()
-        _assert_same(a, b, opt_a, opt_b, f"step {t}: ")
+        assert_same_runs(a, b, opt_a, opt_b, f"step {t}: ")
     assert taken == [False, True, True, True, True, True, False, False]
     b[0].grad = None  # a missing gradient: the full path, which skips that parameter
     before = b[0].detach().clone()

@@ -211,8 +211,10 @@ class GradScan:
     parameter in the optimizer's flat order, and a last one, NO_GRAD, for the tables' sentinel row.
 
     ``steady()`` is the common case: one C++ pass (``uba_fused._C.GradAddresses``) confirms that every
-    gradient is present, dense and like its parameter, and says whether any moved since ``record()``;
-    no Python loop visits the parameters. ``full()`` is the Python path for everything else."""
+    gradient is present, dense and like its parameter, and says whether any moved since the reference;
+    no Python loop visits the parameters. ``full()`` takes any gradients: a C++ pass too where the
+    extension is built, with Python only to explain a mismatch or copy a gradient into its parameter's
+    layout; the whole pass in Python where it is not."""
 
     UNCHANGED, MOVED, OTHER = 0, 1, 2  # what GradAddresses.scan answers
 
