@@ -78,7 +78,7 @@ class Run:
         d, layers, heads, ctx, _ = SIZES[size]
         torch.manual_seed(seed)  # the same initial weights in every row
         self.model = CharLM(d, layers, heads, ctx).to(device)
-        self.batches, self.device, self.graphed, self.kind = batches, device, graphed, kind
+        self.batches, self.device, self.graphed = batches, device, graphed
         self.schedule = uf.UBA(total, phi=1.0, warmup_steps=max(1, total // 20))
         params = list(self.model.parameters())
         if kind == "torch":
@@ -151,7 +151,7 @@ class Run:
             self.host_us.append((time.perf_counter() - t0) * 1e6)
 
 
-def rows_for(device: torch.device, size: str) -> list[tuple[str, str, str | None, bool]]:
+def rows_for(device: torch.device) -> list[tuple[str, str, str | None, bool]]:
     """(name, kind, backend, graphed) of every row this device can run."""
     if device.type != "cuda":
         return [("torch AdamW fused + LambdaLR", "torch", None, False),
@@ -187,7 +187,7 @@ def measure(size: str, device: torch.device, rounds: int, iters: int, profile_it
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(text) - ctx - 1, (total, batch, 1), generator=gen)
     batches = text[starts + torch.arange(ctx + 1)].to(device)  # every batch, before timing: no copy in the loop
-    specs = rows_for(device, size)
+    specs = rows_for(device)
     runs, rows = [], []
     for name, kind, backend, graphed in specs:
         run = Run(kind, backend, graphed, size, batches, total, device, seed)
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
            "device": device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
            "python": platform.python_version(), "uba_fused": uf.__version__}
     summaries = []
-    n = sum(len(rows_for(device, s)) for s in a.sizes) * a.rounds
+    n = len(rows_for(device)) * len(a.sizes) * a.rounds
     with tqdm(total=n, desc="timing loops", file=sys.stderr) as bar:
         for size in a.sizes:
             bar.set_postfix_str(size)
