@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -103,19 +104,22 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
 // dense gradient with the parameter's own sizes, strides, dtype and device at the recorded address (the
 // device tables are right as they are), kMoved when that holds but some addresses changed, and kOther
 // otherwise (a missing, sparse, mismatched or differently laid-out gradient: collect() then handles it).
-// Both write every address to `out`; record() makes the last ones seen the reference.
+// Both write every address to `out`; record() makes the last ones seen the reference. Both read each
+// parameter's .grad, or, when given `grads`, the gradients listed there: the local shards of DTensor
+// gradients (the parameters are then their local shards too), which C++ cannot reach through a DTensor.
 class GradAddresses {
  public:
   enum Status : int { kUnchanged = 0, kMoved = 1, kOther = 2 };
+  using GradList = std::optional<std::vector<std::optional<at::Tensor>>>;
 
   explicit GradAddresses(std::vector<at::Tensor> params)
       : params_(std::move(params)), ptrs_(params_.size()), seen_(params_.size()) {}
 
-  int scan(at::Tensor& out) {
-    int64_t* o = checked_out(out);
+  int scan(at::Tensor& out, const GradList& grads) {
+    int64_t* o = checked_out(out, grads);
     bool moved = false;
     for (size_t i = 0; i < params_.size(); ++i) {
-      const at::Tensor& g = params_[i].grad();
+      const at::Tensor g = grad(i, grads);
       const at::Tensor& p = params_[i];
       if (!g.defined() || g.layout() != c10::kStrided || g.sizes() != p.sizes() || g.strides() != p.strides() ||
           g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
@@ -132,12 +136,12 @@ class GradAddresses {
   // where there is none. Returns the index of the first gradient that is not dense and shaped, typed and
   // placed like its parameter (-1: none; the caller then says which and why), and the indices of those
   // laid out unlike their parameter (the caller walks copies of them).
-  std::pair<int64_t, std::vector<int64_t>> collect(at::Tensor& out) {
-    int64_t* o = checked_out(out);
+  std::pair<int64_t, std::vector<int64_t>> collect(at::Tensor& out, const GradList& grads) {
+    int64_t* o = checked_out(out, grads);
     std::vector<int64_t> relayout;
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor& p = params_[i];
-      const at::Tensor& g = p.grad();
+      const at::Tensor g = grad(i, grads);
       if (!g.defined()) {
         o[i] = uf::kNoGrad;
         seen_[i] = nullptr;
@@ -161,12 +165,20 @@ class GradAddresses {
   size_t size() const { return params_.size(); }
 
  private:
-  int64_t* checked_out(at::Tensor& out) const {
+  int64_t* checked_out(at::Tensor& out, const GradList& grads) const {
     TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kLong && out.is_contiguous() &&
                     out.numel() == static_cast<int64_t>(params_.size()),
                 "uba_fused._C.GradAddresses: out must be a contiguous int64 CPU tensor of ", params_.size(),
                 " values");
+    TORCH_CHECK(!grads || grads->size() == params_.size(), "uba_fused._C.GradAddresses: grads must list ",
+                params_.size(), " gradients (or None), got ", grads ? grads->size() : 0);
     return out.data_ptr<int64_t>();
+  }
+
+  at::Tensor grad(size_t i, const GradList& grads) const {
+    if (!grads) return params_[i].grad();
+    const auto& g = (*grads)[i];
+    return g ? *g : at::Tensor();
   }
 
   std::vector<at::Tensor> params_;
@@ -189,10 +201,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",
-           py::arg("out"))
+           py::arg("out"), py::arg("grads") = py::none())
       .def("collect", &GradAddresses::collect,
            "every address (NO_GRAD: none) into out; (first mismatched index or -1, indices laid out otherwise)",
-           py::arg("out"))
+           py::arg("out"), py::arg("grads") = py::none())
       .def("record", &GradAddresses::record, "make the addresses the last scan or collect saw the reference")
       .def("__len__", &GradAddresses::size);
   m.attr("CHUNK") = uf::kChunk;

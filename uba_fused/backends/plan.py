@@ -37,7 +37,7 @@ import torch
 
 from .. import _ext
 from ..schedules import KIND_CONSTANT
-from .work import Capture, GradSource, GroupWork
+from .work import Capture, GradSource, GroupWork, dtensor_class, is_dtensor, local
 
 # Columns of the group table. One minus a beta is computed here in float64: in float32,
 # 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
@@ -214,16 +214,22 @@ class GradScan:
     gradient is present, dense and like its parameter, and says whether any moved since the reference;
     no Python loop visits the parameters. ``full()`` takes any gradients: a C++ pass too where the
     extension is built, with Python only to explain a mismatch or copy a gradient into its parameter's
-    layout; the whole pass in Python where it is not."""
+    layout; the whole pass in Python where it is not.
+
+    C++ cannot see the local shard behind a DTensor. For DTensor parameters the pass runs over the local
+    shards, and Python lists their gradients' local shards for it (``_shard_grads``): a gradient that
+    shares its parameter's DTensorSpec object, as FSDP2's do, is placed like it, so the common step costs
+    three attribute reads per parameter in Python; any other goes to ``full()``, which checks it all."""
 
     UNCHANGED, MOVED, OTHER = 0, 1, 2  # what GradAddresses.scan answers
 
     def __init__(self, params: list[torch.Tensor]):
-        self.params = params
+        self.params = [local(p) for p in params]
+        self._owners = params if any(map(is_dtensor, params)) else None  # whose .grad holds the shards
         self.addresses = torch.full((len(params) + 1,), NO_GRAD, dtype=torch.int64)
         self._scan_out = self.addresses[:-1]
         c = getattr(_ext._C, "GradAddresses", None)
-        self._c = c(params) if c is not None else None
+        self._c = c(self.params) if c is not None else None
         self._recorded = False
         self._cuda = any(p.is_cuda for p in params)
         self._spare: torch.Tensor | None = None  # a pinned block set aside for the next captured step
@@ -232,31 +238,52 @@ class GradScan:
         """This step's gradients, if one C++ pass can vouch for them all; else None (take ``full()``)."""
         if self._c is None or not self._recorded:
             return None
-        status = self._c.scan(self._scan_out)
+        grads = None
+        if self._owners is not None:
+            grads = self._shard_grads()
+            if grads is None:
+                return None
+        status = self._c.scan(self._scan_out, grads)
         return None if status == self.OTHER else self._source(self.addresses, status == self.MOVED, capture, [])
 
-    def full(self, capture: Capture | None, check: Callable[[], None]) -> GradSource:
-        """From the gradients themselves, whatever they are; ``check()`` raises saying which gradient is not
-        dense and shaped, typed and placed like its parameter (called when one is found: C++ finds it, or
-        first of all without the extension). One laid out unlike its parameter is walked as a copy in the
-        parameter's layout."""
+    def full(self, capture: Capture | None, check: Callable[[], None], grads: list[torch.Tensor | None]) -> GradSource:
+        """From the gradients themselves (``grads``: each parameter's ``.grad``, a DTensor's local shard),
+        whatever they are; ``check()`` raises saying which gradient is not dense and shaped, typed and placed
+        like its parameter (called when one is found: C++ finds it, or first of all without it). One laid out
+        unlike its parameter is walked as a copy in the parameter's layout."""
         addresses = torch.full((len(self.params) + 1,), NO_GRAD, dtype=torch.int64)
         if self._c is not None:
-            bad, relayout = self._c.collect(addresses[:-1])
+            if self._owners is not None:  # C++ sees the local shards only: placements are checked here
+                check()
+            bad, relayout = self._c.collect(addresses[:-1], None if self._owners is None else grads)
             if bad >= 0:
                 check()
                 raise RuntimeError(f"the gradient of parameter {bad} (in the optimizer's order) does not match it")
         else:
             check()
-            grads = [p.grad for p in self.params]
             relayout = [i for i, (p, g) in enumerate(zip(self.params, grads))
                         if g is not None and g.stride() != p.stride()]
             addresses[:-1] = torch.tensor([NO_GRAD if g is None else g.data_ptr() for g in grads], dtype=torch.int64)
         keep = []
         for i in relayout:
-            keep.append(torch.empty_like(self.params[i]).copy_(self.params[i].grad))
+            keep.append(torch.empty_like(self.params[i]).copy_(grads[i]))
             addresses[i] = keep[-1].data_ptr()
         return self._source(addresses, True, capture, keep)
+
+    def _shard_grads(self) -> list[torch.Tensor] | None:
+        """The gradients' local shards, if every parameter has a gradient, a DTensor's with the parameter's own
+        DTensorSpec object and the same local tensor as when the scan was built; else None."""
+        cls, out = dtensor_class(), []
+        for p, shard in zip(self._owners, self.params):
+            g = p.grad
+            if g is None:
+                return None
+            if isinstance(p, cls):
+                if g._spec is not p._spec or p._local_tensor is not shard:
+                    return None
+                g = g._local_tensor
+            out.append(g)
+        return out
 
     def _source(self, addresses: torch.Tensor, changed: bool, capture: Capture | None, keep: list) -> GradSource:
         source = GradSource(addresses, changed, capture, keep)

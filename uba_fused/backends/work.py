@@ -10,10 +10,15 @@ an error leaves nothing half-updated. ``cache`` is a dict the optimizer owns, wh
 keeps device tables between steps; the optimizer clears it when storages may have changed
 (``load_state_dict``, ``add_param_group``). The torch backend reads the gradients from
 ``GroupWork.grads``; the kernel backends read their addresses from ``grads`` (a ``GradSource``).
+
+A parameter that is a DTensor (FSDP2's sharded parameters) reaches every backend as its local shard
+(``local``), with its gradient's and its state's local shards: the rules are element-wise, so each rank
+updates what it holds, in the same single launch, and nothing dispatches through DTensor per tensor.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -83,21 +88,77 @@ class GradSource:
         return self.pinned
 
 
+def dtensor_class() -> type | None:
+    """torch's DTensor class, or None while its module is not loaded (then no DTensor exists). Importing it
+    here would add torch.distributed to every ``import uba_fused``."""
+    for name in ("torch.distributed.tensor", "torch.distributed._tensor"):  # the second: torch < 2.5
+        cls = getattr(sys.modules.get(name), "DTensor", None)
+        if cls is not None:
+            return cls
+    return None
+
+
+def is_dtensor(t: Any) -> bool:
+    cls = dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """What the backends walk: a DTensor's local shard (the tensor FSDP2 keeps, not a copy); any other
+    tensor as it is."""
+    return t._local_tensor if is_dtensor(t) else t
+
+
+def locals_of(ts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+    """``local`` of each (None stays None), for a list visited every step."""
+    cls = dtensor_class()
+    return ts if cls is None else [t._local_tensor if isinstance(t, cls) else t for t in ts]
+
+
+def placement(t: torch.Tensor) -> Any:
+    return (t.device_mesh, t.placements) if is_dtensor(t) else "not a DTensor"
+
+
+def check_dtensor_param(what: str, p: torch.Tensor) -> None:
+    """A DTensor parameter's placements must let each rank update its local shard alone: any ``Shard`` or
+    ``Replicate``. A ``Partial`` parameter holds a summand of its value, which no element-wise rule updates."""
+    partial = [pl for pl in p.placements if pl.is_partial()]
+    if partial:
+        raise ValueError(f"{what} is a DTensor with placements {p.placements}: a Partial parameter holds a summand "
+                         f"of each value, which an element-wise update cannot update; redistribute it to Shard or "
+                         f"Replicate placements first")
+
+
 def check_grads(index: int, group: dict, grads: list[torch.Tensor | None]) -> None:
-    """Every gradient of group ``index`` dense and shaped, typed and placed like its parameter, or None;
-    raises naming the first that is not. The optimizer runs this before any backend sees the step."""
-    names = group.get("param_names")
+    """Every gradient of group ``index`` dense and shaped, typed and placed like its parameter (a DTensor's
+    on the same mesh with the same placements), or None; raises naming the first that is not. The optimizer
+    runs this before any backend sees the step."""
+    cls = dtensor_class()
     for i, (p, g) in enumerate(zip(group["params"], grads)):
         if g is None:
             continue
-        where = f"param_groups[{index}]['params'][{i}]" + (f" ({names[i]!r})" if names else "")
+        if cls is not None and (isinstance(p, cls) or isinstance(g, cls)) and not _placed_alike(g, p, cls):
+            raise RuntimeError(f"{_where(index, group, i)}: its gradient is placed {placement(g)}, the parameter "
+                               f"{placement(p)}; the update reads each local shard of the gradient as the "
+                               f"parameter's, so their meshes and placements must be the same (a Partial gradient "
+                               f"must be reduced first)")
         if g.layout != torch.strided:
-            raise RuntimeError(f"{where} has a sparse gradient ({g.layout}); uba_fused does not support sparse "
-                               f"gradients")
+            raise RuntimeError(f"{_where(index, group, i)} has a sparse gradient ({g.layout}); uba_fused does not "
+                               f"support sparse gradients")
         if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
-            raise RuntimeError(f"{where} has a gradient of shape {tuple(g.shape)}, {g.dtype} on {g.device}, but the "
-                               f"parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; the update reads each "
-                               f"gradient as its parameter")
+            raise RuntimeError(f"{_where(index, group, i)} has a gradient of shape {tuple(g.shape)}, {g.dtype} on "
+                               f"{g.device}, but the parameter is {tuple(p.shape)}, {p.dtype} on {p.device}; the "
+                               f"update reads each gradient as its parameter")
+
+
+def _placed_alike(g: torch.Tensor, p: torch.Tensor, cls: type) -> bool:
+    # FSDP2 gives a gradient its parameter's own DTensorSpec: nothing to compare, which is quick.
+    return isinstance(g, cls) and isinstance(p, cls) and g._spec is p._spec or placement(g) == placement(p)
+
+
+def _where(index: int, group: dict, i: int) -> str:
+    names = group.get("param_names")
+    return f"param_groups[{index}]['params'][{i}]" + (f" ({names[i]!r})" if names else "")
 
 
 def signature(group: dict) -> tuple:

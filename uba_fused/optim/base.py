@@ -27,6 +27,7 @@ import torch
 
 from .. import backends
 from ..backends.plan import is_dense
+from ..backends.work import is_dtensor, local
 from ..schedules import Schedule, schedule_from_dict
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -156,6 +157,16 @@ def _split_names(given: list) -> tuple[list, list[str] | None]:
     return [x[1] for x in given], [x[0] for x in given]
 
 
+def _zeros_like(p: torch.Tensor) -> torch.Tensor:
+    """A state buffer for ``p``, laid out as it is: for a DTensor, a DTensor with its mesh and placements (so
+    torch.distributed.checkpoint saves and reshards it) around a local shard laid out as ``p``'s."""
+    if is_dtensor(p):
+        shard = torch.zeros_like(local(p), memory_format=torch.preserve_format)
+        return backends.work.dtensor_class().from_local(shard, p.device_mesh, p.placements, run_check=False,
+                                                        shape=p.shape, stride=p.stride())
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     rule: ClassVar[str]
     _step_optional: ClassVar[bool] = False  # a loaded state may lack 'step' (torch.optim.SGD keeps none)
@@ -202,6 +213,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Warn once if a group's host lr changed since it was set up while the group has a schedule: the two
         multiply. torch LR schedulers (and the trainers that add one, as HF Trainer does) change that lr."""
         lr, before = group["lr"], self._setup_lr[gi]
+        if not isinstance(lr, torch.Tensor) and lr == 0:
+            # Whatever schedule, a zero lr stays zero: nothing multiplies. torch.distributed.checkpoint sets it
+            # for the step that creates a fresh optimizer's state before loading, and then sets it back.
+            return
         changed = lr is not before if isinstance(lr, torch.Tensor) or isinstance(before, torch.Tensor) else lr != before
         self._setup_lr[gi] = lr
         if not changed or group["schedule"] is None or self._warned_lr_twice:
@@ -254,6 +269,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{what} has dtype {p.dtype}; supported: {_FLOAT_DTYPES}")
             if p.is_sparse:
                 raise ValueError(f"{what} is sparse; sparse parameters are not supported")
+            if is_dtensor(p):
+                backends.work.check_dtensor_param(what, p)
         full = {**self.defaults, **param_group, "params": params}
         self._check_group(full)
         devices = {p.device for p in params}
@@ -263,8 +280,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             if len(devices) > 1:
                 raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
             for what, p in zip(labels, params):
-                if not is_dense(p):
-                    raise ValueError(f"{what} (shape {tuple(p.shape)}, strides {p.stride()}) has gaps or "
+                if not is_dense(local(p)):
+                    raise ValueError(f"{what} (shape {tuple(local(p).shape)}, strides {local(p).stride()}) has gaps or "
                                      f"overlaps in memory; backend={backend!r} walks parameters linearly: use "
                                      f"backend='torch' for it, or a dense parameter")
         super().add_param_group(_ParamGroup({**param_group, "params": given}))  # torch.optim keeps the names
@@ -349,6 +366,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _full_work(self, capture: backends.Capture | None) -> tuple[list, backends.GradSource | None]:
         # Everything that can fail runs before anything is written: every group's values and gradients
         # first, lazy state only after all of them passed, then every backend's prepare before any launch.
+        self._drop_moved_shards()
         sigs = [self._check_group_at_step(gi, group) for gi, group in enumerate(self.param_groups)]
         grads = [[p.grad for p in group["params"]] for group in self.param_groups]
 
@@ -362,10 +380,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         else:  # the kernel backends' pass over the gradients checks them too
             if "scan" not in self._cache:
                 self._cache["scan"] = backends.GradScan([p for g in self.param_groups for p in g["params"]])
-            source = self._cache["scan"].full(capture, check)
+            source = self._cache["scan"].full(capture, check, backends.work.locals_of([g for gs in grads for g in gs]))
+        if self._cache["shards"]:  # checked by now: each gradient placed as its parameter
+            grads = [backends.work.locals_of(gs) for gs in grads]
         work = [self._group_work(gi, sig, self._selection(gi, group, gs, capture), gs)
                 for gi, (group, sig, gs) in enumerate(zip(self.param_groups, sigs, grads))]
         return work, source
+
+    def _drop_moved_shards(self) -> None:
+        """Forget every table and selection if a DTensor parameter's local tensor is not the one they hold:
+        FSDP2 gives a sharded parameter a new one when the model's state dict is loaded or it is moved
+        (``reset_sharded_param``), and an update of the old one would be lost. Only DTensors are visited,
+        and only on this path: an optimizer with DTensors never takes the steady one (``GradScan``)."""
+        held = self._cache.get("shards")
+        if held is not None and any(p._local_tensor is not shard for p, shard in held):
+            self._cache.clear()
+            held = None
+        if held is None:
+            self._cache["shards"] = [(p, local(p)) for g in self.param_groups for p in g["params"] if is_dtensor(p)]
 
     def _captured(self, capture: backends.Capture, grads: backends.GradSource | None) -> None:
         """After a step captured into a CUDA graph: keep what its replays read, for the optimizer's life, and
@@ -425,8 +457,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             st = [self._state_for(p, names) for p in params]
             first = sum(len(g["params"]) for g in self.param_groups[:gi])
             slots = [first + i for i in (range(len(params)) if index is None else index)]
-            hit = self._cache[key] = (params, [s["step"] for s in st], {n: [s[n] for s in st] for n in names}, index,
-                                      slots)
+            hit = self._cache[key] = ([local(p) for p in params], [s["step"] for s in st],
+                                      {n: [local(s[n]) for s in st] for n in names}, index, slots)
         return hit
 
     def _state_for(self, p: torch.Tensor, names: tuple[str, ...]) -> dict:
@@ -435,7 +467,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for n in names:
             if n not in state:
-                state[n] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state[n] = _zeros_like(p)
         return state
 
     # -- state dicts -------------------------------------------------------------------
@@ -473,8 +505,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 default = 1.0 if any(isinstance(st.get(n), torch.Tensor) for n in self._state_names(group)) else 0.0
                 st["step"] = torch.as_tensor(st.get("step", default)).to(p.device, torch.float32).reshape(())
                 for n in self._state_names(group):  # the kernels walk state in the parameter's layout
-                    if isinstance(st.get(n), torch.Tensor) and st[n].stride() != p.stride():
-                        st[n] = torch.empty_like(p).copy_(st[n])
+                    if isinstance(st.get(n), torch.Tensor) and local(st[n]).stride() != local(p).stride():
+                        st[n] = _zeros_like(p).copy_(st[n])
             self._setup_group(i)
 
     def _checked_state_dict(self, sd: Any) -> dict[str, Any]:
@@ -549,6 +581,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(v, torch.Tensor) or v.shape != p.shape:
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"{where}[{key!r}] has shape {shape}, its parameter has {tuple(p.shape)}")
+            placed = [(t.device_mesh, t.placements) if is_dtensor(t) else "not a DTensor" for t in (v, p)]
+            if placed[0] != placed[1]:
+                raise ValueError(f"{where}[{key!r}] is placed {placed[0]}, its parameter {placed[1]}: each rank "
+                                 f"updates the local shard of both, so they must be placed alike. Load a sharded "
+                                 f"(FSDP2) optimizer with torch.distributed.checkpoint's set_optimizer_state_dict, "
+                                 f"which reshards the saved state onto the parameters")
         if "step" in st:
             step = torch.as_tensor(st["step"])
             if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:

@@ -1,0 +1,161 @@
+"""One rank of the distributed tests (tests/test_distributed.py starts every rank of a run).
+
+    python tests/distributed_worker.py OUT STORE [--fsdp2 [--save DIR]] [--load DIR] [--ddp]
+
+For every case x backend, a small MLP trains for ``STEPS`` steps: under FSDP2 with ``--fsdp2``
+(``fully_shard`` on a mesh of all ranks; its layers of 5, 3 and 1 rows shard unevenly, and on 2 ranks
+the last is empty on rank 1), saving a torch.distributed.checkpoint after ``SAVE_AT`` steps with
+``--save``; under FSDP2 from such a checkpoint, written on another number of ranks, with ``--load``;
+and under DDP with ``--ddp``. Every rank draws the same full batch each step and trains on its slice.
+Each rank also trains the model unsharded, in one process on the full batch, and writes to
+OUT/rank<r>.json how far each run ends from that one (parameters and optimizer state), its schedule
+counter and applied lr. The test compares.
+
+Backends "triton" and "cuda" run in their CPU test modes (TRITON_INTERPRET=1, UBA_FUSED_CUDA_ON_CPU=1,
+set by the test), over gloo; ``UBA_FUSED_DIST_DEVICE=cuda`` runs on this rank's GPU over NCCL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.distributed.tensor
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+import uba_fused as uf
+
+STEPS, SAVE_AT, BATCH = 12, 6, 16
+# Two rules with different state (two buffers and a step-dependent bias correction; one buffer that
+# starts as the first gradient), both under a UBA schedule whose warm-up and decay the 12 steps cross.
+CASES = {
+    "adamw": lambda params, backend: uf.AdamW(params, lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1,
+                                              schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
+    "sgd": lambda params, backend: uf.SGD(params, lr=5e-2, momentum=0.9, nesterov=True, weight_decay=0.01,
+                                          schedule=uf.UBA(STEPS, phi=2.0, min_lr_ratio=0.1), backend=backend),
+}
+BACKENDS = ("torch", "triton", "cuda")
+
+
+def make_model(device: torch.device) -> torch.nn.Sequential:
+    gen = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(),
+                                torch.nn.Linear(3, 1))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    return model.to(device)
+
+
+def batch(t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The full batch of step t, the same on every rank."""
+    gen = torch.Generator().manual_seed(1000 + t)
+    x = torch.randn(BATCH, 6, generator=gen)
+    return x.to(device), (x[:, :1] * x[:, 1:2] + 0.1 * torch.randn(BATCH, 1, generator=gen)).to(device)
+
+
+def train(model, opt, steps: range, rank: int, world: int, device: torch.device, save: pathlib.Path | None = None):
+    share = BATCH // world
+    for t in steps:
+        x, y = batch(t, device)
+        x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if save is not None and t + 1 == SAVE_AT:
+            model_sd, optim_sd = get_state_dict(model, opt)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=save)
+
+
+def sharded(make, backend: str, mesh, device: torch.device):
+    """The model under FSDP2, each Linear its own unit, and its optimizer."""
+    model = make_model(device)
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model, make(model.parameters(), backend)
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t
+
+
+def distance(model, opt, ref_model, ref_opt) -> dict:
+    """How far a run ends from the unsharded one: the largest difference of a parameter or state buffer
+    relative to the largest magnitude of that tensor, whether every per-parameter step count is the same,
+    and the counters this rank keeps."""
+    rel, steps_equal = 0.0, True
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        pairs = [(full(p.detach()), q.detach())]
+        pairs += [(full(v), ref_opt.state[q][k]) for k, v in opt.state[p].items() if k != "step"]
+        for a, b in pairs:
+            rel = max(rel, ((a.cpu() - b.cpu()).abs().max() / b.abs().max()).item())
+        steps_equal &= bool(opt.state[p]["step"].cpu() == ref_opt.state[q]["step"].cpu())
+    return dict(rel=rel, steps_equal=steps_equal, schedule_step=[int(g["schedule_step"]) for g in opt.param_groups],
+                ref_schedule_step=[int(g["schedule_step"]) for g in ref_opt.param_groups],
+                lr=[float(x) for x in opt.get_last_lr()], ref_lr=[float(x) for x in ref_opt.get_last_lr()],
+                backends=opt.backends)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=pathlib.Path)
+    ap.add_argument("store", help="the file of the FileStore the ranks meet at")
+    ap.add_argument("--fsdp2", action="store_true")
+    ap.add_argument("--ddp", action="store_true")
+    ap.add_argument("--save", type=pathlib.Path)
+    ap.add_argument("--load", type=pathlib.Path)
+    args = ap.parse_args()
+    # uba_fused's warning that a torch scheduler and a schedule both set the lr must not fire: DCP's zero step
+    # that creates a fresh optimizer's state sets the lr to 0 and back, which is no second schedule.
+    warnings.filterwarnings("error", message=r"param_groups\[\d+\]\['lr'\] changed")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    kind = os.environ.get("UBA_FUSED_DIST_DEVICE", "cpu")
+    device = torch.device(kind, rank) if kind == "cuda" else torch.device("cpu")
+    if kind == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=f"file://{args.store}", rank=rank,
+                            world_size=world)
+    mesh = init_device_mesh(kind, (world,))
+    results = {}
+    for case, make in CASES.items():
+        for backend in BACKENDS:
+            name = f"{case}-{backend}"
+            ref_model = make_model(device)
+            ref_opt = make(ref_model.parameters(), backend)
+            train(ref_model, ref_opt, range(STEPS), 0, 1, device)
+
+            if args.fsdp2:
+                model, opt = sharded(make, backend, mesh, device)
+                save = None if args.save is None else args.save / name
+                train(model, opt, range(STEPS), rank, world, device, save=save)
+                results[f"fsdp2/{name}"] = distance(model, opt, ref_model, ref_opt)
+            if args.load is not None:  # continue from a checkpoint written on another number of ranks
+                model, opt = sharded(make, backend, mesh, device)
+                model_sd, optim_sd = get_state_dict(model, opt)
+                loaded = {"model": model_sd, "optim": optim_sd}
+                dcp.load(loaded, checkpoint_id=args.load / name)
+                set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+                train(model, opt, range(SAVE_AT, STEPS), rank, world, device)
+                results[f"dcp/{name}"] = distance(model, opt, ref_model, ref_opt)
+            if args.ddp:
+                model = DistributedDataParallel(make_model(device))
+                opt = make(model.parameters(), backend)
+                train(model, opt, range(STEPS), rank, world, device)
+                results[f"ddp/{name}"] = distance(model.module, opt, ref_model, ref_opt)
+    (args.out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,253 @@
+"""DDP and FSDP2 (DTensor) parameters: parity with one process, checkpoints across rank counts, errors.
+
+The multi-rank tests start every rank of ``tests/distributed_worker.py`` as its own process over gloo
+on the CPU, each backend in its CPU test mode, and fail (killing the rest) when a rank fails or the run
+passes its time limit. Three runs chain: 2 ranks (FSDP2 and DDP, saving a checkpoint), then 1 rank
+(FSDP2, loading the 2-rank checkpoint and saving its own), then 2 ranks (loading the 1-rank one). The
+single-rank tests below build DTensors on a one-rank mesh in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+
+import uba_fused as uf
+
+import distributed_worker as worker
+
+WORKER = pathlib.Path(worker.__file__)
+TIMEOUT_S = 300  # per run; the three CPU runs take about 30, 20 and 35 s on a 2-core machine
+NAMES = [f"{case}-{backend}" for case in worker.CASES for backend in worker.BACKENDS]
+# How far a multi-rank run may end from the one-process run, relative to each tensor's largest value.
+# The collective averages the ranks' gradients in another order than one process's batch mean, a few
+# fp32 ulps per step, which 12 steps of momentum carry (measured: at most 8e-7). A wrong shard, a lost
+# step or a wrong lr moves a parameter by about lr per step, 1e-3 and more.
+REL = 1e-5
+
+
+def launch(tmp: pathlib.Path, world: int, *args: str, device: str = "cpu") -> list[dict]:
+    """Run the worker on ``world`` ranks; each rank's results."""
+    out = tmp / f"out-{time.monotonic_ns()}"
+    out.mkdir()
+    env = {**os.environ, "WORLD_SIZE": str(world), "UBA_FUSED_DIST_DEVICE": device}
+    if device == "cpu":
+        env.update(TRITON_INTERPRET="1", UBA_FUSED_CUDA_ON_CPU="1", CUDA_VISIBLE_DEVICES="")
+    logs = [out / f"rank{r}.log" for r in range(world)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), str(out / "store"), *args],
+                              env={**env, "RANK": str(r)}, stdout=log.open("w"), stderr=subprocess.STDOUT)
+             for r, log in enumerate(logs)]
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        while any(p.poll() is None for p in procs):
+            failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
+            if failed or time.monotonic() > deadline:
+                why = f"rank {failed[0]} exited with {procs[failed[0]].returncode}" if failed else \
+                    f"the run passed {TIMEOUT_S} s (a hang?)"
+                tails = "\n".join(f"--- rank {r}:\n{log.read_text()[-3000:]}" for r, log in enumerate(logs))
+                pytest.fail(f"{world}-rank run {' '.join(args)}: {why}\n{tails}")
+            time.sleep(0.2)
+    finally:
+        for p in procs:
+            p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r].read_text()[-3000:]}"
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, list[dict]]:
+    tmp = tmp_path_factory.mktemp("distributed")
+    two = launch(tmp, 2, "--fsdp2", "--ddp", "--save", str(tmp / "ckpt-2"))
+    one = launch(tmp, 1, "--fsdp2", "--save", str(tmp / "ckpt-1"), "--load", str(tmp / "ckpt-2"))
+    two_again = launch(tmp, 2, "--load", str(tmp / "ckpt-1"))
+    return {"2 ranks": two, "1 rank": one, "2 ranks from 1": two_again}
+
+
+def assert_like_one_process(ranks: list[dict], key: str) -> None:
+    for r, res in enumerate(ranks):
+        got = res[key]
+        where = f"{key} on rank {r} of {len(ranks)}"
+        assert got["rel"] <= REL, f"{where}: ends {got['rel']:.2e} (relative) from the one-process run"
+        assert got["steps_equal"], f"{where}: a parameter's step count differs from the one-process run"
+        assert got["schedule_step"] == got["ref_schedule_step"] == [worker.STEPS], where
+        assert got["lr"] == got["ref_lr"], f"{where}: applied lr {got['lr']}, one process {got['ref_lr']}"
+        assert got["backends"] == [key.split("-")[-1]], where
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ddp_matches_one_process_on_the_full_batch(runs, name):
+    assert_like_one_process(runs["2 ranks"], f"ddp/{name}")
+
+
+@pytest.mark.parametrize("world", ["2 ranks", "1 rank"])
+@pytest.mark.parametrize("name", NAMES)
+def test_fsdp2_uneven_and_empty_shards_match_one_process(runs, name, world):
+    assert_like_one_process(runs[world], f"fsdp2/{name}")
+
+
+@pytest.mark.parametrize("direction", ["1 rank", "2 ranks from 1"], ids=["saved-on-2-loaded-on-1", "1-to-2"])
+@pytest.mark.parametrize("name", NAMES)
+def test_dcp_checkpoint_resharded_continues_as_if_uninterrupted(runs, name, direction):
+    assert_like_one_process(runs[direction], f"dcp/{name}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fsdp2_on_one_gpu_over_nccl(tmp_path):
+    """Every backend natively, under FSDP2 on a one-rank NCCL mesh, against one process on the GPU."""
+    (res,) = launch(tmp_path, 1, "--fsdp2", "--ddp", device="cuda")
+    for name in NAMES:
+        assert_like_one_process([res], f"fsdp2/{name}")
+        assert_like_one_process([res], f"ddp/{name}")
+
+
+# -- one rank, in this process --------------------------------------------------------------------------
+BACKENDS = ("torch", "triton", "cuda")
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    if ours:
+        dist.destroy_process_group()
+
+
+def dtensor_params(mesh, placements, seed=0):
+    """A DTensor parameter of each placement, and a plain one beside them."""
+    gen = torch.Generator().manual_seed(seed)
+    ps = [torch.nn.Parameter(DTensor.from_local(torch.randn(6, 5, generator=gen), mesh, [pl])) for pl in placements]
+    return ps + [torch.nn.Parameter(torch.randn(7, generator=gen))]
+
+
+def give_grads(params, gen):
+    for p in params:
+        g = torch.randn(p.shape, generator=gen)
+        p.grad = DTensor.from_local(g, p.device_mesh, p.placements) if isinstance(p, DTensor) else g
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtensor_placements_update_their_local_shards(mesh, backend):
+    """Shard(0), Shard(1), Replicate: the same values as plain tensors, the state kept as DTensors placed
+    like their parameter; and when FSDP2 gives a parameter a new local tensor, the new one is updated."""
+    placements = [Shard(0), Shard(1), Replicate()]
+    ps = dtensor_params(mesh, placements)
+    plain = [torch.nn.Parameter(p.to_local().clone() if isinstance(p, DTensor) else p.detach().clone()) for p in ps]
+    opts = [uf.AdamW(x, lr=1e-2, weight_decay=0.1, schedule=uf.UBA(8, warmup_steps=2), backend=backend)
+            for x in (ps, plain)]
+    gen_a, gen_b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    for t in range(6):
+        if t == 3:  # what FSDP2's reset_sharded_param does after a model state-dict load
+            ps[0]._local_tensor = ps[0]._local_tensor.clone()
+        give_grads(ps, gen_a)
+        give_grads(plain, gen_b)
+        for opt in opts:
+            opt.step()
+    for i, (p, q) in enumerate(zip(ps, plain)):
+        torch.testing.assert_close(p.to_local() if isinstance(p, DTensor) else p.detach(), q.detach(), rtol=0,
+                                   atol=0, msg=lambda m: f"param {i}: {m}")
+        for k in ("exp_avg", "exp_avg_sq"):
+            s = opts[0].state[p][k]
+            if isinstance(p, DTensor):
+                assert isinstance(s, DTensor) and s.placements == p.placements, f"state {k} of param {i}"
+                s = s.to_local()
+            torch.testing.assert_close(s, opts[1].state[q][k], rtol=0, atol=0)
+
+
+def test_partial_parameter_is_refused(mesh):
+    p = torch.nn.Parameter(DTensor.from_local(torch.ones(4), mesh, [Partial()]))
+    with pytest.raises(ValueError, match=r"params\[0\] is a DTensor with placements .*Partial"):
+        uf.AdamW([p])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_placed_unlike_its_parameter_is_refused_before_any_change(mesh, backend):
+    ps = dtensor_params(mesh, [Shard(0)])
+    opt = uf.AdamW(ps, lr=1e-2, backend=backend)
+    gen = torch.Generator().manual_seed(2)
+    give_grads(ps, gen)
+    opt.step()
+    before = [p.to_local().clone() if isinstance(p, DTensor) else p.detach().clone() for p in ps]
+    state = {k: v.to_local().clone() for k, v in opt.state[ps[0]].items() if k != "step"}
+    give_grads(ps, gen)
+    ps[0].grad = DTensor.from_local(ps[0].grad.to_local(), mesh, [Replicate()])  # same local shape, wrong place
+    with pytest.raises(RuntimeError, match=r"params'\]\[0\]: its gradient is placed .*Replicate.*Shard"):
+        opt.step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p.to_local() if isinstance(p, DTensor) else p.detach(), b)
+    for k, v in state.items():
+        assert torch.equal(opt.state[ps[0]][k].to_local(), v), k
+    assert int(opt.param_groups[0]["schedule_step"]) == 1
+
+
+def test_state_placed_unlike_its_parameter_is_refused(mesh):
+    ps = dtensor_params(mesh, [Shard(0)])
+    plain = [torch.nn.Parameter(p.to_local().clone() if isinstance(p, DTensor) else p.detach().clone()) for p in ps]
+    opts = [uf.AdamW(x, backend="torch") for x in (ps, plain)]
+    gen = torch.Generator().manual_seed(3)
+    for x, opt in zip((ps, plain), opts):
+        give_grads(x, gen)
+        opt.step()
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is placed not a DTensor, its parameter .*Shard"
+                                         r".*set_optimizer_state_dict"):
+        opts[0].load_state_dict(opts[1].state_dict())
+    with pytest.raises(ValueError, match=r"state\[0\]\['exp_avg'\] is placed .*Shard.*, its parameter not a DTensor"):
+        opts[1].load_state_dict(opts[0].state_dict())
+
+
+class _MLP(torch.nn.Sequential):
+    def __init__(self):
+        super().__init__(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.skipif(not hasattr(getattr(uf._ext, "_C", None), "GradAddresses"), reason="needs uba_fused._C")
+def test_fsdp2_gradients_take_the_c_pass_and_a_moved_shard_is_seen(mesh, backend):
+    """FSDP2 gives each gradient its parameter's own DTensorSpec: from the second step on, step() finds the
+    local shards with the C++ pass of plain tensors, and stays equal to a plain model's run. When FSDP2
+    gives a parameter a new local tensor, the step sees it and updates the new one."""
+    from torch.distributed.fsdp import fully_shard
+
+    gen = torch.Generator().manual_seed(4)
+    plain = _MLP()
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen))
+    sharded = _MLP()
+    sharded.load_state_dict(plain.state_dict())
+    fully_shard(sharded, mesh=mesh)
+    opts = [uf.AdamW(m.parameters(), lr=1e-2, schedule=uf.UBA(10), backend=backend) for m in (plain, sharded)]
+    taken, steady = [], opts[1]._steady_work
+
+    def spy(capture):
+        work, grads = steady(capture)
+        taken.append(work is not None)
+        return work, grads
+
+    opts[1]._steady_work = spy
+    for t in range(6):
+        x = torch.randn(8, 4, generator=gen)
+        for m, opt in zip((plain, sharded), opts):
+            opt.zero_grad(set_to_none=True)
+            m(x).square().mean().backward()
+        if t == 5:  # as FSDP2's reset_sharded_param does; forward read the old one, equal to it until now
+            p0 = next(sharded.parameters())
+            p0._local_tensor = p0._local_tensor.clone()
+        for opt in opts:
+            opt.step()
+    assert taken == [False, True, True, True, True, False]
+    for (name, p), q in zip(sharded.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.to_local(), q.detach(), msg=lambda m: f"{name}: {m}")
