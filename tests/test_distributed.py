@@ -44,9 +44,10 @@ def launch(tmp: pathlib.Path, world: int, *args: str, device: str = "cpu") -> li
     if device == "cpu":
         env.update(TRITON_INTERPRET="1", UBA_FUSED_CUDA_ON_CPU="1", CUDA_VISIBLE_DEVICES="")
     logs = [out / f"rank{r}.log" for r in range(world)]
+    files = [log.open("w") for log in logs]
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), str(out / "store"), *args],
-                              env={**env, "RANK": str(r)}, stdout=log.open("w"), stderr=subprocess.STDOUT)
-             for r, log in enumerate(logs)]
+                              env={**env, "RANK": str(r)}, stdout=f, stderr=subprocess.STDOUT)
+             for r, f in enumerate(files)]
     deadline = time.monotonic() + TIMEOUT_S
     try:
         while any(p.poll() is None for p in procs):
@@ -58,8 +59,10 @@ def launch(tmp: pathlib.Path, world: int, *args: str, device: str = "cpu") -> li
                 pytest.fail(f"{world}-rank run {' '.join(args)}: {why}\n{tails}")
             time.sleep(0.2)
     finally:
-        for p in procs:
+        for p, f in zip(procs, files):
             p.kill()
+            p.wait()
+            f.close()
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r].read_text()[-3000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]

@@ -390,8 +390,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _drop_moved_shards(self) -> None:
         """Forget every table and selection if a DTensor parameter's local tensor is not the one they hold:
         FSDP2 gives a sharded parameter a new one when the model's state dict is loaded or it is moved
-        (``reset_sharded_param``), and an update of the old one would be lost. Only DTensors are visited,
-        and only on this path: an optimizer with DTensors never takes the steady one (``GradScan``)."""
+        (``reset_sharded_param``), and an update of the old one would be lost. Only DTensors are visited.
+        The steady path sees such a step as one it cannot vouch for, and leaves it to this one
+        (``GradScan._shard_grads``)."""
         held = self._cache.get("shards")
         if held is not None and any(p._local_tensor is not shard for p, shard in held):
             self._cache.clear()
