@@ -5,11 +5,12 @@
 For every case x backend, a small MLP trains for ``STEPS`` steps: under FSDP2 with ``--fsdp2``
 (``fully_shard`` on a mesh of all ranks; its layers of 5, 3 and 1 rows shard unevenly, and on 2 ranks
 the last is empty on rank 1), saving a torch.distributed.checkpoint after ``SAVE_AT`` steps with
-``--save``; under FSDP2 from such a checkpoint, written on another number of ranks, with ``--load``;
-and under DDP with ``--ddp``. Every rank draws the same full batch each step and trains on its slice.
-Each rank also trains the model unsharded, in one process on the full batch, and writes to
-OUT/rank<r>.json how far each run ends from that one (parameters and optimizer state), its schedule
-counter and applied lr. The test compares.
+``--save``, and for AdamW also as HSDP (a 1 x ranks mesh); under FSDP2 from such a checkpoint,
+written on another number of ranks, with ``--load``; and under DDP with ``--ddp`` (with
+``gradient_as_bucket_view`` for one rule). Every rank draws the same full batch each step and trains
+on its slice. Each rank also trains the model unsharded, in one process on the full batch, and writes
+to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer state), its
+schedule counter and applied lr. The test compares.
 
 Backends "triton" and "cuda" run in their CPU test modes (TRITON_INTERPRET=1, UBA_FUSED_CUDA_ON_CPU=1,
 set by the test), over gloo; ``UBA_FUSED_DIST_DEVICE=cuda`` runs on this rank's GPU over NCCL.
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.tensor
+from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
@@ -127,6 +129,7 @@ def main() -> None:
     dist.init_process_group("nccl" if kind == "cuda" else "gloo", init_method=f"file://{args.store}", rank=rank,
                             world_size=world)
     mesh = init_device_mesh(kind, (world,))
+    hsdp_mesh = init_device_mesh(kind, (1, world), mesh_dim_names=("replicate", "shard"))
     results = {}
     for case, make in CASES.items():
         for backend in BACKENDS:
@@ -140,6 +143,11 @@ def main() -> None:
                 save = None if args.save is None else args.save / name
                 train(model, opt, range(STEPS), rank, world, device, save=save)
                 results[f"fsdp2/{name}"] = distance(model, opt, ref_model, ref_opt)
+                if case == "adamw":  # HSDP: a 2-D mesh, parameters placed (Replicate(), Shard(0))
+                    model, opt = sharded(make, backend, hsdp_mesh, device)
+                    assert all(p.placements == (Replicate(), Shard(0)) for p in model.parameters())
+                    train(model, opt, range(STEPS), rank, world, device)
+                    results[f"hsdp/{name}"] = distance(model, opt, ref_model, ref_opt)
             if args.load is not None:  # continue from a checkpoint written on another number of ranks
                 model, opt = sharded(make, backend, mesh, device)
                 model_sd, optim_sd = get_state_dict(model, opt)
@@ -149,7 +157,8 @@ def main() -> None:
                 train(model, opt, range(SAVE_AT, STEPS), rank, world, device)
                 results[f"dcp/{name}"] = distance(model, opt, ref_model, ref_opt)
             if args.ddp:
-                model = DistributedDataParallel(make_model(device))
+                # gradients in DDP's buckets (one flat tensor, stable addresses) for one rule, its own for the other
+                model = DistributedDataParallel(make_model(device), gradient_as_bucket_view=case == "sgd")
                 opt = make(model.parameters(), backend)
                 train(model, opt, range(STEPS), rank, world, device)
                 results[f"ddp/{name}"] = distance(model.module, opt, ref_model, ref_opt)
