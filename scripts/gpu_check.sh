@@ -6,7 +6,8 @@
 #   bash scripts/gpu_check.sh sanitize   build, then compute-sanitizer (memcheck, racecheck, synccheck,
 #                                        initcheck) over a short run of every kernel
 #   bash scripts/gpu_check.sh bench      build, then python -m uba_fused.bench $BENCH_ARGS
-#                                        (default: the GPT-2-medium list in fp32 and bf16)
+#                                        (default: the GPT-2-medium list in fp32 and bf16), and the host
+#                                        time of step() (benchmarks/host_overhead.py, plain and FSDP2)
 #   bash scripts/gpu_check.sh            all three
 set -uo pipefail
 OUT=${OUT:-gpu-out}
@@ -49,4 +50,6 @@ fi
 if [ "$STAGE" = bench ] || [ "$STAGE" = all ]; then
   python3 -m uba_fused.bench ${BENCH_ARGS:---presets gpt2-medium} --json "$OUT/bench.json" --plot "$OUT/bench.png" \
     2>"$OUT/bench.err" | tee "$OUT/bench.txt"
+  { python3 benchmarks/host_overhead.py --device cuda; python3 benchmarks/host_overhead.py --device cuda --dtensor; } \
+    2>"$OUT/host.err" | tee "$OUT/host.txt"
 fi
