@@ -5,12 +5,12 @@
 For every case x backend, a small MLP trains for ``STEPS`` steps: under FSDP2 with ``--fsdp2``
 (``fully_shard`` on a mesh of all ranks; its layers of 5, 3 and 1 rows shard unevenly, and on 2 ranks
 the last is empty on rank 1), saving a torch.distributed.checkpoint after ``SAVE_AT`` steps with
-``--save``, and for AdamW also as HSDP (a 1 x ranks mesh); under FSDP2 from such a checkpoint,
-written on another number of ranks, with ``--load``; and under DDP with ``--ddp`` (with
-``gradient_as_bucket_view`` for one rule). Every rank draws the same full batch each step and trains
-on its slice. Each rank also trains the model unsharded, in one process on the full batch, and writes
-to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer state), its
-schedule counter and applied lr. The test compares.
+``--save``, and for AdamW also as HSDP (a 1 x ranks mesh) and through a full state dict; under FSDP2
+from such a checkpoint, written on another number of ranks, with ``--load``; and under DDP with
+``--ddp`` (with ``gradient_as_bucket_view`` for one rule). Every rank draws the same full batch each
+step and trains on its slice. Each rank also trains the model unsharded, in one process on the full
+batch, and writes to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer
+state), its schedule counter and applied lr. The test compares.
 
 Backends "triton" and "cuda" run in their CPU test modes (TRITON_INTERPRET=1, UBA_FUSED_CUDA_ON_CPU=1,
 set by the test), over gloo; ``UBA_FUSED_DIST_DEVICE=cuda`` runs on this rank's GPU over NCCL.
@@ -29,7 +29,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.distributed.tensor
 from torch.distributed.tensor import Replicate, Shard
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel
@@ -148,6 +148,15 @@ def main() -> None:
                     assert all(p.placements == (Replicate(), Shard(0)) for p in model.parameters())
                     train(model, opt, range(STEPS), rank, world, device)
                     results[f"hsdp/{name}"] = distance(model, opt, ref_model, ref_opt)
+                    # a full (unsharded, plain-tensor) state dict on every rank, loaded into a fresh run
+                    model, opt = sharded(make, backend, mesh, device)
+                    train(model, opt, range(SAVE_AT), rank, world, device)
+                    full_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
+                    model, opt = sharded(make, backend, mesh, device)
+                    set_state_dict(model, opt, model_state_dict=full_sd[0], optim_state_dict=full_sd[1],
+                                   options=StateDictOptions(full_state_dict=True))
+                    train(model, opt, range(SAVE_AT, STEPS), rank, world, device)
+                    results[f"full/{name}"] = distance(model, opt, ref_model, ref_opt)
             if args.load is not None:  # continue from a checkpoint written on another number of ranks
                 model, opt = sharded(make, backend, mesh, device)
                 model_sd, optim_sd = get_state_dict(model, opt)

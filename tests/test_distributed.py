@@ -105,6 +105,14 @@ def test_hsdp_replicate_and_shard_placements_match_one_process(runs, name, world
     assert_like_one_process(runs[world], f"hsdp/{name}")
 
 
+@pytest.mark.parametrize("world", ["2 ranks", "1 rank"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("adamw")])
+def test_fsdp2_full_state_dict_round_trip_continues_as_if_uninterrupted(runs, name, world):
+    """get_state_dict(full_state_dict=True) gathers the DTensor state into plain tensors; set_state_dict
+    shards them back onto a fresh optimizer's DTensors."""
+    assert_like_one_process(runs[world], f"full/{name}")
+
+
 @pytest.mark.parametrize("direction", ["1 rank", "2 ranks from 1"], ids=["saved-on-2-loaded-on-1", "1-to-2"])
 @pytest.mark.parametrize("name", NAMES)
 def test_dcp_checkpoint_resharded_continues_as_if_uninterrupted(runs, name, direction):
