@@ -15,8 +15,8 @@ wall-clock time around step(), for three cases:
   - a new subset of 16 parameters without a gradient every step (mixture-of-experts routing).
 With --dtensor the parameters are sharded by FSDP2 (fully_shard, on a one-rank mesh: gloo on the CPU,
 NCCL on a GPU), and the gradients are the DTensors its backward gives, and a last row times
-torch.optim.AdamW's step (foreach, its default) on the same list: that one does its real math, op by op
-through DTensor's dispatch.
+torch.optim.AdamW's step (its default implementation: for-loop on CPU, foreach on CUDA) on the same
+list: that one does its real math, op by op through DTensor's dispatch.
 """
 
 import argparse
