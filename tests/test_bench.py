@@ -74,24 +74,28 @@ def test_stdlib_text_is_deterministic():
     assert a == b and len(a) == 10_000
 
 
-def test_host_overhead_script_runs_on_the_cpu():
-    """benchmarks/host_overhead.py tracks the host cost of step() without a GPU (launch stubbed)."""
+@pytest.mark.parametrize("dtensor", [False, True], ids=["tensors", "fsdp2-dtensors"])
+def test_host_overhead_script_runs_on_the_cpu(dtensor):
+    """benchmarks/host_overhead.py tracks the host cost of step() without a GPU (launch stubbed); with
+    --dtensor on FSDP2's parameters (one-rank gloo mesh), with a row for torch.optim.AdamW."""
     import pathlib
     import re
     import subprocess
     import sys
 
     script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "host_overhead.py"
-    out = subprocess.run([sys.executable, str(script), "--steps", "20"], capture_output=True, text=True,
-                         check=True).stdout
-    rows = re.findall(r"^(triton|cuda)\s+(.+?)\s+p10\s+(\d+) us\s+median\s+(\d+) us", out, re.M)
+    out = subprocess.run([sys.executable, str(script), "--steps", "20"] + ["--dtensor"] * dtensor,
+                         capture_output=True, text=True, check=True).stdout
+    rows = re.findall(r"^(triton|cuda|torch\.optim)\s+(.+?)\s+p10\s+(\d+) us\s+median\s+(\d+) us\s+\(\d+ steps, "
+                      r"\d+ (\w+)", out, re.M)
     expected = {"gradients at the same addresses", "gradients at new addresses", "a new subset of gradients"}
-    for backend in ("triton", "cuda"):
+    for backend in ("triton", "cuda") + ("torch.optim",) * dtensor:
         if f"{backend}: skipped" in out:
             continue
-        got = {label for b, label, _, _ in rows if b == backend}
+        got = {label for b, label, *_ in rows if b == backend}
         assert got == expected, out
-    assert all(0 < int(p10) <= int(med) for _, _, p10, med in rows), out
+    assert all(0 < int(p10) <= int(med) for _, _, p10, med, _ in rows), out
+    assert {kind for *_, kind in rows} == {"DTensors" if dtensor else "tensors"}, out
 
 
 def test_loop_benchmark_tiny(tmp_path):
