@@ -121,8 +121,8 @@ class GradAddresses {
     for (size_t i = 0; i < params_.size(); ++i) {
       const at::Tensor g = grad(i, grads);
       const at::Tensor& p = params_[i];
-      if (!g.defined() || g.layout() != c10::kStrided || g.sizes() != p.sizes() || g.strides() != p.strides() ||
-          g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
+      if (!g.defined() || !own_memory(g) || g.layout() != c10::kStrided || g.sizes() != p.sizes() ||
+          g.strides() != p.strides() || g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
         return kOther;
       }
       o[i] = reinterpret_cast<int64_t>(g.data_ptr());
@@ -147,8 +147,8 @@ class GradAddresses {
         seen_[i] = nullptr;
         continue;
       }
-      if (g.layout() != c10::kStrided || g.sizes() != p.sizes() || g.scalar_type() != p.scalar_type() ||
-          g.device() != p.device()) {
+      if (!own_memory(g) || g.layout() != c10::kStrided || g.sizes() != p.sizes() ||
+          g.scalar_type() != p.scalar_type() || g.device() != p.device()) {
         return {static_cast<int64_t>(i), {}};
       }
       if (g.strides() != p.strides()) relayout.push_back(static_cast<int64_t>(i));
@@ -174,6 +174,10 @@ class GradAddresses {
                 params_.size(), " gradients (or None), got ", grads ? grads->size() : 0);
     return out.data_ptr<int64_t>();
   }
+
+  // A tensor subclass dispatched in Python (a DTensor, say) may wrap other tensors and own no memory:
+  // its address is not where its values are.
+  static bool own_memory(const at::Tensor& g) { return !g.key_set().has(c10::DispatchKey::Python); }
 
   at::Tensor grad(size_t i, const GradList& grads) const {
     if (!grads) return params_[i].grad();

@@ -214,6 +214,24 @@ def test_gradient_placed_unlike_its_parameter_is_refused_before_any_change(mesh,
     assert int(opt.param_groups[0]["schedule_step"]) == 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtensor_gradient_of_a_plain_parameter_is_refused_before_any_change(mesh, backend):
+    """autograd lets a plain parameter take a DTensor as .grad; its address is not its values' (the kernels
+    crashed on it), so the C++ pass refuses it and the check names it."""
+    gen = torch.Generator().manual_seed(5)
+    p = torch.nn.Parameter(torch.randn(6, generator=gen))
+    opt = uf.AdamW([p], lr=1e-2, backend=backend)
+    p.grad = torch.randn(6, generator=gen)
+    opt.step()  # state made, and the C++ pass has a reference: the next step tries the steady path first
+    before, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = DTensor.from_local(torch.randn(6, generator=gen), mesh, [Shard(0)])
+    with pytest.raises(RuntimeError, match=r"params'\]\[0\]: its gradient is placed .*Shard.*, the parameter not a "
+                                           r"DTensor"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
+    assert all(torch.equal(opt.state[p][k], v) for k, v in state.items())
+
+
 def test_state_placed_unlike_its_parameter_is_refused(mesh):
     ps = dtensor_params(mesh, [Shard(0)])
     plain = [torch.nn.Parameter(p.to_local().clone() if isinstance(p, DTensor) else p.detach().clone()) for p in ps]
