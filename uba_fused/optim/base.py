@@ -369,6 +369,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._drop_moved_shards()
         sigs = [self._check_group_at_step(gi, group) for gi, group in enumerate(self.param_groups)]
         grads = [[p.grad for p in group["params"]] for group in self.param_groups]
+        # what the backends read: a DTensor's local shard (placed as its parameter, once check() passed)
+        shards = [backends.work.locals_of(gs) for gs in grads] if self._cache["shards"] else grads
 
         def check() -> None:
             for gi, group in enumerate(self.param_groups):
@@ -380,11 +382,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         else:  # the kernel backends' pass over the gradients checks them too
             if "scan" not in self._cache:
                 self._cache["scan"] = backends.GradScan([p for g in self.param_groups for p in g["params"]])
-            source = self._cache["scan"].full(capture, check, backends.work.locals_of([g for gs in grads for g in gs]))
-        if self._cache["shards"]:  # checked by now: each gradient placed as its parameter
-            grads = [backends.work.locals_of(gs) for gs in grads]
+            source = self._cache["scan"].full(capture, check, [g for gs in shards for g in gs])
         work = [self._group_work(gi, sig, self._selection(gi, group, gs, capture), gs)
-                for gi, (group, sig, gs) in enumerate(zip(self.param_groups, sigs, grads))]
+                for gi, (group, sig, gs) in enumerate(zip(self.param_groups, sigs, shards))]
         return work, source
 
     def _drop_moved_shards(self) -> None:
@@ -582,12 +582,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             if not isinstance(v, torch.Tensor) or v.shape != p.shape:
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise ValueError(f"{where}[{key!r}] has shape {shape}, its parameter has {tuple(p.shape)}")
-            placed = [(t.device_mesh, t.placements) if is_dtensor(t) else "not a DTensor" for t in (v, p)]
-            if placed[0] != placed[1]:
-                raise ValueError(f"{where}[{key!r}] is placed {placed[0]}, its parameter {placed[1]}: each rank "
-                                 f"updates the local shard of both, so they must be placed alike. Load a sharded "
-                                 f"(FSDP2) optimizer with torch.distributed.checkpoint's set_optimizer_state_dict, "
-                                 f"which reshards the saved state onto the parameters")
+            if backends.work.placement(v) != backends.work.placement(p):
+                raise ValueError(f"{where}[{key!r}] is placed {backends.work.placement(v)}, its parameter "
+                                 f"{backends.work.placement(p)}: each rank updates the local shard of both, so "
+                                 f"they must be placed alike. Load a sharded (FSDP2) optimizer with "
+                                 f"torch.distributed.checkpoint's set_optimizer_state_dict, which reshards the "
+                                 f"saved state onto the parameters")
         if "step" in st:
             step = torch.as_tensor(st["step"])
             if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:
