@@ -24,6 +24,23 @@ from setuptools import setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def write_registry_header() -> None:
+    """csrc/registry.h from uba_fused/registry.py (loaded by path: the package is not importable yet), so
+    the kernels are always compiled against the registry Python runs with. Written only when it changed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_uba_fused_registry", os.path.join(ROOT, "uba_fused", "registry.py"))
+    registry = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = registry  # dataclasses look the module up while the class is made
+    spec.loader.exec_module(registry)
+    path = os.path.join(ROOT, "csrc", "registry.h")
+    text = registry.cpp_header()
+    if not os.path.exists(path) or open(path).read() != text:
+        with open(path, "w") as f:
+            f.write(text)
+        log("wrote csrc/registry.h from uba_fused/registry.py")
+
+
 def log(msg: str) -> None:
     print(f"uba_fused setup: {msg}", file=sys.stderr, flush=True)
 
@@ -87,6 +104,7 @@ def extensions() -> tuple[list, dict]:
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    write_registry_header()
     log(f"building uba_fused._C with CUDA_HOME={cuda_home}, arch {os.environ['TORCH_CUDA_ARCH_LIST']}")
     ext = CUDAExtension(
         name="uba_fused._C",

@@ -9,12 +9,11 @@
 #include <vector>
 
 #include "launch.h"
-#include "updates.cuh"
 
 namespace {
 
 uf::ScheduleConsts consts(int64_t kind, double warmup, double total, double min_ratio, double phi) {
-  TORCH_CHECK(kind >= uf::kConstant && kind <= uf::kRex, "uba_fused: unknown schedule kind ", kind);
+  TORCH_CHECK(kind >= 0 && kind < uf::kNumKinds, "uba_fused: unknown schedule kind ", kind);
   return {static_cast<int>(kind), static_cast<float>(warmup), static_cast<float>(total),
           static_cast<float>(min_ratio), static_cast<float>(phi)};
 }
@@ -42,11 +41,15 @@ double schedule_factor_host(int64_t step, int64_t kind, double warmup, double to
 }
 
 // The tables of one launch, checked as a whole before any address in them is read: every table on
-// the device of `work`, of its dtype, contiguous, of consistent shapes, and known rule and dtype codes.
+// the device of `work`, of its dtype, contiguous, of the rule's widths and consistent shapes, and known rule
+// and dtype codes.
 uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads,
                                const at::Tensor& groups, const at::Tensor& gaddr, const at::Tensor& done,
                                int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
   const char* what = "uba_fused._C.fused_step: ";
+  int tensor_cols = 0, group_cols = 0;
+  TORCH_CHECK(uf::rule_layout(static_cast<int>(rule), &tensor_cols, &group_cols), what, "unknown rule ", rule);
+  TORCH_CHECK(dtype >= 0 && dtype < uf::kNumDtypes, what, "unknown dtype code ", dtype);
   const auto device = work.device();
   TORCH_CHECK(device.is_cuda() || device.is_cpu(), what, "the tables must be CUDA or CPU tensors, got ", device);
   const struct {
@@ -64,18 +67,17 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
     TORCH_CHECK(table.t.is_contiguous(), what, table.name, " must be contiguous");
   }
   TORCH_CHECK(work.dim() == 2 && work.size(1) == 2, what, "work must have shape [items, 2], got ", work.sizes());
-  TORCH_CHECK(tensors.dim() == 2 && tensors.size(1) == uf::kTensorCols && tensors.size(0) >= 1, what,
-              "tensors must have shape [rows >= 1, ", uf::kTensorCols, "], got ", tensors.sizes());
+  TORCH_CHECK(tensors.dim() == 2 && tensors.size(1) == tensor_cols && tensors.size(0) >= 1, what,
+              "tensors must have shape [rows >= 1, ", tensor_cols, "] for rule ", rule, ", got ", tensors.sizes());
   TORCH_CHECK(grads.dim() == 1 && grads.numel() >= 1, what, "grads must be a vector of >= 1 addresses, got ",
               grads.sizes());
-  TORCH_CHECK(n_groups >= 1 && groups.dim() == 2 && groups.size(1) == uf::kGroupCols && groups.size(0) == n_groups,
-              what, "groups must have shape [n_groups = ", n_groups, ", ", uf::kGroupCols, "], got ", groups.sizes());
+  TORCH_CHECK(n_groups >= 1 && groups.dim() == 2 && groups.size(1) == group_cols && groups.size(0) == n_groups,
+              what, "groups must have shape [n_groups = ", n_groups, ", ", group_cols, "] for rule ", rule, ", got ",
+              groups.sizes());
   TORCH_CHECK(gaddr.numel() == 2 * n_groups, what, "gaddr must hold 2 * n_groups = ", 2 * n_groups,
               " addresses, got ", gaddr.numel());
   TORCH_CHECK(done.numel() == tensors.size(0) + 1, what, "done must hold rows + 1 = ", tensors.size(0) + 1,
               " counters, got ", done.numel());
-  TORCH_CHECK(rule >= uf::kAdamW && rule <= uf::kSGD, what, "unknown rule ", rule);
-  TORCH_CHECK(dtype >= uf::kFloat32 && dtype <= uf::kFloat16, what, "unknown dtype code ", dtype);
   return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), grads.data_ptr<int64_t>(), groups.data_ptr<double>(),
           gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), work.size(0), static_cast<int>(tensors.size(0)),
           static_cast<int>(n_groups), advance ? 1 : 0};
@@ -211,8 +213,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("out"), py::arg("grads") = py::none())
       .def("record", &GradAddresses::record, "make the addresses the last scan or collect saw the reference")
       .def("__len__", &GradAddresses::size);
-  m.attr("CHUNK") = uf::kChunk;
-  m.attr("GROUP_COLS") = static_cast<int>(uf::kGroupCols);
-  m.attr("TENSOR_COLS") = static_cast<int>(uf::kTensorCols);
-  m.attr("NO_GRAD") = static_cast<int64_t>(uf::kNoGrad);
+  // The registry this build was compiled from (registry.abi() as JSON): backend "cuda" compares it with
+  // uba_fused/registry.py's and refuses a stale build.
+  m.attr("REGISTRY") = uf::kRegistry;
 }

@@ -5,7 +5,6 @@
 #include <cuda_fp16.h>
 
 #include <cstring>
-#include <type_traits>
 
 #include "launch.h"
 #include "updates.cuh"
@@ -106,32 +105,43 @@ UF_HD uint4 pack(const float (&in)[kVec<T>]) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// One work item (one block on the device): a chunk of one tensor, with what its update needs.
+// The load/store policy of one storage dtype: 16 bytes (kVec<T> elements) at vector index v, or one element at
+// index i, converted to and from float32 (round to nearest). Parameters, gradients and every state slot
+// go through it: the seam where a state slot of its own dtype (bf16 with stochastic rounding) plugs in.
 template <typename T>
-struct Item {
-  T* p;
-  const T* g;
-  T* a;
-  T* b;
-  float* step;
-  int64_t slot, start, end, n_chunks;
-  bool vector;       // a full chunk, all four tensors 16-byte aligned: 128-bit accesses, no bounds checks
-  bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
-  float k;           // this tensor's step count after this update
-  RuleScalars s;
+struct Io {
+  static UF_HD void load(const T* base, int64_t v, float (&out)[kVec<T>]) { unpack<T>(load16(base, v), out); }
+  static UF_HD void store(T* base, int64_t v, const float (&in)[kVec<T>]) { store16(base, v, pack<T>(in)); }
+  static UF_HD float load(const T* base, int64_t i) { return to_float(base[i]); }
+  static UF_HD void store(T* base, int64_t i, float x) { base[i] = from_float<T>(x); }
 };
 
-template <typename T>
-UF_HD Item<T> open_item(const FusedStepArgs& args, int64_t item) {
-  Item<T> it;
+// One work item (one block on the device): a chunk of one tensor, with what its update needs.
+template <typename T, class R>
+struct Item {
+  static constexpr int S = R::Cols::kStates;
+  T* p;
+  const T* g;
+  T* s[S];
+  float* step;
+  int64_t slot, start, end, n_chunks;
+  bool vector;       // a full chunk, every tensor 16-byte aligned: 128-bit accesses, no bounds checks
+  bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
+  bool has_state;    // the group keeps state (SGD without momentum keeps none)
+  float k;           // this tensor's step count after this update
+  typename R::Scalars c;
+};
+
+template <typename T, class R>
+UF_HD Item<T, R> open_item(const FusedStepArgs& args, int64_t item) {
+  Item<T, R> it;
   it.slot = args.work[2 * item];
   it.start = args.work[2 * item + 1];
-  const int64_t* row = args.tensors + it.slot * kTensorCols;
+  const int64_t* row = args.tensors + it.slot * (kState0 + R::Cols::kStates);
   const int64_t grad = args.grads[row[kGradSlot]];
   it.p = reinterpret_cast<T*>(row[kParam]);
   it.g = reinterpret_cast<const T*>(grad);
-  it.a = reinterpret_cast<T*>(row[kState0]);
-  it.b = reinterpret_cast<T*>(row[kState1]);
+  for (int j = 0; j < Item<T, R>::S; ++j) it.s[j] = reinterpret_cast<T*>(row[kState0 + j]);
   it.step = reinterpret_cast<float*>(row[kStep]);
   const bool live = grad != kNoGrad;  // a tensor without a gradient this step keeps its row, skipped
   const int64_t numel = live ? row[kNumel] : 0, info = row[kInfo];
@@ -139,46 +149,53 @@ UF_HD Item<T> open_item(const FusedStepArgs& args, int64_t item) {
   it.n_chunks = info >> 1;
   it.writes_step = live && it.slot < args.n_rows - 1;  // the last row is the sentinel
   it.vector = (info & 1) && grad % 16 == 0 && it.end - it.start == kChunk;  // the gradient moves: checked here
-  const double* grow = args.groups + row[kGroup] * kGroupCols;
+  const double* grow = args.groups + row[kGroup] * R::Cols::kCols;
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
   it.k = *it.step + 1.0f;
-  it.s = rule_scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
+  it.has_state = grow[kHasState] != 0.0;
+  it.c = R::scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
   return it;
 }
 
 // The elements of an item that lane `lane` of LANES takes: every LANES-th vector or element.
-template <typename T, int RULE, int LANES>
-UF_HD void update_elements(const Item<T>& it, int lane) {
-  const RuleScalars& s = it.s;
+template <typename T, class R, int LANES>
+UF_HD void update_elements(const Item<T, R>& it, int lane) {
+  constexpr int S = Item<T, R>::S;
   if (it.vector) {
     constexpr int N = kVec<T>;
     const int64_t v0 = it.start / N;
 #pragma unroll
     for (int i = lane; i < kChunk / N; i += LANES) {
       const int64_t v = v0 + i;
-      float pf[N], gf[N], af[N], bf[N];
-      unpack<T>(load16(it.p, v), pf);
-      unpack<T>(load16(it.g, v), gf);
-      if (s.has_state) unpack<T>(load16(it.a, v), af);
-      if (RULE <= kAdaBelief) unpack<T>(load16(it.b, v), bf);
-#pragma unroll
-      for (int j = 0; j < N; ++j) {
-        if (!s.has_state) af[j] = gf[j];
-        update<RULE>(pf[j], gf[j], af[j], bf[j], s);
+      float pf[N], gf[N], sf[S][N] = {};
+      Io<T>::load(it.p, v, pf);
+      Io<T>::load(it.g, v, gf);
+      if (it.has_state) {
+        for (int j = 0; j < S; ++j) Io<T>::load(it.s[j], v, sf[j]);
       }
-      store16(it.p, v, pack<T>(pf));
-      if (s.has_state) store16(it.a, v, pack<T>(af));
-      if (RULE <= kAdaBelief) store16(it.b, v, pack<T>(bf));
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        float s[S];
+        for (int j = 0; j < S; ++j) s[j] = sf[j][e];
+        R::update(pf[e], gf[e], s, it.c);
+        for (int j = 0; j < S; ++j) sf[j][e] = s[j];
+      }
+      Io<T>::store(it.p, v, pf);
+      if (it.has_state) {
+        for (int j = 0; j < S; ++j) Io<T>::store(it.s[j], v, sf[j]);
+      }
     }
   } else {
     for (int64_t i = it.start + lane; i < it.end; i += LANES) {
-      float pf = to_float(it.p[i]), gf = to_float(it.g[i]);
-      float af = s.has_state ? to_float(it.a[i]) : gf;
-      float bf = RULE <= kAdaBelief ? to_float(it.b[i]) : 0.0f;
-      update<RULE>(pf, gf, af, bf, s);
-      it.p[i] = from_float<T>(pf);
-      if (s.has_state) it.a[i] = from_float<T>(af);
-      if (RULE <= kAdaBelief) it.b[i] = from_float<T>(bf);
+      float p = Io<T>::load(it.p, i), s[S] = {};
+      if (it.has_state) {
+        for (int j = 0; j < S; ++j) s[j] = Io<T>::load(it.s[j], i);
+      }
+      R::update(p, Io<T>::load(it.g, i), s, it.c);
+      Io<T>::store(it.p, i, p);
+      if (it.has_state) {
+        for (int j = 0; j < S; ++j) Io<T>::store(it.s[j], i, s[j]);
+      }
     }
   }
 }
@@ -186,12 +203,13 @@ UF_HD void update_elements(const Item<T>& it, int lane) {
 // Counters, as in triton.py, once per item after all its lanes updated their elements (and so read
 // this step's counters): the last chunk of a tensor writes its step; the last tensor advances every
 // group and writes the lr it applied.
-template <typename T>
-UF_HD void finish_item(const FusedStepArgs& args, const Item<T>& it) {
+template <class R>
+UF_HD void finish_item(const FusedStepArgs& args, int64_t slot, int64_t n_chunks, bool writes_step, float* step,
+                       float k) {
   fence();
-  if (fetch_add(args.done + it.slot, 1) != it.n_chunks - 1) return;
-  args.done[it.slot] = 0;
-  if (it.writes_step) *it.step = it.k;
+  if (fetch_add(args.done + slot, 1) != n_chunks - 1) return;
+  args.done[slot] = 0;
+  if (writes_step) *step = k;
   fence();
   if (fetch_add(args.done + args.n_rows, 1) != args.n_rows - 1) return;
   args.done[args.n_rows] = 0;
@@ -200,65 +218,64 @@ UF_HD void finish_item(const FusedStepArgs& args, const Item<T>& it) {
   for (int gi = 0; gi < args.n_groups; ++gi) {
     int64_t* c = reinterpret_cast<int64_t*>(args.gaddr[2 * gi]);
     float* lr_out = reinterpret_cast<float*>(args.gaddr[2 * gi + 1]);
-    *lr_out = group_lr(args.groups + gi * kGroupCols, static_cast<float>(*c));
+    *lr_out = group_lr(args.groups + gi * R::Cols::kCols, static_cast<float>(*c));
     *c += 1;
   }
 }
 
-template <typename T, int RULE>
+template <typename T, class R>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args) {
-  const Item<T> it = open_item<T>(args, blockIdx.x);
-  update_elements<T, RULE, kThreads>(it, threadIdx.x);
+  const Item<T, R> it = open_item<T, R>(args, blockIdx.x);
+  update_elements<T, R, kThreads>(it, threadIdx.x);
   __syncthreads();  // every thread's reads of this step's counters precede the release
-  if (threadIdx.x == 0) finish_item(args, it);
+  if (threadIdx.x == 0) finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
 }
 
-template <typename T, int RULE>
+template <typename T, class R>
 void run_on_host(const FusedStepArgs& args) {
   for (int64_t item = 0; item < args.n_items; ++item) {
-    const Item<T> it = open_item<T>(args, item);
-    update_elements<T, RULE, 1>(it, 0);
-    finish_item(args, it);
+    const Item<T, R> it = open_item<T, R>(args, item);
+    update_elements<T, R, 1>(it, 0);
+    finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
   }
 }
 
 template <typename T> struct Type { using type = T; };
-template <int R> using RuleTag = std::integral_constant<int, R>;
 
-// f(Type<T>{}, RuleTag<RULE>{}) for the runtime codes; false when a code is unknown.
+// f(Type<T>{}, Rule{}) for the runtime codes; false when a code is unknown.
 template <typename F>
 bool with_types(int rule, int dtype, F&& f) {
-  auto with_rule = [&](auto type) {
-    switch (rule) {
-      case kAdamW: f(type, RuleTag<kAdamW>{}); return true;
-      case kAdaBelief: f(type, RuleTag<kAdaBelief>{}); return true;
-      case kLion: f(type, RuleTag<kLion>{}); return true;
-      case kSGD: f(type, RuleTag<kSGD>{}); return true;
-      default: return false;
-    }
-  };
+  auto with_dtype = [&](auto type) { return with_rule(rule, [&](auto r) { f(type, r); }); };
   switch (dtype) {
-    case kFloat32: return with_rule(Type<float>{});
-    case kBFloat16: return with_rule(Type<__nv_bfloat16>{});
-    case kFloat16: return with_rule(Type<__half>{});
+    case kFloat32: return with_dtype(Type<float>{});
+    case kBfloat16: return with_dtype(Type<__nv_bfloat16>{});
+    case kFloat16: return with_dtype(Type<__half>{});
     default: return false;
   }
 }
 
 }  // namespace
 
+bool rule_layout(int rule, int* tensor_cols, int* group_cols) {
+  return with_rule(rule, [&](auto r) {
+    using R = decltype(r);
+    *tensor_cols = kState0 + R::Cols::kStates;
+    *group_cols = R::Cols::kCols;
+  });
+}
+
 cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int dtype, cudaStream_t stream) {
   if (args.n_items == 0) return cudaSuccess;
   const bool known = with_types(rule, dtype, [&](auto type, auto r) {
     using T = typename decltype(type)::type;
-    fused_step_kernel<T, decltype(r)::value><<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
+    fused_step_kernel<T, decltype(r)><<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
 bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int dtype) {
   return with_types(rule, dtype, [&](auto type, auto r) {
-    run_on_host<typename decltype(type)::type, decltype(r)::value>(args);
+    run_on_host<typename decltype(type)::type, decltype(r)>(args);
   });
 }
 

@@ -13,22 +13,21 @@ namespace uf {
 cudaError_t launch_schedule_factor(const int64_t* steps, float* out, int64_t n, ScheduleConsts s,
                                    cudaStream_t stream);
 
-// Elements per work item (one block); plan.py cuts tensors into chunks of this many.
-constexpr int kChunk = 4096;
-
-enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
 // The device tables of one launch (backends/plan.py documents them).
 struct FusedStepArgs {
   const int64_t* work;     // [n_items, 2]
-  const int64_t* tensors;  // [n_rows, kTensorCols]
+  const int64_t* tensors;  // [n_rows, kState0 + the rule's kStates]
   const int64_t* grads;    // [slots]: each tensor's gradient address (kNoGrad: none), at its kGradSlot
-  const double* groups;    // [n_groups, kGroupCols]
+  const double* groups;    // [n_groups, the rule's kCols]
   const int64_t* gaddr;    // [n_groups, 2]
   int* done;               // [n_rows + 1]
   int64_t n_items;
   int n_rows, n_groups, advance;
 };
+
+// The table widths of a rule: tensor-table columns (kState0 + its state slots) and group-table columns;
+// false when `rule` is unknown.
+bool rule_layout(int rule, int* tensor_cols, int* group_cols);
 
 // One step of `rule` over every tensor of the tables; returns the launch's error code.
 cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int dtype, cudaStream_t stream);

@@ -4,6 +4,8 @@
 
 #include <math.h>
 
+#include "registry.h"
+
 #ifdef __CUDACC__
 #define UF_HD __host__ __device__ __forceinline__
 #else
@@ -12,11 +14,8 @@
 
 namespace uf {
 
-// Ids shared with uba_fused/schedules.py (KIND_*).
-enum ScheduleKind : int { kConstant = 0, kUBA = 1, kCosine = 2, kLinear = 3, kRex = 4 };
-
 struct ScheduleConsts {
-  int kind;
+  int kind;         // ScheduleKind (registry.h)
   float warmup;     // W
   float total;      // T (unused by kConstant)
   float min_ratio;  // r
@@ -30,14 +29,15 @@ UF_HD float schedule_factor(const ScheduleConsts& s, float t) {
   float p = fminf(fmaxf((t - s.warmup) / fmaxf(s.total - s.warmup, 1.0f), 0.0f), 1.0f);  // T - W >= 1
   float shape;
   switch (s.kind) {
-    case kUBA: {
+    case kUba: {
       float c = 1.0f + cosf(3.14159265358979323846f * p);
       shape = 2.0f * c / (2.0f * s.phi + (2.0f - s.phi) * c);
       break;
     }
     case kCosine: shape = 0.5f * (1.0f + cosf(3.14159265358979323846f * p)); break;
     case kLinear: shape = 1.0f - p; break;
-    default: shape = (1.0f - p) / (1.0f - 0.5f * p); break;  // kRex
+    case kRex: shape = (1.0f - p) / (1.0f - 0.5f * p); break;
+    default: return NAN;  // no such kind: the host never writes one (a visible failure, never another schedule)
   }
   return s.min_ratio + (1.0f - s.min_ratio) * shape;
 }

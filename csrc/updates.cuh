@@ -1,77 +1,159 @@
-// The per-element update of each optimizer: backends/reference.py, term by term, in float32.
+// The per-element update of each rule: backends/reference.py, term by term, in float32.
 // One definition for the host (what CI tests without a GPU) and the device (what the kernel calls).
+//
+// A rule is a functor: Cols (its columns of the group table, csrc/registry.h), kStates state slots,
+// Scalars (what every element of one tensor's chunk needs, made once per work item by scalars() from
+// the group row, the applied lr and the tensor's step count k after this update), and update(), one
+// element: p the parameter, g its gradient, s the state slots in the order of registry.py. The launcher
+// (fused_step.cu) knows no rule: it loads, calls update() and stores.
 #pragma once
 
 #include <math.h>
 
+#include "registry.h"
 #include "schedules.cuh"
-#include "tables.h"
 
 namespace uf {
 
-// What one program needs for one tensor's chunk, from its group's row, its lr and its step count k.
-struct RuleScalars {
-  float lr, wd, b1, omb1, b2, omb2, eps, mom, omdamp;
-  float step_size;  // lr / (1 - b1^k), bias correction in float64
-  float sqrt_bc2;   // sqrt(1 - b2^k)
-  bool nesterov, first, has_state;
-};
+UF_HD float f32(double x) { return static_cast<float>(x); }
 
-UF_HD RuleScalars rule_scalars(const double* row, float lr, float k) {
-  RuleScalars s;
-  s.lr = lr;
-  s.wd = static_cast<float>(row[kWeightDecay]);
-  s.b1 = static_cast<float>(row[kBeta1]);
-  s.omb1 = static_cast<float>(row[kOneMinusBeta1]);
-  s.b2 = static_cast<float>(row[kBeta2]);
-  s.omb2 = static_cast<float>(row[kOneMinusBeta2]);
-  s.eps = static_cast<float>(row[kEps]);
-  s.mom = static_cast<float>(row[kMomentum]);
-  s.omdamp = static_cast<float>(row[kOneMinusDampening]);
-  const double bc1 = 1.0 - exp(static_cast<double>(k) * row[kLogBeta1]);
-  const double bc2 = 1.0 - exp(static_cast<double>(k) * row[kLogBeta2]);
-  s.step_size = static_cast<float>(static_cast<double>(lr) / bc1);
-  s.sqrt_bc2 = static_cast<float>(sqrt(bc2));
-  s.nesterov = row[kNesterov] != 0.0;
-  s.first = k == 1.0f;
-  s.has_state = row[kHasState] != 0.0;
-  return s;
+// 1 - b^k, in float64, from log b (a column of the group row): one exp, however large k.
+UF_HD double bias_correction(const double* row, int log_beta, float k) {
+  return 1.0 - exp(static_cast<double>(k) * row[log_beta]);
 }
 
-// One element: p the parameter, g its gradient, a and b the rule's state (b unused by Lion and SGD).
-template <int RULE>
-UF_HD void update(float& p, float g, float& a, float& b, const RuleScalars& s) {
-  if (RULE == kAdamW || RULE == kAdaBelief) {
-    p = p * (1.0f - s.lr * s.wd);
-    a = a * s.b1 + g * s.omb1;
-    if (RULE == kAdamW) {
-      b = b * s.b2 + g * g * s.omb2;
+// AdamW and AdaBelief read the same columns.
+struct AdamScalars {
+  float decay, b1, omb1, b2, omb2, eps;
+  float step_size;  // lr / (1 - b1^k), bias correction in float64
+  float sqrt_bc2;   // sqrt(1 - b2^k)
+};
+
+template <class Cols>
+UF_HD AdamScalars adam_scalars(const double* row, float lr, float k) {
+  return {1.0f - lr * f32(row[Cols::kWeightDecay]), f32(row[Cols::kBeta1]), f32(row[Cols::kOneMinusBeta1]),
+          f32(row[Cols::kBeta2]), f32(row[Cols::kOneMinusBeta2]), f32(row[Cols::kEps]),
+          f32(static_cast<double>(lr) / bias_correction(row, Cols::kLogBeta1, k)),
+          f32(sqrt(bias_correction(row, Cols::kLogBeta2, k)))};
+}
+
+struct AdamW {
+  using Cols = adamw;
+  using Scalars = AdamScalars;
+  static UF_HD Scalars scalars(const double* row, float lr, float k) { return adam_scalars<Cols>(row, lr, k); }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    p = p * c.decay;
+    s[0] = s[0] * c.b1 + g * c.omb1;
+    s[1] = s[1] * c.b2 + g * g * c.omb2;
+    p = p - s[0] / (sqrtf(s[1]) / c.sqrt_bc2 + c.eps) * c.step_size;
+  }
+};
+
+struct AdaBelief {
+  using Cols = adabelief;
+  using Scalars = AdamScalars;
+  static UF_HD Scalars scalars(const double* row, float lr, float k) { return adam_scalars<Cols>(row, lr, k); }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    p = p * c.decay;
+    s[0] = s[0] * c.b1 + g * c.omb1;
+    const float r = g - s[0];
+    s[1] = s[1] * c.b2 + r * r * c.omb2 + c.eps;
+    p = p - s[0] / (sqrtf(s[1]) / c.sqrt_bc2 + c.eps) * c.step_size;
+  }
+};
+
+struct Lion {
+  using Cols = lion;
+  struct Scalars {
+    float lr, decay, b1, omb1, b2, omb2;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float) {
+    return {lr, 1.0f - lr * f32(row[Cols::kWeightDecay]), f32(row[Cols::kBeta1]), f32(row[Cols::kOneMinusBeta1]),
+            f32(row[Cols::kBeta2]), f32(row[Cols::kOneMinusBeta2])};
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    const float u = s[0] * c.b1 + g * c.omb1;
+    const float sign = u > 0.0f ? 1.0f : (u < 0.0f ? -1.0f : 0.0f);
+    p = p * c.decay - sign * c.lr;
+    s[0] = s[0] * c.b2 + g * c.omb2;
+  }
+};
+
+// torch.optim.SGD: L2 decay into the gradient; the buffer starts as the first gradient.
+struct SGD {
+  using Cols = sgd;
+  struct Scalars {
+    float lr, wd, mom, omdamp;
+    bool nesterov, first;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k) {
+    return {lr, f32(row[Cols::kWeightDecay]), f32(row[Cols::kMomentum]), f32(row[Cols::kOneMinusDampening]),
+            row[Cols::kNesterov] != 0.0, k == 1.0f};
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    g = g + c.wd * p;
+    if (c.mom != 0.0f) {  // momentum 0 keeps no buffer (the group's has_state is 0)
+      s[0] = c.first ? g : s[0] * c.mom + g * c.omdamp;
+      g = c.nesterov ? g + c.mom * s[0] : s[0];
+    }
+    p = p - g * c.lr;
+  }
+};
+
+// Adan, as its PyTorch reference computes it (sail-sg/Adan, _single_tensor_adan): s = exp_avg, exp_avg_sq,
+// exp_avg_diff, neg_pre_grad (minus the previous gradient; on a parameter's first step, minus this one).
+struct Adan {
+  using Cols = adan;
+  struct Scalars {
+    float lr, wd, b1, omb1, b2, omb2, b3, omb3, eps;
+    float step_size;       // lr / (1 - b1^k)
+    float step_size_diff;  // lr b2 / (1 - b2^k)
+    float sqrt_bc3;        // sqrt(1 - b3^k)
+    bool no_prox, first;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k) {
+    const double lr64 = lr;
+    return {lr, f32(row[Cols::kWeightDecay]), f32(row[Cols::kBeta1]), f32(row[Cols::kOneMinusBeta1]),
+            f32(row[Cols::kBeta2]), f32(row[Cols::kOneMinusBeta2]), f32(row[Cols::kBeta3]),
+            f32(row[Cols::kOneMinusBeta3]), f32(row[Cols::kEps]),
+            f32(lr64 / bias_correction(row, Cols::kLogBeta1, k)),
+            f32(lr64 * row[Cols::kBeta2] / bias_correction(row, Cols::kLogBeta2, k)),
+            f32(sqrt(bias_correction(row, Cols::kLogBeta3, k))), row[Cols::kNoProx] != 0.0, k == 1.0f};
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    const float diff = c.first ? 0.0f : g + s[3];  // g - the previous gradient
+    s[0] = s[0] * c.b1 + g * c.omb1;
+    s[2] = s[2] * c.b2 + diff * c.omb2;
+    const float u = g + c.b2 * diff;
+    s[1] = s[1] * c.b3 + u * u * c.omb3;
+    const float denom = sqrtf(s[1]) / c.sqrt_bc3 + c.eps;
+    if (c.no_prox) {
+      p = p * (1.0f - c.lr * c.wd) - s[0] / denom * c.step_size - s[2] / denom * c.step_size_diff;
     } else {
-      const float r = g - a;
-      b = b * s.b2 + r * r * s.omb2 + s.eps;
+      p = (p - s[0] / denom * c.step_size - s[2] / denom * c.step_size_diff) / (1.0f + c.lr * c.wd);
     }
-    p = p - a / (sqrtf(b) / s.sqrt_bc2 + s.eps) * s.step_size;
-  } else if (RULE == kLion) {
-    const float c = a * s.b1 + g * s.omb1;
-    const float sign = c > 0.0f ? 1.0f : (c < 0.0f ? -1.0f : 0.0f);
-    p = p * (1.0f - s.lr * s.wd) - sign * s.lr;
-    a = a * s.b2 + g * s.omb2;
-  } else {  // SGD: L2 decay into the gradient; the buffer starts as the first gradient
-    g = g + s.wd * p;
-    if (s.mom != 0.0f) {
-      a = s.first ? g : a * s.mom + g * s.omdamp;
-      g = s.nesterov ? g + s.mom * a : a;
-    }
-    p = p - g * s.lr;
+    s[3] = -g;
+  }
+};
+
+// f(Rule{}) for a rule id; false when the id is unknown. The one place a new rule is listed in C++.
+template <typename F>
+bool with_rule(int id, F&& f) {
+  switch (id) {
+    case AdamW::Cols::kId: f(AdamW{}); return true;
+    case AdaBelief::Cols::kId: f(AdaBelief{}); return true;
+    case Lion::Cols::kId: f(Lion{}); return true;
+    case SGD::Cols::kId: f(SGD{}); return true;
+    case Adan::Cols::kId: f(Adan{}); return true;
+    default: return false;
   }
 }
 
 // lr of group row `row` at its step counter t.
 UF_HD float group_lr(const double* row, float t) {
-  const ScheduleConsts c{static_cast<int>(row[kKind]), static_cast<float>(row[kWarmup]),
-                         static_cast<float>(row[kTotal]), static_cast<float>(row[kMinRatio]),
-                         static_cast<float>(row[kPhi])};
-  return static_cast<float>(row[kLR]) * schedule_factor(c, t);
+  const ScheduleConsts c{static_cast<int>(row[kKind]), f32(row[kWarmup]), f32(row[kTotal]), f32(row[kMinRatio]),
+                         f32(row[kPhi])};
+  return f32(row[kLr]) * schedule_factor(c, t);
 }
 
 }  // namespace uf

@@ -38,6 +38,9 @@ CASES = [
     Case("sgd", uf.SGD, "sgd", dict(lr=1e-2, momentum=0.9, dampening=0.2, weight_decay=0.1)),
     Case("sgd-nesterov", uf.SGD, "sgd", dict(lr=1e-2, momentum=0.8, nesterov=True, weight_decay=0.05)),
     Case("sgd-plain", uf.SGD, "sgd", dict(lr=1e-2, momentum=0.0, weight_decay=0.01)),
+    Case("adan", uf.Adan, "adan", dict(lr=3e-2, betas=(0.8, 0.7, 0.95), eps=1e-3, weight_decay=0.1)),
+    Case("adan-no-prox", uf.Adan, "adan", dict(lr=1e-2, betas=(0.9, 0.85, 0.9), eps=1e-4, weight_decay=0.2,
+                                               no_prox=True)),
 ]
 CASE_IDS = [c.id for c in CASES]
 

@@ -79,4 +79,18 @@ def sgd(p, g, state, k, lr, momentum, dampening, nesterov, weight_decay, **_):
     return p - lr * step, {"momentum_buffer": buf}
 
 
-RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd}
+def adan(p, g, state, k, lr, betas, eps, weight_decay, no_prox, **_):
+    """Adan (Xie et al. 2022, Algorithm 1 with the restart-free PyTorch reference of sail-sg/Adan): the moments
+    of the gradient, of its change d = g_k - g_{k-1} (0 at k = 1) and of g + b2 d, each bias-corrected."""
+    b1, b2, b3 = betas
+    d = np.zeros_like(g) if k == 1 else g - (-state["neg_pre_grad"])
+    m = b1 * state["exp_avg"] + (1 - b1) * g
+    a = b2 * state["exp_avg_diff"] + (1 - b2) * d
+    n = b3 * state["exp_avg_sq"] + (1 - b3) * (g + b2 * d) ** 2
+    eta = lr / (np.sqrt(n) / math.sqrt(1 - b3**k) + eps)
+    u = eta * (m / (1 - b1**k) + b2 * a / (1 - b2**k))
+    p = p * (1 - lr * weight_decay) - u if no_prox else (p - u) / (1 + lr * weight_decay)
+    return p, {"exp_avg": m, "exp_avg_sq": n, "exp_avg_diff": a, "neg_pre_grad": -g}
+
+
+RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan}

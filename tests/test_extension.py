@@ -1,5 +1,6 @@
 """The compiled extension: it must build wherever nvcc and a CUDA torch are, and its schedule code is schedules.py."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -9,9 +10,7 @@ import pytest
 import torch
 
 import uba_fused as uf
-from uba_fused import _ext
-from uba_fused.backends import plan
-from uba_fused.backends.work import RULE_ID
+from uba_fused import _ext, registry
 
 CAN_BUILD = shutil.which("nvcc") is not None and torch.version.cuda is not None \
     and os.environ.get("UBA_FUSED_NO_CUDA") != "1"
@@ -46,12 +45,32 @@ def test_device_schedule_kernel_matches_python(schedule):
     torch.testing.assert_close(got.double().cpu(), schedule.factor_tensor(steps.cpu()), rtol=2e-6, atol=1e-7)
 
 
+def test_committed_registry_header_is_generated_from_registry_py():
+    path = os.path.join(os.path.dirname(__file__), "..", "csrc", "registry.h")
+    with open(path) as f:
+        committed = f.read()
+    assert committed == registry.cpp_header(), (
+        "csrc/registry.h is not what uba_fused/registry.py generates: run `python uba_fused/registry.py "
+        "csrc/registry.h` (setup.py does it before every build) and commit it")
+
+
 @pytest.mark.skipif(_ext._C is None, reason="uba_fused._C not built")
-def test_table_layouts_agree_with_plan():
-    assert _ext._C.GROUP_COLS == len(plan.GROUP_COLS)
-    assert _ext._C.TENSOR_COLS == plan.TENSOR_COLS
-    assert _ext._C.CHUNK == 4096
-    assert _ext._C.NO_GRAD == plan.NO_GRAD
+def test_extension_was_built_from_this_registry():
+    built = json.loads(_ext._C.REGISTRY)
+    now = registry.abi()
+    for rule, spec in now["rules"].items():  # by name first: the sentence says what differs
+        assert built["rules"].get(rule) == spec, f"rule {rule!r}: the build has {built['rules'].get(rule)}"
+    for key in ("tensor_cols", "group_cols", "dtypes", "schedule_kinds", "chunk", "no_grad"):
+        assert built[key] == now[key], f"{key}: the build has {built[key]}, registry.py {now[key]}"
+    assert built == now
+
+
+def test_schedule_kinds_and_rules_are_numbered_by_the_registry():
+    assert [type(s).kind for s in SCHEDULES[:6]] == [registry.KIND[n] for n in
+                                                      ("uba", "uba", "cosine", "linear", "rex", "constant")]
+    for cls in (uf.AdamW, uf.AdaBelief, uf.Adan, uf.Lion, uf.SGD):
+        assert cls.rule in registry.RULES, cls
+    assert [r.id for r in registry.RULES.values()] == list(range(len(registry.RULES)))
 
 
 @pytest.mark.skipif(_ext._C is None, reason="uba_fused._C not built")
@@ -61,27 +80,31 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     step, counter, lr_out = torch.zeros(()), torch.zeros((), dtype=torch.int64), torch.zeros(())
     before = p.clone()
     # One tensor (gradient slot 0), the sentinel (slot 1: no gradient); SGD without momentum keeps no state.
-    tensors = torch.tensor([[p.data_ptr(), 0, 0, 0, step.data_ptr(), 10, 0, 1 << 1],
-                            [0, 1, 0, 0, step.data_ptr(), 0, 0, 1 << 1]])
+    cols = registry.TENSOR_COLS + ("state0",)
+    row = dict(param=p.data_ptr(), grad_slot=0, step=step.data_ptr(), numel=10, group=0, info=1 << 1, state0=0)
+    sentinel = {**row, "param": 0, "grad_slot": 1, "numel": 0}
+    tensors = torch.tensor([[row[c] for c in cols], [sentinel[c] for c in cols]])
+    gcols = registry.group_cols("sgd")
     good = {"work": torch.tensor([[0, 0], [1, 0]]), "tensors": tensors, "grads": torch.tensor([g.data_ptr(), -1]),
-            "groups": torch.zeros(1, len(plan.GROUP_COLS), dtype=torch.float64),
+            "groups": torch.zeros(1, len(gcols), dtype=torch.float64),
             "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]), "done": torch.zeros(3, dtype=torch.int32)}
 
     def run(**kw):
-        args = {**good, "n_groups": 1, "advance": True, "rule": RULE_ID["sgd"], "dtype": 0, **kw}
+        args = {**good, "n_groups": 1, "advance": True, "rule": registry.RULES["sgd"].id, "dtype": 0, **kw}
         _ext._C.fused_step(**args)
 
-    n = len(plan.GROUP_COLS)
+    n = len(gcols)
     bad = [({"groups": good["groups"].float()}, "groups must be Double"),
            ({"done": torch.zeros(4, dtype=torch.int32)}, r"done must hold rows \+ 1 = 3 counters, got 4"),
            ({"work": torch.zeros(2, 3, dtype=torch.int64)}, r"work must have shape \[items, 2\], got \[2, 3\]"),
-           ({"tensors": tensors[:, :7].contiguous()}, r"tensors must have shape \[rows >= 1, 8\], got \[2, 7\]"),
+           ({"tensors": tensors[:, :6].contiguous()}, r"tensors must have shape \[rows >= 1, 7\] for rule 3, got \[2, 6\]"),
+           ({"groups": torch.zeros(1, n - 1, dtype=torch.float64)}, rf"groups must have shape \[n_groups = 1, {n}\]"),
            ({"groups": torch.zeros(2, n, dtype=torch.float64)}, r"groups must have shape \[n_groups = 1"),
            ({"gaddr": torch.zeros(1, dtype=torch.int64)}, "gaddr must hold 2 \\* n_groups = 2 addresses, got 1"),
            ({"tensors": tensors.t().contiguous().t()}, "tensors must be contiguous"),
            ({"grads": torch.zeros(0, dtype=torch.int64)}, r"grads must be a vector of >= 1 addresses, got \[0\]"),
            ({"grads": good["grads"].int()}, "grads must be Long"),
-           ({"rule": 4}, "unknown rule 4"),
+           ({"rule": len(registry.RULES)}, f"unknown rule {len(registry.RULES)}"),
            ({"dtype": 3}, "unknown dtype code 3")]
     # A table on another device than work's must be refused before any address is read (on a GPU, a CUDA
     # table beside CPU ones crashed the interpreter once). The meta device shows it without a GPU.
@@ -97,9 +120,9 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
             run(**kw)
     assert torch.equal(p, before) and int(counter) == 0 and float(step) == 0.0
     # The good tables run (on the host, for CPU tables): plain SGD with the group's lr 0.5, no schedule.
-    good["groups"][0, plan.G["lr"]] = 0.5
-    good["groups"][0, plan.G["total"]] = 1.0
-    good["groups"][0, plan.G["phi"]] = 2.0
+    good["groups"][0, gcols.index("lr")] = 0.5
+    good["groups"][0, gcols.index("total")] = 1.0
+    good["groups"][0, gcols.index("phi")] = 2.0
     run()
     torch.testing.assert_close(p, before - 0.5 * g, rtol=0, atol=0)
     assert int(counter) == 1 and float(step) == 1.0 and float(lr_out) == 0.5

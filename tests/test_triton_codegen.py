@@ -20,31 +20,38 @@ import sys
 import pytest
 import torch
 
+from uba_fused import registry
 from uba_fused.backends import triton as backend
 
-RULES = ("adamw", "adabelief", "lion", "sgd")
+RULES = ("adamw", "adabelief", "lion", "sgd", "adan")
 DTYPES = ("float32", "bfloat16", "float16")
 CASES = [(r, d) for r in RULES for d in DTYPES]
 # Tensors each rule streams on a full chunk: (loaded, stored).
-STREAMS = {"adamw": (4, 3), "adabelief": (4, 3), "lion": (3, 2), "sgd": (3, 2)}
+STREAMS = {name: spec.streams for name, spec in registry.RULES.items()}
 MAX_REGISTERS = 80
+# Adan streams 11 tensors (6 loaded, 5 stored): in bf16/fp16 one 16-byte vector per thread and tensor is 48
+# live values before its 14 scalars. It took 96 registers (triton 3.8, no spills), 5 blocks of 128 threads
+# per SM; its bandwidth on a GPU is not measured yet.
+MAX_REGISTERS_BY_RULE = {"adan": 96}
 
 SCRIPT = r"""
 import json, os, re, shutil, subprocess, sys, tempfile
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from uba_fused import registry
 from uba_fused.backends import triton as backend
 sig = {"work": "*i64", "tensors": "*i64", "grads": "*i64", "groups": "*fp64", "gaddr": "*i64", "done": "*i32",
-       "n_rows": "i32", "n_groups": "i32", "advance": "i32", "RULE": "constexpr", "DTYPE": "constexpr",
-       "BLOCK": "constexpr", "SUB": "constexpr", "GROUPS": "constexpr"}
+       "n_rows": "i32", "n_groups": "i32", "advance": "i32", "RULE": "constexpr", "STATES": "constexpr",
+       "NG": "constexpr", "DTYPE": "constexpr", "BLOCK": "constexpr", "SUB": "constexpr", "GROUPS": "constexpr"}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ptxas = ptxas if os.path.exists(ptxas) else shutil.which("ptxas")
 out = {}
 for rule, dtype in json.loads(sys.argv[1]):
     dt = getattr(torch, dtype)
+    spec = registry.RULES[rule]
     src = ASTSource(fn=backend._step_kernel, signature=sig, constexprs={
-        "RULE": backend.RULE_ID[rule], "DTYPE": backend._TL_DTYPE[dt], "BLOCK": backend.BLOCK,
+        "RULE": spec.id, "STATES": len(spec.states), "NG": len(registry.group_cols(rule)), "DTYPE": backend._TL_DTYPE[dt], "BLOCK": backend.BLOCK,
         "SUB": backend.sub_tile(dt), "GROUPS": 4})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS}).asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -87,5 +94,6 @@ def test_full_aligned_chunks_are_vectorized(compiled, rule, dtype):
 @pytest.mark.parametrize("rule,dtype", CASES, ids=[f"{r}-{d}" for r, d in CASES])
 def test_registers_stay_bounded_without_spills(compiled, rule, dtype):
     got = compiled[f"{rule}/{dtype}"]
-    assert got["registers"] <= MAX_REGISTERS, f"{got['registers']} registers per thread (at most {MAX_REGISTERS})"
+    bound = MAX_REGISTERS_BY_RULE.get(rule, MAX_REGISTERS)
+    assert got["registers"] <= bound, f"{got['registers']} registers per thread (at most {bound})"
     assert got["spill_stores"] == 0 and got["spill_loads"] == 0, f"registers spill to local memory: {got}"

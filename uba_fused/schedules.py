@@ -36,10 +36,10 @@ from typing import ClassVar
 
 import torch
 
+from .registry import KIND
+
 __all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "LRScheduler", "AppliedLR", "schedule_from_dict"]
 
-# Integer ids shared with the kernels (csrc/schedules.cuh, backends/triton.py).
-KIND_CONSTANT, KIND_UBA, KIND_COSINE, KIND_LINEAR, KIND_REX = 0, 1, 2, 3, 4
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -62,14 +62,14 @@ def _check_ratio(name: str, value: object) -> float:
 class Schedule:
     """Base class: warmup, then ``r + (1 - r) * shape(p)``. Subclasses define ``_shape`` on float64 tensors."""
 
-    kind: ClassVar[int]
+    kind: ClassVar[int]  # the kernels' number for the family: registry.KIND
     _fields: ClassVar[tuple[str, ...]] = ("total_steps", "warmup_steps", "min_lr_ratio")
 
     def __init__(self, total_steps: int | None, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
         # Constant passes total_steps=None; for the budgeted schedules it must be an integer.
         self.warmup_steps = _check_int("warmup_steps", warmup_steps, 0)
         self.min_lr_ratio = _check_ratio("min_lr_ratio", min_lr_ratio)
-        self.total_steps = None if total_steps is None and self.kind == KIND_CONSTANT else \
+        self.total_steps = None if total_steps is None and self.kind == KIND["constant"] else \
             _check_int("total_steps", total_steps, 1)
         if self.total_steps is not None and self.warmup_steps >= self.total_steps:
             raise ValueError(f"warmup_steps must be < total_steps, got warmup_steps={self.warmup_steps}, "
@@ -122,7 +122,7 @@ class Schedule:
 class UBA(Schedule):
     """Unified Budget-Aware schedule (Tang et al., NeurIPS 2025). ``phi = 2`` is exactly the cosine."""
 
-    kind = KIND_UBA
+    kind = KIND["uba"]
     _fields = ("total_steps", "phi", "warmup_steps", "min_lr_ratio")
 
     def __init__(self, total_steps: int, *, phi: float = 1.0, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
@@ -141,7 +141,7 @@ class UBA(Schedule):
 class Cosine(Schedule):
     """Cosine decay: shape(p) = (1 + cos(pi p)) / 2."""
 
-    kind = KIND_COSINE
+    kind = KIND["cosine"]
 
     def __init__(self, total_steps: int, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
         super().__init__(total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
@@ -153,7 +153,7 @@ class Cosine(Schedule):
 class Linear(Schedule):
     """Linear decay: shape(p) = 1 - p."""
 
-    kind = KIND_LINEAR
+    kind = KIND["linear"]
 
     def __init__(self, total_steps: int, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
         super().__init__(total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
@@ -165,7 +165,7 @@ class Linear(Schedule):
 class REX(Schedule):
     """REX decay (Chen et al., 2022): shape(p) = (1 - p) / (1 - p / 2)."""
 
-    kind = KIND_REX
+    kind = KIND["rex"]
 
     def __init__(self, total_steps: int, *, warmup_steps: int = 0, min_lr_ratio: float = 0.0):
         super().__init__(total_steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
@@ -177,7 +177,7 @@ class REX(Schedule):
 class Constant(Schedule):
     """Linear warmup over ``warmup_steps``, then a factor of 1 for ever."""
 
-    kind = KIND_CONSTANT
+    kind = KIND["constant"]
     _fields = ("warmup_steps",)
 
     def __init__(self, *, warmup_steps: int = 0):

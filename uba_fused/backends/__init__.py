@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from .plan import CaptureError, GradScan
-from .work import RULES, Capture, GradSource, GroupWork
+from .work import Capture, GradSource, GroupWork
 
-__all__ = ["NAMES", "RULES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
+__all__ = ["NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
            "BackendUnavailableError", "availability", "resolve", "get", "capturing"]
 
 NAMES = ("auto", "torch", "triton", "cuda")

@@ -11,26 +11,30 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+import json
+
 from .._ext import _C
-from .plan import GROUP_COLS, NO_GRAD, TENSOR_COLS, Plan
-from .work import RULE_ID, GradSource, GroupWork
+from ..registry import CHUNK, DTYPES, RULES, abi
+from .plan import Part, Plan
+from .work import GradSource, GroupWork
 
 if _C is None or not hasattr(_C, "fused_step"):
     raise NotImplementedError("uba_fused._C was built without the fused-step kernels; reinstall with "
                               "`pip install --no-build-isolation -e .` where nvcc is present")
-assert (_C.GROUP_COLS, _C.TENSOR_COLS, _C.NO_GRAD) == (len(GROUP_COLS), TENSOR_COLS, NO_GRAD), \
-    "csrc/tables.h disagrees with plan.py"
+if json.loads(_C.REGISTRY) != abi():
+    raise NotImplementedError("uba_fused._C was built from another uba_fused/registry.py than the one imported (a "
+                              "stale build: rule, column or schedule numbers differ); rebuild it with "
+                              "`pip install --no-build-isolation -e .`")
 
-_DTYPE_ID = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_DTYPE_ID = {getattr(torch, name): i for i, name in enumerate(DTYPES)}
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource) -> Callable[[], None]:
-    plan, table = Plan.for_step(cache, "cuda", rule, work, _C.CHUNK, grads)
-    return lambda: _launch(plan, table, rule, len(work))
+    plan, table = Plan.for_step(cache, "cuda", rule, work, CHUNK, grads)
+    rule_id, n_groups = RULES[rule].id, len(work)
 
+    def launch(part: Part, advance: bool) -> None:
+        _C.fused_step(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, n_groups, advance, rule_id,
+                      _DTYPE_ID[part.dtype])
 
-def _launch(plan: Plan, grads: torch.Tensor, rule: str, n_groups: int) -> None:
-    last = len(plan.parts) - 1
-    for i, part in enumerate(plan.parts):
-        _C.fused_step(part.work, part.tensors, grads, plan.groups, plan.gaddr, part.done, n_groups, i == last,
-                      RULE_ID[rule], _DTYPE_ID[part.dtype])
+    return lambda: plan.launch(launch)

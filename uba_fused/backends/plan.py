@@ -11,43 +11,37 @@ pageable memory may make the host wait, and CUDA-graph capture refuses it. A ste
 graph reads the gradient addresses from a table of its own, refilled by the graph at every replay
 from a pinned block it owns, so eager steps and replays never overwrite each other's addresses.
 
-Tables, all on the parameters' device:
-  tensors  int64 [n + 1, 8]  per tensor: addresses of p, its gradient's slot in ``grads``, addresses of
-                             state0, state1, step; numel; group; info (= n_chunks << 1 | p and state
-                             16-byte aligned). Row n is a sentinel with no elements, so a launch always
-                             has a program that advances the group counters.
+Tables, all on the parameters' device; their columns are registry.py's (TENSOR_COLS, GROUP_COLS and the
+rule's consts), which names them for Triton and generates csrc/registry.h for C++:
+  tensors  int64 [n + 1, 6 + S] per tensor: address of p; its gradient's slot in ``grads``; address of
+                             its step; numel; group; info (= n_chunks << 1 | p and state 16-byte aligned);
+                             then the address of each of the rule's S state slots. Row n is a sentinel
+                             with no elements, so a launch always has a program that advances the group
+                             counters.
   grads    int64 [m + 1]     per parameter of the optimizer (m of them, flat, in group order): the address
                              of its gradient this step, or NO_GRAD; entry m stays NO_GRAD (the sentinel's)
   work     int64 [items, 2]  per program: (tensor row, first element); every tensor has >= 1 chunk
   done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
-  groups   float64 [G, 18]   per group: the columns of GROUP_COLS
+  groups   float64 [G, C]    per group: GROUP_COLS, then the rule's own columns (registry.group_cols)
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
 
 A step with parameters of several dtypes makes one launch per dtype ("part"); only the last launch
-advances the group counters, so every launch reads the same step index t.
+advances the group counters, so every launch reads the same step index t (``Plan.launch``).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .. import _ext
-from ..schedules import KIND_CONSTANT
+from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, group_cols
 from .work import Capture, GradSource, GroupWork, dtensor_class, is_dtensor, local
 
-# Columns of the group table. One minus a beta is computed here in float64: in float32,
-# 1 - 0.999f is off by 1.3e-5 relative, which the kernels' parity tests see.
-GROUP_COLS = ("lr", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps",
-              "weight_decay", "momentum", "one_minus_dampening", "nesterov", "kind", "warmup", "total",
-              "min_ratio", "phi", "has_state")
-G = {name: i for i, name in enumerate(GROUP_COLS)}
-TENSOR_COLS = 8
-NO_GRAD = -1  # the gradient address of a parameter without a gradient this step (an empty tensor's is 0)
 ALIGN = 16  # bytes: what a 128-bit vector access needs
+_LR = GROUP_COLS.index("lr")
 
 
 class CaptureError(RuntimeError):
@@ -74,24 +68,15 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _log(b: float) -> float:
-    return math.log(b) if b > 0 else -math.inf
-
-
-def group_row(w: GroupWork) -> tuple[float, ...]:
+def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
     """The host values of one group's row (lr is 0 here when it is a tensor; it is copied on the device)."""
     h = w.hyper
-    b1, b2 = h.get("betas", (0.0, 0.0))
     lr = 0.0 if isinstance(h["lr"], torch.Tensor) else float(h["lr"])
     kind, warmup, total, min_ratio, phi = (w.schedule.kernel_constants() if w.schedule is not None
-                                           else (KIND_CONSTANT, 0.0, 1.0, 0.0, 2.0))
-    values = dict(lr=lr, beta1=b1, beta2=b2, one_minus_beta1=1.0 - b1, one_minus_beta2=1.0 - b2,
-                  log_beta1=_log(b1), log_beta2=_log(b2), eps=float(h.get("eps", 0.0)),
-                  weight_decay=float(h["weight_decay"]), momentum=float(h.get("momentum", 0.0)),
-                  one_minus_dampening=1.0 - float(h.get("dampening", 0.0)), nesterov=float(bool(h.get("nesterov"))),
-                  kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
+                                           else (KIND["constant"], 0.0, 1.0, 0.0, 2.0))
+    values = dict(lr=lr, kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
                   has_state=float(bool(w.state)))
-    return tuple(values[c] for c in GROUP_COLS)
+    return tuple(values[c] for c in GROUP_COLS) + RULES[rule].row(h)
 
 
 def work_items(n_chunks: list[int], block: int) -> torch.Tensor:
@@ -124,6 +109,16 @@ class Plan:
     row_sigs: list[tuple]                   # signatures of the group rows last uploaded
     scratch: torch.Tensor                   # where the sentinel row and absent state point; never written
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
+
+    @property
+    def rule(self) -> str:
+        return self.key[0]
+
+    def launch(self, part_launch: Callable[[Part, bool], None]) -> None:
+        """One launch per part (dtype): ``part_launch(part, advance)``; only the last one advances the group
+        counters (``advance``), so every launch reads the same step index."""
+        for i, part in enumerate(self.parts):
+            part_launch(part, i == len(self.parts) - 1)
 
     @staticmethod
     def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:
@@ -159,6 +154,7 @@ class Plan:
     def build(cls, rule: str, work: Sequence[GroupWork], block: int, n_slots: int) -> Plan:
         device = work[0].schedule_step.device
         scratch = torch.zeros(ALIGN, dtype=torch.float64, device=device)
+        n_states = len(RULES[rule].states)
         by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
@@ -171,20 +167,20 @@ class Plan:
             for wi, i in members:
                 w = work[wi]
                 p = w.params[i]
-                states = [w.state[n][i] for n in w.state]
-                ptrs = [p.data_ptr()] + [s.data_ptr() for s in states] + [scratch.data_ptr()] * (2 - len(states))
-                aligned = all(x % ALIGN == 0 for x in ptrs if x)  # the kernels check the gradient's each step
+                # a group that keeps no state (SGD without momentum) points its slots at scratch: never read
+                states = [w.state[n][i].data_ptr() for n in w.state] or [scratch.data_ptr()] * n_states
+                aligned = all(x % ALIGN == 0 for x in [p.data_ptr(), *states] if x)  # the gradient: each step
                 chunks.append(max(1, -(-p.numel() // block)))
-                rows.append([ptrs[0], w.slots[i], *ptrs[1:], w.steps[i].data_ptr(), p.numel(), wi,
-                             chunks[-1] << 1 | int(aligned)])
+                rows.append([p.data_ptr(), w.slots[i], w.steps[i].data_ptr(), p.numel(), wi,
+                             chunks[-1] << 1 | int(aligned), *states])
             s = scratch.data_ptr()
-            rows.append([s, n_slots - 1, s, s, s, 0, 0, 1 << 1])  # the sentinel: the last slot is NO_GRAD
+            rows.append([s, n_slots - 1, s, 0, 0, 1 << 1] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
             parts.append(Part(dtype, _to_device(torch.tensor(rows, dtype=torch.int64), device),
                               _to_device(work_items(chunks + [1], block), device),
                               torch.zeros(len(members) + 2, dtype=torch.int32, device=device)))
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
         return cls(cls.key_of(rule, work), device, parts,
-                   torch.zeros(len(work), len(GROUP_COLS), dtype=torch.float64, device=device),
+                   torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
                    _to_device(gaddr, device), torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
                    scratch, [w.params for w in work])
 
@@ -198,12 +194,12 @@ class Plan:
                 raise CaptureError(f"param_groups{changed}: hyper-parameters changed since the last eager step, "
                                    f"during CUDA-graph capture; change them before the warm-up steps (a tensor lr "
                                    f"may change any time, by fill_)")
-            rows = torch.tensor([group_row(w) for w in work], dtype=torch.float64)
+            rows = torch.tensor([group_row(self.rule, w) for w in work], dtype=torch.float64)
             self.groups.copy_(_host(rows, self.device), non_blocking=True)
             self.row_sigs = sigs
         for wi, w in enumerate(work):
             if isinstance(w.hyper["lr"], torch.Tensor):
-                self.groups[wi, G["lr"]].copy_(w.hyper["lr"].reshape(()), non_blocking=True)
+                self.groups[wi, _LR].copy_(w.hyper["lr"].reshape(()), non_blocking=True)
 
 
 class GradScan:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ..registry import RULES
 from .work import GradSource, GroupWork
 
 
@@ -30,55 +31,73 @@ def applied_lr(w: GroupWork) -> torch.Tensor:
     return lr
 
 
-def _adamw(p, g, s, step, lr, h):
-    b1, b2 = h["betas"]
-    bc1 = 1.0 - b1 ** step
-    bc2 = 1.0 - b2 ** step
-    p.mul_(1.0 - lr * h["weight_decay"])
+# Each rule: one step of one tensor. p, g and the state buffers s (by name) are in the compute dtype; step
+# (1 on a parameter's first update) and lr are float64 0-dim tensors; c holds the rule's host constants
+# (registry.Rule.constants: 1 - beta and the like, in float64, the same values every kernel reads).
+def _adamw(p, g, s, step, lr, c):
+    bc1 = 1.0 - c["beta1"] ** step
+    bc2 = 1.0 - c["beta2"] ** step
+    p.mul_(1.0 - lr * c["weight_decay"])
     m, v = s["exp_avg"], s["exp_avg_sq"]
-    m.mul_(b1).add_(g, alpha=1.0 - b1)
-    v.mul_(b2).addcmul_(g, g, value=1.0 - b2)
-    denom = v.sqrt().div_(bc2.sqrt()).add_(h["eps"])
+    m.mul_(c["beta1"]).add_(g, alpha=c["one_minus_beta1"])
+    v.mul_(c["beta2"]).addcmul_(g, g, value=c["one_minus_beta2"])
+    denom = v.sqrt().div_(bc2.sqrt()).add_(c["eps"])
     p.sub_(m / denom * (lr / bc1))
 
 
-def _adabelief(p, g, s, step, lr, h):
+def _adabelief(p, g, s, step, lr, c):
     # adabelief-pytorch 0.2: decoupled decay, eps added inside the variance, no rectification.
-    b1, b2 = h["betas"]
-    bc1 = 1.0 - b1 ** step
-    bc2 = 1.0 - b2 ** step
-    p.mul_(1.0 - lr * h["weight_decay"])
+    bc1 = 1.0 - c["beta1"] ** step
+    bc2 = 1.0 - c["beta2"] ** step
+    p.mul_(1.0 - lr * c["weight_decay"])
     m, v = s["exp_avg"], s["exp_avg_var"]
-    m.mul_(b1).add_(g, alpha=1.0 - b1)
+    m.mul_(c["beta1"]).add_(g, alpha=c["one_minus_beta1"])
     r = g - m
-    v.mul_(b2).addcmul_(r, r, value=1.0 - b2).add_(h["eps"])
-    denom = v.sqrt().div_(bc2.sqrt()).add_(h["eps"])
+    v.mul_(c["beta2"]).addcmul_(r, r, value=c["one_minus_beta2"]).add_(c["eps"])
+    denom = v.sqrt().div_(bc2.sqrt()).add_(c["eps"])
     p.sub_(m / denom * (lr / bc1))
 
 
-def _lion(p, g, s, step, lr, h):
-    b1, b2 = h["betas"]
+def _lion(p, g, s, step, lr, c):
     m = s["exp_avg"]
-    c = m * b1 + g * (1.0 - b1)
-    p.mul_(1.0 - lr * h["weight_decay"])
-    p.sub_(torch.sign(c) * lr)
-    m.mul_(b2).add_(g, alpha=1.0 - b2)
+    u = m * c["beta1"] + g * c["one_minus_beta1"]
+    p.mul_(1.0 - lr * c["weight_decay"])
+    p.sub_(torch.sign(u) * lr)
+    m.mul_(c["beta2"]).add_(g, alpha=c["one_minus_beta2"])
 
 
-def _sgd(p, g, s, step, lr, h):
+def _sgd(p, g, s, step, lr, c):
     # torch.optim.SGD: L2 decay into the gradient; the buffer starts as the first gradient.
-    wd, mom = h["weight_decay"], h["momentum"]
-    if wd != 0.0:
-        g = g + wd * p
+    mom = c["momentum"]
+    if c["weight_decay"] != 0.0:
+        g = g + c["weight_decay"] * p
     if mom != 0.0:
         buf = s["momentum_buffer"]
-        first = step == 1.0
-        buf.copy_(torch.where(first, g, buf * mom + g * (1.0 - h["dampening"])))
-        g = g + mom * buf if h["nesterov"] else buf
+        buf.copy_(torch.where(step == 1.0, g, buf * mom + g * c["one_minus_dampening"]))
+        g = g + mom * buf if c["nesterov"] else buf
     p.sub_(g * lr)
 
 
-UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd}
+def _adan(p, g, s, step, lr, c):
+    # Adan (Xie et al., arXiv 2208.06677) as its PyTorch reference computes it (sail-sg/Adan): neg_pre_grad
+    # holds minus the previous gradient, so g + neg_pre_grad is the gradient's change (0 on the first step).
+    b1, b2, b3 = c["beta1"], c["beta2"], c["beta3"]
+    m, n, d, neg_prev = s["exp_avg"], s["exp_avg_sq"], s["exp_avg_diff"], s["neg_pre_grad"]
+    diff = torch.where(step == 1.0, torch.zeros_like(g), g + neg_prev)
+    m.mul_(b1).add_(g, alpha=c["one_minus_beta1"])
+    d.mul_(b2).add_(diff, alpha=c["one_minus_beta2"])
+    u = g + b2 * diff
+    n.mul_(b3).addcmul_(u, u, value=c["one_minus_beta3"])
+    denom = n.sqrt().div_((1.0 - b3 ** step).sqrt()).add_(c["eps"])
+    update = m / denom * (lr / (1.0 - b1 ** step)) + d / denom * (lr * b2 / (1.0 - b2 ** step))
+    if c["no_prox"]:
+        p.mul_(1.0 - lr * c["weight_decay"]).sub_(update)
+    else:
+        p.sub_(update).div_(1.0 + lr * c["weight_decay"])
+    neg_prev.copy_(-g)
+
+
+UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan}
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:
@@ -86,18 +105,20 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource | None) -> Callable[[], None]:
-    return lambda: _run(UPDATES[rule], work)  # the gradients are in work (GroupWork.grads)
+    return lambda: _run(rule, work)  # the gradients are in work (GroupWork.grads)
 
 
-def _run(update, work: Sequence[GroupWork]) -> None:
+def _run(rule: str, work: Sequence[GroupWork]) -> None:
+    update = UPDATES[rule]
     for w in work:
+        c = RULES[rule].constants(w.hyper)
         lr = applied_lr(w)
         w.lr_out.copy_(lr)
         for i, (p, g, step_t) in enumerate(zip(w.params, w.grads, w.steps)):
             step_t.add_(1.0)
             stored = {name: tensors[i] for name, tensors in w.state.items()}
             p32, s32 = _compute(p), {k: _compute(v) for k, v in stored.items()}
-            update(p32, _compute(g), s32, step_t.to(torch.float64), lr.to(p32.device), w.hyper)
+            update(p32, _compute(g), s32, step_t.to(torch.float64), lr.to(p32.device), c)
             for k, v in stored.items():
                 if s32[k] is not v:
                     v.copy_(s32[k])

@@ -26,10 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .plan import GROUP_COLS, NO_GRAD, TENSOR_COLS, Plan
-from .work import RULE_ID, GradSource, GroupWork
+from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STATE_COL, TENSOR_COLS, group_cols
+from .plan import Part, Plan
+from .work import GradSource, GroupWork
 
-BLOCK = 4096      # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
+BLOCK = CHUNK     # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
 # A program walks its chunk in sub-tiles: on the vector path (aligned full chunks) one 16-byte vector per
 # thread and tensor (512 fp32 or 1024 bf16 elements with 4 warps), as the CUDA kernel's loop does; on
@@ -41,31 +42,52 @@ NUM_WARPS = 4
 # now 40-56 registers in every rule and dtype, no spills. tests/test_triton_codegen.py keeps the bound.
 VECTOR_BYTES = 16
 _SCALAR_SUB = tl.constexpr(4 * 32 * NUM_WARPS)
-# Table layouts of plan.py, as compile-time constants of the kernels.
-_NT = tl.constexpr(TENSOR_COLS)
-_NO_GRAD = tl.constexpr(NO_GRAD)
-_NG = tl.constexpr(len(GROUP_COLS))
-(_LR, _B1, _B2, _OMB1, _OMB2, _LOGB1, _LOGB2, _EPS, _WD, _MOM, _OMDAMP, _NESTEROV, _KIND, _WARMUP, _TOTAL,
- _MINR, _PHI, _HAS_STATE) = (tl.constexpr(i) for i in range(len(GROUP_COLS)))
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+# The registry's numbers as compile-time constants, looked up by name (a name it lacks raises here).
+_NO_GRAD = tl.constexpr(NO_GRAD)
+_STATE0 = tl.constexpr(STATE_COL)
+_PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO = (
+    tl.constexpr(TENSOR_COLS.index(c)) for c in ("param", "grad_slot", "step", "numel", "group", "info"))
+_LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE = (
+    tl.constexpr(GROUP_COLS.index(c)) for c in ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state"))
+_UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
+_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN = (tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan"))
+
+
+def _cols(rule: str, *names: str) -> tuple:
+    cols = group_cols(rule)
+    return tuple(tl.constexpr(cols.index(n)) for n in names)
+
+
+_ADAM_COLS = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "weight_decay")
+assert _cols("adamw", *_ADAM_COLS) == _cols("adabelief", *_ADAM_COLS), "AdamW and AdaBelief share their scalars"
+_A_B1, _A_B2, _A_OMB1, _A_OMB2, _A_LOGB1, _A_LOGB2, _A_EPS, _A_WD = _cols("adamw", *_ADAM_COLS)
+_L_B1, _L_B2, _L_OMB1, _L_OMB2, _L_WD = _cols("lion", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2",
+                                              "weight_decay")
+_S_MOM, _S_OMDAMP, _S_NESTEROV, _S_WD = _cols("sgd", "momentum", "one_minus_dampening", "nesterov", "weight_decay")
+(_N_B1, _N_B2, _N_B3, _N_OMB1, _N_OMB2, _N_OMB3, _N_LOGB1, _N_LOGB2, _N_LOGB3, _N_EPS, _N_WD, _N_NO_PROX) = _cols(
+    "adan", "beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
+    "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox")
 
 
 @triton.jit
 def _schedule_factor(t, kind, warmup, total, min_ratio, phi):
-    """factor(t) of schedules.py in float32 (csrc/schedules.cuh is the same function)."""
+    """factor(t) of schedules.py in float32 (csrc/schedules.cuh is the same function; an unknown kind: NaN)."""
     p = tl.minimum(tl.maximum((t - warmup) / tl.maximum(total - warmup, 1.0), 0.0), 1.0)  # T - W >= 1
     c = 1.0 + tl.cos(3.141592653589793 * p)
-    uba = 2.0 * c / (2.0 * phi + (2.0 - phi) * c)
-    shape = tl.where(kind == 1, uba, tl.where(kind == 2, 0.5 * c, tl.where(kind == 3, 1.0 - p,
-                                                                             (1.0 - p) / (1.0 - 0.5 * p))))
-    decay = tl.where(kind == 0, 1.0, min_ratio + (1.0 - min_ratio) * shape)
+    shape = tl.where(kind == _UBA, 2.0 * c / (2.0 * phi + (2.0 - phi) * c),
+                     tl.where(kind == _COSINE, 0.5 * c,
+                              tl.where(kind == _LINEAR, 1.0 - p,
+                                       tl.where(kind == _REX, (1.0 - p) / (1.0 - 0.5 * p), float("nan")))))
+    decay = tl.where(kind == _CONSTANT, 1.0, min_ratio + (1.0 - min_ratio) * shape)
     return tl.where(t < warmup, (t + 1.0) / tl.maximum(warmup, 1.0), decay)
 
 
 @triton.jit
-def _group_lr(groups, gaddr, gi, mask):
+def _group_lr(groups, gaddr, gi, mask, NG: tl.constexpr):
     """The lr of group(s) gi for this step, with the address(es) of their step counters."""
-    row = groups + gi * _NG
+    row = groups + gi * NG
     counter = tl.load(gaddr + 2 * gi, mask=mask).to(tl.pointer_type(tl.int64))
     t = tl.load(counter, mask=mask).to(tl.float32)
     f = _schedule_factor(t, tl.load(row + _KIND, mask=mask).to(tl.float32),
@@ -81,59 +103,174 @@ def _f32(row, col):
 
 
 @triton.jit
-def _rule_scalars(row, k, lr):
-    """What every element of one tensor's chunk needs (csrc/updates.cuh: rule_scalars), loaded once per
-    program: hyper-parameters from the group row, bias corrections in float64 from the step count k."""
-    bc1 = 1.0 - tl.exp(k.to(tl.float64) * tl.load(row + _LOGB1))
-    sqrt_bc2 = tl.sqrt(1.0 - tl.exp(k.to(tl.float64) * tl.load(row + _LOGB2))).to(tl.float32)
-    step_size = (lr.to(tl.float64) / bc1).to(tl.float32)
-    return (lr, _f32(row, _WD), _f32(row, _B1), _f32(row, _OMB1), _f32(row, _B2), _f32(row, _OMB2), _f32(row, _EPS),
-            _f32(row, _MOM), _f32(row, _OMDAMP), step_size, sqrt_bc2, tl.load(row + _NESTEROV) != 0.0, k == 1.0)
+def _bias_correction(row, log_beta, k):
+    """1 - b^k in float64, from log b: one exp, however large k."""
+    return 1.0 - tl.exp(k.to(tl.float64) * tl.load(row + log_beta))
+
+
+# Each rule (csrc/updates.cuh: one functor per rule): its scalars, loaded once per program from the group
+# row, the lr and the tensor's step count k after this update; and its update of float32 blocks, p the
+# parameter, g the gradient, s0..s3 the state slots in registry.py's order (slots a rule lacks pass through).
+@triton.jit
+def _adam_scalars(row, k, lr):
+    step_size = (lr.to(tl.float64) / _bias_correction(row, _A_LOGB1, k)).to(tl.float32)
+    sqrt_bc2 = tl.sqrt(_bias_correction(row, _A_LOGB2, k)).to(tl.float32)
+    return (1.0 - lr * _f32(row, _A_WD), _f32(row, _A_B1), _f32(row, _A_OMB1), _f32(row, _A_B2), _f32(row, _A_OMB2),
+            _f32(row, _A_EPS), step_size, sqrt_bc2)
 
 
 @triton.jit
-def _update(RULE: tl.constexpr, p, g, a, b, s):
-    """One step of the rule on float32 blocks (a, b: the rule's state; s: _rule_scalars); returns p, a, b."""
-    lr, wd, b1, omb1, b2, omb2, eps, mom, omdamp, step_size, sqrt_bc2, nesterov, first = s
-    if RULE == 0 or RULE == 1:  # AdamW, AdaBelief
-        p = p * (1.0 - lr * wd)
-        a = a * b1 + g * omb1
-        if RULE == 0:
-            b = b * b2 + g * g * omb2
+def _adamw(p, g, m, v, c):
+    decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2 = c
+    p = p * decay
+    m = m * b1 + g * omb1
+    v = v * b2 + g * g * omb2
+    p = p - m / (tl.sqrt_rn(v) / sqrt_bc2 + eps) * step_size
+    return p, m, v
+
+
+@triton.jit
+def _adabelief(p, g, m, v, c):
+    decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2 = c
+    p = p * decay
+    m = m * b1 + g * omb1
+    r = g - m
+    v = v * b2 + r * r * omb2 + eps
+    p = p - m / (tl.sqrt_rn(v) / sqrt_bc2 + eps) * step_size
+    return p, m, v
+
+
+@triton.jit
+def _lion_scalars(row, k, lr):
+    return lr, 1.0 - lr * _f32(row, _L_WD), _f32(row, _L_B1), _f32(row, _L_OMB1), _f32(row, _L_B2), _f32(row, _L_OMB2)
+
+
+@triton.jit
+def _lion(p, g, m, c):
+    lr, decay, b1, omb1, b2, omb2 = c
+    u = m * b1 + g * omb1
+    sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
+    p = p * decay - sign * lr
+    m = m * b2 + g * omb2
+    return p, m
+
+
+@triton.jit
+def _sgd_scalars(row, k, lr):
+    return lr, _f32(row, _S_WD), _f32(row, _S_MOM), _f32(row, _S_OMDAMP), tl.load(row + _S_NESTEROV) != 0.0, k == 1.0
+
+
+@triton.jit
+def _sgd(p, g, buf, c):
+    """torch.optim.SGD: L2 decay into the gradient; the buffer starts as the first gradient."""
+    lr, wd, mom, omdamp, nesterov, first = c
+    g = g + wd * p
+    if mom != 0.0:  # momentum 0 keeps no buffer (the group's has_state is 0)
+        buf = tl.where(first, g, buf * mom + g * omdamp)
+        if nesterov:
+            g = g + mom * buf
         else:
-            r = g - a
-            b = b * b2 + r * r * omb2 + eps
-        p = p - a / (tl.sqrt_rn(b) / sqrt_bc2 + eps) * step_size
-    elif RULE == 2:  # Lion
-        c = a * b1 + g * omb1
-        sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))
-        p = p * (1.0 - lr * wd) - sign * lr
-        a = a * b2 + g * omb2
-    else:  # SGD: L2 decay into the gradient; the buffer starts as the first gradient
-        g = g + wd * p
-        if mom != 0.0:
-            a = tl.where(first, g, a * mom + g * omdamp)
-            if nesterov:
-                g = g + mom * a
-            else:
-                g = a
-        p = p - g * lr
-    return p, a, b
+            g = buf
+    p = p - g * lr
+    return p, buf
 
 
 @triton.jit
-def _chunk(RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr,
-           ALIGNED: tl.constexpr, p_addr, g_addr, a_addr, b_addr, start, numel, s, has_state):
-    """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time."""
-    pp = p_addr.to(tl.pointer_type(DTYPE))
-    gp = g_addr.to(tl.pointer_type(DTYPE))
-    ap = a_addr.to(tl.pointer_type(DTYPE))
-    bp = b_addr.to(tl.pointer_type(DTYPE))
+def _adan_scalars(row, k, lr):
+    lr64 = lr.to(tl.float64)
+    step_size = (lr64 / _bias_correction(row, _N_LOGB1, k)).to(tl.float32)
+    step_size_diff = (lr64 * tl.load(row + _N_B2) / _bias_correction(row, _N_LOGB2, k)).to(tl.float32)
+    sqrt_bc3 = tl.sqrt(_bias_correction(row, _N_LOGB3, k)).to(tl.float32)
+    return (lr, _f32(row, _N_WD), _f32(row, _N_B1), _f32(row, _N_OMB1), _f32(row, _N_B2), _f32(row, _N_OMB2),
+            _f32(row, _N_B3), _f32(row, _N_OMB3), _f32(row, _N_EPS), step_size, step_size_diff, sqrt_bc3,
+            tl.load(row + _N_NO_PROX) != 0.0, k == 1.0)
+
+
+@triton.jit
+def _adan(p, g, m, n, d, neg_prev, c):
+    """Adan's PyTorch reference (sail-sg/Adan): neg_prev is minus the previous gradient."""
+    lr, wd, b1, omb1, b2, omb2, b3, omb3, eps, step_size, step_size_diff, sqrt_bc3, no_prox, first = c
+    diff = tl.where(first, 0.0, g + neg_prev)
+    m = m * b1 + g * omb1
+    d = d * b2 + diff * omb2
+    u = g + b2 * diff
+    n = n * b3 + u * u * omb3
+    denom = tl.sqrt_rn(n) / sqrt_bc3 + eps
+    if no_prox:
+        p = p * (1.0 - lr * wd) - m / denom * step_size - d / denom * step_size_diff
+    else:
+        p = (p - m / denom * step_size - d / denom * step_size_diff) / (1.0 + lr * wd)
+    return p, m, n, d, -g
+
+
+@triton.jit
+def _scalars(RULE: tl.constexpr, row, k, lr):
+    if RULE == _ADAMW or RULE == _ADABELIEF:
+        c = _adam_scalars(row, k, lr)
+    elif RULE == _LION:
+        c = _lion_scalars(row, k, lr)
+    elif RULE == _SGD:
+        c = _sgd_scalars(row, k, lr)
+    else:
+        tl.static_assert(RULE == _ADAN, "a rule without Triton code")
+        c = _adan_scalars(row, k, lr)
+    return c
+
+
+@triton.jit
+def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c):
+    if RULE == _ADAMW:
+        p, s0, s1 = _adamw(p, g, s0, s1, c)
+    elif RULE == _ADABELIEF:
+        p, s0, s1 = _adabelief(p, g, s0, s1, c)
+    elif RULE == _LION:
+        p, s0 = _lion(p, g, s0, c)
+    elif RULE == _SGD:
+        p, s0 = _sgd(p, g, s0, c)
+    else:
+        p, s0, s1, s2, s3 = _adan(p, g, s0, s1, s2, s3, c)
+    return p, s0, s1, s2, s3
+
+
+@triton.jit
+def _ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    ptr = addr.to(tl.pointer_type(DTYPE))
     if ALIGNED:
-        pp = tl.multiple_of(pp, 16)
-        gp = tl.multiple_of(gp, 16)
-        ap = tl.multiple_of(ap, 16)
-        bp = tl.multiple_of(bp, 16)
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
+
+
+@triton.jit
+def _load_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_state, g):
+    """State slot J, or g standing in where the rule has no slot J or the group keeps no state (unused)."""
+    if J < STATES:
+        if has_state:
+            s = tl.load(ptr + offs, mask=mask).to(tl.float32)
+        else:
+            s = g
+    else:
+        s = g
+    return s
+
+
+@triton.jit
+def _store_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_state, s, DTYPE: tl.constexpr):
+    if J < STATES:
+        if has_state:
+            tl.store(ptr + offs, s.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+           MASKED: tl.constexpr, ALIGNED: tl.constexpr, p_addr, g_addr, a0, a1, a2, a3, start, numel, c, has_state):
+    """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time. Every tensor
+    goes through one load (to float32) and one store (round to nearest) per dtype."""
+    pp = _ptr(p_addr, DTYPE, ALIGNED)
+    gp = _ptr(g_addr, DTYPE, ALIGNED)
+    q0 = _ptr(a0, DTYPE, ALIGNED)
+    q1 = _ptr(a1, DTYPE, ALIGNED)
+    q2 = _ptr(a2, DTYPE, ALIGNED)
+    q3 = _ptr(a3, DTYPE, ALIGNED)
     # A static trip count, also for a tensor's last (masked) chunk: bounding that loop by the elements
     # left made ptxas use 127 registers in bf16, or spill, depending on the sub-tile.
     for sub in range(0, BLOCK, SUB):
@@ -145,52 +282,57 @@ def _chunk(RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl
             mask = None
         p = tl.load(pp + offs, mask=mask).to(tl.float32)
         g = tl.load(gp + offs, mask=mask).to(tl.float32)
-        if has_state:
-            a = tl.load(ap + offs, mask=mask).to(tl.float32)
-        else:
-            a = g
-        if RULE < 2:
-            b = tl.load(bp + offs, mask=mask).to(tl.float32)
-        else:
-            b = a
-        p, a, b = _update(RULE, p, g, a, b, s)
+        s0 = _load_state(0, STATES, q0, offs, mask, has_state, g)
+        s1 = _load_state(1, STATES, q1, offs, mask, has_state, g)
+        s2 = _load_state(2, STATES, q2, offs, mask, has_state, g)
+        s3 = _load_state(3, STATES, q3, offs, mask, has_state, g)
+        p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
         tl.store(pp + offs, p.to(DTYPE), mask=mask)
-        if has_state:
-            tl.store(ap + offs, a.to(DTYPE), mask=mask)
-        if RULE < 2:
-            tl.store(bp + offs, b.to(DTYPE), mask=mask)
+        _store_state(0, STATES, q0, offs, mask, has_state, s0, DTYPE)
+        _store_state(1, STATES, q1, offs, mask, has_state, s1, DTYPE)
+        _store_state(2, STATES, q2, offs, mask, has_state, s2, DTYPE)
+        _store_state(3, STATES, q3, offs, mask, has_state, s3, DTYPE)
+
+
+@triton.jit
+def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
+    if J < STATES:
+        a = tl.load(trow + _STATE0 + J)
+    else:
+        a = p_addr  # never read nor written
+    return a
 
 
 @triton.jit
 def _step_kernel(work, tensors, grads, groups, gaddr, done, n_rows, n_groups, advance,
-                 RULE: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                 GROUPS: tl.constexpr):
+                 RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
+                 BLOCK: tl.constexpr, SUB: tl.constexpr, GROUPS: tl.constexpr):
+    tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
-    trow = tensors + slot * _NT
-    p_addr = tl.load(trow + 0)
-    g_addr = tl.load(grads + tl.load(trow + 1))  # the gradient table, at this tensor's slot
-    a_addr = tl.load(trow + 2)
-    b_addr = tl.load(trow + 3)
-    step_ptr = tl.load(trow + 4).to(tl.pointer_type(tl.float32))
-    numel = tl.where(g_addr != _NO_GRAD, tl.load(trow + 5), 0)  # no gradient this step: nothing to update
-    gi = tl.load(trow + 6)
-    info = tl.load(trow + 7)
-    row = groups + gi * _NG
-    lr, _ = _group_lr(groups, gaddr, gi, None)
+    trow = tensors + slot * (_STATE0 + STATES)
+    p_addr = tl.load(trow + _PARAM)
+    g_addr = tl.load(grads + tl.load(trow + _GRAD_SLOT))  # the gradient table, at this tensor's slot
+    step_ptr = tl.load(trow + _STEP).to(tl.pointer_type(tl.float32))
+    numel = tl.where(g_addr != _NO_GRAD, tl.load(trow + _NUMEL), 0)  # no gradient this step: nothing to update
+    gi = tl.load(trow + _GROUP)
+    info = tl.load(trow + _INFO)
+    row = groups + gi * NG
+    lr, _ = _group_lr(groups, gaddr, gi, None, NG)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
-    s = _rule_scalars(row, k, lr)
+    c = _scalars(RULE, row, k, lr)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
 
-    addrs = (p_addr, g_addr, a_addr, b_addr)
+    addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
+             _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr))
     if start + BLOCK <= numel:
         if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
-            _chunk(RULE, DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, s, has_state)
+            _chunk(RULE, STATES, DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, c, has_state)
         else:
-            _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel, s, has_state)
+            _chunk(RULE, STATES, DTYPE, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel, c, has_state)
     elif start < numel:
-        _chunk(RULE, DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, s, has_state)
+        _chunk(RULE, STATES, DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, c, has_state)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
@@ -207,7 +349,7 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, n_rows, n_groups, ad
             if advance != 0:  # every group at once: its lr (as every program computed it) and t + 1
                 gs = tl.arange(0, GROUPS)
                 live = gs < n_groups
-                lrs, counters = _group_lr(groups, gaddr, gs, live)
+                lrs, counters = _group_lr(groups, gaddr, gs, live, NG)
                 tl.store(tl.load(gaddr + 2 * gs + 1, mask=live).to(tl.pointer_type(tl.float32)), lrs, mask=live)
                 tl.store(counters, tl.load(counters, mask=live) + 1, mask=live)
 
@@ -219,13 +361,13 @@ def sub_tile(dtype: torch.dtype) -> int:
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource) -> Callable[[], None]:
     plan, table = Plan.for_step(cache, "triton", rule, work, BLOCK, grads)
-    return lambda: _launch(plan, table, rule, len(work))
+    spec, n_groups = RULES[rule], len(work)
+    ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)
 
-
-def _launch(plan: Plan, grads: torch.Tensor, rule: str, n_groups: int) -> None:
-    last = len(plan.parts) - 1
-    for i, part in enumerate(plan.parts):
+    def launch(part: Part, advance: bool) -> None:
         _step_kernel[(part.work.shape[0],)](
-            part.work, part.tensors, grads, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
-            int(i == last), RULE=RULE_ID[rule], DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, SUB=sub_tile(part.dtype),
-            GROUPS=triton.next_power_of_2(n_groups), num_warps=NUM_WARPS)
+            part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
+            int(advance), RULE=spec.id, STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK,
+            SUB=sub_tile(part.dtype), GROUPS=groups, num_warps=NUM_WARPS)
+
+    return lambda: plan.launch(launch)

@@ -26,9 +26,6 @@ import torch
 
 from ..schedules import Schedule
 
-RULES = ("adamw", "adabelief", "lion", "sgd")
-RULE_ID = {rule: i for i, rule in enumerate(RULES)}  # the kernels' rule numbers (csrc/tables.h: Rule)
-
 
 @dataclass
 class GroupWork:

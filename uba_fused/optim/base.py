@@ -1,7 +1,7 @@
 """What the four optimizers share: groups, validation, state, state_dict, dispatch.
 
-A subclass sets ``rule`` (the update rule's name, see backends/reference.py),
-its defaults, ``_state_names(group)`` and ``_check_hyper(group)``.
+A subclass sets ``rule`` (the update rule's name in registry.RULES, which says what state it keeps),
+its arguments and defaults, and ``_check_hyper(group)``.
 
 Per-parameter state is torch.optim's: ``state[p]["step"]`` (a float32 0-dim
 tensor on the parameter's device, as torch's capturable/fused optimizers keep
@@ -25,10 +25,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from .. import backends
+from .. import backends, registry
 from ..backends.plan import is_dense
 from ..backends.work import is_dtensor, local
 from ..schedules import Schedule, schedule_from_dict
+
+__all__ = ["FusedOptimizer"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch.optim flags whose True we cannot honour, and why (in a constructor or in a param group).
@@ -142,6 +144,20 @@ class _ParamGroup(dict):
         super().__setitem__(key, value)
 
 
+COMMON_ARGS = """
+    Every uba_fused optimizer also takes, after its own:
+
+        schedule: a uba_fused schedule (``UBA``, ``Cosine``, ``Linear``, ``REX``, ``Constant``) computed on the
+            device from the group's step counter: step t runs at ``lr * schedule.factor(t)``. None (the
+            default) applies the group's lr as it is, so torch LR schedulers keep working.
+        backend: "auto" (the default: the fastest that can run the parameters), "cuda", "triton", "cpu" or
+            "torch" (the readable per-tensor spec). An explicit choice that cannot run raises, saying why.
+        maximize, foreach, capturable, differentiable, fused: torch.optim's flags, taken where their meaning
+            holds. Every step is already one fused, capturable update, so ``foreach``, ``capturable`` and
+            ``fused=True`` change nothing; ``maximize=True``, ``differentiable=True`` and ``fused=False``
+            raise with the reason.
+"""
+
 _SET_PARAMS = ("params must be an ordered collection (a list, or model.parameters()), not a set: a set's order "
                "changes between runs, and with it which saved state belongs to which parameter")
 
@@ -193,7 +209,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- what a subclass defines ------------------------------------------------
     def _state_names(self, group: dict) -> tuple[str, ...]:
-        raise NotImplementedError
+        return registry.RULES[self.rule].state_names(group)
 
     def _check_hyper(self, group: dict) -> None:
         raise NotImplementedError

@@ -7,7 +7,9 @@ from collections.abc import Iterable
 import torch
 
 from ..schedules import Schedule
-from .base import FusedOptimizer, as_tuple, check_betas, check_lr, check_real, check_torch_flags
+from .base import COMMON_ARGS, FusedOptimizer, as_tuple, check_betas, check_lr, check_real, check_torch_flags
+
+__all__ = ["Lion"]
 
 
 class Lion(FusedOptimizer):
@@ -16,6 +18,13 @@ class Lion(FusedOptimizer):
         c = b1 m + (1 - b1) g
         p = p (1 - lr wd) - lr sign(c)
         m = b2 m + (1 - b2) g
+
+    Args:
+        params: the parameters, or param groups (dicts), or ``named_parameters()``, as torch.optim takes them.
+        lr: the peak learning rate (float, or a 0-dim tensor on the parameters' device). Lion moves every
+            element by lr, so it wants a smaller one than AdamW (the paper: 3-10x smaller).
+        betas: (b1, b2): b1 mixes the gradient into the update's direction, b2 into the stored momentum.
+        weight_decay: decoupled weight decay, scaled by the applied lr.
     """
 
     rule = "lion"
@@ -29,10 +38,10 @@ class Lion(FusedOptimizer):
         defaults = dict(lr=lr, betas=as_tuple(betas), weight_decay=weight_decay, schedule=schedule, backend=backend)
         super().__init__(params, defaults)
 
-    def _state_names(self, group: dict) -> tuple[str, ...]:
-        return ("exp_avg",)
-
     def _check_hyper(self, group: dict) -> None:
         check_lr(group["lr"])
         check_betas(group["betas"])
         check_real("weight_decay", group["weight_decay"])
+
+
+Lion.__doc__ += COMMON_ARGS

@@ -7,7 +7,9 @@ from collections.abc import Iterable
 import torch
 
 from ..schedules import Schedule
-from .base import FusedOptimizer, check_lr, check_real, check_torch_flags
+from .base import COMMON_ARGS, FusedOptimizer, check_lr, check_real, check_torch_flags
+
+__all__ = ["SGD"]
 
 
 class SGD(FusedOptimizer):
@@ -18,6 +20,14 @@ class SGD(FusedOptimizer):
         p = p - lr (g + momentum b if nesterov else b)
 
     ``momentum=0`` is plain SGD and keeps no buffer.
+
+    Args:
+        params: the parameters, or param groups (dicts), or ``named_parameters()``, as torch.optim takes them.
+        lr: the peak learning rate (float, or a 0-dim tensor on the parameters' device).
+        momentum: the momentum factor (0: none).
+        dampening: how much of the gradient the buffer leaves out, ``1 - dampening`` goes in.
+        weight_decay: L2 decay, added to the gradient (as torch.optim.SGD, not decoupled).
+        nesterov: Nesterov momentum (needs momentum > 0 and dampening = 0).
     """
 
     rule = "sgd"
@@ -34,9 +44,6 @@ class SGD(FusedOptimizer):
                         weight_decay=weight_decay, schedule=schedule, backend=backend)
         super().__init__(params, defaults)
 
-    def _state_names(self, group: dict) -> tuple[str, ...]:
-        return ("momentum_buffer",) if group["momentum"] != 0 else ()
-
     def _check_hyper(self, group: dict) -> None:
         check_lr(group["lr"])
         check_real("momentum", group["momentum"])
@@ -47,3 +54,6 @@ class SGD(FusedOptimizer):
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError(f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={group['momentum']}, "
                              f"dampening={group['dampening']}")
+
+
+SGD.__doc__ += COMMON_ARGS

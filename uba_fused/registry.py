@@ -1,0 +1,180 @@
+"""The one registry: every name that Python, Triton and C++ share, with the number each side knows it by.
+
+- ``RULES``: one ``Rule`` per update rule. It gives the state buffers in the kernels' slot order, the
+  rule's columns of the group table with their host values (computed here once, in float64, and read
+  by every backend, the readable reference included), and the tensors a step streams.
+- ``SCHEDULE_KINDS``: the schedule families, in the kernels' kind order (``schedules.py`` defines them).
+- The device tables' columns (``TENSOR_COLS``, ``GROUP_COLS``), the kernel dtypes, ``CHUNK`` and
+  ``NO_GRAD`` (``backends/plan.py`` documents the tables).
+
+Numbers are positions in these tuples, never written anywhere by hand. ``csrc/registry.h`` is generated
+from this file (``python uba_fused/registry.py``; setup.py does it before each build, and a test keeps the
+committed copy current). The compiled extension exports the registry it was built from, and backend
+"cuda" refuses to run when that differs from this one (a stale build), saying so.
+
+This module imports nothing outside the standard library: setup.py loads it by path, before anything
+is built.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+# -- the device tables (backends/plan.py) ---------------------------------------------------------------
+# Per tensor, int64: addresses of the parameter, its gradient's slot in the gradient table, the step count's
+# address, sizes; then one address per state slot of the rule (STATE_COL + i).
+TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info")
+STATE_COL = len(TENSOR_COLS)
+# Per group, float64: what every rule reads (the lr and its schedule), then the rule's own (Rule.consts).
+GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state")
+DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they compute in float32)
+CHUNK = 4096     # elements per work item, in both kernels
+NO_GRAD = -1     # a gradient-table entry for a parameter without a gradient this step (an empty tensor's is 0)
+
+# -- schedules (schedules.py: the formulas) ---------------------------------------------------------------
+SCHEDULE_KINDS = ("constant", "uba", "cosine", "linear", "rex")
+KIND = {name: i for i, name in enumerate(SCHEDULE_KINDS)}
+
+
+# -- update rules ---------------------------------------------------------------------------------------
+def _log(b: float) -> float:
+    return math.log(b) if b > 0 else -math.inf
+
+
+def _betas(group: Mapping, n: int) -> dict[str, float]:
+    """beta_i, 1 - beta_i and log beta_i, in float64: in float32, 1 - 0.999f is off by 1.3e-5 relative,
+    which the kernels' parity tests see; log beta turns b^k into one exp in the kernels."""
+    out: dict[str, float] = {}
+    for i, b in enumerate(group["betas"][:n], 1):
+        b = float(b)
+        out.update({f"beta{i}": b, f"one_minus_beta{i}": 1.0 - b, f"log_beta{i}": _log(b)})
+    return out
+
+
+def _adam(group: Mapping) -> dict[str, float]:
+    return {**_betas(group, 2), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"])}
+
+
+def _lion(group: Mapping) -> dict[str, float]:
+    return {**_betas(group, 2), "weight_decay": float(group["weight_decay"])}
+
+
+def _sgd(group: Mapping) -> dict[str, float]:
+    return {"momentum": float(group["momentum"]), "one_minus_dampening": 1.0 - float(group["dampening"]),
+            "nesterov": float(bool(group["nesterov"])), "weight_decay": float(group["weight_decay"])}
+
+
+def _adan(group: Mapping) -> dict[str, float]:
+    return {**_betas(group, 3), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
+            "no_prox": float(bool(group["no_prox"]))}
+
+
+_ADAM = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "weight_decay")
+
+
+def _always(group: Mapping) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What every layer needs to know about one update rule; the math itself is in backends/reference.py
+    (the spec) and its mirrors in backends/triton.py and csrc/updates.cuh."""
+
+    name: str
+    states: tuple[str, ...]              # state buffers, in the kernels' slot order
+    consts: tuple[str, ...]              # the rule's group-table columns, after GROUP_COLS
+    constants: Callable[[Mapping], dict[str, float]]  # their values for a param group (float64, host side)
+    streams: tuple[int, int]             # tensors loaded and stored per element on a step: the bytes it moves
+    keeps_state: Callable[[Mapping], bool] = field(default=_always)  # SGD without momentum keeps none
+
+    @property
+    def id(self) -> int:
+        return list(RULES).index(self.name)
+
+    def state_names(self, group: Mapping) -> tuple[str, ...]:
+        """The state a param group of this rule keeps per parameter (besides its step count)."""
+        return self.states if self.keeps_state(group) else ()
+
+    def row(self, group: Mapping) -> tuple[float, ...]:
+        """The values of ``consts`` for a param group, in column order."""
+        values = self.constants(group)
+        return tuple(values[c] for c in self.consts)
+
+    def bytes_per_element(self, itemsize: int) -> int:
+        return sum(self.streams) * itemsize
+
+
+RULES: dict[str, Rule] = {r.name: r for r in (
+    Rule("adamw", ("exp_avg", "exp_avg_sq"), _ADAM, _adam, (4, 3)),
+    Rule("adabelief", ("exp_avg", "exp_avg_var"), _ADAM, _adam, (4, 3)),
+    Rule("lion", ("exp_avg",), ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "weight_decay"), _lion,
+         (3, 2)),
+    Rule("sgd", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay"), _sgd, (3, 2),
+         keeps_state=lambda group: group["momentum"] != 0),
+    Rule("adan", ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
+         ("beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
+          "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5)),
+)}
+MAX_STATES = max(len(r.states) for r in RULES.values())
+
+
+def group_cols(rule: str) -> tuple[str, ...]:
+    """Every column of a group row of ``rule``: GROUP_COLS, then the rule's."""
+    return GROUP_COLS + RULES[rule].consts
+
+
+def abi() -> dict:
+    """Every shared number by name: what csrc/registry.h encodes, and what uba_fused._C reports it was built
+    from (``_C.REGISTRY``), so that a stale build is named, not run."""
+    return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "dtypes": list(DTYPES),
+            "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS),
+            "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts)}
+                      for r in RULES.values()}}
+
+
+# -- csrc/registry.h ----------------------------------------------------------------------------------------
+def _camel(name: str) -> str:
+    return "".join(part[:1].upper() + part[1:] for part in name.split("_"))
+
+
+def _enum(name: str, items: list[tuple[str, int]]) -> str:
+    return f"enum {name} : int {{ " + ", ".join(f"k{_camel(n)} = {v}" for n, v in items) + " };"
+
+
+def cpp_header() -> str:
+    """csrc/registry.h: this module's numbers as C++ names (kernels use the names, never the numbers)."""
+    lines = [
+        "// Generated from uba_fused/registry.py by `python uba_fused/registry.py`: do not edit by hand.",
+        "#pragma once", "", "namespace uf {", "",
+        _enum("TensorCol", [(c, i) for i, c in enumerate(TENSOR_COLS)] + [("state0", STATE_COL)]),
+        _enum("GroupCol", [(c, i) for i, c in enumerate(GROUP_COLS)] + [("group_cols", len(GROUP_COLS))]),
+        _enum("DType", [(d, i) for i, d in enumerate(DTYPES)] + [("num_dtypes", len(DTYPES))]),
+        _enum("ScheduleKind", [(k, i) for i, k in enumerate(SCHEDULE_KINDS)] + [("num_kinds", len(SCHEDULE_KINDS))]),
+        _enum("RuleId", [(r, i) for i, r in enumerate(RULES)] + [("num_rules", len(RULES))]),
+        f"constexpr int kChunk = {CHUNK};",
+        f"constexpr long long kNoGrad = {NO_GRAD};",
+        f"constexpr int kMaxStates = {MAX_STATES};",
+        "",
+        "// Each rule's group-table columns (after GroupCol) and its id and number of state slots: a struct, so that a",
+        "// template can take it (csrc/updates.cuh).",
+    ]
+    for r in RULES.values():
+        cols = [(c, len(GROUP_COLS) + i) for i, c in enumerate(r.consts)] + [("cols", len(GROUP_COLS) + len(r.consts))]
+        lines.append(f"struct {r.name} {{ static constexpr int kId = {r.id}, kStates = {len(r.states)}; {_enum('Col', cols)} }};")
+    text = json.dumps(abi(), sort_keys=True, separators=(",", ":"))
+    lines += ["", "// abi() of registry.py, which uba_fused._C exports as REGISTRY.",
+              f"constexpr const char* kRegistry = R\"json({text})json\";", "", "}  // namespace uf", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python uba_fused/registry.py [path]: write csrc/registry.h (or print it)
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            f.write(cpp_header())
+    else:
+        sys.stdout.write(cpp_header())
