@@ -1,4 +1,5 @@
-"""The torch (reference) backend against float64 re-derivations and against torch.optim."""
+"""The host backends, "torch" (the readable spec) and "cpu" (torch's fused and foreach CPU paths), against
+float64 re-derivations and against torch.optim."""
 
 import pytest
 import torch
@@ -9,16 +10,27 @@ from harness import (CASE_IDS, CASES, SCHEDULES, check_steps_against_oracle, mak
                      step_together)
 
 
+HOST_BACKENDS = ("torch", "cpu")
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("schedule", SCHEDULES.values(), ids=SCHEDULES.keys())
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_reference_matches_float64_oracle(case, schedule):
-    check_steps_against_oracle(case, schedule, backend="torch")
+def test_host_backends_match_float64_oracle(case, schedule, backend):
+    check_steps_against_oracle(case, schedule, backend=backend)
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
-@pytest.mark.parametrize("case", CASES[::2], ids=CASE_IDS[::2])
-def test_reference_low_and_high_precision(case, dtype):
-    check_steps_against_oracle(case, SCHEDULES["uba"], backend="torch", dtype=dtype, steps=6)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_host_backends_low_and_high_precision(case, dtype, backend):
+    check_steps_against_oracle(case, SCHEDULES["uba"], backend=backend, dtype=dtype, steps=6)
+
+
+def test_auto_takes_the_cpu_backend_for_cpu_parameters():
+    assert uf.AdamW(make_params()).backends == ["cpu"]
+    with pytest.raises(uf.BackendUnavailableError, match="backend 'cpu' updates CPU parameters, got meta"):
+        uf.AdamW([torch.zeros(3, device="meta", requires_grad=True)], backend="cpu")
 
 
 TORCH_TWINS = [
@@ -49,10 +61,11 @@ def _run_twins(ours, theirs, steps=25, torch_sched=None):
     return a, b, opt_a, opt_b
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
 @pytest.mark.parametrize("name,ours,theirs", TORCH_TWINS, ids=[t[0] for t in TORCH_TWINS])
-def test_matches_torch_optim(name, ours, theirs):
+def test_matches_torch_optim(name, ours, theirs, backend):
     # Same fp32 formulas in a different operation order (torch lerps the first moment): a few ulps apart.
-    a, b, opt_a, opt_b = _run_twins(ours, theirs)
+    a, b, opt_a, opt_b = _run_twins(lambda ps: ours(ps, backend=backend), theirs)
     for i, (p, q) in enumerate(zip(a, b)):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
         for k, v in opt_b.state.get(q, {}).items():
@@ -161,3 +174,17 @@ def test_torch_signatures_and_implementation_flags_are_accepted():
     for p, q in zip(c, d):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
     assert uf.SGD(make()).defaults["momentum"] == torch.optim.SGD(make()).defaults["momentum"] == 0
+
+
+@pytest.mark.parametrize("no_prox", [False, True])
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_adan_matches_timm_where_installed(backend, no_prox):
+    # timm's Adan is a port of the reference (sail-sg/Adan); it counts steps per group, so every parameter
+    # gets a gradient at every step here. timm is not a test requirement: this runs where it is installed.
+    timm_optim = pytest.importorskip("timm.optim")
+    kw = dict(lr=1e-2, betas=(0.9, 0.85, 0.95), eps=1e-6, weight_decay=0.05, no_prox=no_prox)
+    a, b = make_params(), make_params()
+    opt_a, opt_b = uf.Adan(a, **kw, backend=backend), timm_optim.Adan(b, **kw)
+    step_together([(a, opt_a), (b, opt_b)], torch.Generator().manual_seed(3), 12)
+    for i, (p, q) in enumerate(zip(a, b)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")

@@ -21,7 +21,7 @@ from .work import Capture, GradSource, GroupWork
 __all__ = ["NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
            "BackendUnavailableError", "availability", "resolve", "get", "capturing"]
 
-NAMES = ("auto", "torch", "triton", "cuda")
+NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 # "auto" tries these in order; the first usable one wins. CUDA first: on an H100 (GPT-2-medium list,
 # steps back to back, benchmarks/RESULTS.md) it was as fast as Triton or faster in every row, and in
 # bf16 1.74 ms against 2.35 ms (AdamW); its host path per step was also shorter (157 us against 251).
@@ -29,7 +29,9 @@ AUTO_ORDER = ("cuda", "triton", "torch")
 # With this set to 1, backend "cuda" also takes CPU parameters: the kernel body compiled for the host
 # walks the same tables one work item at a time (csrc/fused_step.cu). Like TRITON_INTERPRET, a test tool.
 CUDA_ON_CPU = "UBA_FUSED_CUDA_ON_CPU"
-# What the kernels store; they compute in float32 (float64 parameters take backend "torch").
+# Backends that read the gradients from GroupWork.grads; the kernel backends walk device tables instead.
+READS_GRADS = ("torch", "cpu")
+# What the kernels store; they compute in float32 (float64 parameters take backend "cpu" or "torch").
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -78,6 +80,7 @@ def availability(device: torch.device | str, dtypes: Iterable[torch.dtype] = ())
     device = torch.device(device)
     dtype_reason = _dtype_reason(dtypes)
     out: dict[str, str | None] = {"torch": None}
+    out["cpu"] = None if device.type == "cpu" else f"backend 'cpu' updates CPU parameters, got {device}"
     for name, reason in (("triton", _triton_reason(device)), ("cuda", _cuda_reason(device))):
         out[name] = reason or dtype_reason
     return out
@@ -90,8 +93,9 @@ def resolve(requested: str, device: torch.device | str, dtypes: Iterable[torch.d
     device = torch.device(device)
     avail = availability(device, dtypes)
     if requested == "auto":
-        # The interpreter and the host run of the CUDA kernel are test tools, never the path for CPU tensors.
-        order = AUTO_ORDER if device.type == "cuda" else ("torch",)
+        # The interpreter and the host run of the CUDA kernel are test tools, never the path for CPU tensors:
+        # those take torch's own fast CPU paths ("cpu"); any other device the readable per-tensor spec.
+        order = AUTO_ORDER if device.type == "cuda" else ("cpu", "torch")
         return next(name for name in order if avail[name] is None)
     reason = avail[requested]
     if reason is not None:
@@ -109,5 +113,5 @@ def capturing() -> bool:
 
 @functools.cache  # called every step: skip the import machinery after the first time
 def get(name: str) -> PrepareFn:
-    module = {"torch": "reference", "triton": "triton", "cuda": "cuda"}[name]
+    module = {"torch": "reference", "cpu": "cpu", "triton": "triton", "cuda": "cuda"}[name]
     return importlib.import_module(f"{__name__}.{module}").prepare

@@ -9,6 +9,7 @@ kernels do; per-step scalars (schedule factor, bias corrections) are float64
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -125,3 +126,61 @@ def _run(rule: str, work: Sequence[GroupWork]) -> None:
             if p32 is not p:
                 p.copy_(p32)
         w.schedule_step.add_(1)
+
+
+# -- The same rules over lists of tensors (backend "cpu"): torch._foreach_ ops with host scalars -------------
+# Term by term the functions above, one op over the whole list at a time. p, g and the state lists are in
+# the compute dtype; ks holds each parameter's step count (1 on its first update); lr is a float. AdamW and
+# SGD take torch's fused CPU kernels instead (backends/cpu.py), which compute torch.optim's own rule.
+def _adabelief_foreach(p, g, s, ks, lr, c):
+    m, v = s["exp_avg"], s["exp_avg_var"]
+    torch._foreach_mul_(p, 1.0 - lr * c["weight_decay"])
+    torch._foreach_mul_(m, c["beta1"])
+    torch._foreach_add_(m, g, alpha=c["one_minus_beta1"])
+    r = torch._foreach_sub(g, m)
+    torch._foreach_mul_(v, c["beta2"])
+    torch._foreach_addcmul_(v, r, r, value=c["one_minus_beta2"])
+    torch._foreach_add_(v, c["eps"])
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [math.sqrt(1.0 - c["beta2"] ** k) for k in ks])
+    torch._foreach_add_(denom, c["eps"])
+    torch._foreach_addcdiv_(p, m, denom, [-lr / (1.0 - c["beta1"] ** k) for k in ks])
+
+
+def _lion_foreach(p, g, s, ks, lr, c):
+    m = s["exp_avg"]
+    u = torch._foreach_mul(m, c["beta1"])
+    torch._foreach_add_(u, g, alpha=c["one_minus_beta1"])
+    torch._foreach_mul_(p, 1.0 - lr * c["weight_decay"])
+    torch._foreach_add_(p, torch._foreach_sign(u), alpha=-lr)
+    torch._foreach_mul_(m, c["beta2"])
+    torch._foreach_add_(m, g, alpha=c["one_minus_beta2"])
+
+
+def _adan_foreach(p, g, s, ks, lr, c):
+    b1, b2, b3 = c["beta1"], c["beta2"], c["beta3"]
+    m, n, d, neg_prev = s["exp_avg"], s["exp_avg_sq"], s["exp_avg_diff"], s["neg_pre_grad"]
+    for i in (i for i, k in enumerate(ks) if k == 1):  # a first step: no change of the gradient yet
+        neg_prev[i].copy_(g[i]).neg_()
+    diff = torch._foreach_add(g, neg_prev)
+    torch._foreach_mul_(m, b1)
+    torch._foreach_add_(m, g, alpha=c["one_minus_beta1"])
+    torch._foreach_mul_(d, b2)
+    torch._foreach_add_(d, diff, alpha=c["one_minus_beta2"])
+    u = torch._foreach_add(g, diff, alpha=b2)
+    torch._foreach_mul_(n, b3)
+    torch._foreach_addcmul_(n, u, u, value=c["one_minus_beta3"])
+    denom = torch._foreach_sqrt(n)
+    torch._foreach_div_(denom, [math.sqrt(1.0 - b3 ** k) for k in ks])
+    torch._foreach_add_(denom, c["eps"])
+    if c["no_prox"]:
+        torch._foreach_mul_(p, 1.0 - lr * c["weight_decay"])
+    torch._foreach_addcdiv_(p, m, denom, [-lr / (1.0 - b1 ** k) for k in ks])
+    torch._foreach_addcdiv_(p, d, denom, [-lr * b2 / (1.0 - b2 ** k) for k in ks])
+    if not c["no_prox"]:
+        torch._foreach_div_(p, 1.0 + lr * c["weight_decay"])
+    torch._foreach_copy_(neg_prev, g)
+    torch._foreach_neg_(neg_prev)
+
+
+FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach}

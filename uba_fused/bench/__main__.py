@@ -26,8 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--presets", nargs="+", choices=sorted(PRESETS), help="default: gpt2-small gpt2-medium "
                     "gpt2-1.3b on a GPU, cpu-small on the CPU")
-    ap.add_argument("--optimizers", nargs="+", choices=sorted(tp.STREAMS), default=sorted(tp.STREAMS))
-    ap.add_argument("--backends", nargs="+", choices=["torch", "triton", "cuda"],
+    ap.add_argument("--optimizers", nargs="+", choices=sorted(tp.OURS), default=sorted(tp.OURS))
+    ap.add_argument("--backends", nargs="+", choices=["torch", "cpu", "triton", "cuda"],
                     help="uba_fused backends to time (default: every usable one)")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
                     help="default: float32 bfloat16 on a GPU, float32 on the CPU")

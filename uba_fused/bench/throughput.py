@@ -19,16 +19,52 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .. import backends
-from ..optim import SGD, AdaBelief, AdamW, Lion
+from .. import backends, registry
+from ..optim import SGD, AdaBelief, AdamW, Adan, Lion
 from ..schedules import UBA
 from .presets import Preset
 
-# Tensors streamed per element: (read, written). Minimal bytes = (read + written) * itemsize.
-STREAMS = {"adamw": (4, 3), "adabelief": (4, 3), "lion": (3, 2), "sgd": (3, 2)}
-OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD}
+OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan}
 HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, weight_decay=0.01),
-         "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9)}
+         "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9),
+         "adan": dict(lr=1e-4, weight_decay=0.01)}
+
+
+class ObviousForeach(torch.optim.Optimizer):
+    """Lion and AdaBelief as a user would write them with torch._foreach_* ops, the baseline that backend
+    "cpu" must not be slower than on a CPU (no fused torch kernel exists for either)."""
+
+    def __init__(self, params, rule: str, lr: float, betas=(0.9, 0.999), eps: float = 1e-16,
+                 weight_decay: float = 0.0):
+        self.rule = rule
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            ps = [p for p in group["params"] if p.grad is not None]
+            gs = [p.grad for p in ps]
+            for p in ps:
+                if not self.state[p]:
+                    self.state[p] = {"step": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
+                self.state[p]["step"] += 1
+            m = [self.state[p]["m"] for p in ps]
+            lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
+            torch._foreach_mul_(ps, 1 - lr * wd)
+            if self.rule == "lion":
+                u = torch._foreach_lerp(m, gs, 1 - b1)
+                torch._foreach_add_(ps, torch._foreach_sign(u), alpha=-lr)
+                torch._foreach_lerp_(m, gs, 1 - b2)
+                continue
+            v, k = [self.state[p]["v"] for p in ps], [self.state[p]["step"] for p in ps]
+            torch._foreach_lerp_(m, gs, 1 - b1)
+            r = torch._foreach_sub(gs, m)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, r, r, value=1 - b2)
+            torch._foreach_add_(v, group["eps"])
+            denom = torch._foreach_div(torch._foreach_sqrt(v), [(1 - b2**i) ** 0.5 for i in k])
+            torch._foreach_add_(denom, group["eps"])
+            torch._foreach_addcdiv_(ps, m, denom, [-lr / (1 - b1**i) for i in k])
 
 
 @dataclass
@@ -89,6 +125,11 @@ def candidates(device: torch.device, optimizers: list[str], ours: list[str], tor
     if "sgd" in optimizers:
         out.append(Candidate("torch SGD momentum fused", "sgd",
                              lambda ps: torch.optim.SGD(ps, **HYPER["sgd"], fused=True)))
+    if not cuda:
+        for rule in ("lion", "adabelief"):
+            if rule in optimizers:
+                out.append(Candidate(f"foreach {OURS[rule].__name__} (obvious)", rule,
+                                     lambda ps, r=rule: ObviousForeach(ps, r, **HYPER[r])))
     try:
         import timm.optim as timm_optim  # optional: never required
     except ImportError:
@@ -198,9 +239,9 @@ def _speedups(rows: list[Row]) -> None:
 
 def usable_backends(device: torch.device, dtype: torch.dtype, requested: list[str] | None) -> list[str]:
     avail = backends.availability(device, [dtype])
-    names = requested or [n for n in ("cuda", "triton", "torch") if avail[n] is None]
+    names = requested or [n for n in ("cuda", "triton", "cpu", "torch") if avail[n] is None]
     if device.type == "cpu":  # the Triton interpreter is a test tool, not something to time
-        names = [n for n in names if n == "torch"]
+        names = [n for n in names if n in ("cpu", "torch")]
     return [n for n in names if avail[n] is None]
 
 
@@ -265,6 +306,5 @@ def copy_size(device: torch.device) -> int:
 
 
 def bytes_per_element(rule: str, dtype: torch.dtype) -> int:
-    read, written = STREAMS[rule]
-    return (read + written) * dtype.itemsize
+    return registry.RULES[rule].bytes_per_element(dtype.itemsize)
 

@@ -13,7 +13,6 @@ import torch
 from ..schedules import Schedule
 from .base import COMMON_ARGS, FusedOptimizer, as_tuple, check_betas, check_lr, check_real, check_torch_flags
 
-__all__ = ["AdamW", "AdaBelief", "Adan"]
 
 
 class _AdamFamily(FusedOptimizer):

@@ -30,7 +30,6 @@ from ..backends.plan import is_dense
 from ..backends.work import is_dtensor, local
 from ..schedules import Schedule, schedule_from_dict
 
-__all__ = ["FusedOptimizer"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # torch.optim flags whose True we cannot honour, and why (in a constructor or in a param group).
@@ -292,7 +291,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         devices = {p.device for p in params}
         device = params[0].device if params else torch.device("cpu")
         backend = backends.resolve(full["backend"], device, {p.dtype for p in params})
-        if backend != "torch":
+        if backend not in backends.READS_GRADS:  # a kernel backend walks device tables
             if len(devices) > 1:
                 raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
             for what, p in zip(labels, params):
@@ -363,11 +362,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         elif "scan" in self._cache:
             self._cache["scan"].after_eager_step(grads)
 
+    def _reads_grads(self, quantifier: Callable[[Iterable[bool]], bool]) -> bool:
+        """Whether any / all groups' backends read the gradients themselves rather than device tables."""
+        return quantifier(b in backends.READS_GRADS for b in self._backends)
+
     def _steady_work(self, capture: backends.Capture | None) -> tuple[list | None, backends.GradSource | None]:
         """The work of a step whose every gradient is present, dense and laid out like its parameter, found
         by one C++ pass (kernel backends only), with the cached selections; (None, None) if not."""
         scan = self._cache.get("scan")
-        grads = scan.steady(capture) if scan is not None and "torch" not in self._backends else None
+        grads = scan.steady(capture) if scan is not None and not self._reads_grads(any) else None
         if grads is None:
             return None, None
         work = []
@@ -393,7 +396,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 backends.work.check_grads(gi, group, grads[gi])
 
         source = None
-        if all(b == "torch" for b in self._backends):
+        if self._reads_grads(all):
             check()
         else:  # the kernel backends' pass over the gradients checks them too
             if "scan" not in self._cache:
@@ -445,12 +448,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         selection holds. Under CUDA-graph capture it must be cached already: state made then would live
         in the graph's memory pool.
 
-        Backend "torch" gets the params that have a gradient. A kernel backend gets every param that
+        Backends "torch" and "cpu" get the params that have a gradient. A kernel backend gets every param that
         has a gradient or state: one without a gradient keeps its table row, with no gradient address,
         and the kernel leaves it alone. So when the set of params with gradients changes from step to
         step (mixture-of-experts routing), the tables stay and only their gradient column changes."""
         names = self._state_names(group)
-        if self._backends[gi] == "torch":
+        if self._backends[gi] in backends.READS_GRADS:
             keep = [g is not None for g in grads]
         else:
             keep = [g is not None or "step" in self.state.get(p, ()) for p, g in zip(group["params"], grads)]
@@ -471,12 +474,23 @@ class FusedOptimizer(torch.optim.Optimizer):
                     del self._cache[k]
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
+            self._new_steps(params)
             st = [self._state_for(p, names) for p in params]
             first = sum(len(g["params"]) for g in self.param_groups[:gi])
             slots = [first + i for i in (range(len(params)) if index is None else index)]
             hit = self._cache[key] = ([local(p) for p in params], [s["step"] for s in st],
                                       {n: [local(s[n]) for s in st] for n in names}, index, slots)
         return hit
+
+    def _new_steps(self, params: list[torch.Tensor]) -> None:
+        """The step counts of params that have none yet, as 0-dim views of one vector (per device): a selection
+        of params that all start together can then advance every count with one op (backend "cpu", where
+        one op per 0-dim tensor cost 4 us each on a 2-core VM). Each count is still its own 0-dim tensor."""
+        fresh = [p for p in params if "step" not in self.state.get(p, ())]
+        for device in dict.fromkeys(p.device for p in fresh):
+            mine = [p for p in fresh if p.device == device]
+            for p, step in zip(mine, torch.zeros(len(mine), dtype=torch.float32, device=device).unbind()):
+                self.state[p]["step"] = step
 
     def _state_for(self, p: torch.Tensor, names: tuple[str, ...]) -> dict:
         state = self.state[p]

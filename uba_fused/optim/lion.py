@@ -9,7 +9,6 @@ import torch
 from ..schedules import Schedule
 from .base import COMMON_ARGS, FusedOptimizer, as_tuple, check_betas, check_lr, check_real, check_torch_flags
 
-__all__ = ["Lion"]
 
 
 class Lion(FusedOptimizer):

@@ -9,7 +9,6 @@ import torch
 from ..schedules import Schedule
 from .base import COMMON_ARGS, FusedOptimizer, check_lr, check_real, check_torch_flags
 
-__all__ = ["SGD"]
 
 
 class SGD(FusedOptimizer):

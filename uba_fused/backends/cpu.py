@@ -1,0 +1,135 @@
+"""backend="cpu": torch's own fast CPU paths over the whole list; what "auto" takes for CPU parameters.
+
+AdamW and SGD run torch's fused CPU kernels (``torch._fused_adamw_``, ``torch._fused_sgd_``: torch.optim's
+own rules, the fastest it has on a CPU). AdaBelief, Lion and Adan run the list forms of
+backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step on the
+host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
+updated in float32 by the foreach rules and rounded once on the way back, as the kernels do (torch's fused
+kernels compute in float32 themselves); float64 parameters in float64.
+
+It reads the gradients from ``GroupWork.grads`` (the parameters that have one), as backend "torch".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..registry import RULES
+from .plan import is_dense
+from .reference import FOREACH
+from .work import GradSource, GroupWork
+
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource | None) -> Callable[[], None]:
+    off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
+    if off:  # resolve() never picks it there; a direct call gets a sentence, not a host read of device memory
+        raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
+    return lambda: _run(rule, work, cache)
+
+
+def _run(rule: str, work: Sequence[GroupWork], cache: dict) -> None:
+    spec = RULES[rule]
+    for w in work:
+        lr = float(w.hyper["lr"])
+        if w.schedule is not None:
+            lr *= w.schedule.factor(int(w.schedule_step))
+        w.lr_out.fill_(lr)
+        if w.params:
+            _advance(w.steps, cache)
+            c = spec.constants(w.hyper)
+            for dtype, idx, walkable in _parts(w, cache):
+                p, g = [w.params[i] for i in idx], [w.grads[i] for i in idx]
+                _update(rule, dtype, p, g, {n: [ts[i] for i in idx] for n, ts in w.state.items()},
+                        [w.steps[i] for i in idx], lr, c, [a and gi.stride() == pi.stride() for a, pi, gi in
+                                                           zip(walkable, p, g)])
+        w.schedule_step.add_(1)
+
+
+def _advance(steps: list[torch.Tensor], cache: dict) -> None:
+    """Every step count + 1: one op when they are the consecutive views of one vector that the optimizer
+    makes for params that start together (FusedOptimizer._new_steps), else one foreach op."""
+    key = ("cpu steps", id(steps))
+    hit = cache.get(key)
+    if hit is None or hit[0] is not steps:
+        base = steps[0]._base if steps else None
+        whole = base is not None and base.dim() == 1 and base.numel() == len(steps) and base.is_contiguous() and all(
+            s._base is base and s.storage_offset() == base.storage_offset() + i for i, s in enumerate(steps))
+        hit = cache[key] = (steps, base if whole else None)
+    if hit[1] is not None:
+        hit[1].add_(1.0)
+    else:
+        torch._foreach_add_(steps, 1.0)
+
+
+def _parts(w: GroupWork, cache: dict) -> list[tuple[torch.Tensor, list[int], list[bool]]]:
+    """The group's parameters by dtype: (dtype, their positions, whether each is dense with its state laid out
+    as it is), cached while the selection holds (its params list is the same object)."""
+    key = ("cpu parts", id(w.params))
+    hit = cache.get(key)
+    if hit is None or hit[0] is not w.params:
+        parts = []
+        for dtype in dict.fromkeys(p.dtype for p in w.params):
+            idx = [i for i, p in enumerate(w.params) if p.dtype == dtype]
+            parts.append((dtype, idx, [is_dense(w.params[i]) and all(ts[i].stride() == w.params[i].stride()
+                                                                     for ts in w.state.values()) for i in idx]))
+        hit = cache[key] = (w.params, parts)
+    return hit[1]
+
+
+def _walked_as_memory(p: list, g: list, s: dict[str, list], walkable: list[bool]) -> tuple[list, list, dict, Callable]:
+    """torch's fused CPU kernels walk each tensor's memory linearly, as if its gradient and state were laid
+    out as it is: a parameter with gaps, or a gradient laid out otherwise, goes in as contiguous copies;
+    the returned ``done()`` writes the copied parameters and state back."""
+    odd = [i for i, ok in enumerate(walkable) if not ok]
+    if not odd:
+        return p, g, s, lambda: None
+    p2, g2, s2 = list(p), list(g), {n: list(ts) for n, ts in s.items()}
+    for i in odd:
+        p2[i], g2[i] = p[i].contiguous().clone(), g[i].contiguous()
+        for n in s:
+            s2[n][i] = s[n][i].contiguous().clone()
+
+    def done() -> None:
+        for i in odd:
+            p[i].copy_(p2[i])
+            for n in s:
+                s[n][i].copy_(s2[n][i])
+
+    return p2, g2, s2, done
+
+
+def _update(rule: str, dtype: torch.dtype, p: list, g: list, s: dict[str, list], steps: list, lr: float,
+            c: dict, walkable: list[bool]) -> None:
+    if rule in ("adamw", "sgd"):
+        p, g, s, done = _walked_as_memory(p, g, s, walkable)
+        _fused(rule, p, g, s, steps, lr, c)
+        done()
+    elif dtype in _LOW:  # compute in float32, round once on the way back
+        p32, g32 = [t.float() for t in p], [t.float() for t in g]
+        s32 = {n: [t.float() for t in ts] for n, ts in s.items()}
+        FOREACH[rule](p32, g32, s32, torch.stack(steps).tolist(), lr, c)
+        torch._foreach_copy_(p, p32)
+        for n, ts in s.items():
+            torch._foreach_copy_(ts, s32[n])
+    else:
+        FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c)
+
+
+def _fused(rule: str, p: list, g: list, s: dict[str, list], steps: list, lr: float, c: dict) -> None:
+    if rule == "adamw":
+        torch._fused_adamw_(p, g, s["exp_avg"], s["exp_avg_sq"], [], steps, lr=lr, beta1=c["beta1"],
+                            beta2=c["beta2"], weight_decay=c["weight_decay"], eps=c["eps"], amsgrad=False,
+                            maximize=False)
+        return
+    bufs, ks = s.get("momentum_buffer"), torch.stack(steps).tolist()
+    for first in (True, False):  # torch's kernel takes one "first step" flag for its whole list
+        idx = [i for i, k in enumerate(ks) if (k == 1) == first] if bufs else ([] if first else range(len(p)))
+        if idx:
+            torch._fused_sgd_([p[i] for i in idx], [g[i] for i in idx], [bufs[i] for i in idx] if bufs else [],
+                              weight_decay=c["weight_decay"], momentum=c["momentum"], lr=lr,
+                              dampening=1.0 - c["one_minus_dampening"], nesterov=bool(c["nesterov"]),
+                              maximize=False, is_first_step=first)
