@@ -125,9 +125,13 @@ def _fused(rule: str, p: list, g: list, s: dict[str, list], steps: list, lr: flo
                             beta2=c["beta2"], weight_decay=c["weight_decay"], eps=c["eps"], amsgrad=False,
                             maximize=False)
         return
-    bufs, ks = s.get("momentum_buffer"), torch.stack(steps).tolist()
-    for first in (True, False):  # torch's kernel takes one "first step" flag for its whole list
-        idx = [i for i, k in enumerate(ks) if (k == 1) == first] if bufs else ([] if first else range(len(p)))
+    bufs = s.get("momentum_buffer")
+    if bufs is None:  # plain SGD keeps no buffer: one call, no step counts to read
+        parts = [(list(range(len(p))), False)]
+    else:  # torch's kernel takes one "first step" flag for its whole list
+        ks = torch.stack(steps).tolist()
+        parts = [([i for i, k in enumerate(ks) if (k == 1) == first], first) for first in (True, False)]
+    for idx, first in parts:
         if idx:
             torch._fused_sgd_([p[i] for i in idx], [g[i] for i in idx], [bufs[i] for i in idx] if bufs else [],
                               weight_decay=c["weight_decay"], momentum=c["momentum"], lr=lr,
