@@ -21,7 +21,7 @@ def test_import_does_not_load_dynamo():
 def test_env_says_the_cpu_modes_of_the_kernels_are_slow_test_modes():
     out = _run("import uba_fused.env as e, torch; print(e.report())", TRITON_INTERPRET="1", UBA_FUSED_CUDA_ON_CPU="1")
     cpu = out[out.index("backends for parameters on cpu"):].splitlines()
-    assert cpu[0].endswith("(auto -> torch):")
+    assert cpu[0].endswith("(auto -> cpu):")
     for name in ("triton", "cuda"):
         line = next(x for x in cpu if x.split()[:1] == [name])
         if "unavailable" not in line:
