@@ -80,7 +80,7 @@ def _warmed(backend, steps=2, seed=3, cls=uf.AdamW):
 def test_a_captured_step_computes_like_an_eager_one_and_reads_its_own_table(backend, monkeypatch):
     a, opt_a, gen_a = _warmed("torch")
     b, opt_b, _ = _warmed(backend)
-    plan = opt_b._cache[backend]
+    plan = opt_b._cache.plans[backend]
     eager_table = plan.grads.clone()
     for t in range(4):
         grads = _grads(a, gen_a)
@@ -221,7 +221,7 @@ def test_the_address_path_without_the_extensions_scanner(backend):
         if t == 0:
             opt_a.step()
             opt_b.step()
-            opt_b._cache["scan"]._c = None  # as if the extension were not built
+            opt_b._cache.scan._c = None  # as if the extension were not built
             continue
         opt_a.step()
         opt_b.step()

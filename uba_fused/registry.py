@@ -94,7 +94,8 @@ class Rule:
 
     @property
     def id(self) -> int:
-        return list(RULES).index(self.name)
+        """The rule's number in the kernels (its position in RULES)."""
+        return RULE_IDS[self.name]
 
     def state_names(self, group: Mapping) -> tuple[str, ...]:
         """The state a param group of this rule keeps per parameter (besides its step count)."""
@@ -120,6 +121,7 @@ RULES: dict[str, Rule] = {r.name: r for r in (
          ("beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
           "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5)),
 )}
+RULE_IDS = {name: i for i, name in enumerate(RULES)}
 MAX_STATES = max(len(r.states) for r in RULES.values())
 
 

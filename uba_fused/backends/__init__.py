@@ -15,11 +15,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from .plan import CaptureError, GradScan
-from .work import Capture, GradSource, GroupWork
+from .plan import CaptureError, GradScan, is_dense
+from .work import Capture, GradSource, GroupWork, Selection, StepCache, local
 
-__all__ = ["NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
-           "BackendUnavailableError", "availability", "resolve", "get", "capturing"]
+__all__ = ["NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError", "Selection",
+           "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get", "capturing"]
 
 NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 # "auto" tries these in order; the first usable one wins. CUDA first: on an H100 (GPT-2-medium list,
@@ -103,7 +103,22 @@ def resolve(requested: str, device: torch.device | str, dtypes: Iterable[torch.d
     return requested
 
 
-PrepareFn = Callable[[str, Sequence[GroupWork], dict, "GradSource | None"], Callable[[], None]]
+def check_params(backend: str, labels: Sequence[str], params: Sequence[torch.Tensor]) -> None:
+    """Raise unless ``backend`` can walk one param group of ``params`` (named by ``labels``): a kernel backend
+    walks device tables, so its parameters must share one device and be dense."""
+    if backend in READS_GRADS:
+        return
+    devices = {p.device for p in params}
+    if len(devices) > 1:
+        raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
+    for what, p in zip(labels, params):
+        if not is_dense(local(p)):
+            raise ValueError(f"{what} (shape {tuple(local(p).shape)}, strides {local(p).stride()}) has gaps or "
+                             f"overlaps in memory; backend={backend!r} walks parameters linearly: use "
+                             f"backend='torch' for it, or a dense parameter")
+
+
+PrepareFn = Callable[[str, Sequence[GroupWork], StepCache, "GradSource | None"], Callable[[], None]]
 
 
 def capturing() -> bool:

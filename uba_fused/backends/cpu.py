@@ -13,25 +13,36 @@ It reads the gradients from ``GroupWork.grads`` (the parameters that have one), 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
 from ..registry import RULES
 from .plan import is_dense
 from .reference import FOREACH
-from .work import GradSource, GroupWork
+from .work import GradSource, GroupWork, StepCache
 
 _LOW = (torch.bfloat16, torch.float16)
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource | None) -> Callable[[], None]:
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Callable[[], None]:
     off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
     if off:  # resolve() never picks it there; a direct call gets a sentence, not a host read of device memory
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
-    return lambda: _run(rule, work, cache)
+    return lambda: _run(rule, work, cache.host)
 
 
-def _run(rule: str, work: Sequence[GroupWork], cache: dict) -> None:
+@dataclass
+class _Part:
+    """The parameters of one dtype in a selection: one call of torch's (their positions, None for all)."""
+
+    dtype: torch.dtype
+    idx: list[int] | None
+    walkable: list[bool]      # each dense, with its state laid out as it is
+    past_first: bool = False  # every step count is past 1 (SGD's first step takes the gradient as its buffer)
+
+
+def _run(rule: str, work: Sequence[GroupWork], host: dict) -> None:
     spec = RULES[rule]
     for w in work:
         lr = float(w.hyper["lr"])
@@ -39,44 +50,46 @@ def _run(rule: str, work: Sequence[GroupWork], cache: dict) -> None:
             lr *= w.schedule.factor(int(w.schedule_step))
         w.lr_out.fill_(lr)
         if w.params:
-            _advance(w.steps, cache)
+            _advance(w.steps, host)
             c = spec.constants(w.hyper)
-            for dtype, idx, walkable in _parts(w, cache):
-                p, g = [w.params[i] for i in idx], [w.grads[i] for i in idx]
-                _update(rule, dtype, p, g, {n: [ts[i] for i in idx] for n, ts in w.state.items()},
-                        [w.steps[i] for i in idx], lr, c, [a and gi.stride() == pi.stride() for a, pi, gi in
-                                                           zip(walkable, p, g)])
+            for part in _parts(w, host):
+                pick = (lambda ts: ts) if part.idx is None else (lambda ts: [ts[i] for i in part.idx])
+                p, g = pick(w.params), pick(w.grads)
+                walkable = part.walkable if w.grads_like_params else [
+                    a and gi.stride() == pi.stride() for a, pi, gi in zip(part.walkable, p, g)]
+                _update(rule, part, p, g, {n: pick(ts) for n, ts in w.state.items()}, pick(w.steps), lr, c, walkable)
         w.schedule_step.add_(1)
 
 
-def _advance(steps: list[torch.Tensor], cache: dict) -> None:
+def _advance(steps: list[torch.Tensor], host: dict) -> None:
     """Every step count + 1: one op when they are the consecutive views of one vector that the optimizer
     makes for params that start together (FusedOptimizer._new_steps), else one foreach op."""
-    key = ("cpu steps", id(steps))
-    hit = cache.get(key)
+    key = ("steps", id(steps))
+    hit = host.get(key)
     if hit is None or hit[0] is not steps:
         base = steps[0]._base if steps else None
         whole = base is not None and base.dim() == 1 and base.numel() == len(steps) and base.is_contiguous() and all(
             s._base is base and s.storage_offset() == base.storage_offset() + i for i, s in enumerate(steps))
-        hit = cache[key] = (steps, base if whole else None)
+        hit = host[key] = (steps, base if whole else None)
     if hit[1] is not None:
         hit[1].add_(1.0)
     else:
         torch._foreach_add_(steps, 1.0)
 
 
-def _parts(w: GroupWork, cache: dict) -> list[tuple[torch.Tensor, list[int], list[bool]]]:
-    """The group's parameters by dtype: (dtype, their positions, whether each is dense with its state laid out
-    as it is), cached while the selection holds (its params list is the same object)."""
-    key = ("cpu parts", id(w.params))
-    hit = cache.get(key)
+def _parts(w: GroupWork, host: dict) -> list[_Part]:
+    """The group's parameters by dtype, cached while the selection holds (its params list is the same object)."""
+    key = ("parts", id(w.params))
+    hit = host.get(key)
     if hit is None or hit[0] is not w.params:
         parts = []
-        for dtype in dict.fromkeys(p.dtype for p in w.params):
+        dtypes = list(dict.fromkeys(p.dtype for p in w.params))
+        for dtype in dtypes:
             idx = [i for i, p in enumerate(w.params) if p.dtype == dtype]
-            parts.append((dtype, idx, [is_dense(w.params[i]) and all(ts[i].stride() == w.params[i].stride()
-                                                                     for ts in w.state.values()) for i in idx]))
-        hit = cache[key] = (w.params, parts)
+            parts.append(_Part(dtype, None if len(dtypes) == 1 else idx,
+                               [is_dense(w.params[i]) and all(ts[i].stride() == w.params[i].stride()
+                                                              for ts in w.state.values()) for i in idx]))
+        hit = host[key] = (w.params, parts)
     return hit[1]
 
 
@@ -102,13 +115,13 @@ def _walked_as_memory(p: list, g: list, s: dict[str, list], walkable: list[bool]
     return p2, g2, s2, done
 
 
-def _update(rule: str, dtype: torch.dtype, p: list, g: list, s: dict[str, list], steps: list, lr: float,
+def _update(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float,
             c: dict, walkable: list[bool]) -> None:
     if rule in ("adamw", "sgd"):
         p, g, s, done = _walked_as_memory(p, g, s, walkable)
-        _fused(rule, p, g, s, steps, lr, c)
+        _fused(rule, part, p, g, s, steps, lr, c)
         done()
-    elif dtype in _LOW:  # compute in float32, round once on the way back
+    elif part.dtype in _LOW:  # compute in float32, round once on the way back
         p32, g32 = [t.float() for t in p], [t.float() for t in g]
         s32 = {n: [t.float() for t in ts] for n, ts in s.items()}
         FOREACH[rule](p32, g32, s32, torch.stack(steps).tolist(), lr, c)
@@ -119,21 +132,24 @@ def _update(rule: str, dtype: torch.dtype, p: list, g: list, s: dict[str, list],
         FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c)
 
 
-def _fused(rule: str, p: list, g: list, s: dict[str, list], steps: list, lr: float, c: dict) -> None:
+def _fused(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float, c: dict) -> None:
     if rule == "adamw":
         torch._fused_adamw_(p, g, s["exp_avg"], s["exp_avg_sq"], [], steps, lr=lr, beta1=c["beta1"],
                             beta2=c["beta2"], weight_decay=c["weight_decay"], eps=c["eps"], amsgrad=False,
                             maximize=False)
         return
     bufs = s.get("momentum_buffer")
-    if bufs is None:  # plain SGD keeps no buffer: one call, no step counts to read
-        parts = [(list(range(len(p))), False)]
-    else:  # torch's kernel takes one "first step" flag for its whole list
+    if bufs is None or part.past_first:  # one call, no step counts to read
+        calls = [(p, g, bufs or [], False)]
+    else:  # torch's kernel takes one "first step" flag for its whole list: split on the counts (advanced)
         ks = torch.stack(steps).tolist()
-        parts = [([i for i, k in enumerate(ks) if (k == 1) == first], first) for first in (True, False)]
-    for idx, first in parts:
-        if idx:
-            torch._fused_sgd_([p[i] for i in idx], [g[i] for i in idx], [bufs[i] for i in idx] if bufs else [],
-                              weight_decay=c["weight_decay"], momentum=c["momentum"], lr=lr,
-                              dampening=1.0 - c["one_minus_dampening"], nesterov=bool(c["nesterov"]),
-                              maximize=False, is_first_step=first)
+        part.past_first = min(ks) > 1  # they only grow while the selection holds
+        calls = []
+        for first in (True, False):
+            idx = [i for i, k in enumerate(ks) if (k == 1) == first]
+            if idx:
+                calls.append(([p[i] for i in idx], [g[i] for i in idx], [bufs[i] for i in idx], first))
+    for p_, g_, b_, first in calls:
+        torch._fused_sgd_(p_, g_, b_, weight_decay=c["weight_decay"], momentum=c["momentum"], lr=lr,
+                          dampening=1.0 - c["one_minus_dampening"], nesterov=bool(c["nesterov"]), maximize=False,
+                          is_first_step=first)

@@ -16,7 +16,7 @@ import json
 from .._ext import _C
 from ..registry import CHUNK, DTYPES, RULES, abi
 from .plan import Part, Plan
-from .work import GradSource, GroupWork
+from .work import GradSource, GroupWork, StepCache
 
 if _C is None or not hasattr(_C, "fused_step"):
     raise NotImplementedError("uba_fused._C was built without the fused-step kernels; reinstall with "
@@ -29,7 +29,7 @@ if json.loads(_C.REGISTRY) != abi():
 _DTYPE_ID = {getattr(torch, name): i for i, name in enumerate(DTYPES)}
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource) -> Callable[[], None]:
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Callable[[], None]:
     plan, table = Plan.for_step(cache, "cuda", rule, work, CHUNK, grads)
     rule_id, n_groups = RULES[rule].id, len(work)
 

@@ -38,7 +38,7 @@ import torch
 
 from .. import _ext
 from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, group_cols
-from .work import Capture, GradSource, GroupWork, dtensor_class, is_dtensor, local
+from .work import Capture, GradSource, GroupWork, StepCache, dtensor_class, is_dtensor, local
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
 _LR = GROUP_COLS.index("lr")
@@ -128,11 +128,11 @@ class Plan:
         return (rule,) + tuple((w.index, id(w.params)) for w in work)
 
     @classmethod
-    def for_step(cls, cache: dict, name: str, rule: str, work: Sequence[GroupWork], block: int,
+    def for_step(cls, cache: StepCache, name: str, rule: str, work: Sequence[GroupWork], block: int,
                  source: GradSource) -> tuple[Plan, torch.Tensor]:
         """The plan of backend ``name`` for this selection (built if none is cached) with its group rows
         current, and the gradient table its kernels read this step, current too. Never syncs."""
-        plan = cache.get(name)
+        plan = cache.plans.get(name)
         built = plan is None or plan.key != cls.key_of(rule, work)
         if built:
             if source.capture is not None:
@@ -140,7 +140,7 @@ class Plan:
                                    "built yet, or a state dict loaded since): run eager steps before capturing, with "
                                    "the same parameters receiving gradients (PyTorch's recipe warms up on a side "
                                    "stream)")
-            plan = cache[name] = cls.build(rule, work, block, len(source.addresses))
+            plan = cache.plans[name] = cls.build(rule, work, block, len(source.addresses))
         plan.upload_rows(work, source.capture)
         table = plan.grads
         if source.capture is not None:  # the graph's own table, and the plan it reads, for the graph's life
@@ -241,6 +241,12 @@ class GradScan:
                 return None
         status = self._c.scan(self._scan_out, grads)
         return None if status == self.OTHER else self._source(self.addresses, status == self.MOVED, capture, [])
+
+    def vouch(self) -> bool:
+        """Whether one C++ pass finds every gradient present, dense, and laid out, typed and placed as its
+        parameter, so that no Python check need visit them (backends "torch" and "cpu"); False where the pass
+        cannot tell (no extension, DTensor parameters) or finds one that is not."""
+        return self._c is not None and self._owners is None and self._c.scan(self._scan_out, None) != self.OTHER
 
     def full(self, capture: Capture | None, check: Callable[[], None], grads: list[torch.Tensor | None]) -> GradSource:
         """From the gradients themselves (``grads``: each parameter's ``.grad``, a DTensor's local shard),

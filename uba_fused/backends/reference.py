@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..registry import RULES
-from .work import GradSource, GroupWork
+from .work import GradSource, GroupWork, StepCache
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -105,7 +105,7 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource | None) -> Callable[[], None]:
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Callable[[], None]:
     return lambda: _run(rule, work)  # the gradients are in work (GroupWork.grads)
 
 

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STATE_COL, TENSOR_COLS, group_cols
 from .plan import Part, Plan
-from .work import GradSource, GroupWork
+from .work import GradSource, GroupWork, StepCache
 
 BLOCK = CHUNK     # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
@@ -359,7 +359,7 @@ def sub_tile(dtype: torch.dtype) -> int:
     return VECTOR_BYTES * 32 * NUM_WARPS // dtype.itemsize
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: dict, grads: GradSource) -> Callable[[], None]:
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Callable[[], None]:
     plan, table = Plan.for_step(cache, "triton", rule, work, BLOCK, grads)
     spec, n_groups = RULES[rule], len(work)
     ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)

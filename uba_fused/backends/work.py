@@ -6,9 +6,9 @@ returns applies ``rule`` to every parameter listed in ``work`` that has a gradie
 gradient is None is left as it is), advances those parameters' ``step`` and each group's
 ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``. The optimizer
 has checked the gradients (``check_grads``) and prepares every backend before it launches any, so
-an error leaves nothing half-updated. ``cache`` is a dict the optimizer owns, where a kernel backend
-keeps device tables between steps; the optimizer clears it when storages may have changed
-(``load_state_dict``, ``add_param_group``). The torch backend reads the gradients from
+an error leaves nothing half-updated. ``cache`` is the optimizer's ``StepCache``, where a kernel backend
+keeps device tables between steps (``plans``) and backend "cpu" its derived lists (``host``); the optimizer
+clears it when storages may have changed (``load_state_dict``, ``add_param_group``). The torch backend reads the gradients from
 ``GroupWork.grads``; the kernel backends read their addresses from ``grads`` (a ``GradSource``).
 
 A parameter that is a DTensor (FSDP2's sharded parameters) reaches every backend as its local shard
@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..schedules import Schedule
+
+if TYPE_CHECKING:
+    from .plan import GradScan, Plan
 
 
 @dataclass
@@ -42,6 +45,37 @@ class GroupWork:
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
     signature: tuple               # signature(hyper) for this step, computed once by the optimizer
     slots: list[int]               # each param's position in the optimizer's flat parameter order
+    grads_like_params: bool = False  # every gradient in grads is laid out as its parameter (the optimizer's
+                                   # C++ pass found it so; False: not known)
+
+
+@dataclass
+class Selection:
+    """What a step hands one group's backend while the set of its parameters taking part holds (the same
+    objects step after step, so a backend may key what it derives from them by their ids)."""
+
+    params: list[torch.Tensor]            # local shards, as GroupWork.params
+    steps: list[torch.Tensor]             # as GroupWork.steps
+    state: dict[str, list[torch.Tensor]]  # as GroupWork.state
+    index: list[int] | None               # their positions in the group (None: every parameter)
+    slots: list[int]                      # as GroupWork.slots
+
+
+@dataclass
+class StepCache:
+    """What an optimizer keeps between steps so that the next one costs less. None of it is state: the
+    optimizer drops it whole (``clear``) whenever storages may have changed (a state-dict load, a new param
+    group, an FSDP2 shard replaced)."""
+
+    valid: dict[int, tuple] = field(default_factory=dict)  # group index -> the signature last found valid
+    selections: dict[tuple, Selection] = field(default_factory=dict)  # (group index, mask, state names) ->
+    scan: GradScan | None = None          # where the gradients were last step (one C++ pass per step)
+    shards: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each DTensor parameter, its local shard
+    plans: dict[str, Plan] = field(default_factory=dict)  # kernel backend name -> its device tables
+    host: dict[tuple, Any] = field(default_factory=dict)  # backend "cpu": lists derived from a selection
+
+    def clear(self) -> None:
+        vars(self).update(vars(StepCache()))
 
 
 @dataclass

@@ -26,7 +26,6 @@ from typing import Any, ClassVar
 import torch
 
 from .. import backends, registry
-from ..backends.plan import is_dense
 from ..backends.work import is_dtensor, local
 from ..schedules import Schedule, schedule_from_dict
 
@@ -193,14 +192,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._setup_lr: list[Any] = []  # each group's host lr when last seen: a change under a schedule warns
         self._warned_lr_twice = False
         self._backends: list[str] = []
-        self._cache: dict = {}  # backend-owned device tables, rebuilt when storages may have changed
+        self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         super().__init__(params, defaults)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         if not hasattr(self, "_cache"):  # unpickled or deep-copied: rebuild what is not state
-            self._cache, self._backends, self._last_lr, self._setup_lr, self._captures = {}, [], [], [], []
+            self._cache, self._backends, self._last_lr, self._setup_lr, self._captures = \
+                backends.StepCache(), [], [], [], []
             self._warned_lr_twice = False
             self.param_groups = [_ParamGroup(g) for g in self.param_groups]  # no graph captured the copy
             for i in range(len(self.param_groups)):
@@ -218,10 +218,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """_check_group, skipped while the group's values are the ones last found valid; returns
         the group's signature, which the kernel backends reuse to skip unchanged table uploads."""
         sig = backends.work.signature(group)
-        if self._cache.get(("valid", gi)) != sig:
+        if self._cache.valid.get(gi) != sig:
             self._check_group(group)
             self._warn_if_lr_scheduled_twice(gi, group)
-            self._cache[("valid", gi)] = sig
+            self._cache.valid[gi] = sig
         return sig
 
     def _warn_if_lr_scheduled_twice(self, gi: int, group: dict) -> None:
@@ -288,17 +288,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 backends.work.check_dtensor_param(what, p)
         full = {**self.defaults, **param_group, "params": params}
         self._check_group(full)
-        devices = {p.device for p in params}
         device = params[0].device if params else torch.device("cpu")
         backend = backends.resolve(full["backend"], device, {p.dtype for p in params})
-        if backend not in backends.READS_GRADS:  # a kernel backend walks device tables
-            if len(devices) > 1:
-                raise ValueError(f"backend={backend!r} needs every parameter of a group on one device, got {devices}")
-            for what, p in zip(labels, params):
-                if not is_dense(local(p)):
-                    raise ValueError(f"{what} (shape {tuple(local(p).shape)}, strides {local(p).stride()}) has gaps or "
-                                     f"overlaps in memory; backend={backend!r} walks parameters linearly: use "
-                                     f"backend='torch' for it, or a dense parameter")
+        backends.check_params(backend, labels, params)
         super().add_param_group(_ParamGroup({**param_group, "params": given}))  # torch.optim keeps the names
         group = self.param_groups[-1]
         group.setdefault("schedule_step", torch.zeros((), dtype=torch.int64, device=device))
@@ -359,8 +351,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             launch()
         if capture is not None:
             self._captured(capture, grads)
-        elif "scan" in self._cache:
-            self._cache["scan"].after_eager_step(grads)
+        elif self._cache.scan is not None:
+            self._cache.scan.after_eager_step(grads)
 
     def _reads_grads(self, quantifier: Callable[[Iterable[bool]], bool]) -> bool:
         """Whether any / all groups' backends read the gradients themselves rather than device tables."""
@@ -369,14 +361,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _steady_work(self, capture: backends.Capture | None) -> tuple[list | None, backends.GradSource | None]:
         """The work of a step whose every gradient is present, dense and laid out like its parameter, found
         by one C++ pass (kernel backends only), with the cached selections; (None, None) if not."""
-        scan = self._cache.get("scan")
+        scan = self._cache.scan
         grads = scan.steady(capture) if scan is not None and not self._reads_grads(any) else None
         if grads is None:
             return None, None
         work = []
         for gi, group in enumerate(self.param_groups):
             sig = self._check_group_at_step(gi, group)
-            hit = self._cache.get(("selection", gi, None, self._state_names(group)))
+            hit = self._cache.selections.get((gi, None, self._state_names(group)))
             if hit is None:
                 return None, None
             work.append(self._group_work(gi, sig, hit, None))
@@ -389,20 +381,22 @@ class FusedOptimizer(torch.optim.Optimizer):
         sigs = [self._check_group_at_step(gi, group) for gi, group in enumerate(self.param_groups)]
         grads = [[p.grad for p in group["params"]] for group in self.param_groups]
         # what the backends read: a DTensor's local shard (placed as its parameter, once check() passed)
-        shards = [backends.work.locals_of(gs) for gs in grads] if self._cache["shards"] else grads
+        shards = [backends.work.locals_of(gs) for gs in grads] if self._cache.shards else grads
 
         def check() -> None:
             for gi, group in enumerate(self.param_groups):
                 backends.work.check_grads(gi, group, grads[gi])
 
-        source = None
-        if self._reads_grads(all):
-            check()
+        if self._cache.scan is None:
+            self._cache.scan = backends.GradScan([p for g in self.param_groups for p in g["params"]])
+        source, alike = None, False
+        if self._reads_grads(all):  # one C++ pass vouches for the common step; Python checks (and explains) the rest
+            alike = self._cache.scan.vouch()
+            if not alike:
+                check()
         else:  # the kernel backends' pass over the gradients checks them too
-            if "scan" not in self._cache:
-                self._cache["scan"] = backends.GradScan([p for g in self.param_groups for p in g["params"]])
-            source = self._cache["scan"].full(capture, check, [g for gs in shards for g in gs])
-        work = [self._group_work(gi, sig, self._selection(gi, group, gs, capture), gs)
+            source = self._cache.scan.full(capture, check, [g for gs in shards for g in gs])
+        work = [self._group_work(gi, sig, self._selection(gi, group, gs, capture), gs, alike)
                 for gi, (group, sig, gs) in enumerate(zip(self.param_groups, sigs, shards))]
         return work, source
 
@@ -412,12 +406,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         (``reset_sharded_param``), and an update of the old one would be lost. Only DTensors are visited.
         The steady path sees such a step as one it cannot vouch for, and leaves it to this one
         (``GradScan._shard_grads``)."""
-        held = self._cache.get("shards")
+        held = self._cache.shards
         if held is not None and any(p._local_tensor is not shard for p, shard in held):
             self._cache.clear()
             held = None
         if held is None:
-            self._cache["shards"] = [(p, local(p)) for g in self.param_groups for p in g["params"] if is_dtensor(p)]
+            self._cache.shards = [(p, local(p)) for g in self.param_groups for p in g["params"] if is_dtensor(p)]
 
     def _captured(self, capture: backends.Capture, grads: backends.GradSource | None) -> None:
         """After a step captured into a CUDA graph: keep what its replays read, for the optimizer's life, and
@@ -427,22 +421,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._captures.append(capture)
         for group in self.param_groups:
             group.captured = True
-        if "scan" in self._cache:
-            self._cache["scan"].after_captured_step()
+        if self._cache.scan is not None:
+            self._cache.scan.after_captured_step()
 
-    def _group_work(self, gi: int, sig: tuple, selection: tuple, grads: list | None) -> backends.GroupWork:
+    def _group_work(self, gi: int, sig: tuple, selection: backends.Selection, grads: list | None,
+                    grads_like_params: bool = False) -> backends.GroupWork:
         """Group gi's work from its selection; ``grads``: one per param of the group, or None when the step
         took the kernel backends' address path."""
         group = self.param_groups[gi]
-        params, steps, states, index, slots = selection
-        if grads is not None and index is not None:
-            grads = [grads[i] for i in index]
+        if grads is not None and selection.index is not None:
+            grads = [grads[i] for i in selection.index]
         return backends.GroupWork(
             index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-            lr_out=self._last_lr[gi], params=params, grads=grads, steps=steps, state=states, signature=sig,
-            slots=slots)
+            lr_out=self._last_lr[gi], params=selection.params, grads=grads, steps=selection.steps,
+            state=selection.state, signature=sig, slots=selection.slots, grads_like_params=grads_like_params)
 
-    def _selection(self, gi: int, group: dict, grads: list, capture: backends.Capture | None = None):
+    def _selection(self, gi: int, group: dict, grads: list,
+                   capture: backends.Capture | None = None) -> backends.Selection:
         """The params a step hands the group's backend, their step tensors and state lists, their
         positions in the group (None: all of them) and in the optimizer's flat order; cached while the
         selection holds. Under CUDA-graph capture it must be cached already: state made then would live
@@ -458,8 +453,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         else:
             keep = [g is not None or "step" in self.state.get(p, ()) for p, g in zip(group["params"], grads)]
         mask = None if all(keep) else tuple(keep)
-        key = ("selection", gi, mask, names)
-        hit = self._cache.get(key)
+        key = (gi, mask, names)
+        hit = self._cache.selections.get(key)
         if hit is None and capture is not None:
             fresh = [i for i, (p, k) in enumerate(zip(group["params"], keep))
                      if k and "step" not in self.state.get(p, ())]
@@ -470,16 +465,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"before capturing (PyTorch's recipe warms up on a side stream)")
         if hit is None:
             if mask is not None:  # keep one partial selection per group: masks can be endless (MoE routing)
-                for k in [k for k in self._cache if k[:2] == ("selection", gi) and k[2] is not None]:
-                    del self._cache[k]
+                for k in [k for k in self._cache.selections if k[0] == gi and k[1] is not None]:
+                    del self._cache.selections[k]
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
             self._new_steps(params)
             st = [self._state_for(p, names) for p in params]
             first = sum(len(g["params"]) for g in self.param_groups[:gi])
             slots = [first + i for i in (range(len(params)) if index is None else index)]
-            hit = self._cache[key] = ([local(p) for p in params], [s["step"] for s in st],
-                                      {n: [local(s[n]) for s in st] for n in names}, index, slots)
+            hit = self._cache.selections[key] = backends.Selection(
+                [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
+                index, slots)
         return hit
 
     def _new_steps(self, params: list[torch.Tensor]) -> None:
