@@ -1,8 +1,8 @@
 """``python -m uba_fused.bench``: optimizer-step throughput against torch.optim, on this machine.
 
 On a GPU it measures GPT-2-shaped parameter lists (small, medium, 1.3B) in fp32 and bf16; on a
-machine without one it runs a small CPU preset (the torch backend against torch.optim), since the
-fused kernels need a GPU. See --help for presets, optimizers, backends, dtypes and step counts.
+machine without one it runs a small CPU preset: backends "cpu" (what auto takes there) and "torch" (the
+readable spec) against torch.optim's fused AdamW and SGD and an obvious foreach Lion and AdaBelief. See --help for presets, optimizers, backends, dtypes and step counts.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     env = environment(device)
     if device.type == "cpu":
-        print("No GPU: timing the torch backend against torch.optim on the CPU. The fused Triton and CUDA "
-              "kernels need a GPU; run this on one to measure them.", file=sys.stderr)
+        print("No GPU: timing backends cpu and torch against torch.optim on the CPU. The fused Triton and "
+              "CUDA kernels need a GPU; run this on one to measure them.", file=sys.stderr)
     copy_gbps = tp.copy_bandwidth(device, tp.copy_size(device))
     env["copy_GBps"] = copy_gbps
     print(f"{env['device_name']}: {env['copy']} {copy_gbps:.1f} GB/s (read + write)", file=sys.stderr)
