@@ -196,14 +196,14 @@ class Constant(Schedule):
         super().__init__(None, warmup_steps=warmup_steps)
 
 
-_BY_NAME = {c.__name__: c for c in (UBA, Cosine, Linear, REX, Constant)}
+SCHEDULE_CLASSES = {c.__name__: c for c in (UBA, Cosine, Linear, REX, Constant)}  # by name, as saved
 
 
 def schedule_from_dict(d: dict) -> Schedule:
     """Inverse of ``Schedule.to_dict``; a dict that no schedule wrote raises ValueError saying why."""
-    if not isinstance(d, dict) or d.get("name") not in _BY_NAME:
-        raise ValueError(f"not a schedule dict: {d!r}; expected a 'name' among {sorted(_BY_NAME)}")
-    cls = _BY_NAME[d["name"]]
+    if not isinstance(d, dict) or d.get("name") not in SCHEDULE_CLASSES:
+        raise ValueError(f"not a schedule dict: {d!r}; expected a 'name' among {sorted(SCHEDULE_CLASSES)}")
+    cls = SCHEDULE_CLASSES[d["name"]]
     kwargs = {k: v for k, v in d.items() if k != "name"}
     unknown = sorted(set(kwargs) - set(cls._fields))
     if unknown:

@@ -27,7 +27,7 @@ import torch
 
 from .. import backends, registry
 from ..backends.work import is_dtensor, local
-from ..schedules import Schedule, schedule_from_dict
+from ..schedules import SCHEDULE_CLASSES, Schedule, schedule_from_dict
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -142,10 +142,10 @@ class _ParamGroup(dict):
         super().__setitem__(key, value)
 
 
-COMMON_ARGS = """
+COMMON_ARGS = f"""
     Every uba_fused optimizer also takes, after its own:
 
-        schedule: a uba_fused schedule (``UBA``, ``Cosine``, ``Linear``, ``REX``, ``Constant``) computed on the
+        schedule: a uba_fused schedule ({', '.join(SCHEDULE_CLASSES)}) computed on the
             device from the group's step counter: step t runs at ``lr * schedule.factor(t)``. None (the
             default) applies the group's lr as it is, so torch LR schedulers keep working.
         backend: "auto" (the default: the fastest that can run the parameters), "cuda", "triton", "cpu" or
@@ -253,7 +253,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"uba_fused.{type(self).__name__}: {reason}")
         sched = group["schedule"]
         if sched is not None and not isinstance(sched, Schedule):
-            raise TypeError(f"schedule must be None or a uba_fused schedule (UBA, Cosine, Linear, REX, Constant), "
+            raise TypeError(f"schedule must be None or a uba_fused schedule ({', '.join(SCHEDULE_CLASSES)}), "
                             f"got {type(sched).__name__}")
         if group["backend"] not in backends.NAMES:
             raise ValueError(f"backend must be one of {backends.NAMES}, got {group['backend']!r}")
