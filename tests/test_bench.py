@@ -118,3 +118,20 @@ def test_loop_benchmark_tiny(tmp_path):
     a, b = (rows[n]["final_loss"] for n in ("torch AdamW fused + LambdaLR", "uba_fused AdamW [torch]"))
     assert a == pytest.approx(b, rel=1e-5)
     assert out_png.stat().st_size > 10_000
+
+
+def test_cpu_step_script_times_every_rule_against_its_baseline():
+    """benchmarks/cpu_step.py: backend cpu against torch.optim's fastest for each rule, interleaved."""
+    import pathlib
+    import re
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_step.py"
+    out = subprocess.run([sys.executable, str(script), "--rounds", "2", "--block", "2"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = re.findall(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(.+)$", out, re.M)
+    assert [r[0] for r in rows] == ["adamw", "sgd", "lion", "adabelief", "adan"], out
+    for _, ours, base, ratio, _ in rows:
+        assert float(ours) > 0 and float(base) > 0
+        assert float(ratio) == pytest.approx(float(ours) / float(base), abs=0.01), out

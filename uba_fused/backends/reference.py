@@ -129,14 +129,15 @@ def _run(rule: str, work: Sequence[GroupWork]) -> None:
 
 
 # -- The same rules over lists of tensors (backend "cpu"): torch._foreach_ ops with host scalars -------------
-# Term by term the functions above, one op over the whole list at a time. p, g and the state lists are in
+# Term by term the functions above, one op over the whole list at a time, except that a moving average
+# b * m + (1 - b) * x is one lerp, m + (1 - b) * (x - m): one pass over the list instead of two (each op streams
+# the whole list through memory, which is what a CPU step costs). p, g and the state lists are in
 # the compute dtype; ks holds each parameter's step count (1 on its first update); lr is a float. AdamW and
 # SGD take torch's fused CPU kernels instead (backends/cpu.py), which compute torch.optim's own rule.
 def _adabelief_foreach(p, g, s, ks, lr, c):
     m, v = s["exp_avg"], s["exp_avg_var"]
     torch._foreach_mul_(p, 1.0 - lr * c["weight_decay"])
-    torch._foreach_mul_(m, c["beta1"])
-    torch._foreach_add_(m, g, alpha=c["one_minus_beta1"])
+    torch._foreach_lerp_(m, g, c["one_minus_beta1"])
     r = torch._foreach_sub(g, m)
     torch._foreach_mul_(v, c["beta2"])
     torch._foreach_addcmul_(v, r, r, value=c["one_minus_beta2"])
@@ -149,12 +150,11 @@ def _adabelief_foreach(p, g, s, ks, lr, c):
 
 def _lion_foreach(p, g, s, ks, lr, c):
     m = s["exp_avg"]
-    u = torch._foreach_mul(m, c["beta1"])
-    torch._foreach_add_(u, g, alpha=c["one_minus_beta1"])
+    u = torch._foreach_lerp(m, g, c["one_minus_beta1"])
+    torch._foreach_sign_(u)
     torch._foreach_mul_(p, 1.0 - lr * c["weight_decay"])
-    torch._foreach_add_(p, torch._foreach_sign(u), alpha=-lr)
-    torch._foreach_mul_(m, c["beta2"])
-    torch._foreach_add_(m, g, alpha=c["one_minus_beta2"])
+    torch._foreach_add_(p, u, alpha=-lr)
+    torch._foreach_lerp_(m, g, c["one_minus_beta2"])
 
 
 def _adan_foreach(p, g, s, ks, lr, c):
@@ -163,10 +163,8 @@ def _adan_foreach(p, g, s, ks, lr, c):
     for i in (i for i, k in enumerate(ks) if k == 1):  # a first step: no change of the gradient yet
         neg_prev[i].copy_(g[i]).neg_()
     diff = torch._foreach_add(g, neg_prev)
-    torch._foreach_mul_(m, b1)
-    torch._foreach_add_(m, g, alpha=c["one_minus_beta1"])
-    torch._foreach_mul_(d, b2)
-    torch._foreach_add_(d, diff, alpha=c["one_minus_beta2"])
+    torch._foreach_lerp_(m, g, c["one_minus_beta1"])
+    torch._foreach_lerp_(d, diff, c["one_minus_beta2"])
     u = torch._foreach_add(g, diff, alpha=b2)
     torch._foreach_mul_(n, b3)
     torch._foreach_addcmul_(n, u, u, value=c["one_minus_beta3"])

@@ -192,6 +192,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._setup_lr: list[Any] = []  # each group's host lr when last seen: a change under a schedule warns
         self._warned_lr_twice = False
         self._backends: list[str] = []
+        self._on_cuda = False  # whether any group lives on a CUDA device (only then can a step be captured)
         self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         super().__init__(params, defaults)
@@ -308,6 +309,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             last_lr.fill_(group["lr"])
         del self._backends[i:], self._last_lr[i:], self._setup_lr[i:]
         self._backends.append(backend)
+        self._on_cuda = any(g["schedule_step"].is_cuda for g in self.param_groups)
         self._last_lr.append(last_lr)
         self._setup_lr.append(group["lr"])
         self._cache.clear()
@@ -341,7 +343,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self) -> None:
-        capture = backends.Capture() if backends.capturing() else None
+        # only a CUDA stream captures; asking costs 40 us of a CPU step, once the update has flushed the caches
+        capture = backends.Capture() if self._on_cuda and backends.capturing() else None
         work, grads = self._steady_work(capture)
         if work is None:
             work, grads = self._full_work(capture)
