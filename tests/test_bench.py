@@ -53,20 +53,71 @@ def test_throughput_cli_on_cpu(tmp_path, capsys):
     assert "uba_fused.AdamW [torch]" in capsys.readouterr().out
 
 
-def test_training_benchmark_tiny(tmp_path):
+def test_training_study_tiny(tmp_path):
     out_json, out_png = tmp_path / "t.json", tmp_path / "t.png"
-    assert train.main(["--budgets", "4", "8", "--seeds", "2", "--schedules", "Cosine", "UBA phi=1", "--device",
-                       "cpu", "--json", str(out_json), "--plot", str(out_png)]) == 0
+    scheds = ["UBA phi=0.5", "Constant"]
+    assert train.main(["--budgets", "4", "8", "--seeds", "2", "--lrs", "1e-3", "1e-2", "--schedules", *scheds,
+                       "--device", "cpu", "--workers", "1", "--json", str(out_json), "--plot", str(out_png)]) == 0
     data = json.loads(out_json.read_text())
-    assert len(data["runs"]) == 2 * 2 * 2 * 2  # tasks x budgets x schedules x seeds
+    assert {"environment", "args", "budgets", "lrs", "fixed_lr", "summary", "best", "phi", "phi_correlation",
+            "runs"} <= set(data)
+    tasks = list(train.TASKS)
+    assert len(data["runs"]) == len(tasks) * 2 * len(scheds) * 2 * 2  # tasks x budgets x schedules x lrs x seeds
+    # Each summary cell is the seeds' mean and spread, recomputed here from the runs.
     for s in data["summary"]:
-        assert s["seeds"] == 2 and math.isfinite(s["loss"]) and s["loss"] > 0 and s["loss_std"] >= 0
+        key = (s["task"], s["budget"], s["schedule"], s["lr"])
+        losses = [r["loss"] for r in data["runs"] if (r["task"], r["budget"], r["schedule"], r["lr"]) == key]
+        assert s["seeds"] == len(losses) == 2 and s["diverged"] == 0
+        assert s["loss"] == pytest.approx(sum(losses) / 2)
+        assert s["loss_std"] == pytest.approx(abs(losses[0] - losses[1]) / 2 ** 0.5)
         if s["task"] == "digits":
             assert 0.0 <= s["accuracy"] <= 1.0
+    # The best lr is the argmin of the mean loss over the grid, for every task, budget and schedule.
+    assert len(data["best"]) == len(tasks) * 2 * len(scheds)
+    for b in data["best"]:
+        key = (b["task"], b["budget"], b["schedule"])
+        cells = [s for s in data["summary"] if (s["task"], s["budget"], s["schedule"]) == key]
+        assert b["loss"] == min(s["loss"] for s in cells) and b["edge"]  # a grid of two: every lr is an edge
+    # The best phi: UBA's only phi here.
+    assert {(p["task"], p["budget"], p["best_phi"]) for p in data["phi"]} == \
+        {(t, b, 0.5) for t in tasks for b in (4, 8)}
     # Training learns something: the char LM's held-out loss falls below that of a uniform guess, ln 256.
-    lm = {(s["budget"], s["schedule"]): s["loss"] for s in data["summary"] if s["task"] == "charlm"}
-    assert lm[(8, "Cosine")] < math.log(256) - 0.1
+    lm = {(s["budget"], s["schedule"], s["lr"]): s["loss"] for s in data["summary"] if s["task"] == "charlm"}
+    assert lm[(8, "Constant", 1e-2)] < math.log(256) - 0.1
     assert out_png.stat().st_size > 10_000
+
+
+def test_training_study_gives_the_same_runs_in_worker_processes():
+    args = ["--tasks", "teacher-k10", "--budgets", "6", "--seeds", "2", "--lrs", "1e-2", "--schedules", "REX"]
+    a1, a2 = train.parse_args(args + ["--workers", "1"]), train.parse_args(args + ["--workers", "2"])
+    jobs = [train.Job("teacher-k10", 6, "REX", 1e-2, seed) for seed in range(2)]
+    one, two = train.run_all(jobs, a1), train.run_all(jobs, a2)
+    assert [r["seed"] for r in two] == [0, 1] and one[0]["loss"] != one[1]["loss"]
+    for r, q in zip(one, two):
+        assert q["loss"] == pytest.approx(r["loss"], rel=1e-5)
+
+
+def test_training_study_picks_the_best_finite_lr_and_names_divergence():
+    def row(lr, loss, schedule="UBA phi=1", budget=10):
+        return {"task": "t", "budget": budget, "schedule": schedule, "lr": lr, "seeds": 2, "loss": loss,
+                "loss_std": 0.0 if math.isfinite(loss) else math.nan, "diverged": 0 if math.isfinite(loss) else 1}
+    summary = [row(1e-3, 0.9), row(1e-2, 0.5), row(1e-1, math.inf),
+               row(1e-3, 0.7, "UBA phi=0.5"), row(1e-2, 0.4, "UBA phi=0.5"), row(1e-1, 0.45, "UBA phi=0.5"),
+               row(1e-3, math.inf, "Linear"), row(1e-2, math.inf, "Linear")]
+    best = {b["schedule"]: b for b in train.best_lrs(summary)}
+    assert (best["UBA phi=1"]["lr"], best["UBA phi=1"]["edge"]) == (1e-2, False)
+    assert (best["UBA phi=0.5"]["lr"], best["UBA phi=0.5"]["loss"]) == (1e-2, 0.4)
+    assert not math.isfinite(best["Linear"]["loss"])
+    assert train.best_phis(list(best.values())) == [
+        {"task": "t", "budget": 10, "best_phi": 0.5, "loss_by_phi": {"0.5": 0.4, "1": 0.5}}]
+    table = train.format_tables(summary, list(best.values()), [], {})
+    assert "diverged" in table.split("Linear")[1].splitlines()[0]
+    assert train.phi_correlations([{"task": "t", "budget": b, "best_phi": 1.0} for b in (1, 2, 4)]) == \
+        {"budget": None, "kappa": None}
+    rising = [{"task": f"teacher-k{k:g}", "budget": b, "best_phi": p}
+              for k, b, p in [(10, 1, 0.5), (10, 2, 1.0), (1000, 4, 2.0), (1000, 8, 4.0)]]
+    # kappa ranks 1.5, 1.5, 3.5, 3.5 against phi ranks 1-4: a correlation of 4 / (2 * 5 ** 0.5)
+    assert train.phi_correlations(rising) == {"budget": pytest.approx(1.0), "kappa": pytest.approx(2 / 5 ** 0.5)}
 
 
 def test_stdlib_text_is_deterministic():

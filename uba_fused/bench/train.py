@@ -1,29 +1,45 @@
-"""``python -m uba_fused.bench.train``: budgeted training with UBA against the usual schedules.
+"""``python -m uba_fused.bench.train``: a schedule study, each schedule at its own best peak learning rate.
 
-Two tasks on data that needs no download:
-  charlm  a small character-level transformer language model on this Python's own standard-library
-          sources (bytes as tokens; the last 10% of the text is held out)
-  digits  a small convolutional classifier on scikit-learn's bundled 8x8 digits (a fixed 20% held out)
+Four tasks on data that needs no download:
+  charlm         a small character-level transformer language model on this Python's own standard-library
+                 sources (bytes as tokens; the last 10% of the text is held out)
+  digits         a small convolutional classifier on scikit-learn's bundled 8x8 digits (a fixed 20% held out)
+  teacher-k10    regression: a small MLP fits a fixed random teacher network (plus noise) on Gaussian inputs
+  teacher-k1000  whose covariance has condition number 10 or 1000, rotated off the coordinate axes so that
+                 Adam's per-coordinate scaling cannot undo it (held-out mean squared error, targets at unit
+                 variance; the noise alone gives 0.01)
 
-For each step budget, every schedule trains the same model from the same seeds with the same
-optimizer (uba_fused.AdamW) and peak lr; the table reports the final held-out loss (and accuracy)
-as mean +- standard deviation over the seeds. Defaults finish in minutes on a CPU; --scale, --budgets
-and --device take it to a GPU.
+Every schedule (UBA at phi 0.25, 0.5, 1, 2 and 4, where phi=2 is exactly the cosine; Linear; REX;
+Constant; each after a linear warmup of 5% of the budget) trains every task at every budget and every
+peak lr of a grid, from the same seeds, with uba_fused.AdamW. The grid is 4 values 2x apart around each
+task's default lr (``--lrs`` replaces it). Three tables:
+  1. each schedule at its own best peak lr: the lr whose mean held-out loss over the seeds is lowest, and
+     that lr (chosen on the held-out loss it reports, which favours every schedule alike);
+  2. each schedule at one fixed lr, the task's default: the view of a shared lr;
+  3. UBA's best phi for each task and budget, each phi at its own best lr.
+A run whose loss becomes non-finite counts as diverged, and its lr cannot be chosen.
+
+Defaults finish in about 10 minutes on a 2-core CPU, the runs spread over one process per core
+(``--workers``). ``--scale``, ``--budgets``, ``--lrs`` and ``--device cuda`` take it to a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import glob
 import json
 import math
+import multiprocessing
 import os
 import platform
 import statistics
 import sys
 import sysconfig
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,15 +49,24 @@ import uba_fused as uf
 
 from .throughput import device_name
 
-SCHEDULES = {
-    "UBA phi=0.5": lambda T, W: uf.UBA(T, phi=0.5, warmup_steps=W),
-    "UBA phi=1": lambda T, W: uf.UBA(T, phi=1.0, warmup_steps=W),
-    "UBA phi=2 (=cosine)": lambda T, W: uf.UBA(T, phi=2.0, warmup_steps=W),
-    "Cosine": lambda T, W: uf.Cosine(T, warmup_steps=W),
+PHIS = (0.25, 0.5, 1.0, 2.0, 4.0)
+
+
+def uba_name(phi: float) -> str:
+    return f"UBA phi={phi:g}" + (" (=Cosine)" if phi == 2 else "")
+
+
+def _uba(phi: float) -> Callable[[int, int], uf.Schedule]:
+    return lambda T, W: uf.UBA(T, phi=phi, warmup_steps=W)
+
+
+SCHEDULES: dict[str, Callable[[int, int], uf.Schedule]] = {
+    **{uba_name(phi): _uba(phi) for phi in PHIS},
     "Linear": lambda T, W: uf.Linear(T, warmup_steps=W),
     "REX": lambda T, W: uf.REX(T, warmup_steps=W),
     "Constant": lambda T, W: uf.Constant(warmup_steps=W),
 }
+GRID = (0.5, 1.0, 2.0, 4.0)  # the default lr grid, as multiples of a task's default lr
 
 
 # ------------------------------------------------------------------ data
@@ -92,6 +117,36 @@ class DigitsData:
         return self.xtr[idx], self.ytr[idx]
 
 
+class TeacherData:
+    """Inputs x = z diag(s) Q^T with z standard normal, s geometric from 1 down to kappa^-1/2 and Q a random
+    rotation, so their covariance Q diag(s^2) Q^T has condition number kappa. The targets are a fixed random
+    tanh network of z, the whitened inputs, plus noise of a tenth of their spread, scaled to unit variance:
+    every direction of x carries signal, and the weakest needs weights kappa^1/2 times the strongest's.
+    Everything comes from fixed seeds."""
+
+    DIM, HIDDEN, TRAIN, HELD_OUT = 16, 32, 4096, 2048
+
+    def __init__(self, kappa: float, device: torch.device):
+        gen = torch.Generator().manual_seed(4321)
+        d, n = self.DIM, self.TRAIN + self.HELD_OUT
+        rotation, _ = torch.linalg.qr(torch.randn(d, d, generator=gen))
+        scales = kappa ** (-torch.arange(d) / (2.0 * (d - 1)))
+        w1 = torch.randn(d, self.HIDDEN, generator=gen) / math.sqrt(d)  # pre-activations of unit scale
+        w2 = torch.randn(self.HIDDEN, 1, generator=gen) / math.sqrt(self.HIDDEN)
+        z = torch.randn(n, d, generator=gen)
+        clean = torch.tanh(z @ w1) @ w2
+        y = clean + 0.1 * clean.std() * torch.randn(clean.shape, generator=gen)
+        y = (y - y[: self.TRAIN].mean()) / y[: self.TRAIN].std()
+        x = (z * scales) @ rotation.T
+        self.xtr, self.ytr = x[: self.TRAIN].to(device), y[: self.TRAIN].to(device)
+        self.xte, self.yte = x[self.TRAIN:].to(device), y[self.TRAIN:].to(device)
+        self.device = device
+
+    def batch(self, size: int, gen: torch.Generator):
+        idx = torch.randint(len(self.ytr), (size,), generator=gen).to(self.device)
+        return self.xtr[idx], self.ytr[idx]
+
+
 # ------------------------------------------------------------------ models
 class Block(nn.Module):
     def __init__(self, d: int, heads: int):
@@ -126,143 +181,330 @@ def digits_cnn(width: int) -> nn.Module:
                          nn.Linear(64, 10))
 
 
-# ------------------------------------------------------------------ runs
-def run_charlm(data: CharData, budget: int, sched_name: str, seed: int, a) -> dict:
-    torch.manual_seed(seed)
-    model = CharLM(a.width, a.layers, 4, a.ctx).to(data.device)
-    opt = uf.AdamW(model.parameters(), lr=a.lr, weight_decay=0.1,
-                   schedule=SCHEDULES[sched_name](budget, max(1, budget // 20)))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(budget):
-        x, y = data.batch("train", a.batch, gen)
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    model.eval()
+# ------------------------------------------------------------------ tasks
+@dataclass(frozen=True)
+class Task:
+    """One task: its data, its model, a training loss on one batch and the held-out metrics."""
+
+    name: str
+    lr: float                 # the default peak lr: the centre of the default grid, and table 2's lr
+    budgets: tuple[int, ...]  # default step budgets on a CPU, each twice the last
+    weight_decay: float
+    data: Callable[[argparse.Namespace, torch.device], object]
+    model: Callable[[argparse.Namespace], nn.Module]
+    loss: Callable[[nn.Module, object, int, torch.Generator], torch.Tensor]
+    evaluate: Callable[[nn.Module, object, argparse.Namespace], dict[str, float]]
+
+
+def _lm_loss(model, data, batch, gen):
+    x, y = data.batch("train", batch, gen)
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+
+
+def _lm_eval(model, data, a):
     vgen, losses = torch.Generator().manual_seed(999), []
-    with torch.no_grad():
-        for _ in range(a.eval_batches):
-            x, y = data.batch("val", a.batch, vgen)
-            losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
+    for _ in range(a.eval_batches):
+        x, y = data.batch("val", a.batch, vgen)
+        losses.append(F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item())
     return {"loss": statistics.fmean(losses)}
 
 
-def run_digits(data: DigitsData, budget: int, sched_name: str, seed: int, a) -> dict:
-    torch.manual_seed(seed)
-    model = digits_cnn(a.width // 4).to(data.device)
-    opt = uf.AdamW(model.parameters(), lr=a.lr, weight_decay=0.01,
-                   schedule=SCHEDULES[sched_name](budget, max(1, budget // 20)))
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(budget):
-        x, y = data.batch(a.batch, gen)
-        loss = F.cross_entropy(model(x), y)
+def _digits_loss(model, data, batch, gen):
+    x, y = data.batch(batch, gen)
+    return F.cross_entropy(model(x), y)
+
+
+def _digits_eval(model, data, a):
+    logits = model(data.xte)
+    return {"loss": F.cross_entropy(logits, data.yte).item(),
+            "accuracy": (logits.argmax(1) == data.yte).float().mean().item()}
+
+
+def _teacher_loss(model, data, batch, gen):
+    x, y = data.batch(batch, gen)
+    return F.mse_loss(model(x), y)
+
+
+def _teacher_eval(model, data, a):
+    return {"loss": F.mse_loss(model(data.xte), data.yte).item()}
+
+
+def _teacher(kappa: float) -> Task:
+    return Task(f"teacher-k{kappa:g}", 1e-2, (200, 400, 800, 1600), 0.0,
+                lambda a, device: TeacherData(kappa, device),
+                lambda a: nn.Sequential(nn.Linear(TeacherData.DIM, 16 * a.scale), nn.ReLU(),
+                                        nn.Linear(16 * a.scale, 16 * a.scale), nn.ReLU(), nn.Linear(16 * a.scale, 1)),
+                _teacher_loss, _teacher_eval)
+
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Task("charlm", 4e-3, (50, 100, 200, 400), 0.1,
+         lambda a, device: CharData(a.text_bytes, a.ctx, device),
+         lambda a: CharLM(a.width, a.layers, 4, a.ctx), _lm_loss, _lm_eval),
+    Task("digits", 4e-3, (100, 200, 400, 800), 0.01, lambda a, device: DigitsData(device),
+         lambda a: digits_cnn(max(1, a.width // 4)), _digits_loss, _digits_eval),
+    _teacher(10),
+    _teacher(1000),
+)}
+
+
+# ------------------------------------------------------------------ runs
+@dataclass(frozen=True)
+class Job:
+    task: str
+    budget: int
+    schedule: str
+    lr: float
+    seed: int
+
+
+def train_one(task: Task, data: object, job: Job, a: argparse.Namespace, device: torch.device) -> dict:
+    """Train from the job's seed for its budget; the held-out metrics, or a non-finite loss if it diverged."""
+    torch.manual_seed(job.seed)
+    model = task.model(a).to(device)
+    opt = uf.AdamW(model.parameters(), lr=job.lr, weight_decay=task.weight_decay,
+                   schedule=SCHEDULES[job.schedule](job.budget, max(1, job.budget // 20)))
+    gen = torch.Generator().manual_seed(job.seed)
+    for _ in range(job.budget):
+        loss = task.loss(model, data, a.batch, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        logits = model(data.xte)
-        return {"loss": F.cross_entropy(logits, data.yte).item(),
-                "accuracy": (logits.argmax(1) == data.yte).float().mean().item()}
+        return task.evaluate(model, data, a)
 
 
-TASKS = {"charlm": run_charlm, "digits": run_digits}
-DEFAULT_BUDGETS = {"charlm": [100, 200, 400], "digits": [60, 120, 240]}
+_WORKER: dict = {}  # in each worker process: the arguments, the device and each task's data, made once
 
 
+def _worker_init(a: argparse.Namespace, threads: int) -> None:
+    torch.set_num_threads(threads)
+    device = torch.device(a.device)
+    _WORKER.update(a=a, device=device, data={t: TASKS[t].data(a, device) for t in a.tasks})
+
+
+def _worker_run(job: Job) -> dict:
+    w = _WORKER
+    return {**vars(job), **train_one(TASKS[job.task], w["data"][job.task], job, w["a"], w["device"])}
+
+
+def run_all(jobs: list[Job], a: argparse.Namespace, progress=None) -> list[dict]:
+    """Every job, in this process or spread over ``a.workers`` processes (each with its share of the cores);
+    each run seeds itself, so the results do not depend on which process ran it."""
+    if a.workers <= 1:
+        _worker_init(a, torch.get_num_threads())
+        results = []
+        for job in jobs:
+            results.append(_worker_run(job))
+            if progress:
+                progress.update(1)
+        return results
+    threads = max(1, (os.cpu_count() or 1) // a.workers)
+    with concurrent.futures.ProcessPoolExecutor(a.workers, mp_context=multiprocessing.get_context("spawn"),
+                                                initializer=_worker_init, initargs=(a, threads)) as pool:
+        futures = [pool.submit(_worker_run, job) for job in jobs]
+        for f in concurrent.futures.as_completed(futures):
+            f.result()
+            if progress:
+                progress.update(1)
+        return [f.result() for f in futures]
+
+
+# ------------------------------------------------------------------ analysis
 def summarize(results: list[dict]) -> list[dict]:
-    keys = sorted({(r["task"], r["budget"], r["schedule"]) for r in results},
-                  key=lambda k: (k[0], k[1], list(SCHEDULES).index(k[2])))
+    """Per task, budget, schedule and lr: the seeds' mean and standard deviation of each metric; the loss of a
+    cell with a diverged seed is infinite (that lr is not usable)."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in results:
+        cells.setdefault((r["task"], r["budget"], r["schedule"], r["lr"]), []).append(r)
     out = []
-    for task, budget, sched in keys:
-        rs = [r for r in results if (r["task"], r["budget"], r["schedule"]) == (task, budget, sched)]
-        row = {"task": task, "budget": budget, "schedule": sched, "seeds": len(rs)}
+    for (task, budget, sched, lr), rs in cells.items():
+        row = {"task": task, "budget": budget, "schedule": sched, "lr": lr, "seeds": len(rs),
+               "diverged": sum(not math.isfinite(r["loss"]) for r in rs)}
         for metric in ("loss", "accuracy"):
             vals = [r[metric] for r in rs if metric in r]
-            if vals:
+            if not vals:
+                continue
+            if row["diverged"]:
+                row[metric], row[metric + "_std"] = (math.inf if metric == "loss" else math.nan), math.nan
+            else:
                 row[metric] = statistics.fmean(vals)
                 row[metric + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(row)
+    order = list(SCHEDULES)
+    return sorted(out, key=lambda s: (s["task"], s["budget"], order.index(s["schedule"]), s["lr"]))
+
+
+def best_lrs(summary: list[dict]) -> list[dict]:
+    """Per task, budget and schedule: the summary row of the lr with the lowest mean loss, marked ``edge``
+    when that lr is the smallest or largest of the grid (the best may lie beyond it), or None-loss rows
+    (``loss`` infinite) when every lr diverged."""
+    groups: dict[tuple, list[dict]] = {}
+    for s in summary:
+        groups.setdefault((s["task"], s["budget"], s["schedule"]), []).append(s)
+    out = []
+    for rows in groups.values():
+        best = min(rows, key=lambda s: s["loss"])
+        lrs = sorted(s["lr"] for s in rows)
+        out.append({**best, "edge": len(lrs) > 1 and best["lr"] in (lrs[0], lrs[-1])})
     return out
 
 
-def format_table(summary: list[dict]) -> str:
+def best_phis(best: list[dict]) -> list[dict]:
+    """Per task and budget: UBA's loss at each phi (each at its best lr) and the phi with the lowest."""
+    names = {uba_name(phi): phi for phi in PHIS}
+    cells: dict[tuple, dict[float, float]] = {}
+    for b in best:
+        if b["schedule"] in names:
+            cells.setdefault((b["task"], b["budget"]), {})[names[b["schedule"]]] = b["loss"]
+    out = []
+    for (task, budget), losses in sorted(cells.items()):
+        phi = min(losses, key=losses.get)
+        out.append({"task": task, "budget": budget, "best_phi": phi, "loss_by_phi": {f"{k:g}": v for k, v in
+                                                                                      sorted(losses.items())}})
+    return out
+
+
+def phi_correlations(phis: list[dict]) -> dict[str, float | None]:
+    """Spearman's rank correlation of the best phi with the budget (over every task and budget), and with the
+    condition number across the teacher tasks (over their budgets); None where too few cells vary."""
+    from scipy.stats import spearmanr
+
+    def rho(x, y):
+        if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+            return None
+        return float(spearmanr(x, y).statistic)
+
+    teacher = [p for p in phis if p["task"].startswith("teacher-k")]
+    return {"budget": rho([p["budget"] for p in phis], [p["best_phi"] for p in phis]),
+            "kappa": rho([float(p["task"][len("teacher-k"):]) for p in teacher], [p["best_phi"] for p in teacher])}
+
+
+def _cell(row: dict | None, metric: str, with_lr: bool, best: float) -> str:
+    if row is None:
+        return "-"
+    v = row[metric]
+    if not math.isfinite(v):
+        return "diverged"
+    text = f"{v:.4f} +- {row[metric + '_std']:.4f}"
+    if with_lr:
+        text += f" @{row['lr']:.3g}" + ("^" if row.get("edge") else "")
+    return text + ("*" if v == best else "")
+
+
+def format_tables(summary: list[dict], best: list[dict], phis: list[dict], fixed_lr: dict[str, float]) -> str:
     lines = []
     for task in sorted({s["task"] for s in summary}):
         budgets = sorted({s["budget"] for s in summary if s["task"] == task})
         metrics = ["loss"] + (["accuracy"] if any("accuracy" in s for s in summary if s["task"] == task) else [])
+        views = [("at each schedule's best peak lr (@ lr; ^ at the grid's edge)", best, True)]
+        fixed = [s for s in summary if s["task"] == task and s["lr"] == fixed_lr.get(task)]
+        if fixed:
+            views.append((f"at one fixed peak lr, {fixed_lr[task]:.3g}, for every schedule", fixed, False))
         for metric in metrics:
-            lines.append(f"\n{task}: held-out {metric}, mean +- std over seeds (best per budget marked *)")
-            lines.append(f"{'schedule':22s}" + "".join(f"{'T=' + str(b):>20s}" for b in budgets))
-            best = {}
-            for b in budgets:
-                vals = [s[metric] for s in summary if s["task"] == task and s["budget"] == b]
-                best[b] = (min if metric == "loss" else max)(vals)
-            for sched in SCHEDULES:
-                cells = []
-                for b in budgets:
-                    s = next((s for s in summary if (s["task"], s["budget"], s["schedule"]) == (task, b, sched)), None)
-                    if s is None:
-                        cells.append(f"{'-':>20s}")
-                        continue
-                    mark = "*" if s[metric] == best[b] else " "
-                    cells.append(f"{s[metric]:>11.4f} +- {s[metric + '_std']:.4f}{mark}")
-                if any(c.strip() != "-" for c in cells):
-                    lines.append(f"{sched:22s}" + "".join(cells))
+            for title, rows, with_lr in views:
+                pick = min if metric == "loss" else max
+                lines.append(f"\n{task}: held-out {metric} {title}; mean +- std over seeds, * best per budget")
+                lines.append(f"{'schedule':20s}" + "".join(f"{'T=' + str(b):>28s}" for b in budgets))
+                for sched in SCHEDULES:
+                    cells = []
+                    for b in budgets:
+                        row = next((r for r in rows if (r["task"], r["budget"], r["schedule"]) == (task, b, sched)),
+                                   None)
+                        scores = [r[metric] for r in rows if (r["task"], r["budget"]) == (task, b)
+                                  and math.isfinite(r[metric])]
+                        cells.append(_cell(row, metric, with_lr, pick(scores) if scores else math.nan))
+                    if any(c != "-" for c in cells):
+                        lines.append(f"{sched:20s}" + "".join(f"{c:>28s}" for c in cells))
+    if phis:
+        lines.append("\nUBA's best phi per task and budget (each phi at its own best lr):")
+        for task in sorted({p["task"] for p in phis}):
+            cells = [f"T={p['budget']}: {p['best_phi']:g}" for p in phis if p["task"] == task]
+            lines.append(f"  {task:16s} " + ", ".join(cells))
+        corr = phi_correlations(phis)
+        for what, r in corr.items():
+            lines.append(f"  Spearman correlation of the best phi with {what}: " +
+                         ("too few distinct values" if r is None else f"{r:+.2f}"))
     return "\n".join(lines)
 
 
-def plot(summary: list[dict], budgets: dict[str, list[int]], path: str, title: str) -> None:
+def plot(best: list[dict], phis: list[dict], budgets: dict[str, list[int]], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tasks = sorted({s["task"] for s in summary})
-    fig, axes = plt.subplots(1, 1 + len(tasks), figsize=(5.2 * (1 + len(tasks)), 4.2))
+    tasks = sorted({b["task"] for b in best})
+    fig, axes = plt.subplots(2, max(2, len(tasks)), figsize=(4.6 * max(2, len(tasks)), 8.0), squeeze=False)
     T = max(max(b) for b in budgets.values())
     t = torch.arange(T + T // 10)
+    ax = axes[1][0]
     for name, make in SCHEDULES.items():
-        axes[0].plot(t, make(T, max(1, T // 20)).factor_tensor(t), label=name, lw=1.3,
-                     ls="-" if name.startswith("UBA") else "--")
-    axes[0].set(title=f"lr factor, budget T={T}", xlabel="step")
-    axes[0].legend(fontsize=7)
-    for ax, task in zip(axes[1:], tasks):
+        ax.plot(t, make(T, max(1, T // 20)).factor_tensor(t), label=name, lw=1.2,
+                ls="-" if name.startswith("UBA") else "--")
+    ax.set(title=f"lr factor, budget T={T}", xlabel="step")
+    ax.legend(fontsize=6)
+    for ax, task in zip(axes[0], tasks):
         for name in SCHEDULES:
-            pts = sorted((s["budget"], s["loss"], s["loss_std"]) for s in summary
-                         if s["task"] == task and s["schedule"] == name)
+            pts = sorted((b["budget"], b["loss"], b["loss_std"]) for b in best
+                         if b["task"] == task and b["schedule"] == name and math.isfinite(b["loss"]))
             if pts:
                 ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], label=name,
-                            marker="o", ms=3, capsize=2, lw=1.2, ls="-" if name.startswith("UBA") else "--")
+                            marker="o", ms=3, capsize=2, lw=1.1, ls="-" if name.startswith("UBA") else "--")
         ax.set_xscale("log", base=2)
-        ax.set(title=f"{task}: held-out loss vs budget", xlabel="step budget", ylabel="loss")
-    axes[-1].legend(fontsize=7)
+        ax.set(title=f"{task}: held-out loss at best lr", xlabel="step budget", ylabel="loss")
+    axes[0][-1].legend(fontsize=6)
+    ax = axes[1][1]
+    for task in tasks:
+        pts = [(p["budget"], p["best_phi"]) for p in phis if p["task"] == task]
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=task)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set(title="UBA's best phi", xlabel="step budget", ylabel="phi")
+    ax.legend(fontsize=6)
+    for ax in axes[1][2:]:
+        ax.axis("off")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
-def parse_args(argv=None):
+# ------------------------------------------------------------------ command line
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m uba_fused.bench.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", choices=sorted(TASKS), default=sorted(TASKS))
+    ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
     ap.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES), metavar="NAME",
                     help=f"among: {', '.join(SCHEDULES)}")
-    ap.add_argument("--budgets", nargs="+", type=int, help="step budgets (default: charlm 100 200 400, digits "
-                    "60 120 240)")
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--budgets", nargs="+", type=int, help="step budgets for every task (default per task: " +
+                    "; ".join(f"{t.name} {' '.join(map(str, t.budgets))}" for t in TASKS.values()) + ")")
+    ap.add_argument("--lrs", nargs="+", type=float, help="peak lrs for every task (default per task: its default "
+                    f"lr times {', '.join(f'{g:g}' for g in GRID)}: " +
+                    "; ".join(f"{t.name} {t.lr:g}" for t in TASKS.values()) + ")")
+    ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--scale", type=int, default=1, help="multiply model width and data size (GPU runs)")
-    ap.add_argument("--lr", type=float, default=3e-3, help="peak learning rate, the same for every schedule")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--workers", type=int, help="processes that share the runs (default: one per core on a CPU, "
+                    "1 on a GPU)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
     a = ap.parse_args(argv)
     if a.seeds < 1 or a.scale < 1 or (a.budgets and min(a.budgets) < 2):
         ap.error("--seeds and --scale must be >= 1, budgets >= 2")
-    a.width, a.layers, a.ctx, a.eval_batches, a.text_bytes = 64 * a.scale, 2, 64, 16, 2_000_000 * a.scale
+    if a.lrs and min(a.lrs) <= 0:
+        ap.error("--lrs must be positive")
+    if a.workers is None:
+        a.workers = (os.cpu_count() or 1) if torch.device(a.device).type == "cpu" else 1
+    if a.workers < 1:
+        ap.error("--workers must be >= 1")
+    a.width, a.layers, a.ctx, a.eval_batches, a.text_bytes = 32 * a.scale, 1, 32, 16, 1_000_000 * a.scale
     return a
+
+
+def task_lrs(task: Task, a: argparse.Namespace) -> list[float]:
+    return list(a.lrs) if a.lrs else [task.lr * g for g in GRID]
 
 
 def main(argv=None) -> int:
@@ -270,33 +512,32 @@ def main(argv=None) -> int:
 
     a = parse_args(argv)
     device = torch.device(a.device)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    data = {}
-    if "charlm" in a.tasks:
-        data["charlm"] = CharData(a.text_bytes, a.ctx, device)
-    if "digits" in a.tasks:
-        data["digits"] = DigitsData(device)
-    budgets = {t: a.budgets or DEFAULT_BUDGETS[t] for t in a.tasks}
-    jobs = [(t, b, s, seed) for t in a.tasks for b in budgets[t] for s in a.schedules for seed in range(a.seeds)]
-    results, t0 = [], time.time()
-    for task, budget, sched, seed in tqdm(jobs, desc="training runs", file=sys.stderr):
-        r = TASKS[task](data[task], budget, sched, seed, a)
-        results.append({"task": task, "budget": budget, "schedule": sched, "seed": seed, **r})
+    budgets = {t: a.budgets or list(TASKS[t].budgets) for t in a.tasks}
+    jobs = [Job(t, b, s, lr, seed) for t in a.tasks for b in budgets[t] for s in a.schedules
+            for lr in task_lrs(TASKS[t], a) for seed in range(a.seeds)]
+    t0 = time.time()
+    with tqdm(total=len(jobs), desc="training runs", file=sys.stderr) as progress:
+        results = run_all(jobs, a, progress)
     summary = summarize(results)
+    best = best_lrs(summary)
+    phis = best_phis(best)
+    fixed_lr = {t: TASKS[t].lr for t in a.tasks if TASKS[t].lr in task_lrs(TASKS[t], a)}
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "device": device_name(device),
-           "torch": torch.__version__, "python": platform.python_version(), "uba_fused": uf.__version__,
-           "seconds": round(time.time() - t0, 1)}
-    print(format_table(summary))
-    print(f"\n{len(jobs)} runs in {env['seconds']:.0f} s on {env['device']} (torch {env['torch']}, "
-          f"python {env['python']}; charlm text: this Python's stdlib)")
+           "device": device_name(device), "torch": torch.__version__, "python": platform.python_version(),
+           "uba_fused": uf.__version__, "workers": a.workers, "seconds": round(time.time() - t0, 1)}
+    print(format_tables(summary, best, phis, fixed_lr))
+    diverged = sum(not math.isfinite(r["loss"]) for r in results)
+    print(f"\n{len(jobs)} runs ({diverged} diverged) in {env['seconds']:.0f} s on {env['device']} with {a.workers} "
+          f"worker(s) (torch {env['torch']}, python {env['python']}; charlm text: this Python's stdlib)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"environment": env, "args": vars(a), "summary": summary, "runs": results}, f, indent=1)
+            json.dump({"environment": env, "args": vars(a), "budgets": budgets,
+                       "lrs": {t: task_lrs(TASKS[t], a) for t in a.tasks}, "fixed_lr": fixed_lr,
+                       "summary": summary, "best": best, "phi": phis, "phi_correlation": phi_correlations(phis),
+                       "runs": results}, f, indent=1)
     if a.plot:
-        plot(summary, budgets, a.plot, f"uba_fused.AdamW, peak lr {a.lr}, {a.seeds} seeds, {env['device']}, "
-                                        f"{env['date'][:10]}")
-    assert all(math.isfinite(r["loss"]) for r in results), "a run diverged (non-finite loss)"
+        plot(best, phis, budgets, a.plot, f"uba_fused.AdamW, each schedule at its best peak lr, {a.seeds} seeds, "
+                                          f"{env['device']}, {env['date'][:10]}")
     return 0
 
 
