@@ -26,8 +26,9 @@ _LOW = (torch.bfloat16, torch.float16)
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Callable[[], None]:
-    if not all(w.schedule_step.is_cpu for w in work):  # resolve() never picks it there; a direct call gets a
-        off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})  # sentence, not a host read of device memory
+    # resolve() never picks it off the CPU; a direct call gets a sentence, not a host read of device memory
+    if not all(w.schedule_step.is_cpu for w in work):
+        off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
     return lambda: _run(rule, work, cache.host)
 
