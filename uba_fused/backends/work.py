@@ -7,9 +7,10 @@ gradient is None is left as it is), advances those parameters' ``step`` and each
 ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``. The optimizer
 has checked the gradients (``check_grads``) and prepares every backend before it launches any, so
 an error leaves nothing half-updated. ``cache`` is the optimizer's ``StepCache``, where a kernel backend
-keeps device tables between steps (``plans``) and backend "cpu" its derived lists (``host``); the optimizer
-clears it when storages may have changed (``load_state_dict``, ``add_param_group``). The torch backend reads the gradients from
-``GroupWork.grads``; the kernel backends read their addresses from ``grads`` (a ``GradSource``).
+keeps device tables between steps (``plans``) and backend "cpu" its derived lists (``host``); the
+optimizer clears it when storages may have changed (``load_state_dict``, ``add_param_group``). Backends
+"torch" and "cpu" read the gradients from ``GroupWork.grads``; the kernel backends read their addresses
+from ``grads`` (a ``GradSource``).
 
 A parameter that is a DTensor (FSDP2's sharded parameters) reaches every backend as its local shard
 (``local``), with its gradient's and its state's local shards: the rules are element-wise, so each rank

@@ -2,7 +2,8 @@
 
 On a GPU it measures GPT-2-shaped parameter lists (small, medium, 1.3B) in fp32 and bf16; on a
 machine without one it runs a small CPU preset: backends "cpu" (what auto takes there) and "torch" (the
-readable spec) against torch.optim's fused AdamW and SGD and an obvious foreach Lion and AdaBelief. See --help for presets, optimizers, backends, dtypes and step counts.
+readable spec) against torch.optim's fused AdamW and SGD and an obvious foreach Lion and AdaBelief.
+See --help for presets, optimizers, backends, dtypes and step counts.
 """
 
 from __future__ import annotations
