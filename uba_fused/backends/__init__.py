@@ -121,9 +121,11 @@ def check_params(backend: str, labels: Sequence[str], params: Sequence[torch.Ten
 PrepareFn = Callable[[str, Sequence[GroupWork], StepCache, "GradSource | None"], Callable[[], None]]
 
 
-def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (a step then keeps what the graph reads)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def capturing(on_cuda: bool = True) -> bool:
+    """Whether the current CUDA stream is capturing a graph (a step then keeps what the graph reads). An
+    optimizer with no CUDA parameters passes ``on_cuda=False`` and gets False without asking CUDA, which
+    cost 40 us of a CPU step on a 2-core VM once the update had flushed the caches (benchmarks/RESULTS.md)."""
+    return on_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 @functools.cache  # called every step: skip the import machinery after the first time

@@ -343,8 +343,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self) -> None:
-        # only a CUDA stream captures; asking costs 40 us of a CPU step, once the update has flushed the caches
-        capture = backends.Capture() if self._on_cuda and backends.capturing() else None
+        capture = backends.Capture() if backends.capturing(self._on_cuda) else None
         work, grads = self._steady_work(capture)
         if work is None:
             work, grads = self._full_work(capture)
