@@ -238,10 +238,10 @@ def _teacher(kappa: float) -> Task:
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
-    Task("charlm", 4e-3, (50, 100, 200, 400), 0.1,
+    Task("charlm", 1.6e-2, (50, 100, 200, 400), 0.1,
          lambda a, device: CharData(a.text_bytes, a.ctx, device),
          lambda a: CharLM(a.width, a.layers, 4, a.ctx), _lm_loss, _lm_eval),
-    Task("digits", 4e-3, (100, 200, 400, 800), 0.01, lambda a, device: DigitsData(device),
+    Task("digits", 1.6e-2, (100, 200, 400, 800), 0.01, lambda a, device: DigitsData(device),
          lambda a: digits_cnn(max(1, a.width // 4)), _digits_loss, _digits_eval),
     _teacher(10),
     _teacher(1000),
