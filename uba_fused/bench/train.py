@@ -337,9 +337,9 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def best_lrs(summary: list[dict]) -> list[dict]:
-    """Per task, budget and schedule: the summary row of the lr with the lowest mean loss, marked ``edge``
-    when that lr is the smallest or largest of the grid (the best may lie beyond it), or None-loss rows
-    (``loss`` infinite) when every lr diverged."""
+    """Per task, budget and schedule: the summary row of the lr with the lowest mean loss (infinite when every
+    lr diverged), marked ``edge`` when that lr is the smallest or largest of the grid: the best may lie
+    beyond it."""
     groups: dict[tuple, list[dict]] = {}
     for s in summary:
         groups.setdefault((s["task"], s["budget"], s["schedule"]), []).append(s)
