@@ -42,14 +42,14 @@ double schedule_factor_host(int64_t step, int64_t kind, double warmup, double to
 
 // The tables of one launch, checked as a whole before any address in them is read: every table on
 // the device of `work`, of its dtype, contiguous, of the rule's widths and consistent shapes, and known rule
-// and dtype codes.
+// and storage codes.
 uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads,
                                const at::Tensor& groups, const at::Tensor& gaddr, const at::Tensor& done,
-                               int64_t n_groups, bool advance, int64_t rule, int64_t dtype) {
+                               int64_t n_groups, bool advance, int64_t rule, int64_t storage) {
   const char* what = "uba_fused._C.fused_step: ";
   int tensor_cols = 0, group_cols = 0;
   TORCH_CHECK(uf::rule_layout(static_cast<int>(rule), &tensor_cols, &group_cols), what, "unknown rule ", rule);
-  TORCH_CHECK(dtype >= 0 && dtype < uf::kNumDtypes, what, "unknown dtype code ", dtype);
+  TORCH_CHECK(storage >= 0 && storage < uf::kNumStorages, what, "unknown storage code ", storage);
   const auto device = work.device();
   TORCH_CHECK(device.is_cuda() || device.is_cpu(), what, "the tables must be CUDA or CPU tensors, got ", device);
   const struct {
@@ -79,26 +79,56 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
   TORCH_CHECK(done.numel() == tensors.size(0) + 1, what, "done must hold rows + 1 = ", tensors.size(0) + 1,
               " counters, got ", done.numel());
   return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), grads.data_ptr<int64_t>(), groups.data_ptr<double>(),
-          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), work.size(0), static_cast<int>(tensors.size(0)),
+          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), nullptr, work.size(0), static_cast<int>(tensors.size(0)),
           static_cast<int>(n_groups), advance ? 1 : 0};
+}
+
+// `t`, checked to be a contiguous tensor of `type` with at least `numel` elements on `device`.
+void check_buffer(const at::Tensor& t, const char* what, const char* name, at::ScalarType type, int64_t numel,
+                  const at::Device& device) {
+  TORCH_CHECK(t.defined() && t.device() == device, what, name, " must be on ", device, " (the device of work)");
+  TORCH_CHECK(t.scalar_type() == type && t.is_contiguous() && t.numel() >= numel, what, name,
+              " must be a contiguous ", type, " tensor of >= ", numel, " elements, got ", t.scalar_type(), " ",
+              t.sizes());
 }
 
 // One launch of the fused step over the tables of one plan part (backends/cuda.py). Tables in CPU
 // memory (CPU parameters) run the kernel body on the host instead: see run_fused_step_on_host.
+// `norm` (float64) is the global gradient norm that groups which clip read; any float64 scalar when none does.
 void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
-                const at::Tensor& gaddr, const at::Tensor& done, int64_t n_groups, bool advance, int64_t rule,
-                int64_t dtype) {
-  const uf::FusedStepArgs args =
-      checked_args(work, tensors, grads, groups, gaddr, done, n_groups, advance, rule, dtype);
+                const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm, int64_t n_groups, bool advance,
+                int64_t rule, int64_t storage) {
+  uf::FusedStepArgs args = checked_args(work, tensors, grads, groups, gaddr, done, n_groups, advance, rule, storage);
+  check_buffer(norm, "uba_fused._C.fused_step: ", "norm", at::kDouble, 1, work.device());
+  args.norm = norm.data_ptr<double>();
   if (work.device().is_cpu()) {
-    TORCH_CHECK(uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(dtype)),
-                "uba_fused: fused_step on the host: unknown rule or dtype");
+    TORCH_CHECK(uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(storage)),
+                "uba_fused: fused_step on the host: unknown rule or storage");
     return;
   }
   const c10::cuda::CUDAGuard guard(work.device());
-  cudaError_t err = uf::launch_fused_step(args, static_cast<int>(rule), static_cast<int>(dtype),
+  cudaError_t err = uf::launch_fused_step(args, static_cast<int>(rule), static_cast<int>(storage),
                                           c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));
+}
+
+// The pre-pass over the same tables: out[item] = the sum of squares of work item `item`'s chunk of a gradient.
+void grad_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
+                const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& out, int64_t n_groups, int64_t rule,
+                int64_t storage) {
+  const uf::FusedStepArgs args =
+      checked_args(work, tensors, grads, groups, gaddr, done, n_groups, false, rule, storage);
+  check_buffer(out, "uba_fused._C.grad_sumsq: ", "out", at::kFloat, work.size(0), work.device());
+  if (work.device().is_cpu()) {
+    TORCH_CHECK(uf::run_grad_sumsq_on_host(args, out.data_ptr<float>(), static_cast<int>(rule),
+                                           static_cast<int>(storage)),
+                "uba_fused: grad_sumsq on the host: unknown rule or storage");
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(work.device());
+  cudaError_t err = uf::launch_grad_sumsq(args, out.data_ptr<float>(), static_cast<int>(rule),
+                                          static_cast<int>(storage), c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "uba_fused: grad_sumsq_kernel failed: ", cudaGetErrorString(err));
 }
 
 // Where each parameter's gradient lives, for backends/plan.py's GradScan: one pass over every parameter,
@@ -203,7 +233,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("phi"));
   m.def("fused_step", &fused_step, "one fused optimizer step over the device tables of a plan part",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
-        py::arg("n_groups"), py::arg("advance"), py::arg("rule"), py::arg("dtype"));
+        py::arg("norm"), py::arg("n_groups"), py::arg("advance"), py::arg("rule"), py::arg("storage"));
+  m.def("grad_sumsq", &grad_sumsq, "the pre-pass: each work item's sum of squares of its chunk of a gradient",
+        py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
+        py::arg("out"), py::arg("n_groups"), py::arg("rule"), py::arg("storage"));
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",

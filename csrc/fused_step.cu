@@ -105,43 +105,67 @@ UF_HD uint4 pack(const float (&in)[kVec<T>]) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// The load/store policy of one storage dtype: 16 bytes (kVec<T> elements) at vector index v, or one element at
-// index i, converted to and from float32 (round to nearest). Parameters, gradients and every state slot
-// go through it: the seam where a state slot of its own dtype (bf16 with stochastic rounding) plugs in.
+// The load/store policy of one storage dtype: N elements (a multiple of kVec<T>, so whole 16-byte vectors) at
+// index v in units of N, or one element at index i, converted to and from float32 (round to nearest).
+// Parameters, gradients and every state slot go through it, each slot in its own dtype: the seam where a
+// state dtype with stochastic rounding plugs in.
 template <typename T>
 struct Io {
-  static UF_HD void load(const T* base, int64_t v, float (&out)[kVec<T>]) { unpack<T>(load16(base, v), out); }
-  static UF_HD void store(T* base, int64_t v, const float (&in)[kVec<T>]) { store16(base, v, pack<T>(in)); }
+  static constexpr int V = kVec<T>;
+  template <int N>
+  static UF_HD void load(const T* base, int64_t v, float (&out)[N]) {
+    static_assert(N % V == 0, "whole 16-byte vectors");
+#pragma unroll
+    for (int q = 0; q < N / V; ++q) {
+      float part[V];
+      unpack<T>(load16(base, v * (N / V) + q), part);
+#pragma unroll
+      for (int j = 0; j < V; ++j) out[q * V + j] = part[j];
+    }
+  }
+  template <int N>
+  static UF_HD void store(T* base, int64_t v, const float (&in)[N]) {
+    static_assert(N % V == 0, "whole 16-byte vectors");
+#pragma unroll
+    for (int q = 0; q < N / V; ++q) {
+      float part[V];
+#pragma unroll
+      for (int j = 0; j < V; ++j) part[j] = in[q * V + j];
+      store16(base, v * (N / V) + q, pack<T>(part));
+    }
+  }
   static UF_HD float load(const T* base, int64_t i) { return to_float(base[i]); }
   static UF_HD void store(T* base, int64_t i, float x) { base[i] = from_float<T>(x); }
 };
 
-// One work item (one block on the device): a chunk of one tensor, with what its update needs.
-template <typename T, class R>
+// One work item (one block on the device): a chunk of one tensor, with what its update needs. T is the
+// parameter's (and its gradient's) storage dtype, TS its state's.
+template <typename T, typename TS, class R>
 struct Item {
   static constexpr int S = R::Cols::kStates;
   T* p;
   const T* g;
-  T* s[S];
+  TS* s[S];
   float* step;
   int64_t slot, start, end, n_chunks;
   bool vector;       // a full chunk, every tensor 16-byte aligned: 128-bit accesses, no bounds checks
   bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
   bool has_state;    // the group keeps state (SGD without momentum keeps none)
   float k;           // this tensor's step count after this update
+  float gscale;      // the group's clipping factor (1 when it does not clip)
   typename R::Scalars c;
 };
 
-template <typename T, class R>
-UF_HD Item<T, R> open_item(const FusedStepArgs& args, int64_t item) {
-  Item<T, R> it;
+template <typename T, typename TS, class R>
+UF_HD Item<T, TS, R> open_item(const FusedStepArgs& args, int64_t item) {
+  Item<T, TS, R> it;
   it.slot = args.work[2 * item];
   it.start = args.work[2 * item + 1];
   const int64_t* row = args.tensors + it.slot * (kState0 + R::Cols::kStates);
   const int64_t grad = args.grads[row[kGradSlot]];
   it.p = reinterpret_cast<T*>(row[kParam]);
   it.g = reinterpret_cast<const T*>(grad);
-  for (int j = 0; j < Item<T, R>::S; ++j) it.s[j] = reinterpret_cast<T*>(row[kState0 + j]);
+  for (int j = 0; j < Item<T, TS, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
   it.step = reinterpret_cast<float*>(row[kStep]);
   const bool live = grad != kNoGrad;  // a tensor without a gradient this step keeps its row, skipped
   const int64_t numel = live ? row[kNumel] : 0, info = row[kInfo];
@@ -153,14 +177,16 @@ UF_HD Item<T, R> open_item(const FusedStepArgs& args, int64_t item) {
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
   it.k = *it.step + 1.0f;
   it.has_state = grow[kHasState] != 0.0;
+  it.gscale = grad_scale(grow, args.norm);
   it.c = R::scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
   return it;
 }
 
-// The elements of an item that lane `lane` of LANES takes: every LANES-th vector or element.
-template <typename T, class R, int LANES>
-UF_HD void update_elements(const Item<T, R>& it, int lane) {
-  constexpr int S = Item<T, R>::S;
+// The elements of an item that lane `lane` of LANES takes: every LANES-th vector (of the parameter's dtype; a
+// wider state takes as many vectors as it needs for those elements) or element.
+template <typename T, typename TS, class R, int LANES>
+UF_HD void update_elements(const Item<T, TS, R>& it, int lane) {
+  constexpr int S = Item<T, TS, R>::S;
   if (it.vector) {
     constexpr int N = kVec<T>;
     const int64_t v0 = it.start / N;
@@ -170,8 +196,10 @@ UF_HD void update_elements(const Item<T, R>& it, int lane) {
       float pf[N], gf[N], sf[S][N] = {};
       Io<T>::load(it.p, v, pf);
       Io<T>::load(it.g, v, gf);
+#pragma unroll
+      for (int e = 0; e < N; ++e) gf[e] *= it.gscale;
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) Io<T>::load(it.s[j], v, sf[j]);
+        for (int j = 0; j < S; ++j) Io<TS>::load(it.s[j], v, sf[j]);
       }
 #pragma unroll
       for (int e = 0; e < N; ++e) {
@@ -182,19 +210,19 @@ UF_HD void update_elements(const Item<T, R>& it, int lane) {
       }
       Io<T>::store(it.p, v, pf);
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) Io<T>::store(it.s[j], v, sf[j]);
+        for (int j = 0; j < S; ++j) Io<TS>::store(it.s[j], v, sf[j]);
       }
     }
   } else {
     for (int64_t i = it.start + lane; i < it.end; i += LANES) {
       float p = Io<T>::load(it.p, i), s[S] = {};
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) s[j] = Io<T>::load(it.s[j], i);
+        for (int j = 0; j < S; ++j) s[j] = Io<TS>::load(it.s[j], i);
       }
-      R::update(p, Io<T>::load(it.g, i), s, it.c);
+      R::update(p, Io<T>::load(it.g, i) * it.gscale, s, it.c);
       Io<T>::store(it.p, i, p);
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) Io<T>::store(it.s[j], i, s[j]);
+        for (int j = 0; j < S; ++j) Io<TS>::store(it.s[j], i, s[j]);
       }
     }
   }
@@ -223,33 +251,91 @@ UF_HD void finish_item(const FusedStepArgs& args, int64_t slot, int64_t n_chunks
   }
 }
 
-template <typename T, class R>
+template <typename T, typename TS, class R>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args) {
-  const Item<T, R> it = open_item<T, R>(args, blockIdx.x);
-  update_elements<T, R, kThreads>(it, threadIdx.x);
+  const Item<T, TS, R> it = open_item<T, TS, R>(args, blockIdx.x);
+  update_elements<T, TS, R, kThreads>(it, threadIdx.x);
   __syncthreads();  // every thread's reads of this step's counters precede the release
   if (threadIdx.x == 0) finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
 }
 
-template <typename T, class R>
+template <typename T, typename TS, class R>
 void run_on_host(const FusedStepArgs& args) {
   for (int64_t item = 0; item < args.n_items; ++item) {
-    const Item<T, R> it = open_item<T, R>(args, item);
-    update_elements<T, R, 1>(it, 0);
+    const Item<T, TS, R> it = open_item<T, TS, R>(args, item);
+    update_elements<T, TS, R, 1>(it, 0);
     finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
   }
 }
 
-template <typename T> struct Type { using type = T; };
+// The pre-pass: lane `lane` of LANES's share of the sum of squares of work item `item`'s chunk of a gradient.
+template <typename T, class R, int LANES>
+UF_HD float chunk_sumsq(const FusedStepArgs& args, int64_t item, int lane) {
+  const int64_t slot = args.work[2 * item], start = args.work[2 * item + 1];
+  const int64_t* row = args.tensors + slot * (kState0 + R::Cols::kStates);
+  const int64_t grad = args.grads[row[kGradSlot]];
+  if (grad == kNoGrad) return 0.0f;
+  const int64_t end = row[kNumel] - start < kChunk ? row[kNumel] : start + kChunk;
+  const T* g = reinterpret_cast<const T*>(grad);
+  float acc = 0.0f;
+  if (grad % 16 == 0 && end - start == kChunk) {  // a full aligned chunk: 16-byte loads, as the update's
+    constexpr int N = kVec<T>;
+    for (int i = lane; i < kChunk / N; i += LANES) {
+      float x[N];
+      Io<T>::load(g, start / N + i, x);
+#pragma unroll
+      for (int e = 0; e < N; ++e) acc += x[e] * x[e];
+    }
+  } else {
+    for (int64_t i = start + lane; i < end; i += LANES) {
+      const float x = to_float(g[i]);
+      acc += x * x;
+    }
+  }
+  return acc;
+}
 
-// f(Type<T>{}, Rule{}) for the runtime codes; false when a code is unknown.
+// sums[0] = the sum of sums[0..kThreads), added as a fixed tree: the same result every run, on either side.
+// On the device each thread adds its pair (`lane`), with a barrier between levels; on the host one call adds all.
+template <bool kDevice>
+UF_HD void tree_sum(float* sums, int lane) {
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (kDevice) {
+      if (lane < half) sums[lane] += sums[lane + half];
+#ifdef __CUDA_ARCH__
+      __syncthreads();
+#endif
+    } else {
+      for (int i = 0; i < half; ++i) sums[i] += sums[i + half];
+    }
+  }
+}
+
+template <typename T, class R>
+__global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(FusedStepArgs args, float* out) {
+  __shared__ float sums[kThreads];
+  sums[threadIdx.x] = chunk_sumsq<T, R, kThreads>(args, blockIdx.x, threadIdx.x);
+  __syncthreads();
+  tree_sum<true>(sums, threadIdx.x);
+  if (threadIdx.x == 0) out[blockIdx.x] = sums[0];
+}
+
+template <int D> struct Type;  // the C++ type of a registry DType
+template <> struct Type<kFloat32> { using type = float; };
+template <> struct Type<kBfloat16> { using type = __nv_bfloat16; };
+template <> struct Type<kFloat16> { using type = __half; };
+template <typename T, typename TS> struct Storage { using param = T; using state = TS; };
+
+// f(Storage<T, TS>{}, Rule{}) for the runtime codes (a storage id: registry.py's STORAGES); false when a code
+// is unknown.
 template <typename F>
-bool with_types(int rule, int dtype, F&& f) {
-  auto with_dtype = [&](auto type) { return with_rule(rule, [&](auto r) { f(type, r); }); };
-  switch (dtype) {
-    case kFloat32: return with_dtype(Type<float>{});
-    case kBfloat16: return with_dtype(Type<__nv_bfloat16>{});
-    case kFloat16: return with_dtype(Type<__half>{});
+bool with_types(int rule, int storage, F&& f) {
+  auto with = [&](auto types) { return with_rule(rule, [&](auto r) { f(types, r); }); };
+  switch (storage) {
+#define UF_CASE(id, P, S) \
+  case id: return with(Storage<typename Type<P>::type, typename Type<S>::type>{});
+    UF_STORAGES(UF_CASE)
+#undef UF_CASE
     default: return false;
   }
 }
@@ -264,18 +350,42 @@ bool rule_layout(int rule, int* tensor_cols, int* group_cols) {
   });
 }
 
-cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int dtype, cudaStream_t stream) {
+cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream) {
   if (args.n_items == 0) return cudaSuccess;
-  const bool known = with_types(rule, dtype, [&](auto type, auto r) {
-    using T = typename decltype(type)::type;
-    fused_step_kernel<T, decltype(r)><<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
+  const bool known = with_types(rule, storage, [&](auto types, auto r) {
+    using D = decltype(types);
+    fused_step_kernel<typename D::param, typename D::state, decltype(r)>
+        <<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
-bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int dtype) {
-  return with_types(rule, dtype, [&](auto type, auto r) {
-    run_on_host<typename decltype(type)::type, decltype(r)>(args);
+bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage) {
+  return with_types(rule, storage, [&](auto types, auto r) {
+    using D = decltype(types);
+    run_on_host<typename D::param, typename D::state, decltype(r)>(args);
+  });
+}
+
+cudaError_t launch_grad_sumsq(const FusedStepArgs& args, float* out, int rule, int storage, cudaStream_t stream) {
+  if (args.n_items == 0) return cudaSuccess;
+  const bool known = with_types(rule, storage, [&](auto types, auto r) {
+    grad_sumsq_kernel<typename decltype(types)::param, decltype(r)>
+        <<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args, out);
+  });
+  return known ? cudaGetLastError() : cudaErrorInvalidValue;
+}
+
+bool run_grad_sumsq_on_host(const FusedStepArgs& args, float* out, int rule, int storage) {
+  return with_types(rule, storage, [&](auto types, auto r) {
+    float sums[kThreads];  // the device's lanes and tree, one after another: its order of additions
+    for (int64_t item = 0; item < args.n_items; ++item) {
+      for (int lane = 0; lane < kThreads; ++lane) {
+        sums[lane] = chunk_sumsq<typename decltype(types)::param, decltype(r), kThreads>(args, item, lane);
+      }
+      tree_sum<false>(sums, 0);
+      out[item] = sums[0];
+    }
   });
 }
 

@@ -21,6 +21,7 @@ struct FusedStepArgs {
   const double* groups;    // [n_groups, the rule's kCols]
   const int64_t* gaddr;    // [n_groups, 2]
   int* done;               // [n_rows + 1]
+  const double* norm;      // the global gradient norm, read by groups that clip (max_grad_norm > 0)
   int64_t n_items;
   int n_rows, n_groups, advance;
 };
@@ -29,11 +30,18 @@ struct FusedStepArgs {
 // false when `rule` is unknown.
 bool rule_layout(int rule, int* tensor_cols, int* group_cols);
 
-// One step of `rule` over every tensor of the tables; returns the launch's error code.
-cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int dtype, cudaStream_t stream);
+// One step of `rule` over every tensor of the tables, stored as `storage` (an id of registry.py's STORAGES: the
+// parameters' dtype and their state's); returns the launch's error code.
+cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream);
 
 // The same kernel body compiled for the host, run on tables (and tensors) in CPU memory, one work item
-// after another; false when `rule` or `dtype` is unknown. It is how the tests run this backend without a GPU.
-bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int dtype);
+// after another; false when `rule` or `storage` is unknown. It is how the tests run this backend without a GPU.
+bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage);
+
+// The pre-pass over the same tables: out[item] = the sum of squares, in float32, of work item `item`'s chunk of
+// a gradient (0 without one). On the device, or on the host for CPU tables; false / cudaErrorInvalidValue when
+// `rule` or `storage` is unknown.
+cudaError_t launch_grad_sumsq(const FusedStepArgs& args, float* out, int rule, int storage, cudaStream_t stream);
+bool run_grad_sumsq_on_host(const FusedStepArgs& args, float* out, int rule, int storage);
 
 }  // namespace uf

@@ -149,6 +149,13 @@ bool with_rule(int id, F&& f) {
   }
 }
 
+// The clipping factor of group row `row` (registry.clipping): min(1, max_grad_norm / (norm + eps)), in float64;
+// 1 when the group does not clip (its max_grad_norm is 0; `norm` is then not read).
+UF_HD float grad_scale(const double* row, const double* norm) {
+  const double max_norm = row[kMaxGradNorm];
+  return max_norm > 0.0 ? f32(fmin(max_norm / (*norm + row[kClipEps]), 1.0)) : 1.0f;
+}
+
 // lr of group row `row` at its step counter t.
 UF_HD float group_lr(const double* row, float t) {
   const ScheduleConsts c{static_cast<int>(row[kKind]), f32(row[kWarmup]), f32(row[kTotal]), f32(row[kMinRatio]),

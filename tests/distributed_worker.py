@@ -131,6 +131,16 @@ def main() -> None:
     mesh = init_device_mesh(kind, (world,))
     hsdp_mesh = init_device_mesh(kind, (1, world), mesh_dim_names=("replicate", "shard"))
     results = {}
+    if args.fsdp2:  # clipping by the global norm is refused on DTensors (each rank sees its shards only)
+        model, _ = sharded(CASES["adamw"], "torch", mesh, device)
+        opt = uf.Adan(model.parameters(), max_grad_norm=1.0, backend="torch")
+        torch.nn.functional.mse_loss(model(batch(0, device)[0]), batch(0, device)[1]).backward()
+        try:
+            opt.step()
+            results["fsdp2/clip"] = "stepped"
+        except ValueError as exc:
+            results["fsdp2/clip"] = str(exc)
+        results["fsdp2/clip-left-no-state"] = not opt.state
     for case, make in CASES.items():
         for backend in BACKENDS:
             name = f"{case}-{backend}"

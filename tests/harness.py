@@ -25,7 +25,16 @@ class Case:
         return self.cls(params, **{**self.kwargs, **extra})
 
     def hyper(self, group: dict) -> dict:
-        return {k: v for k, v in group.items() if k not in ("params", "schedule", "backend", "schedule_step", "lr")}
+        return {k: v for k, v in group.items()
+                if k not in ("params", "schedule", "backend", "schedule_step", "lr", "state_dtype", "max_grad_norm")}
+
+    def grad_scale(self, grads: list) -> float:
+        """The factor the step scales every gradient by (clipping by the global norm, as Adan's reference)."""
+        max_norm = self.kwargs.get("max_grad_norm", 0.0)
+        if not max_norm:
+            return 1.0
+        norm = np.sqrt(sum((f64(g) ** 2).sum() for g in grads if g is not None))
+        return min(1.0, max_norm / (norm + self.kwargs["eps"]))
 
 
 # Hyper-parameters far from the defaults where a default would hide a term: a large eps makes the eps
@@ -41,6 +50,9 @@ CASES = [
     Case("adan", uf.Adan, "adan", dict(lr=3e-2, betas=(0.8, 0.7, 0.95), eps=1e-3, weight_decay=0.1)),
     Case("adan-no-prox", uf.Adan, "adan", dict(lr=1e-2, betas=(0.9, 0.85, 0.9), eps=1e-4, weight_decay=0.2,
                                                no_prox=True)),
+    # The global norm of harness gradients is 0.5-10: clipped at every step, by a factor that changes.
+    Case("adan-clip", uf.Adan, "adan", dict(lr=3e-2, betas=(0.8, 0.7, 0.95), eps=1e-3, weight_decay=0.1,
+                                            max_grad_norm=0.3)),
 ]
 CASE_IDS = [c.id for c in CASES]
 
@@ -121,10 +133,11 @@ def assert_scaled_close(actual: torch.Tensor, expected: np.ndarray, rtol: float,
 
 
 def check_steps_against_oracle(case: Case, schedule, backend: str, dtype=torch.float32, device="cpu",
-                               steps: int = 15, seed: int = 0, params=None) -> None:
-    """Step the optimizer and, from a float64 copy of its inputs, the oracle; compare after every step."""
+                               steps: int = 15, seed: int = 0, params=None, state_dtype=None) -> None:
+    """Step the optimizer and, from a float64 copy of its inputs, the oracle; compare after every step, each
+    tensor at the tolerance of the dtype it is stored in."""
     params = make_params(device, dtype, seed) if params is None else params
-    opt = case.make(params, schedule=schedule, backend=backend)
+    opt = case.make(params, schedule=schedule, backend=backend, state_dtype=state_dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     rtol, atol = RTOL[dtype], ATOL.get(dtype, 0.0)
     for t in range(steps):
@@ -142,6 +155,7 @@ def check_steps_against_oracle(case: Case, schedule, backend: str, dtype=torch.f
         lr = float(group["lr"]) * factor
         np.testing.assert_allclose(float(opt.get_last_lr()[0]), lr, rtol=1e-6, err_msg=f"applied lr at step {t}")
         assert int(group["schedule_step"]) == t + 1
+        scale = case.grad_scale(grads)
         for i, (p, g, (p0, s0, k0)) in enumerate(zip(params, grads, before)):
             where = f"{case.id}/{backend}/{dtype} step {t} param {i}"
             if g is None:
@@ -149,12 +163,14 @@ def check_steps_against_oracle(case: Case, schedule, backend: str, dtype=torch.f
                 continue
             names = opt._state_names(group)
             s0 = {n: s0.get(n, np.zeros_like(p0)) for n in names}
-            exp_p, exp_s = oracle.RULES[case.rule](p0, f64(g), s0, k0 + 1, lr=lr, **case.hyper(group))
+            exp_p, exp_s = oracle.RULES[case.rule](p0, f64(g) * scale, s0, k0 + 1, lr=lr, **case.hyper(group))
             ignore = oracle.lion_ambiguous(f64(g), s0, **case.hyper(group)) if case.rule == "lion" else None
             assert int(opt.state[p]["step"]) == k0 + 1, f"{where}: step count"
             assert_scaled_close(p, exp_p, rtol, f"{where}: param", ignore, atol)
             for n in names:
-                assert_scaled_close(opt.state[p][n], exp_s[n], rtol, f"{where}: state {n}", atol=atol)
+                s = opt.state[p][n]
+                assert s.dtype == (state_dtype or dtype), f"{where}: state {n} is {s.dtype}"
+                assert_scaled_close(s, exp_s[n], RTOL[s.dtype], f"{where}: state {n}", atol=ATOL.get(s.dtype, 0.0))
 
 
 def assert_same_runs(a, b, opt_a, opt_b, where=""):
@@ -170,7 +186,7 @@ def assert_same_runs(a, b, opt_a, opt_b, where=""):
             if k == "step":
                 assert int(v) == int(opt_b.state[q][k]), f"{where}param {i} step"
             else:
-                assert_scaled_close(opt_b.state[q][k], f64(v), RTOL[p.dtype], f"{where}param {i} state {k}")
+                assert_scaled_close(opt_b.state[q][k], f64(v), RTOL[v.dtype], f"{where}param {i} state {k}")
     for ga, gb in zip(opt_a.param_groups, opt_b.param_groups):
         assert int(ga["schedule_step"]) == int(gb["schedule_step"])
     for la, lb in zip(opt_a.get_last_lr(), opt_b.get_last_lr()):

@@ -57,11 +57,26 @@ def _trained(cls=uf.AdamW, **kw):
     (uf.SGD, dict(nesterov=True, dampening=0.1), "nesterov=True needs"),
     (uf.SGD, dict(nesterov=True, momentum=0.0), "nesterov=True needs"),
     (uf.AdamW, dict(backend="cudnn"), "backend must be one of"),
+    (uf.Adan, dict(max_grad_norm=-1.0), "max_grad_norm must be finite and in"),
+    (uf.Adan, dict(max_grad_norm=math.inf), "max_grad_norm must be finite and in"),
     (uf.AdamW, dict(lr=torch.ones(2)), "lr as a tensor must be"),
 ])
 def test_bad_hyperparameters_raise_at_construction(cls, kwargs, match):
     with pytest.raises(ValueError, match=match):
         cls(make_params(), **kwargs)
+
+
+@pytest.mark.parametrize("cls,state_dtype,params,error,match", [
+    (uf.AdamW, torch.bfloat16, None, ValueError, "state_dtype=torch.bfloat16 is not supported: .*stochastic rounding"),
+    (uf.Lion, torch.float16, None, ValueError, "state_dtype=torch.float16 is not supported"),
+    (uf.SGD, torch.float64, None, ValueError, "state_dtype must be None .* or torch.float32, got torch.float64"),
+    (uf.Adan, "float32", None, TypeError, "state_dtype must be None or a torch.dtype .*got str 'float32'"),
+    (uf.AdaBelief, torch.float32, [torch.zeros(3), torch.zeros(2, dtype=torch.float64)], ValueError,
+     r"would keep the state of the float64 parameters \[1\] of this group in less precision"),
+])
+def test_bad_state_dtype_raises_at_construction(cls, state_dtype, params, error, match):
+    with pytest.raises(error, match=match):
+        cls(make_params() if params is None else params, state_dtype=state_dtype)
 
 
 @pytest.mark.parametrize("kwargs", [dict(schedule="cosine"), dict(lr="0.1"), dict(nesterov=1)])

@@ -9,7 +9,9 @@ GPU: tests/test_kernels.py has them.
 """
 
 import copy
+import functools
 
+import numpy as np
 import pytest
 import torch
 
@@ -30,7 +32,7 @@ def _grads(params, gen):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("case", CASES[::2], ids=CASE_IDS[::2])
+@pytest.mark.parametrize("case", CASES[::2] + CASES[-1:], ids=CASE_IDS[::2] + CASE_IDS[-1:])
 def test_moved_gradients_are_read_where_they_are_now(case, backend):
     """Every step's gradients are new tensors, and the last step's are poisoned (NaN) before the next step
     runs, so a kernel reading a stale address fails. Some steps keep the addresses, some drop a gradient."""
@@ -104,6 +106,28 @@ def test_a_captured_step_computes_like_an_eager_one_and_reads_its_own_table(back
                     assert address != q.grad.data_ptr() and address in kept
             assert opt_b._captures[0].keep.count(plan) == 1
         eager_table = plan.grads.clone()
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_a_captured_step_that_clips_keeps_the_norm_its_kernels_read(backend, monkeypatch):
+    clipped = functools.partial(uf.Adan, max_grad_norm=0.3)
+    a, opt_a, gen_a = _warmed("torch", cls=clipped)
+    b, opt_b, _ = _warmed(backend, cls=clipped)
+    for t in range(3):
+        grads = _grads(a, gen_a)
+        for ps in (a, b):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+        _capturing(monkeypatch, t == 1)
+        opt_a.step()
+        opt_b.step()
+        _capturing(monkeypatch, False)
+        assert_same_runs(a, b, opt_a, opt_b)
+        if t == 1:  # the pre-pass wrote the norm into a tensor the graph keeps, and the update read it there
+            norm = np.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
+            kept = [k for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor) and k.dtype == torch.float64
+                    and k.dim() == 0]
+            assert len(kept) == 1 and float(kept[0]) == pytest.approx(norm, rel=1e-6)
 
 
 @pytest.mark.parametrize("backend", KERNELS)

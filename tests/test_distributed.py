@@ -88,6 +88,13 @@ def assert_like_one_process(ranks: list[dict], key: str) -> None:
         assert got["backends"] == [key.split("-")[-1]], where
 
 
+@pytest.mark.parametrize("world", ["2 ranks", "1 rank"])
+def test_clipping_by_the_global_norm_refuses_dtensor_parameters(runs, world):
+    for res in runs[world]:
+        assert "max_grad_norm > 0 with DTensor (FSDP2) parameters" in res["fsdp2/clip"], res["fsdp2/clip"]
+        assert res["fsdp2/clip-left-no-state"]
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_ddp_matches_one_process_on_the_full_batch(runs, name):
     assert_like_one_process(runs["2 ranks"], f"ddp/{name}")

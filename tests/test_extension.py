@@ -90,7 +90,8 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
             "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]), "done": torch.zeros(3, dtype=torch.int32)}
 
     def run(**kw):
-        args = {**good, "n_groups": 1, "advance": True, "rule": registry.RULES["sgd"].id, "dtype": 0, **kw}
+        args = {**good, "norm": torch.zeros((), dtype=torch.float64), "n_groups": 1, "advance": True,
+                "rule": registry.RULES["sgd"].id, "storage": 0, **kw}
         _ext._C.fused_step(**args)
 
     n = len(gcols)
@@ -105,7 +106,8 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
            ({"grads": torch.zeros(0, dtype=torch.int64)}, r"grads must be a vector of >= 1 addresses, got \[0\]"),
            ({"grads": good["grads"].int()}, "grads must be Long"),
            ({"rule": len(registry.RULES)}, f"unknown rule {len(registry.RULES)}"),
-           ({"dtype": 3}, "unknown dtype code 3")]
+           ({"storage": len(registry.STORAGES)}, f"unknown storage code {len(registry.STORAGES)}"),
+           ({"norm": torch.zeros(())}, "norm must be a contiguous Double tensor of >= 1 elements, got Float")]
     # A table on another device than work's must be refused before any address is read (on a GPU, a CUDA
     # table beside CPU ones crashed the interpreter once). The meta device shows it without a GPU.
     others = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -126,6 +128,21 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     run()
     torch.testing.assert_close(p, before - 0.5 * g, rtol=0, atol=0)
     assert int(counter) == 1 and float(step) == 1.0 and float(lr_out) == 0.5
+
+    # The pre-pass over the same tables: one sum of squares per work item (the sentinel's is 0).
+    out = torch.full((2,), -1.0)
+    sumsq = dict(good, n_groups=1, rule=registry.RULES["sgd"].id, storage=0)
+    with pytest.raises(RuntimeError, match="out must be a contiguous Float tensor of >= 2 elements"):
+        _ext._C.grad_sumsq(**sumsq, out=out[:1])
+    _ext._C.grad_sumsq(**sumsq, out=out)
+    assert out[0].item() == pytest.approx(float((g.double() ** 2).sum()), rel=1e-6) and out[1].item() == 0.0
+
+    # A group that clips scales the gradient by min(1, max_grad_norm / (norm + eps)) before its update.
+    good["groups"][0, gcols.index("max_grad_norm")] = 0.25
+    good["groups"][0, gcols.index("clip_eps")] = 0.5
+    before = p.clone()
+    run(norm=torch.tensor(2.0, dtype=torch.float64))
+    torch.testing.assert_close(p, before - 0.5 * (0.1 * g), rtol=1e-6, atol=0)
 
 
 def test_env_report_runs_and_names_every_backend():

@@ -59,6 +59,16 @@ def test_multi_chunk_tensors_match_oracle(case, dtype, backend):
                                params=_big_params(DEVICE, dtype=dtype))
 
 
+@pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_float32_state_of_16_bit_parameters_matches_oracle(case, dtype, backend):
+    # Full aligned chunks read 8 parameter elements per 16 bytes and their state in two 16-byte vectors per
+    # slot; the other chunks one element at a time. The state is held to float32's tolerance.
+    check_steps_against_oracle(case, SCHEDULES["uba"], backend=backend, dtype=dtype, device=DEVICE, steps=3,
+                               params=_big_params(DEVICE, dtype=dtype), state_dtype=torch.float32)
+
+
 def _twins(make, params_fn, steps, backend, reference="torch"):
     """Step a reference backend and a kernel backend side by side, comparing after every step, then copying
     the reference's values over so that rounding (a bf16 ulp flips easily) cannot drift across steps."""
@@ -93,6 +103,26 @@ def test_groups_with_different_hyperparameters_schedules_and_dtypes(backend):
         ], lr=0.05, schedule=uf.Cosine(10), backend=backend)
 
     _twins(make, params, steps=10, backend=backend)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_groups_with_their_state_in_float32_and_in_the_parameters_dtype(backend):
+    # Three storages in one step, so three launches: bf16 with bf16 state, bf16 with float32 state, float32.
+    def params():
+        ps = [p.detach().to(torch.bfloat16).requires_grad_() for p in make_params(DEVICE, seed=6)]
+        return ps + make_params(DEVICE, seed=7)[:3]
+
+    def make(ps, backend):
+        return uf.Adan([{"params": ps[:4]}, {"params": ps[4:], "state_dtype": torch.float32}], lr=0.02,
+                       schedule=uf.UBA(8, phi=0.5), backend=backend)
+
+    _twins(make, params, steps=6, backend=backend)
+    ps = params()
+    opt = make(ps, backend)
+    set_grads(ps, random_grads(ps, torch.Generator().manual_seed(0)))
+    opt.step()
+    assert {(part.dtype, part.state_dtype) for part in opt._cache.plans[backend].parts} == {
+        (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)}
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -27,6 +27,29 @@ def test_host_backends_low_and_high_precision(case, dtype, backend):
     check_steps_against_oracle(case, SCHEDULES["uba"], backend=backend, dtype=dtype, steps=6)
 
 
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_host_backends_keep_float32_state_of_16_bit_parameters(case, dtype, backend):
+    # The state is compared at float32's tolerance: a value rounded to 16 bits on the way fails it.
+    check_steps_against_oracle(case, SCHEDULES["uba"], backend=backend, dtype=dtype, steps=6,
+                               state_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
+def test_clipping_scales_the_update_not_the_gradients(backend):
+    # Adan's reference scales p.grad in place; here the gradients stay as backward left them.
+    if uf.backends.availability("cpu")[backend] is not None:
+        pytest.skip(uf.backends.availability("cpu")[backend])
+    params = make_params()
+    opt = uf.Adan(params, max_grad_norm=0.1, backend=backend)
+    grads = random_grads(params, torch.Generator().manual_seed(3))
+    set_grads(params, grads)
+    opt.step()
+    for p, g in zip(params, grads):
+        assert torch.equal(p.grad, g)
+
+
 def test_auto_takes_the_cpu_backend_for_cpu_parameters():
     assert uf.AdamW(make_params()).backends == ["cpu"]
     with pytest.raises(uf.BackendUnavailableError, match="backend 'cpu' updates CPU parameters, got meta"):

@@ -75,6 +75,57 @@ def test_loads_torch_optim_state_dict_and_continues_like_torch(twin):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
 
 
+def _bf16_params():
+    return [p.detach().to(torch.bfloat16).requires_grad_() for p in make_params()]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_float32_state_of_bf16_parameters_survives_a_round_trip_unrounded(backend):
+    # torch.optim's load casts every state buffer to its parameter's dtype; state_dtype=float32 must undo that
+    # from the saved values, not from the bf16 copies.
+    a = _bf16_params()
+    opt_a = uf.AdamW(a, lr=1e-2, state_dtype=torch.float32, backend=backend)
+    _train(opt_a, a, torch.Generator().manual_seed(1), 4)
+    sd = _save_load(opt_a.state_dict())
+    exp_avg = [opt_a.state[p]["exp_avg"] for p in a if p.numel()]
+    assert all(m.dtype == torch.float32 and not torch.equal(m, m.bfloat16().float()) for m in exp_avg)
+
+    b = _bf16_params()
+    opt_b = uf.AdamW(b, lr=1e-2, backend=backend)  # state_dtype comes from the state dict, as the lr does
+    opt_b.load_state_dict(sd)
+    assert opt_b.param_groups[0]["state_dtype"] == torch.float32
+    for p, q in zip(a, b):
+        for k, v in opt_a.state[p].items():
+            assert opt_b.state[q][k].dtype == v.dtype and torch.equal(opt_b.state[q][k], v), k
+    gen_a, gen_b = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p, q in zip(a, b):
+            q.copy_(p)
+    _train(opt_a, a, gen_a, 3)
+    _train(opt_b, b, gen_b, 3)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+
+    sd["param_groups"][0]["state_dtype"] = None  # the parameters' dtype: the loaded state is rounded to bf16
+    opt_c = uf.AdamW(_bf16_params(), lr=1e-2, backend=backend)
+    opt_c.load_state_dict(sd)
+    for q in opt_c.state.values():
+        assert q["exp_avg"].dtype == torch.bfloat16 and q["step"].dtype == torch.float32
+
+
+def test_torch_optim_state_dict_of_bf16_parameters_loads_into_float32_state():
+    a = _bf16_params()
+    torch_opt = torch.optim.AdamW(a, lr=1e-2)
+    _train(torch_opt, a, torch.Generator().manual_seed(1), 3)
+    ours = uf.AdamW(_bf16_params(), state_dtype=torch.float32)
+    ours.load_state_dict(copy.deepcopy(torch_opt.state_dict()))  # a torch.optim group has no state_dtype: ours
+    assert ours.param_groups[0]["state_dtype"] == torch.float32
+    for p, q in zip(a, ours.param_groups[0]["params"]):
+        for k in ("exp_avg", "exp_avg_sq"):
+            v = ours.state[q][k]
+            assert v.dtype == torch.float32 and torch.equal(v, torch_opt.state[p][k].float()), k
+
+
 def test_our_adamw_state_dict_loads_into_torch_optim():
     a = make_params()
     ours = uf.AdamW(a, lr=1e-2)

@@ -4,7 +4,8 @@
   rule's columns of the group table with their host values (computed here once, in float64, and read
   by every backend, the readable reference included), and the tensors a step streams.
 - ``SCHEDULE_KINDS``: the schedule families, in the kernels' kind order (``schedules.py`` defines them).
-- The device tables' columns (``TENSOR_COLS``, ``GROUP_COLS``), the kernel dtypes, ``CHUNK`` and
+- The device tables' columns (``TENSOR_COLS``, ``GROUP_COLS``), the kernel dtypes and (parameter, state)
+  dtype pairs (``DTYPES``, ``STORAGES``), ``CHUNK`` and
   ``NO_GRAD`` (``backends/plan.py`` documents the tables).
 
 Numbers are positions in these tuples, never written anywhere by hand. ``csrc/registry.h`` is generated
@@ -29,9 +30,15 @@ from dataclasses import dataclass, field
 # address, sizes; then one address per state slot of the rule (STATE_COL + i).
 TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info")
 STATE_COL = len(TENSOR_COLS)
-# Per group, float64: what every rule reads (the lr and its schedule), then the rule's own (Rule.consts).
-GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state")
+# Per group, float64: what every rule reads (the lr and its schedule, gradient clipping), then the rule's own
+# (Rule.consts).
+GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps")
 DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they compute in float32)
+# The (parameter, state) dtype pairs the kernels are compiled for: one plan part (one launch) is one pair.
+# State is kept in its parameter's dtype (torch.optim's way), or in float32 for a 16-bit parameter.
+STORAGES = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"),
+            ("bfloat16", "float32"), ("float16", "float32"))
+STORAGE_IDS = {pair: i for i, pair in enumerate(STORAGES)}
 CHUNK = 4096     # elements per work item, in both kernels
 NO_GRAD = -1     # a gradient-table entry for a parameter without a gradient this step (an empty tensor's is 0)
 
@@ -41,6 +48,14 @@ KIND = {name: i for i, name in enumerate(SCHEDULE_KINDS)}
 
 
 # -- update rules ---------------------------------------------------------------------------------------
+def clipping(group: Mapping) -> tuple[float, float]:
+    """(max_grad_norm, eps) of a group: before its update, each gradient is scaled by
+    min(1, max_grad_norm / (norm + eps)), norm the L2 norm of every gradient of the optimizer's step, as Adan's
+    reference clips (max_grad_norm 0: not scaled). eps is the group's own where its rule has one (Adan's
+    reference), else 1e-6 (torch.nn.utils.clip_grad_norm_'s)."""
+    return float(group.get("max_grad_norm", 0.0)), float(group.get("eps", 1e-6))
+
+
 def _log(b: float) -> float:
     return math.log(b) if b > 0 else -math.inf
 
@@ -134,6 +149,7 @@ def abi() -> dict:
     """Every shared number by name: what csrc/registry.h encodes, and what uba_fused._C reports it was built
     from (``_C.REGISTRY``), so that a stale build is named, not run."""
     return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "dtypes": list(DTYPES),
+            "storages": [list(pair) for pair in STORAGES],
             "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS),
             "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts)}
                       for r in RULES.values()}}
@@ -158,6 +174,9 @@ def cpp_header() -> str:
         _enum("DType", [(d, i) for i, d in enumerate(DTYPES)] + [("num_dtypes", len(DTYPES))]),
         _enum("ScheduleKind", [(k, i) for i, k in enumerate(SCHEDULE_KINDS)] + [("num_kinds", len(SCHEDULE_KINDS))]),
         _enum("RuleId", [(r, i) for i, r in enumerate(RULES)] + [("num_rules", len(RULES))]),
+        "// The (parameter, state) dtype pairs the kernels are compiled for, by id: X(id, param DType, state DType).",
+        "#define UF_STORAGES(X) " + " ".join(f"X({i}, k{_camel(a)}, k{_camel(b)})" for i, (a, b) in enumerate(STORAGES)),
+        f"constexpr int kNumStorages = {len(STORAGES)};",
         f"constexpr int kChunk = {CHUNK};",
         f"constexpr long long kNoGrad = {NO_GRAD};",
         f"constexpr int kMaxStates = {MAX_STATES};",

@@ -1,8 +1,8 @@
 """Backend registry and the one ``backend=`` option.
 
-Every backend module exposes ``prepare(rule, work, cache, grads) -> launch`` with the
-semantics written in ``work.py``; the optimizer classes never know which one
-runs. ``resolve`` turns a requested name into a usable backend for the
+Every backend module exposes ``prepare(rule, work, cache, grads) -> Step`` (an optional pre-pass over the
+gradients, then the update) with the semantics written in ``work.py``; the optimizer classes never know
+which one runs. ``resolve`` turns a requested name into a usable backend for the
 parameters' device, once per param group.
 """
 
@@ -16,10 +16,10 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from .plan import CaptureError, GradScan, is_dense
-from .work import Capture, GradSource, GroupWork, Selection, StepCache, local
+from .work import Capture, GradSource, GroupWork, Selection, Step, StepCache, local
 
 __all__ = ["NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError", "Selection",
-           "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get", "capturing"]
+           "Step", "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get", "capturing"]
 
 NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 # "auto" tries these in order; the first usable one wins. CUDA first: on an H100 (GPT-2-medium list,
@@ -118,7 +118,7 @@ def check_params(backend: str, labels: Sequence[str], params: Sequence[torch.Ten
                              f"backend='torch' for it, or a dense parameter")
 
 
-PrepareFn = Callable[[str, Sequence[GroupWork], StepCache, "GradSource | None"], Callable[[], None]]
+PrepareFn = Callable[[str, Sequence[GroupWork], StepCache, "GradSource | None"], Step]
 
 
 def capturing(on_cuda: bool = True) -> bool:

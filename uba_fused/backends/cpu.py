@@ -5,7 +5,8 @@ own rules, the fastest it has on a CPU). AdaBelief, Lion and Adan run the list f
 backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step on the
 host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
 updated in float32 by the foreach rules and rounded once on the way back, as the kernels do (torch's fused
-kernels compute in float32 themselves); float64 parameters in float64.
+kernels compute in float32 themselves, but take one dtype for a parameter and its state: a 16-bit parameter
+with float32 state goes to them as a float32 copy); float64 parameters in float64.
 
 It reads the gradients from ``GroupWork.grads`` (the parameters that have one), as backend "torch".
 """
@@ -19,33 +20,38 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
-from .reference import FOREACH
-from .work import GradSource, GroupWork, StepCache
+from .reference import FOREACH, grad_scale, grad_sumsq
+from .work import GradSource, GroupWork, Step, StepCache
 
 _LOW = (torch.bfloat16, torch.float16)
+_FUSED = ("adamw", "sgd")  # the rules torch has fused CPU kernels for
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Callable[[], None]:
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
     # resolve() never picks it off the CPU; a direct call gets a sentence, not a host read of device memory
     if not all(w.schedule_step.is_cpu for w in work):
         off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
-    return lambda: _run(rule, work, cache.host)
+    return Step(lambda norm: _run(rule, work, cache.host, norm), lambda: grad_sumsq(work))
 
 
 @dataclass
 class _Part:
-    """The parameters of one dtype in a selection: one call of torch's (their positions, None for all)."""
+    """The parameters of one storage (their dtype, their state's) in a selection: one call of torch's (their
+    positions, None for all)."""
 
     dtype: torch.dtype
+    state_dtype: torch.dtype
     idx: list[int] | None
     walkable: list[bool]      # each dense, with its state laid out as it is
     past_first: bool = False  # every step count is past 1 (SGD's first step takes the gradient as its buffer)
 
 
-def _run(rule: str, work: Sequence[GroupWork], host: dict) -> None:
+def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None) -> None:
     spec = RULES[rule]
     for w in work:
+        scale = grad_scale(w, norm)
+        scale = 1.0 if scale is None else float(scale)  # a CPU value: no sync
         lr = float(w.hyper["lr"])
         if w.schedule is not None:
             lr *= w.schedule.factor(int(w.schedule_step))
@@ -58,7 +64,8 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict) -> None:
                 p, g = pick(w.params), pick(w.grads)
                 walkable = part.walkable if w.grads_like_params else [
                     a and gi.stride() == pi.stride() for a, pi, gi in zip(part.walkable, p, g)]
-                _update(rule, part, p, g, {n: pick(ts) for n, ts in w.state.items()}, pick(w.steps), lr, c, walkable)
+                _update(rule, part, p, g, {n: pick(ts) for n, ts in w.state.items()}, pick(w.steps), lr, c, walkable,
+                        scale)
         w.schedule_step.add_(1)
 
 
@@ -79,15 +86,16 @@ def _advance(steps: list[torch.Tensor], host: dict) -> None:
 
 
 def _parts(w: GroupWork, host: dict) -> list[_Part]:
-    """The group's parameters by dtype, cached while the selection holds (its params list is the same object)."""
+    """The group's parameters by storage, cached while the selection holds (its params list is the same object)."""
     key = ("parts", id(w.params))
     hit = host.get(key)
     if hit is None or hit[0] is not w.params:
         parts = []
-        dtypes = list(dict.fromkeys(p.dtype for p in w.params))
-        for dtype in dtypes:
-            idx = [i for i, p in enumerate(w.params) if p.dtype == dtype]
-            parts.append(_Part(dtype, None if len(dtypes) == 1 else idx,
+        stored = [(p.dtype, next((ts[i].dtype for ts in w.state.values()), p.dtype)) for i, p in enumerate(w.params)]
+        storages = list(dict.fromkeys(stored))
+        for dtype, state_dtype in storages:
+            idx = [i for i, pair in enumerate(stored) if pair == (dtype, state_dtype)]
+            parts.append(_Part(dtype, state_dtype, None if len(storages) == 1 else idx,
                                [is_dense(w.params[i]) and all(ts[i].stride() == w.params[i].stride()
                                                               for ts in w.state.values()) for i in idx]))
         hit = host[key] = (w.params, parts)
@@ -117,18 +125,30 @@ def _walked_as_memory(p: list, g: list, s: dict[str, list], walkable: list[bool]
 
 
 def _update(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float,
-            c: dict, walkable: list[bool]) -> None:
-    if rule in ("adamw", "sgd"):
+            c: dict, walkable: list[bool], scale: float) -> None:
+    """One part's update, each gradient scaled by ``scale`` first (its group's clipping factor; 1: none)."""
+    own_state = part.state_dtype == part.dtype
+    if part.dtype in _LOW and (rule not in _FUSED or not own_state or scale != 1.0):
+        # compute in float32, round once on the way back (float32 state is updated in place)
+        p32, g32 = [t.float() for t in p], [t.float() for t in g]
+        if scale != 1.0:
+            torch._foreach_mul_(g32, scale)
+        s32 = {n: [t.float() for t in ts] for n, ts in s.items()}
+        _compute(rule, part, p32, g32, s32, steps, lr, c, walkable)
+        torch._foreach_copy_(p, p32)
+        if own_state:
+            for n, ts in s.items():
+                torch._foreach_copy_(ts, s32[n])
+    else:
+        _compute(rule, part, p, g if scale == 1.0 else torch._foreach_mul(g, scale), s, steps, lr, c, walkable)
+
+
+def _compute(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float,
+             c: dict, walkable: list[bool]) -> None:
+    if rule in _FUSED:
         p, g, s, done = _walked_as_memory(p, g, s, walkable)
         _fused(rule, part, p, g, s, steps, lr, c)
         done()
-    elif part.dtype in _LOW:  # compute in float32, round once on the way back
-        p32, g32 = [t.float() for t in p], [t.float() for t in g]
-        s32 = {n: [t.float() for t in ts] for n, ts in s.items()}
-        FOREACH[rule](p32, g32, s32, torch.stack(steps).tolist(), lr, c)
-        torch._foreach_copy_(p, p32)
-        for n, ts in s.items():
-            torch._foreach_copy_(ts, s32[n])
     else:
         FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c)
 

@@ -1,22 +1,21 @@
 """backend="cuda": the kernels of csrc/fused_step.cu, over the same device tables as backend "triton".
 
-One launch per step (per parameter dtype) through ``uba_fused._C.fused_step``; the math is
+One launch per step (per storage: parameter dtype and state dtype) through ``uba_fused._C.fused_step``; the math is
 csrc/updates.cuh (checked on the host against the float64 oracle in CI), the lr is
 csrc/schedules.cuh, the counters advance in the kernel exactly as in triton.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Sequence
 
 import torch
 
-import json
-
 from .._ext import _C
-from ..registry import CHUNK, DTYPES, RULES, abi
-from .plan import Part, Plan
-from .work import GradSource, GroupWork, StepCache
+from ..registry import CHUNK, RULES, abi
+from .plan import STORAGE_ID, Part, Plan
+from .work import GradSource, GroupWork, Step, StepCache
 
 if _C is None or not hasattr(_C, "fused_step"):
     raise NotImplementedError("uba_fused._C was built without the fused-step kernels; reinstall with "
@@ -26,15 +25,21 @@ if json.loads(_C.REGISTRY) != abi():
                               "stale build: rule, column or schedule numbers differ); rebuild it with "
                               "`pip install --no-build-isolation -e .`")
 
-_DTYPE_ID = {getattr(torch, name): i for i, name in enumerate(DTYPES)}
 
-
-def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Callable[[], None]:
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Step:
     plan, table = Plan.for_step(cache, "cuda", rule, work, CHUNK, grads)
     rule_id, n_groups = RULES[rule].id, len(work)
 
-    def launch(part: Part, advance: bool) -> None:
-        _C.fused_step(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, n_groups, advance, rule_id,
-                      _DTYPE_ID[part.dtype])
+    def update(norm: torch.Tensor | None) -> None:
+        def launch(part: Part, advance: bool) -> None:
+            _C.fused_step(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
+                          plan.scratch if norm is None else norm, n_groups, advance, rule_id,
+                          STORAGE_ID[part.dtype, part.state_dtype])
 
-    return lambda: plan.launch(launch)
+        plan.launch(launch)
+
+    def sumsq(part: Part) -> None:
+        _C.grad_sumsq(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, part.partials, n_groups,
+                      rule_id, STORAGE_ID[part.dtype, part.state_dtype])
+
+    return Step(update, lambda: plan.grad_sumsq(sumsq))

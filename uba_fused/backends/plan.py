@@ -24,9 +24,13 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
   groups   float64 [G, C]    per group: GROUP_COLS, then the rule's own columns (registry.group_cols)
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
+  partials float32 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
 
-A step with parameters of several dtypes makes one launch per dtype ("part"); only the last launch
-advances the group counters, so every launch reads the same step index t (``Plan.launch``).
+A step with parameters of several storages (registry.STORAGES: the parameter's dtype and its state's) makes one
+launch per storage ("part"); only the last launch advances the group counters, so every launch reads the same
+step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first runs a pre-pass
+(``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds them, and the
+optimizer hands the global norm to the update kernels as a pointer to a float64 on the device.
 """
 
 from __future__ import annotations
@@ -37,10 +41,12 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
-from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, group_cols
+from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, clipping, group_cols
 from .work import Capture, GradSource, GroupWork, StepCache, dtensor_class, is_dtensor, local
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
+# registry.STORAGES as torch dtypes: (parameter dtype, state dtype) -> the kernels' storage id
+STORAGE_ID = {(getattr(torch, a), getattr(torch, b)): i for (a, b), i in STORAGE_IDS.items()}
 _LR = GROUP_COLS.index("lr")
 
 
@@ -68,14 +74,26 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def storage(p: torch.Tensor, states: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of p, dtype of its state): which kernel walks it (a registry STORAGES pair). A parameter without
+    state is read as keeping it in its own dtype. Raises if the kernels are not built for the pair."""
+    dtypes = {s.dtype for s in states} or {p.dtype}
+    pair = (p.dtype, *dtypes)
+    if len(dtypes) > 1 or pair not in STORAGE_ID:
+        raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}: the kernels take "
+                           f"a parameter's state in its own dtype, or in float32 for a 16-bit parameter")
+    return pair
+
+
 def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
     """The host values of one group's row (lr is 0 here when it is a tensor; it is copied on the device)."""
     h = w.hyper
     lr = 0.0 if isinstance(h["lr"], torch.Tensor) else float(h["lr"])
     kind, warmup, total, min_ratio, phi = (w.schedule.kernel_constants() if w.schedule is not None
                                            else (KIND["constant"], 0.0, 1.0, 0.0, 2.0))
+    max_grad_norm, clip_eps = clipping(h)
     values = dict(lr=lr, kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
-                  has_state=float(bool(w.state)))
+                  has_state=float(bool(w.state)), max_grad_norm=max_grad_norm, clip_eps=clip_eps)
     return tuple(values[c] for c in GROUP_COLS) + RULES[rule].row(h)
 
 
@@ -90,12 +108,14 @@ def work_items(n_chunks: list[int], block: int) -> torch.Tensor:
 
 @dataclass
 class Part:
-    """The tensors of one dtype: one launch."""
+    """The tensors of one storage (their dtype, and their state's): one launch."""
 
     dtype: torch.dtype
+    state_dtype: torch.dtype
     tensors: torch.Tensor
     work: torch.Tensor
     done: torch.Tensor
+    partials: torch.Tensor  # float32 [items]: a pre-pass's sum per work item (a view of Plan.partials)
 
 
 @dataclass
@@ -109,16 +129,25 @@ class Plan:
     row_sigs: list[tuple]                   # signatures of the group rows last uploaded
     scratch: torch.Tensor                   # where the sentinel row and absent state point; never written
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
+    partials: torch.Tensor                  # float32 [items of every part]: the pre-pass's sums
 
     @property
     def rule(self) -> str:
         return self.key[0]
 
     def launch(self, part_launch: Callable[[Part, bool], None]) -> None:
-        """One launch per part (dtype): ``part_launch(part, advance)``; only the last one advances the group
+        """One launch per part (storage): ``part_launch(part, advance)``; only the last one advances the group
         counters (``advance``), so every launch reads the same step index."""
         for i, part in enumerate(self.parts):
             part_launch(part, i == len(self.parts) - 1)
+
+    def grad_sumsq(self, part_sumsq: Callable[[Part], None]) -> torch.Tensor:
+        """The pre-pass: the sum of the squares of this step's gradients, a float64 0-dim tensor on the device.
+        ``part_sumsq(part)`` launches a kernel that writes each work item's sum into ``part.partials``; one
+        torch.sum adds them all in a fixed order, so a step gives the same sum every run (atomics would not)."""
+        for part in self.parts:
+            part_sumsq(part)
+        return self.partials.sum(dtype=torch.float64)
 
     @staticmethod
     def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:
@@ -155,14 +184,14 @@ class Plan:
         device = work[0].schedule_step.device
         scratch = torch.zeros(ALIGN, dtype=torch.float64, device=device)
         n_states = len(RULES[rule].states)
-        by_dtype: dict[torch.dtype, list[tuple[int, int]]] = {}
+        by_storage: dict[tuple[torch.dtype, torch.dtype], list[tuple[int, int]]] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
-                by_dtype.setdefault(p.dtype, []).append((wi, i))
-        if not by_dtype:
-            by_dtype[torch.float32] = []
-        parts = []
-        for dtype, members in by_dtype.items():
+                by_storage.setdefault(storage(p, [w.state[n][i] for n in w.state]), []).append((wi, i))
+        if not by_storage:
+            by_storage[torch.float32, torch.float32] = []
+        specs = []  # per part: (dtype, state dtype, table rows, chunks per row)
+        for (dtype, state_dtype), members in by_storage.items():
             rows, chunks = [], []
             for wi, i in members:
                 w = work[wi]
@@ -175,14 +204,18 @@ class Plan:
                              chunks[-1] << 1 | int(aligned), *states])
             s = scratch.data_ptr()
             rows.append([s, n_slots - 1, s, 0, 0, 1 << 1] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
-            parts.append(Part(dtype, _to_device(torch.tensor(rows, dtype=torch.int64), device),
-                              _to_device(work_items(chunks + [1], block), device),
-                              torch.zeros(len(members) + 2, dtype=torch.int32, device=device)))
+            specs.append((dtype, state_dtype, rows, chunks + [1]))
+        items = [sum(chunks) for *_, chunks in specs]
+        partials = torch.zeros(sum(items), dtype=torch.float32, device=device)
+        parts = [Part(dtype, state_dtype, _to_device(torch.tensor(rows, dtype=torch.int64), device),
+                      _to_device(work_items(chunks, block), device),
+                      torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view)
+                 for (dtype, state_dtype, rows, chunks), view in zip(specs, partials.split(items))]
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
         return cls(cls.key_of(rule, work), device, parts,
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
                    _to_device(gaddr, device), torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
-                   scratch, [w.params for w in work])
+                   scratch, [w.params for w in work], partials)
 
     def upload_rows(self, work: Sequence[GroupWork], capture: Capture | None) -> None:
         """The group rows, uploaded when a group's host values changed (a torch scheduler's lr, say);

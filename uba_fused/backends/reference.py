@@ -10,12 +10,12 @@ kernels do; per-step scalars (schedule factor, bias corrections) are float64
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..registry import RULES
-from .work import GradSource, GroupWork, StepCache
+from ..registry import RULES, clipping
+from .work import GradSource, GroupWork, Step, StepCache
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -101,25 +101,43 @@ def _adan(p, g, s, step, lr, c):
 UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan}
 
 
+def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:
+    """The pre-pass: the sum of the squares of the groups' gradients (in float64), a 0-dim tensor on their device."""
+    grads = [g for w in work for g in w.grads]
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=work[0].schedule_step.device)
+    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+
+
+def grad_scale(w: GroupWork, norm: torch.Tensor | None) -> torch.Tensor | None:
+    """The factor that scales the group's gradients: min(1, max_grad_norm / (norm + eps)) (registry.clipping),
+    a float64 0-dim tensor; None when the group does not clip."""
+    max_norm, eps = clipping(w.hyper)
+    return None if norm is None or max_norm == 0 else torch.clamp(max_norm / (norm + eps), max=1.0)
+
+
 def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Callable[[], None]:
-    return lambda: _run(rule, work)  # the gradients are in work (GroupWork.grads)
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
+    return Step(lambda norm: _run(rule, work, norm), lambda: grad_sumsq(work))  # the gradients: GroupWork.grads
 
 
-def _run(rule: str, work: Sequence[GroupWork]) -> None:
+def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None) -> None:
     update = UPDATES[rule]
     for w in work:
         c = RULES[rule].constants(w.hyper)
         lr = applied_lr(w)
         w.lr_out.copy_(lr)
+        scale = grad_scale(w, norm)
         for i, (p, g, step_t) in enumerate(zip(w.params, w.grads, w.steps)):
             step_t.add_(1.0)
             stored = {name: tensors[i] for name, tensors in w.state.items()}
-            p32, s32 = _compute(p), {k: _compute(v) for k, v in stored.items()}
-            update(p32, _compute(g), s32, step_t.to(torch.float64), lr.to(p32.device), c)
+            p32, s32, g32 = _compute(p), {k: _compute(v) for k, v in stored.items()}, _compute(g)
+            if scale is not None:
+                g32 = g32 * scale.to(g32.device)
+            update(p32, g32, s32, step_t.to(torch.float64), lr.to(p32.device), c)
             for k, v in stored.items():
                 if s32[k] is not v:
                     v.copy_(s32[k])

@@ -1,4 +1,4 @@
-"""backend="triton": one launch per step (per parameter dtype) over the whole parameter list.
+"""backend="triton": one launch per step (per storage: parameter dtype and state dtype) over the whole parameter list.
 
 Each program takes one work item (tensor row, first element) of the plan (backends/plan.py), reads
 the tensor's addresses and its group's hyper-parameters from device tables, computes the group's
@@ -20,7 +20,7 @@ keep the registers a thread needs bounded (see VECTOR_BYTES).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STATE_COL, TENSOR_COLS, group_cols
 from .plan import Part, Plan
-from .work import GradSource, GroupWork, StepCache
+from .work import GradSource, GroupWork, Step, StepCache
 
 BLOCK = CHUNK     # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
@@ -49,8 +49,9 @@ _NO_GRAD = tl.constexpr(NO_GRAD)
 _STATE0 = tl.constexpr(STATE_COL)
 _PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO = (
     tl.constexpr(TENSOR_COLS.index(c)) for c in ("param", "grad_slot", "step", "numel", "group", "info"))
-_LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE = (
-    tl.constexpr(GROUP_COLS.index(c)) for c in ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state"))
+_LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS = (
+    tl.constexpr(GROUP_COLS.index(c)) for c in ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state",
+                                                 "max_grad_norm", "clip_eps"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
 _ADAMW, _ADABELIEF, _LION, _SGD, _ADAN = (tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan"))
 
@@ -261,16 +262,19 @@ def _store_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_sta
 
 
 @triton.jit
-def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-           MASKED: tl.constexpr, ALIGNED: tl.constexpr, p_addr, g_addr, a0, a1, a2, a3, start, numel, c, has_state):
-    """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time. Every tensor
-    goes through one load (to float32) and one store (round to nearest) per dtype."""
+def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
+           BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+           p_addr, g_addr, a0, a1, a2, a3, start, numel, c, has_state, gscale):
+    """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time, the gradient
+    scaled by gscale (its group's clipping factor, 1 when it does not clip). Every tensor goes through one load
+    (to float32) and one store (round to nearest) of its dtype: DTYPE for the parameter and its gradient,
+    STATE_DTYPE for the state slots."""
     pp = _ptr(p_addr, DTYPE, ALIGNED)
     gp = _ptr(g_addr, DTYPE, ALIGNED)
-    q0 = _ptr(a0, DTYPE, ALIGNED)
-    q1 = _ptr(a1, DTYPE, ALIGNED)
-    q2 = _ptr(a2, DTYPE, ALIGNED)
-    q3 = _ptr(a3, DTYPE, ALIGNED)
+    q0 = _ptr(a0, STATE_DTYPE, ALIGNED)
+    q1 = _ptr(a1, STATE_DTYPE, ALIGNED)
+    q2 = _ptr(a2, STATE_DTYPE, ALIGNED)
+    q3 = _ptr(a3, STATE_DTYPE, ALIGNED)
     # A static trip count, also for a tensor's last (masked) chunk: bounding that loop by the elements
     # left made ptxas use 127 registers in bf16, or spill, depending on the sub-tile.
     for sub in range(0, BLOCK, SUB):
@@ -281,17 +285,52 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, BLOCK:
         else:
             mask = None
         p = tl.load(pp + offs, mask=mask).to(tl.float32)
-        g = tl.load(gp + offs, mask=mask).to(tl.float32)
+        g = tl.load(gp + offs, mask=mask).to(tl.float32) * gscale
         s0 = _load_state(0, STATES, q0, offs, mask, has_state, g)
         s1 = _load_state(1, STATES, q1, offs, mask, has_state, g)
         s2 = _load_state(2, STATES, q2, offs, mask, has_state, g)
         s3 = _load_state(3, STATES, q3, offs, mask, has_state, g)
         p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
         tl.store(pp + offs, p.to(DTYPE), mask=mask)
-        _store_state(0, STATES, q0, offs, mask, has_state, s0, DTYPE)
-        _store_state(1, STATES, q1, offs, mask, has_state, s1, DTYPE)
-        _store_state(2, STATES, q2, offs, mask, has_state, s2, DTYPE)
-        _store_state(3, STATES, q3, offs, mask, has_state, s3, DTYPE)
+        _store_state(0, STATES, q0, offs, mask, has_state, s0, STATE_DTYPE)
+        _store_state(1, STATES, q1, offs, mask, has_state, s1, STATE_DTYPE)
+        _store_state(2, STATES, q2, offs, mask, has_state, s2, STATE_DTYPE)
+        _store_state(3, STATES, q3, offs, mask, has_state, s3, STATE_DTYPE)
+
+
+@triton.jit
+def _grad_scale(row, norm):
+    """The group's clipping factor, min(1, max_grad_norm / (norm + eps)) in float64 (registry.clipping), as a
+    float32; 1 for a group that does not clip (norm then points at zeros)."""
+    max_norm = tl.load(row + _MAX_GRAD_NORM)
+    scale = tl.minimum(max_norm / (tl.load(norm) + tl.load(row + _CLIP_EPS)), 1.0)
+    return tl.where(max_norm > 0.0, scale, 1.0).to(tl.float32)
+
+
+@triton.jit
+def _sumsq_kernel(work, tensors, grads, out, STATES: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                  SUB: tl.constexpr):
+    """The pre-pass: out[program] = the sum of squares, in float32, of its chunk of a gradient (0 without one)."""
+    pid = tl.program_id(0).to(tl.int64)
+    slot = tl.load(work + 2 * pid)
+    start = tl.load(work + 2 * pid + 1)
+    trow = tensors + slot * (_STATE0 + STATES)
+    g_addr = tl.load(grads + tl.load(trow + _GRAD_SLOT))
+    numel = tl.where(g_addr != _NO_GRAD, tl.load(trow + _NUMEL), 0)
+    acc = tl.zeros((SUB,), tl.float32)
+    if (start + BLOCK <= numel) & (g_addr % 16 == 0):  # a full aligned chunk: unmasked 16-byte loads
+        gp = tl.multiple_of(g_addr.to(tl.pointer_type(DTYPE)), 16)
+        for sub in range(0, BLOCK, SUB):
+            offs = tl.max_contiguous(tl.multiple_of(start + sub + tl.arange(0, SUB).to(tl.int64), SUB), SUB)
+            g = tl.load(gp + offs).to(tl.float32)
+            acc += g * g
+    elif start < numel:
+        gp = g_addr.to(tl.pointer_type(DTYPE))
+        for sub in range(0, BLOCK, SUB):
+            offs = start + sub + tl.arange(0, SUB).to(tl.int64)
+            g = tl.load(gp + offs, mask=offs < numel, other=0.0).to(tl.float32)
+            acc += g * g
+    tl.store(out + pid, tl.sum(acc, 0))
 
 
 @triton.jit
@@ -304,9 +343,9 @@ def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
 
 
 @triton.jit
-def _step_kernel(work, tensors, grads, groups, gaddr, done, n_rows, n_groups, advance,
+def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, n_rows, n_groups, advance,
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
-                 BLOCK: tl.constexpr, SUB: tl.constexpr, GROUPS: tl.constexpr):
+                 STATE_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUPS: tl.constexpr):
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
@@ -323,16 +362,18 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, n_rows, n_groups, ad
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
     c = _scalars(RULE, row, k, lr)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
+    gscale = _grad_scale(row, norm)
 
     addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
              _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr))
     if start + BLOCK <= numel:
         if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
-            _chunk(RULE, STATES, DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, c, has_state)
+            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, c, has_state, gscale)
         else:
-            _chunk(RULE, STATES, DTYPE, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel, c, has_state)
+            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel, c,
+                   has_state, gscale)
     elif start < numel:
-        _chunk(RULE, STATES, DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, c, has_state)
+        _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, c, has_state, gscale)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
@@ -359,15 +400,24 @@ def sub_tile(dtype: torch.dtype) -> int:
     return VECTOR_BYTES * 32 * NUM_WARPS // dtype.itemsize
 
 
-def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Callable[[], None]:
+def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Step:
     plan, table = Plan.for_step(cache, "triton", rule, work, BLOCK, grads)
     spec, n_groups = RULES[rule], len(work)
     ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)
 
-    def launch(part: Part, advance: bool) -> None:
-        _step_kernel[(part.work.shape[0],)](
-            part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, part.tensors.shape[0], n_groups,
-            int(advance), RULE=spec.id, STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK,
-            SUB=sub_tile(part.dtype), GROUPS=groups, num_warps=NUM_WARPS)
+    def update(norm: torch.Tensor | None) -> None:
+        def launch(part: Part, advance: bool) -> None:
+            _step_kernel[(part.work.shape[0],)](
+                part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
+                plan.scratch if norm is None else norm, part.tensors.shape[0], n_groups, int(advance), RULE=spec.id,
+                STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
+                BLOCK=BLOCK, SUB=sub_tile(part.dtype), GROUPS=groups, num_warps=NUM_WARPS)
 
-    return lambda: plan.launch(launch)
+        plan.launch(launch)
+
+    def sumsq(part: Part) -> None:
+        _sumsq_kernel[(part.work.shape[0],)](part.work, part.tensors, table, part.partials, STATES=len(spec.states),
+                                             DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, SUB=sub_tile(part.dtype),
+                                             num_warps=NUM_WARPS)
+
+    return Step(update, lambda: plan.grad_sumsq(sumsq))

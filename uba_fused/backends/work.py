@@ -1,16 +1,23 @@
 """What an optimizer hands a backend: one ``GroupWork`` per param group, and where the gradients are.
 
-Every backend is a function ``prepare(rule, work, cache, grads) -> launch`` (see ``backends/__init__.py``).
-``prepare`` checks and builds whatever can fail, touching no parameter or state; the ``launch`` it
-returns applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
-gradient is None is left as it is), advances those parameters' ``step`` and each group's
-``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``. The optimizer
-has checked the gradients (``check_grads``) and prepares every backend before it launches any, so
-an error leaves nothing half-updated. ``cache`` is the optimizer's ``StepCache``, where a kernel backend
-keeps device tables between steps (``plans``) and backend "cpu" its derived lists (``host``); the
-optimizer clears it when storages may have changed (``load_state_dict``, ``add_param_group``). Backends
-"torch" and "cpu" read the gradients from ``GroupWork.grads``; the kernel backends read their addresses
-from ``grads`` (a ``GradSource``).
+Every backend is a function ``prepare(rule, work, cache, grads) -> Step`` (see ``backends/__init__.py``).
+``prepare`` checks and builds whatever can fail, touching no parameter or state. The ``Step`` it returns is
+the step of those groups as a small pipeline, which the optimizer runs stage by stage over every backend:
+
+1. ``grad_sumsq()``, the pre-pass, only when a group clips its gradients (``max_grad_norm``): launches the
+   reduction of the gradients and returns the sum of their squares, a float64 0-dim tensor on the device.
+   The optimizer adds the backends' sums and takes the square root: the global gradient norm.
+2. ``update(norm)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
+   gradient is None is left as it is), each gradient first scaled by its group's clipping factor
+   (registry.clipping; ``norm`` is None when no group clips), advances those parameters' ``step`` and each
+   group's ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``.
+
+Nothing in either stage syncs with the host. The optimizer has checked the gradients (``check_grads``) and
+prepares every backend before it launches any, so an error leaves nothing half-updated. ``cache`` is the
+optimizer's ``StepCache``, where a kernel backend keeps device tables between steps (``plans``) and backend
+"cpu" its derived lists (``host``); the optimizer clears it when storages may have changed
+(``load_state_dict``, ``add_param_group``). Backends "torch" and "cpu" read the gradients from
+``GroupWork.grads``; the kernel backends read their addresses from ``grads`` (a ``GradSource``).
 
 A parameter that is a DTensor (FSDP2's sharded parameters) reaches every backend as its local shard
 (``local``), with its gradient's and its state's local shards: the rules are element-wise, so each rank
@@ -20,6 +27,7 @@ updates what it holds, in the same single launch, and nothing dispatches through
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +56,14 @@ class GroupWork:
     slots: list[int]               # each param's position in the optimizer's flat parameter order
     grads_like_params: bool = False  # every gradient in grads is laid out as its parameter (the optimizer's
                                    # C++ pass found it so; False: not known)
+
+
+@dataclass
+class Step:
+    """What a backend's ``prepare`` returns: its groups' step, stage by stage (see the module's docstring)."""
+
+    update: Callable[[torch.Tensor | None], None]  # the update, given the global gradient norm (or None)
+    grad_sumsq: Callable[[], torch.Tensor]  # the pre-pass: the sum of squares of the groups' gradients
 
 
 @dataclass

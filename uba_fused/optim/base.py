@@ -150,11 +150,19 @@ COMMON_ARGS = f"""
             default) applies the group's lr as it is, so torch LR schedulers keep working.
         backend: "auto" (the default: the fastest that can run the parameters), "cuda", "triton", "cpu" or
             "torch" (the readable per-tensor spec). An explicit choice that cannot run raises, saying why.
+        state_dtype: None (the default) keeps each state buffer in its parameter's dtype, as torch.optim does;
+            torch.float32 keeps it in float32, so that the moving averages of bfloat16 or float16 parameters are
+            not rounded to 8 or 11 bits at every step (it takes 2x their memory). The update computes in float32
+            either way. It applies to state made after it is set; a state-dict load converts the loaded state.
         maximize, foreach, capturable, differentiable, fused: torch.optim's flags, taken where their meaning
             holds. Every step is already one fused, capturable update, so ``foreach``, ``capturable`` and
             ``fused=True`` change nothing; ``maximize=True``, ``differentiable=True`` and ``fused=False``
             raise with the reason.
 """
+
+# Options a saved group may lack (torch.optim's have none of them, and older uba_fused ones lack the later
+# ones): a load keeps this optimizer's value.
+_KEPT_IF_UNSAVED = ("schedule", "backend", "state_dtype", "max_grad_norm")
 
 _SET_PARAMS = ("params must be an ordered collection (a list, or model.parameters()), not a set: a set's order "
                "changes between runs, and with it which saved state belongs to which parameter")
@@ -171,14 +179,38 @@ def _split_names(given: list) -> tuple[list, list[str] | None]:
     return [x[1] for x in given], [x[0] for x in given]
 
 
-def _zeros_like(p: torch.Tensor) -> torch.Tensor:
-    """A state buffer for ``p``, laid out as it is: for a DTensor, a DTensor with its mesh and placements (so
-    torch.distributed.checkpoint saves and reshards it) around a local shard laid out as ``p``'s."""
+def _zeros_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A state buffer of ``dtype`` for ``p``, laid out as it is: for a DTensor, a DTensor with its mesh and
+    placements (so torch.distributed.checkpoint saves and reshards it) around a local shard laid out as ``p``'s."""
     if is_dtensor(p):
-        shard = torch.zeros_like(local(p), memory_format=torch.preserve_format)
+        shard = torch.zeros_like(local(p), dtype=dtype, memory_format=torch.preserve_format)
         return backends.work.dtensor_class().from_local(shard, p.device_mesh, p.placements, run_check=False,
                                                         shape=p.shape, stride=p.stride())
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
+    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
+    """The dtype of ``p``'s state buffers in ``group``."""
+    return group.get("state_dtype") or p.dtype
+
+
+def check_state_dtype(group: dict) -> None:
+    """``state_dtype`` is None or torch.float32, and float32 is not narrower than any parameter of the group."""
+    dtype = group.get("state_dtype")  # an optimizer pickled before the option existed has none
+    if dtype is None or dtype == torch.float32 and not any(p.dtype == torch.float64 for p in group["params"]):
+        return
+    if not isinstance(dtype, torch.dtype):
+        raise TypeError(f"state_dtype must be None or a torch.dtype (torch.float32), got {type(dtype).__name__} "
+                        f"{dtype!r}")
+    if dtype in (torch.bfloat16, torch.float16):
+        raise ValueError(f"state_dtype={dtype} is not supported: rounding a moving average to nearest in 16 bits at "
+                         f"every step stalls it (0.999 * v rounds back to v in bfloat16), and the stochastic rounding "
+                         f"that avoids this is not built yet; use None or torch.float32")
+    if dtype != torch.float32:
+        raise ValueError(f"state_dtype must be None (each state in its parameter's dtype) or torch.float32, got {dtype}")
+    wide = [i for i, p in enumerate(group["params"]) if p.dtype == torch.float64]
+    raise ValueError(f"state_dtype=torch.float32 would keep the state of the float64 parameters {wide} of this group "
+                     f"in less precision than the parameters themselves; use None for them")
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -193,6 +225,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._warned_lr_twice = False
         self._backends: list[str] = []
         self._on_cuda = False  # whether any group lives on a CUDA device (only then can a step be captured)
+        self._dtensors = False  # whether any parameter is a DTensor
         self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         super().__init__(params, defaults)
@@ -258,6 +291,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                             f"got {type(sched).__name__}")
         if group["backend"] not in backends.NAMES:
             raise ValueError(f"backend must be one of {backends.NAMES}, got {group['backend']!r}")
+        check_state_dtype(group)
+        if "max_grad_norm" in group:  # any group that holds it clips by it (registry.clipping)
+            check_real("max_grad_norm", group["max_grad_norm"])
         lr, params = group["lr"], group["params"]
         if isinstance(lr, torch.Tensor) and params and lr.device != params[0].device:
             raise ValueError(f"lr as a tensor must be on the parameters' device ({params[0].device}), got {lr.device}: "
@@ -310,6 +346,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         del self._backends[i:], self._last_lr[i:], self._setup_lr[i:]
         self._backends.append(backend)
         self._on_cuda = any(g["schedule_step"].is_cuda for g in self.param_groups)
+        self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
         self._last_lr.append(last_lr)
         self._setup_lr.append(group["lr"])
         self._cache.clear()
@@ -343,18 +380,37 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     def _update(self) -> None:
+        clips = any(g.get("max_grad_norm", 0) for g in self.param_groups)
+        if clips:
+            self._check_clipping()
         capture = backends.Capture() if backends.capturing(self._on_cuda) else None
         work, grads = self._steady_work(capture)
         if work is None:
             work, grads = self._full_work(capture)
         by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
-        launches = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
-        for launch in launches:
-            launch()
+        steps = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
+        norm = None
+        if clips:  # the pre-pass: the global gradient norm
+            norm = sum(step.grad_sumsq() for step in steps).sqrt()
+            if capture is not None:  # every replay writes it, and the update kernels read it there
+                capture.keep.append(norm)
+        for step in steps:
+            step.update(norm)
         if capture is not None:
             self._captured(capture, grads)
         elif self._cache.scan is not None:
             self._cache.scan.after_eager_step(grads)
+
+    def _check_clipping(self) -> None:
+        """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device."""
+        devices = {str(g["schedule_step"].device) for g in self.param_groups}
+        if len(devices) > 1:
+            raise ValueError(f"max_grad_norm > 0 clips by the norm of all the optimizer's gradients, which needs every "
+                             f"param group on one device; they are on {sorted(devices)}")
+        if self._dtensors:
+            raise ValueError("max_grad_norm > 0 with DTensor (FSDP2) parameters would clip each rank by the norm of "
+                             "its own shards; the all-reduce it needs is not built. Clip with "
+                             "torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
 
     def _reads_grads(self, quantifier: Callable[[Iterable[bool]], bool]) -> bool:
         """Whether any / all groups' backends read the gradients themselves rather than device tables."""
@@ -472,7 +528,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
             self._new_steps(params)
-            st = [self._state_for(p, names) for p in params]
+            st = [self._state_for(p, names, state_dtype_of(group, p)) for p in params]
             first = sum(len(g["params"]) for g in self.param_groups[:gi])
             slots = [first + i for i in (range(len(params)) if index is None else index)]
             hit = self._cache.selections[key] = backends.Selection(
@@ -490,13 +546,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, step in zip(mine, torch.zeros(len(mine), dtype=torch.float32, device=device).unbind()):
                 self.state[p]["step"] = step
 
-    def _state_for(self, p: torch.Tensor, names: tuple[str, ...]) -> dict:
+    def _state_for(self, p: torch.Tensor, names: tuple[str, ...], dtype: torch.dtype) -> dict:
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
         for n in names:
             if n not in state:
-                state[n] = _zeros_like(p)
+                state[n] = _zeros_like(p, dtype)
         return state
 
     # -- state dicts -------------------------------------------------------------------
@@ -526,16 +582,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             group["backend"] = old["backend"]
             device = old["schedule_step"].device
             group["schedule_step"] = torch.as_tensor(group["schedule_step"]).to(device, torch.int64).reshape(())
-            for p in group["params"]:
+            for pid, p in zip(state_dict["param_groups"][i]["params"], group["params"]):
                 st = self.state.get(p)
                 if not st:
                     continue
                 # torch SGD keeps no step: a saved buffer means at least one step was taken.
                 default = 1.0 if any(isinstance(st.get(n), torch.Tensor) for n in self._state_names(group)) else 0.0
                 st["step"] = torch.as_tensor(st.get("step", default)).to(p.device, torch.float32).reshape(())
+                dtype = state_dtype_of(group, p)
                 for n in self._state_names(group):  # the kernels walk state in the parameter's layout
-                    if isinstance(st.get(n), torch.Tensor) and local(st[n]).stride() != local(p).stride():
-                        st[n] = _zeros_like(p).copy_(st[n])
+                    v = st.get(n)
+                    if not isinstance(v, torch.Tensor):
+                        continue
+                    recast = v.dtype != dtype  # torch.optim cast it to the parameter's dtype: take the saved value
+                    if recast or local(v).stride() != local(p).stride():
+                        st[n] = _zeros_like(p, dtype).copy_(state_dict["state"][pid][n] if recast else v)
             self._setup_group(i)
 
     def _checked_state_dict(self, sd: Any) -> dict[str, Any]:
@@ -553,7 +614,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
-        hyper = [k for k in self.defaults if k not in ("schedule", "backend")]
+        hyper = [k for k in self.defaults if k not in _KEPT_IF_UNSAVED]
         groups, listed = [], set()
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict param_groups[{gi}]"
@@ -578,7 +639,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if t.numel() != 1 or t.is_floating_point() or t.is_complex() or int(t) < 0:
                     raise ValueError(f"{where}['schedule_step'] must be a non-negative integer scalar, got "
                                      f"{saved['schedule_step']!r}")
-            merged = {**group, **saved, "backend": group["backend"]}
+            merged = {**group, **saved, "params": group["params"], "backend": group["backend"]}
             try:
                 self._check_group(merged)
             except (TypeError, ValueError) as exc:
