@@ -78,6 +78,19 @@ def _warmed(backend, steps=2, seed=3, cls=uf.AdamW):
     return params, opt, gen
 
 
+def _step_both(a, b, opt_a, opt_b, grads, monkeypatch, captured: bool):
+    """One step of the reference run and of the kernel run on the same gradients, the kernel's captured (as
+    simulated) or not; they must agree."""
+    for ps in (a, b):
+        for p, g in zip(ps, grads):
+            p.grad = g.clone()
+    _capturing(monkeypatch, captured)
+    opt_a.step()
+    opt_b.step()
+    _capturing(monkeypatch, False)
+    assert_same_runs(a, b, opt_a, opt_b)
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_a_captured_step_computes_like_an_eager_one_and_reads_its_own_table(backend, monkeypatch):
     a, opt_a, gen_a = _warmed("torch")
@@ -85,15 +98,7 @@ def test_a_captured_step_computes_like_an_eager_one_and_reads_its_own_table(back
     plan = opt_b._cache.plans[backend]
     eager_table = plan.grads.clone()
     for t in range(4):
-        grads = _grads(a, gen_a)
-        for ps in (a, b):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-        _capturing(monkeypatch, t == 1)
-        opt_a.step()
-        opt_b.step()
-        _capturing(monkeypatch, False)
-        assert_same_runs(a, b, opt_a, opt_b)
+        _step_both(a, b, opt_a, opt_b, _grads(a, gen_a), monkeypatch, captured=t == 1)
         if t == 1:  # the captured step wrote the graph's table, not the plan's own
             assert torch.equal(plan.grads, eager_table)
             [table] = [k for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor) and k.shape == plan.grads.shape
@@ -115,14 +120,7 @@ def test_a_captured_step_that_clips_keeps_the_norm_its_kernels_read(backend, mon
     b, opt_b, _ = _warmed(backend, cls=clipped)
     for t in range(3):
         grads = _grads(a, gen_a)
-        for ps in (a, b):
-            for p, g in zip(ps, grads):
-                p.grad = g.clone()
-        _capturing(monkeypatch, t == 1)
-        opt_a.step()
-        opt_b.step()
-        _capturing(monkeypatch, False)
-        assert_same_runs(a, b, opt_a, opt_b)
+        _step_both(a, b, opt_a, opt_b, grads, monkeypatch, captured=t == 1)
         if t == 1:  # the pre-pass wrote the norm into a tensor the graph keeps, and the update read it there
             norm = np.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
             kept = [k for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor) and k.dtype == torch.float64
@@ -136,14 +134,7 @@ def test_an_eager_step_after_a_capture_reads_its_gradients_even_at_the_captured_
     gradient tensors, must copy them into the plan's own table rather than trust it."""
     a, opt_a, gen = _warmed("torch", seed=5)
     b, opt_b, _ = _warmed(backend, seed=5)
-    grads = _grads(a, gen)
-    for ps in (a, b):
-        for p, g in zip(ps, grads):
-            p.grad = g.clone()
-    _capturing(monkeypatch, True)
-    opt_a.step()
-    opt_b.step()
-    _capturing(monkeypatch, False)
+    _step_both(a, b, opt_a, opt_b, _grads(a, gen), monkeypatch, captured=True)
     with torch.no_grad():
         for p, q, g in zip(a, b, _grads(a, gen)):
             p.grad.copy_(g)
