@@ -149,7 +149,7 @@ bool with_rule(int id, F&& f) {
   }
 }
 
-// The clipping factor of group row `row` (registry.clipping): min(1, max_grad_norm / (norm + eps)), in float64;
+// The clipping factor of group row `row` (Rule.clipping in registry.py): min(1, max_grad_norm / (norm + eps)), in float64;
 // 1 when the group does not clip (its max_grad_norm is 0; `norm` is then not read).
 UF_HD float grad_scale(const double* row, const double* norm) {
   const double max_norm = row[kMaxGradNorm];

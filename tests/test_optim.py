@@ -11,6 +11,7 @@ from harness import (CASE_IDS, CASES, SCHEDULES, check_steps_against_oracle, mak
 
 
 HOST_BACKENDS = ("torch", "cpu")
+ALL_BACKENDS = ("torch", "cpu", "triton", "cuda")  # the kernel backends in their CPU test modes
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)
@@ -36,7 +37,7 @@ def test_host_backends_keep_float32_state_of_16_bit_parameters(case, dtype, back
                                state_dtype=torch.float32)
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu", "triton", "cuda"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_clipping_scales_the_update_not_the_gradients(backend):
     # Adan's reference scales p.grad in place; here the gradients stay as backward left them.
     if uf.backends.availability("cpu")[backend] is not None:
@@ -48,6 +49,32 @@ def test_clipping_scales_the_update_not_the_gradients(backend):
     opt.step()
     for p, g in zip(params, grads):
         assert torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("name", ["adamw", "sgd-momentum"])
+def test_max_grad_norm_is_clip_grad_norm_fused_into_the_step(name, backend):
+    # torch.nn.utils.clip_grad_norm_ (in place, over every gradient) then torch.optim's step. Gradients at full
+    # scale have a global norm of 0.5-10 (clipped to 0.4); every third step's are 1e-3 of that (not clipped).
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    _, ours, theirs = next(t for t in TORCH_TWINS if t[0] == name)
+    a, b = make_params(), make_params()
+    opt_a, opt_b = ours(a, backend=backend, max_grad_norm=0.4), theirs(b)
+    gen = torch.Generator().manual_seed(6)
+    clipped = []
+    for t in range(9):
+        grads = [None if g is None else g * (1e-3 if t % 3 == 2 else 1.0)
+                 for g in random_grads(a, gen, skip=4 if t == 4 else None)]
+        set_grads(a, grads)
+        set_grads(b, grads)
+        clipped.append(float(torch.nn.utils.clip_grad_norm_(b, 0.4)) > 0.4)
+        opt_a.step()
+        opt_b.step()
+        for i, (p, q) in enumerate(zip(a, b)):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"step {t} param {i}: {m}")
+    assert clipped == [True, True, False] * 3
 
 
 def test_auto_takes_the_cpu_backend_for_cpu_parameters():

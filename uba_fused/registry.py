@@ -48,14 +48,6 @@ KIND = {name: i for i, name in enumerate(SCHEDULE_KINDS)}
 
 
 # -- update rules ---------------------------------------------------------------------------------------
-def clipping(group: Mapping) -> tuple[float, float]:
-    """(max_grad_norm, eps) of a group: before its update, each gradient is scaled by
-    min(1, max_grad_norm / (norm + eps)), norm the L2 norm of every gradient of the optimizer's step, as Adan's
-    reference clips (max_grad_norm 0: not scaled). eps is the group's own where its rule has one (Adan's
-    reference), else 1e-6 (torch.nn.utils.clip_grad_norm_'s)."""
-    return float(group.get("max_grad_norm", 0.0)), float(group.get("eps", 1e-6))
-
-
 def _log(b: float) -> float:
     return math.log(b) if b > 0 else -math.inf
 
@@ -95,6 +87,14 @@ def _always(group: Mapping) -> bool:
     return True
 
 
+def _torch_clip_eps(group: Mapping) -> float:
+    return 1e-6  # torch.nn.utils.clip_grad_norm_'s
+
+
+def _own_eps(group: Mapping) -> float:
+    return float(group["eps"])
+
+
 @dataclass(frozen=True)
 class Rule:
     """What every layer needs to know about one update rule; the math itself is in backends/reference.py
@@ -106,6 +106,7 @@ class Rule:
     constants: Callable[[Mapping], dict[str, float]]  # their values for a param group (float64, host side)
     streams: tuple[int, int]             # tensors loaded and stored per element on a step: the bytes it moves
     keeps_state: Callable[[Mapping], bool] = field(default=_always)  # SGD without momentum keeps none
+    clip_eps: Callable[[Mapping], float] = field(default=_torch_clip_eps)  # see clipping()
 
     @property
     def id(self) -> int:
@@ -121,6 +122,14 @@ class Rule:
         values = self.constants(group)
         return tuple(values[c] for c in self.consts)
 
+    def clipping(self, group: Mapping) -> tuple[float, float]:
+        """(max_grad_norm, eps) of a param group: before its update, each gradient is scaled by
+        min(1, max_grad_norm / (norm + eps)), norm the L2 norm of every gradient of the optimizer's step
+        (max_grad_norm 0, or none: not scaled). eps is torch.nn.utils.clip_grad_norm_'s 1e-6, so that a
+        clipped step is that function followed by the step, except for Adan, whose reference clips with
+        the group's own eps."""
+        return float(group.get("max_grad_norm", 0.0)), self.clip_eps(group)
+
     def bytes_per_element(self, itemsize: int) -> int:
         return sum(self.streams) * itemsize
 
@@ -134,7 +143,7 @@ RULES: dict[str, Rule] = {r.name: r for r in (
          keeps_state=lambda group: group["momentum"] != 0),
     Rule("adan", ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
          ("beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
-          "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5)),
+          "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5), clip_eps=_own_eps),
 )}
 RULE_IDS = {name: i for i, name in enumerate(RULES)}
 MAX_STATES = max(len(r.states) for r in RULES.values())

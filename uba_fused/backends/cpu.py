@@ -50,7 +50,7 @@ class _Part:
 def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None) -> None:
     spec = RULES[rule]
     for w in work:
-        scale = grad_scale(w, norm)
+        scale = grad_scale(rule, w, norm)
         scale = 1.0 if scale is None else float(scale)  # a CPU value: no sync
         lr = float(w.hyper["lr"])
         if w.schedule is not None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import _ext
-from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, clipping, group_cols
+from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
 from .work import Capture, GradSource, GroupWork, StepCache, dtensor_class, is_dtensor, local
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
@@ -91,7 +91,7 @@ def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
     lr = 0.0 if isinstance(h["lr"], torch.Tensor) else float(h["lr"])
     kind, warmup, total, min_ratio, phi = (w.schedule.kernel_constants() if w.schedule is not None
                                            else (KIND["constant"], 0.0, 1.0, 0.0, 2.0))
-    max_grad_norm, clip_eps = clipping(h)
+    max_grad_norm, clip_eps = RULES[rule].clipping(h)
     values = dict(lr=lr, kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
                   has_state=float(bool(w.state)), max_grad_norm=max_grad_norm, clip_eps=clip_eps)
     return tuple(values[c] for c in GROUP_COLS) + RULES[rule].row(h)

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..registry import RULES, clipping
+from ..registry import RULES
 from .work import GradSource, GroupWork, Step, StepCache
 
 
@@ -109,10 +109,10 @@ def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
 
 
-def grad_scale(w: GroupWork, norm: torch.Tensor | None) -> torch.Tensor | None:
-    """The factor that scales the group's gradients: min(1, max_grad_norm / (norm + eps)) (registry.clipping),
+def grad_scale(rule: str, w: GroupWork, norm: torch.Tensor | None) -> torch.Tensor | None:
+    """The factor that scales the group's gradients: min(1, max_grad_norm / (norm + eps)) (Rule.clipping),
     a float64 0-dim tensor; None when the group does not clip."""
-    max_norm, eps = clipping(w.hyper)
+    max_norm, eps = RULES[rule].clipping(w.hyper)
     return None if norm is None or max_norm == 0 else torch.clamp(max_norm / (norm + eps), max=1.0)
 
 
@@ -130,7 +130,7 @@ def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None) -> Non
         c = RULES[rule].constants(w.hyper)
         lr = applied_lr(w)
         w.lr_out.copy_(lr)
-        scale = grad_scale(w, norm)
+        scale = grad_scale(rule, w, norm)
         for i, (p, g, step_t) in enumerate(zip(w.params, w.grads, w.steps)):
             step_t.add_(1.0)
             stored = {name: tensors[i] for name, tensors in w.state.items()}

@@ -300,7 +300,7 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
 
 @triton.jit
 def _grad_scale(row, norm):
-    """The group's clipping factor, min(1, max_grad_norm / (norm + eps)) in float64 (registry.clipping), as a
+    """The group's clipping factor, min(1, max_grad_norm / (norm + eps)) in float64 (Rule.clipping), as a
     float32; 1 for a group that does not clip (norm then points at zeros)."""
     max_norm = tl.load(row + _MAX_GRAD_NORM)
     scale = tl.minimum(max_norm / (tl.load(norm) + tl.load(row + _CLIP_EPS)), 1.0)

@@ -9,7 +9,7 @@ the step of those groups as a small pipeline, which the optimizer runs stage by 
    The optimizer adds the backends' sums and takes the square root: the global gradient norm.
 2. ``update(norm)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
    gradient is None is left as it is), each gradient first scaled by its group's clipping factor
-   (registry.clipping; ``norm`` is None when no group clips), advances those parameters' ``step`` and each
+   (Rule.clipping; ``norm`` is None when no group clips), advances those parameters' ``step`` and each
    group's ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``.
 
 Nothing in either stage syncs with the host. The optimizer has checked the gradients (``check_grads``) and

@@ -51,12 +51,13 @@ class AdamW(_AdamFamily):
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  schedule: Schedule | None = None, backend: str = "auto", state_dtype: torch.dtype | None = None,
-                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
-                 differentiable: bool = False, fused: bool | None = None):
+                 max_grad_norm: float = 0.0, maximize: bool = False, foreach: bool | None = None,
+                 capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
         check_torch_flags("uba_fused.AdamW", amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                           capturable=capturable, differentiable=differentiable, fused=fused)
         super().__init__(params, dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      schedule=schedule, backend=backend, state_dtype=state_dtype))
+                                      schedule=schedule, backend=backend, state_dtype=state_dtype,
+                                      max_grad_norm=max_grad_norm))
 
     def _check_hyper(self, group: dict) -> None:
         if group.get("decoupled_weight_decay") is False:  # what a torch.optim.Adam state dict holds
@@ -87,13 +88,14 @@ class AdaBelief(_AdamFamily):
 
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, *, schedule: Schedule | None = None,
-                 backend: str = "auto", state_dtype: torch.dtype | None = None, maximize: bool = False,
-                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None):
+                 backend: str = "auto", state_dtype: torch.dtype | None = None, max_grad_norm: float = 0.0,
+                 maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
+                 differentiable: bool = False, fused: bool | None = None):
         check_torch_flags("uba_fused.AdaBelief", maximize=maximize, foreach=foreach, capturable=capturable,
                           differentiable=differentiable, fused=fused)
         super().__init__(params, dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
-                                      schedule=schedule, backend=backend, state_dtype=state_dtype))
+                                      schedule=schedule, backend=backend, state_dtype=state_dtype,
+                                      max_grad_norm=max_grad_norm))
 
 
 class Adan(_AdamFamily):
@@ -116,11 +118,8 @@ class Adan(_AdamFamily):
             moment (the reference's defaults, which the paper writes as 1 - 0.02, 1 - 0.08, 1 - 0.01).
         eps: added to the denominator, outside the square root.
         weight_decay: weight decay, scaled by the applied lr.
-        max_grad_norm: clips as the reference does, when > 0 (0, the default: no clipping): every gradient is
-            scaled by ``min(1, max_grad_norm / (norm + eps))``, norm the L2 norm of all the optimizer's gradients
-            of the step, computed on the device by a pre-pass (no sync; ``p.grad`` itself is left as it is).
-            Each group uses its own ``max_grad_norm`` and ``eps`` with the one global norm. Needs every
-            parameter on one device, and none a DTensor (FSDP2: clip with torch.nn.utils.clip_grad_norm_).
+        max_grad_norm: clipping by the global gradient norm, as below, here in the reference's position and
+            with the group's own ``eps`` in ``max_grad_norm / (norm + eps)``, as the reference clips.
         no_prox: how the decay applies: False divides by ``1 + lr wd`` after the update (the proximal form,
             the reference's default), True multiplies by ``1 - lr wd`` before it, as AdamW.
     """

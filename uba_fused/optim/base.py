@@ -154,6 +154,12 @@ COMMON_ARGS = f"""
             torch.float32 keeps it in float32, so that the moving averages of bfloat16 or float16 parameters are
             not rounded to 8 or 11 bits at every step (it takes 2x their memory). The update computes in float32
             either way. It applies to state made after it is set; a state-dict load converts the loaded state.
+        max_grad_norm: 0 (the default) applies the gradients as they are; > 0 scales every gradient by
+            ``min(1, max_grad_norm / (norm + 1e-6))``, norm the L2 norm of all the optimizer's gradients of the
+            step: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` fused into the step. A pre-pass
+            computes the norm on the device and the update applies the factor (no sync; ``p.grad`` is left as
+            backward wrote it). Each group may set its own, against the one global norm. Needs every parameter
+            on one device, and none a DTensor (under FSDP2, clip with clip_grad_norm_ before ``step()``).
         maximize, foreach, capturable, differentiable, fused: torch.optim's flags, taken where their meaning
             holds. Every step is already one fused, capturable update, so ``foreach``, ``capturable`` and
             ``fused=True`` change nothing; ``maximize=True``, ``differentiable=True`` and ``fused=False``
@@ -207,7 +213,8 @@ def check_state_dtype(group: dict) -> None:
                          f"every step stalls it (0.999 * v rounds back to v in bfloat16), and the stochastic rounding "
                          f"that avoids this is not built yet; use None or torch.float32")
     if dtype != torch.float32:
-        raise ValueError(f"state_dtype must be None (each state in its parameter's dtype) or torch.float32, got {dtype}")
+        raise ValueError(f"state_dtype must be None (each state in its parameter's dtype) or torch.float32, got "
+                         f"{dtype}")
     wide = [i for i, p in enumerate(group["params"]) if p.dtype == torch.float64]
     raise ValueError(f"state_dtype=torch.float32 would keep the state of the float64 parameters {wide} of this group "
                      f"in less precision than the parameters themselves; use None for them")
@@ -292,7 +299,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group["backend"] not in backends.NAMES:
             raise ValueError(f"backend must be one of {backends.NAMES}, got {group['backend']!r}")
         check_state_dtype(group)
-        if "max_grad_norm" in group:  # any group that holds it clips by it (registry.clipping)
+        if "max_grad_norm" in group:  # any group that holds it clips by it (Rule.clipping)
             check_real("max_grad_norm", group["max_grad_norm"])
         lr, params = group["lr"], group["params"]
         if isinstance(lr, torch.Tensor) and params and lr.device != params[0].device:
