@@ -45,9 +45,9 @@ from triton.compiler import ASTSource
 from uba_fused import registry
 from uba_fused.backends import triton as backend
 sig = {"work": "*i64", "tensors": "*i64", "grads": "*i64", "groups": "*fp64", "gaddr": "*i64", "done": "*i32",
-       "norm": "*fp64", "n_rows": "i32", "n_groups": "i32", "advance": "i32", "RULE": "constexpr", "STATES": "constexpr",
-       "NG": "constexpr", "DTYPE": "constexpr", "STATE_DTYPE": "constexpr", "BLOCK": "constexpr", "SUB": "constexpr",
-       "GROUPS": "constexpr"}
+       "norm": "*fp64", "n_rows": "i32", "n_groups": "i32", "advance": "i32", "RULE": "constexpr",
+       "STATES": "constexpr", "NG": "constexpr", "DTYPE": "constexpr", "STATE_DTYPE": "constexpr",
+       "BLOCK": "constexpr", "SUB": "constexpr", "GROUPS": "constexpr"}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ptxas = ptxas if os.path.exists(ptxas) else shutil.which("ptxas")
 out = {}

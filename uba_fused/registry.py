@@ -184,7 +184,8 @@ def cpp_header() -> str:
         _enum("ScheduleKind", [(k, i) for i, k in enumerate(SCHEDULE_KINDS)] + [("num_kinds", len(SCHEDULE_KINDS))]),
         _enum("RuleId", [(r, i) for i, r in enumerate(RULES)] + [("num_rules", len(RULES))]),
         "// The (parameter, state) dtype pairs the kernels are compiled for, by id: X(id, param DType, state DType).",
-        "#define UF_STORAGES(X) " + " ".join(f"X({i}, k{_camel(a)}, k{_camel(b)})" for i, (a, b) in enumerate(STORAGES)),
+        "#define UF_STORAGES(X) " + " ".join(f"X({i}, k{_camel(a)}, k{_camel(b)})"
+                                             for i, (a, b) in enumerate(STORAGES)),
         f"constexpr int kNumStorages = {len(STORAGES)};",
         f"constexpr int kChunk = {CHUNK};",
         f"constexpr long long kNoGrad = {NO_GRAD};",

@@ -19,7 +19,8 @@ from .plan import CaptureError, GradScan, is_dense
 from .work import Capture, GradSource, GroupWork, Selection, Step, StepCache, local
 
 __all__ = ["NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError", "Selection",
-           "Step", "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get", "capturing"]
+           "Step", "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get",
+           "capturing"]
 
 NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 # "auto" tries these in order; the first usable one wins. CUDA first: on an H100 (GPT-2-medium list,

@@ -1,4 +1,5 @@
-"""backend="triton": one launch per step (per storage: parameter dtype and state dtype) over the whole parameter list.
+"""backend="triton": one launch per step (per storage: parameter dtype and state dtype) over the whole
+parameter list.
 
 Each program takes one work item (tensor row, first element) of the plan (backends/plan.py), reads
 the tensor's addresses and its group's hyper-parameters from device tables, computes the group's
@@ -368,12 +369,14 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, n_rows, n_grou
              _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr))
     if start + BLOCK <= numel:
         if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
-            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, c, has_state, gscale)
+            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, c, has_state,
+                   gscale)
         else:
             _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel, c,
                    has_state, gscale)
     elif start < numel:
-        _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, c, has_state, gscale)
+        _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, c,
+               has_state, gscale)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
