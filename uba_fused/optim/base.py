@@ -159,7 +159,8 @@ COMMON_ARGS = f"""
             step: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` fused into the step. A pre-pass
             computes the norm on the device and the update applies the factor (no sync; ``p.grad`` is left as
             backward wrote it). Each group may set its own, against the one global norm. Needs every parameter
-            on one device, and none a DTensor (under FSDP2, clip with clip_grad_norm_ before ``step()``).
+            on one device; DTensor parameters (FSDP2, HSDP) all placed alike, and then each rank's share of the
+            norm is all-reduced over the mesh dimensions they are sharded on (so every rank calls ``step()``).
         maximize, foreach, capturable, differentiable, fused: torch.optim's flags, taken where their meaning
             holds. Every step is already one fused, capturable update, so ``foreach``, ``capturable`` and
             ``fused=True`` change nothing; ``maximize=True``, ``differentiable=True`` and ``fused=False``
@@ -193,6 +194,19 @@ def _zeros_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return backends.work.dtensor_class().from_local(shard, p.device_mesh, p.placements, run_check=False,
                                                         shape=p.shape, stride=p.stride())
     return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+
+def _shared_layout(groups: list[dict]) -> Any:
+    """(mesh, placements) if every parameter is a DTensor placed on the same mesh alike; else a sentence saying
+    which is not."""
+    params = [p for g in groups for p in g["params"]]
+    plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
+    if plain:
+        return f"parameters {plain} (in the optimizer's order) are not DTensors, others are"
+    layouts = list(dict.fromkeys((p.device_mesh, p.placements) for p in params))
+    if len(layouts) > 1:
+        return f"the parameters are placed {len(layouts)} ways: {[pl for _, pl in layouts]}"
+    return layouts[0]
 
 
 def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
@@ -233,6 +247,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._backends: list[str] = []
         self._on_cuda = False  # whether any group lives on a CUDA device (only then can a step be captured)
         self._dtensors = False  # whether any parameter is a DTensor
+        self._layout: Any = None  # the (mesh, placements) every DTensor parameter shares, or a sentence why none
         self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         super().__init__(params, defaults)
@@ -354,6 +369,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._backends.append(backend)
         self._on_cuda = any(g["schedule_step"].is_cuda for g in self.param_groups)
         self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
+        self._layout = _shared_layout(self.param_groups) if self._dtensors else None
         self._last_lr.append(last_lr)
         self._setup_lr.append(group["lr"])
         self._cache.clear()
@@ -398,7 +414,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         steps = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
         norm = None
         if clips:  # the pre-pass: the global gradient norm
-            norm = sum(step.grad_sumsq() for step in steps).sqrt()
+            norm = self._across_shards(sum(step.grad_sumsq() for step in steps)).sqrt()
             if capture is not None:  # every replay writes it, and the update kernels read it there
                 capture.keep.append(norm)
         for step in steps:
@@ -409,15 +425,30 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._cache.scan.after_eager_step(grads)
 
     def _check_clipping(self) -> None:
-        """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device."""
+        """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device; with
+        DTensor parameters, every one placed alike, so that one all-reduce completes the sum."""
         devices = {str(g["schedule_step"].device) for g in self.param_groups}
         if len(devices) > 1:
             raise ValueError(f"max_grad_norm > 0 clips by the norm of all the optimizer's gradients, which needs every "
                              f"param group on one device; they are on {sorted(devices)}")
-        if self._dtensors:
-            raise ValueError("max_grad_norm > 0 with DTensor (FSDP2) parameters would clip each rank by the norm of "
-                             "its own shards; the all-reduce it needs is not built. Clip with "
-                             "torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
+        if isinstance(self._layout, str):
+            raise ValueError(f"max_grad_norm > 0 with DTensor parameters sums each rank's share of the norm over the "
+                             f"mesh, which needs every parameter placed alike: {self._layout}. Clip with "
+                             f"torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
+
+    def _across_shards(self, sumsq: torch.Tensor) -> torch.Tensor:
+        """The sum of squares of every rank's shards, from this rank's: summed over each mesh dimension the
+        parameters are sharded on (FSDP2's), not over those they are replicated on (HSDP's outer one). One
+        all-reduce per sharded dimension, on the current stream: nothing syncs with the host."""
+        if self._layout is None:
+            return sumsq
+        import torch.distributed as dist  # loaded already: the parameters are DTensors
+
+        mesh, placements = self._layout
+        for dim, placement in enumerate(placements):
+            if placement.is_shard():
+                dist.all_reduce(sumsq, group=mesh.get_group(dim))
+        return sumsq
 
     def _reads_grads(self, quantifier: Callable[[Iterable[bool]], bool]) -> bool:
         """Whether any / all groups' backends read the gradients themselves rather than device tables."""
