@@ -77,6 +77,28 @@ def test_max_grad_norm_is_clip_grad_norm_fused_into_the_step(name, backend):
     assert clipped == [True, True, False] * 3
 
 
+def test_clipping_adds_the_shares_of_groups_on_different_backends():
+    # One norm over both groups: the pre-pass sums of backend "torch" and of a kernel backend are added.
+    backend = next((b for b in ("cuda", "triton") if uf.backends.availability("cpu")[b] is None), None)
+    if backend is None:
+        pytest.skip("no kernel backend runs on CPU tensors here")
+    a, b = make_params(), make_params()
+    opt_a = uf.SGD([{"params": a[:3], "backend": "torch"}, {"params": a[3:], "backend": backend}], lr=0.1,
+                   momentum=0.9, max_grad_norm=0.4)
+    opt_b = torch.optim.SGD(b, lr=0.1, momentum=0.9, foreach=False)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        grads = random_grads(a, gen)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        assert float(torch.nn.utils.clip_grad_norm_(b, 0.4)) > 0.4
+        opt_a.step()
+        opt_b.step()
+    assert opt_a.backends == ["torch", backend]
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
 def test_auto_takes_the_cpu_backend_for_cpu_parameters():
     assert uf.AdamW(make_params()).backends == ["cpu"]
     with pytest.raises(uf.BackendUnavailableError, match="backend 'cpu' updates CPU parameters, got meta"):

@@ -90,6 +90,7 @@ class StepCache:
     shards: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each DTensor parameter, its local shard
     plans: dict[str, Plan] = field(default_factory=dict)  # kernel backend name -> its device tables
     host: dict[tuple, Any] = field(default_factory=dict)  # backend "cpu": lists derived from a selection
+    layout: tuple | None = None           # (what clipping all-reduces over,) once a clipping step found it
 
     def clear(self) -> None:
         vars(self).update(vars(StepCache()))

@@ -12,9 +12,11 @@ it) plus the rule's buffers. Each param group carries ``schedule`` and
 
 from __future__ import annotations
 
+import functools
 import gc
 import math
 import numbers
+import operator
 import os
 import sys
 import types
@@ -197,10 +199,12 @@ def _zeros_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _shared_layout(groups: list[dict]) -> Any:
-    """(mesh, placements) if every parameter is a DTensor placed on the same mesh alike; else a sentence saying
-    which is not."""
+    """None if no parameter is a DTensor; (mesh, placements) if every one is, placed on the same mesh alike;
+    else a sentence saying which is not."""
     params = [p for g in groups for p in g["params"]]
     plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
+    if len(plain) == len(params):
+        return None
     if plain:
         return f"parameters {plain} (in the optimizer's order) are not DTensors, others are"
     layouts = list(dict.fromkeys((p.device_mesh, p.placements) for p in params))
@@ -246,8 +250,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._warned_lr_twice = False
         self._backends: list[str] = []
         self._on_cuda = False  # whether any group lives on a CUDA device (only then can a step be captured)
-        self._dtensors = False  # whether any parameter is a DTensor
-        self._layout: Any = None  # the (mesh, placements) every DTensor parameter shares, or a sentence why none
         self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         super().__init__(params, defaults)
@@ -368,8 +370,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         del self._backends[i:], self._last_lr[i:], self._setup_lr[i:]
         self._backends.append(backend)
         self._on_cuda = any(g["schedule_step"].is_cuda for g in self.param_groups)
-        self._dtensors = any(is_dtensor(p) for g in self.param_groups for p in g["params"])
-        self._layout = _shared_layout(self.param_groups) if self._dtensors else None
         self._last_lr.append(last_lr)
         self._setup_lr.append(group["lr"])
         self._cache.clear()
@@ -413,8 +413,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
         steps = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
         norm = None
-        if clips:  # the pre-pass: the global gradient norm
-            norm = self._across_shards(sum(step.grad_sumsq() for step in steps)).sqrt()
+        if clips:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
+            norm = self._across_shards(functools.reduce(operator.add, [s.grad_sumsq() for s in steps])).sqrt()
             if capture is not None:  # every replay writes it, and the update kernels read it there
                 capture.keep.append(norm)
         for step in steps:
@@ -431,20 +431,29 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(devices) > 1:
             raise ValueError(f"max_grad_norm > 0 clips by the norm of all the optimizer's gradients, which needs every "
                              f"param group on one device; they are on {sorted(devices)}")
-        if isinstance(self._layout, str):
+        layout = self._clip_layout()
+        if isinstance(layout, str):
             raise ValueError(f"max_grad_norm > 0 with DTensor parameters sums each rank's share of the norm over the "
-                             f"mesh, which needs every parameter placed alike: {self._layout}. Clip with "
+                             f"mesh, which needs every parameter placed alike: {layout}. Clip with "
                              f"torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
+
+    def _clip_layout(self) -> Any:
+        """What clipping all-reduces over (``_shared_layout``): found once, by the first step that clips, and
+        kept in the step cache, which a new param group or a state-dict load clears."""
+        if self._cache.layout is None:
+            self._cache.layout = (_shared_layout(self.param_groups),)
+        return self._cache.layout[0]
 
     def _across_shards(self, sumsq: torch.Tensor) -> torch.Tensor:
         """The sum of squares of every rank's shards, from this rank's: summed over each mesh dimension the
         parameters are sharded on (FSDP2's), not over those they are replicated on (HSDP's outer one). One
         all-reduce per sharded dimension, on the current stream: nothing syncs with the host."""
-        if self._layout is None:
+        layout = self._clip_layout()
+        if layout is None:
             return sumsq
         import torch.distributed as dist  # loaded already: the parameters are DTensors
 
-        mesh, placements = self._layout
+        mesh, placements = layout
         for dim, placement in enumerate(placements):
             if placement.is_shard():
                 dist.all_reduce(sumsq, group=mesh.get_group(dim))
