@@ -112,21 +112,21 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
   TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));
 }
 
-// The pre-pass over the same tables: out[item] = the sum of squares of work item `item`'s chunk of a gradient.
+// The pre-pass over the same tables: out[item] = the sum of squares (float64) of work item `item`'s chunk of a gradient.
 void grad_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
                 const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& out, int64_t n_groups, int64_t rule,
                 int64_t storage) {
   const uf::FusedStepArgs args =
       checked_args(work, tensors, grads, groups, gaddr, done, n_groups, false, rule, storage);
-  check_buffer(out, "uba_fused._C.grad_sumsq: ", "out", at::kFloat, work.size(0), work.device());
+  check_buffer(out, "uba_fused._C.grad_sumsq: ", "out", at::kDouble, work.size(0), work.device());
   if (work.device().is_cpu()) {
-    TORCH_CHECK(uf::run_grad_sumsq_on_host(args, out.data_ptr<float>(), static_cast<int>(rule),
+    TORCH_CHECK(uf::run_grad_sumsq_on_host(args, out.data_ptr<double>(), static_cast<int>(rule),
                                            static_cast<int>(storage)),
                 "uba_fused: grad_sumsq on the host: unknown rule or storage");
     return;
   }
   const c10::cuda::CUDAGuard guard(work.device());
-  cudaError_t err = uf::launch_grad_sumsq(args, out.data_ptr<float>(), static_cast<int>(rule),
+  cudaError_t err = uf::launch_grad_sumsq(args, out.data_ptr<double>(), static_cast<int>(rule),
                                           static_cast<int>(storage), c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "uba_fused: grad_sumsq_kernel failed: ", cudaGetErrorString(err));
 }
@@ -194,6 +194,41 @@ class GradAddresses {
   // gradient: a gradient that appears there has moved).
   void record() { ptrs_ = seen_; }
 
+  // What the device tables (and the optimizer's cached lists) were built from, for intact() to check at every
+  // step: each tensor's address, dtype, device, sizes and strides, and each (dict, key, value) entry, the value
+  // being the object the dict held under the key (a parameter's state buffer or step, a group's counter).
+  void hold(const std::vector<at::Tensor>& tensors, const py::list& entries) {
+    held_.clear();
+    held_.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) held_.push_back({t, layout(t)});
+    entries_.clear();
+    entries_.reserve(entries.size());
+    for (const py::handle e : entries) {
+      const py::tuple entry = py::reinterpret_borrow<py::tuple>(e);
+      TORCH_CHECK(entry.size() == 3 && PyDict_Check(entry[0].ptr()),
+                  "uba_fused._C.GradAddresses.hold: entries must be (dict, key, value) triples");
+      entries_.push_back({py::reinterpret_borrow<py::object>(entry[0]), py::reinterpret_borrow<py::object>(entry[1]),
+                          py::reinterpret_borrow<py::object>(entry[2])});
+    }
+  }
+
+  // Whether everything hold() recorded is as it was: no tensor moved to other memory (`p.data = ...`,
+  // `model.half().float()`, `module._apply`) or changed its dtype or layout, and every dict still holds the
+  // same object under its key (no state buffer, step or counter replaced). The index of the first that is
+  // not, among tensors then entries (-1: all intact).
+  int64_t moved() const {
+    for (size_t i = 0; i < held_.size(); ++i) {
+      if (!held_[i].layout.matches(held_[i].tensor)) return static_cast<int64_t>(i);
+    }
+    for (size_t i = 0; i < entries_.size(); ++i) {
+      const Entry& e = entries_[i];
+      // WithError: PyDict_GetItem saves and restores the error state around every lookup. A key that cannot be
+      // hashed never gets here (it was a key of the dict when hold() ran).
+      if (PyDict_GetItemWithError(e.dict.ptr(), e.key.ptr()) != e.value.ptr()) return static_cast<int64_t>(held_.size() + i);
+    }
+    return -1;
+  }
+
   size_t size() const { return params_.size(); }
 
  private:
@@ -217,8 +252,35 @@ class GradAddresses {
     return g ? *g : at::Tensor();
   }
 
+  // Where a tensor's elements are and how they are laid out: what a table row derives from it.
+  struct Layout {
+    const void* data;
+    at::ScalarType dtype;
+    at::Device device;
+    std::vector<int64_t> sizes, strides;
+    bool matches(const at::Tensor& t) const {  // no allocation: this runs for every held tensor at every step
+      return address(t) == data && t.scalar_type() == dtype && t.device() == device && t.sizes().equals(sizes) &&
+             t.strides().equals(strides);
+    }
+  };
+  struct Held {
+    at::Tensor tensor;
+    Layout layout;
+  };
+  struct Entry {
+    py::object dict, key, value;
+  };
+
+  // A tensor without storage (a meta tensor, say) reads as address null.
+  static const void* address(const at::Tensor& t) { return t.has_storage() ? t.data_ptr() : nullptr; }
+  static Layout layout(const at::Tensor& t) {
+    return {address(t), t.scalar_type(), t.device(), t.sizes().vec(), t.strides().vec()};
+  }
+
   std::vector<at::Tensor> params_;
   std::vector<const void*> ptrs_, seen_;
+  std::vector<Held> held_;
+  std::vector<Entry> entries_;
 };
 
 }  // namespace
@@ -245,6 +307,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            "every address (NO_GRAD: none) into out; (first mismatched index or -1, indices laid out otherwise)",
            py::arg("out"), py::arg("grads") = py::none())
       .def("record", &GradAddresses::record, "make the addresses the last scan or collect saw the reference")
+      .def("hold", &GradAddresses::hold, "record what the tables were built from: tensors, and (dict, key, value)",
+           py::arg("tensors"), py::arg("entries"))
+      .def("moved", &GradAddresses::moved,
+           "index of the first held tensor (then entry) no longer as hold() recorded it; -1 if none")
       .def("__len__", &GradAddresses::size);
   // The registry this build was compiled from (registry.abi() as JSON): backend "cuda" compares it with
   // uba_fused/registry.py's and refuses a stale build.

@@ -268,27 +268,30 @@ void run_on_host(const FusedStepArgs& args) {
   }
 }
 
-// The pre-pass: lane `lane` of LANES's share of the sum of squares of work item `item`'s chunk of a gradient.
+// The pre-pass: lane `lane` of LANES's share of the sum of squares of work item `item`'s chunk of a gradient, in
+// float64: a square of a float32 above 1.8e19 overflows float32, never float64, so every finite gradient gives a
+// finite norm, as backend "torch" (whose norms are float64) gives it. On an H100 float64 arithmetic runs at half
+// the float32 rate, far above what reading the gradient once needs.
 template <typename T, class R, int LANES>
-UF_HD float chunk_sumsq(const FusedStepArgs& args, int64_t item, int lane) {
+UF_HD double chunk_sumsq(const FusedStepArgs& args, int64_t item, int lane) {
   const int64_t slot = args.work[2 * item], start = args.work[2 * item + 1];
   const int64_t* row = args.tensors + slot * (kState0 + R::Cols::kStates);
   const int64_t grad = args.grads[row[kGradSlot]];
-  if (grad == kNoGrad) return 0.0f;
+  if (grad == kNoGrad) return 0.0;
   const int64_t end = row[kNumel] - start < kChunk ? row[kNumel] : start + kChunk;
   const T* g = reinterpret_cast<const T*>(grad);
-  float acc = 0.0f;
+  double acc = 0.0;
   if (grad % 16 == 0 && end - start == kChunk) {  // a full aligned chunk: 16-byte loads, as the update's
     constexpr int N = kVec<T>;
     for (int i = lane; i < kChunk / N; i += LANES) {
       float x[N];
       Io<T>::load(g, start / N + i, x);
 #pragma unroll
-      for (int e = 0; e < N; ++e) acc += x[e] * x[e];
+      for (int e = 0; e < N; ++e) acc += static_cast<double>(x[e]) * x[e];
     }
   } else {
     for (int64_t i = start + lane; i < end; i += LANES) {
-      const float x = to_float(g[i]);
+      const double x = to_float(g[i]);
       acc += x * x;
     }
   }
@@ -298,7 +301,7 @@ UF_HD float chunk_sumsq(const FusedStepArgs& args, int64_t item, int lane) {
 // sums[0] = the sum of sums[0..kThreads), added as a fixed tree: the same result every run, on either side.
 // On the device each thread adds its pair (`lane`), with a barrier between levels; on the host one call adds all.
 template <bool kDevice>
-UF_HD void tree_sum(float* sums, int lane) {
+UF_HD void tree_sum(double* sums, int lane) {
   for (int half = kThreads / 2; half > 0; half /= 2) {
     if (kDevice) {
       if (lane < half) sums[lane] += sums[lane + half];
@@ -312,8 +315,8 @@ UF_HD void tree_sum(float* sums, int lane) {
 }
 
 template <typename T, class R>
-__global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(FusedStepArgs args, float* out) {
-  __shared__ float sums[kThreads];
+__global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(FusedStepArgs args, double* out) {
+  __shared__ double sums[kThreads];
   sums[threadIdx.x] = chunk_sumsq<T, R, kThreads>(args, blockIdx.x, threadIdx.x);
   __syncthreads();
   tree_sum<true>(sums, threadIdx.x);
@@ -367,7 +370,7 @@ bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage) {
   });
 }
 
-cudaError_t launch_grad_sumsq(const FusedStepArgs& args, float* out, int rule, int storage, cudaStream_t stream) {
+cudaError_t launch_grad_sumsq(const FusedStepArgs& args, double* out, int rule, int storage, cudaStream_t stream) {
   if (args.n_items == 0) return cudaSuccess;
   const bool known = with_types(rule, storage, [&](auto types, auto r) {
     grad_sumsq_kernel<typename decltype(types)::param, decltype(r)>
@@ -376,9 +379,9 @@ cudaError_t launch_grad_sumsq(const FusedStepArgs& args, float* out, int rule, i
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
 }
 
-bool run_grad_sumsq_on_host(const FusedStepArgs& args, float* out, int rule, int storage) {
+bool run_grad_sumsq_on_host(const FusedStepArgs& args, double* out, int rule, int storage) {
   return with_types(rule, storage, [&](auto types, auto r) {
-    float sums[kThreads];  // the device's lanes and tree, one after another: its order of additions
+    double sums[kThreads];  // the device's lanes and tree, one after another: its order of additions
     for (int64_t item = 0; item < args.n_items; ++item) {
       for (int lane = 0; lane < kThreads; ++lane) {
         sums[lane] = chunk_sumsq<typename decltype(types)::param, decltype(r), kThreads>(args, item, lane);

@@ -38,10 +38,10 @@ cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, 
 // after another; false when `rule` or `storage` is unknown. It is how the tests run this backend without a GPU.
 bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage);
 
-// The pre-pass over the same tables: out[item] = the sum of squares, in float32, of work item `item`'s chunk of
+// The pre-pass over the same tables: out[item] = the sum of squares, in float64, of work item `item`'s chunk of
 // a gradient (0 without one). On the device, or on the host for CPU tables; false / cudaErrorInvalidValue when
 // `rule` or `storage` is unknown.
-cudaError_t launch_grad_sumsq(const FusedStepArgs& args, float* out, int rule, int storage, cudaStream_t stream);
-bool run_grad_sumsq_on_host(const FusedStepArgs& args, float* out, int rule, int storage);
+cudaError_t launch_grad_sumsq(const FusedStepArgs& args, double* out, int rule, int storage, cudaStream_t stream);
+bool run_grad_sumsq_on_host(const FusedStepArgs& args, double* out, int rule, int storage);
 
 }  // namespace uf

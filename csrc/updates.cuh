@@ -150,10 +150,14 @@ bool with_rule(int id, F&& f) {
 }
 
 // The clipping factor of group row `row` (Rule.clipping in registry.py): min(1, max_grad_norm / (norm + eps)), in float64;
-// 1 when the group does not clip (its max_grad_norm is 0; `norm` is then not read).
+// 1 when the group does not clip (its max_grad_norm is 0; `norm` is then not read). A NaN norm gives a NaN factor,
+// as torch.nn.utils.clip_grad_norm_ and backend "torch" give (fmin would return 1 and apply the gradients unclipped);
+// an infinite norm gives 0.
 UF_HD float grad_scale(const double* row, const double* norm) {
   const double max_norm = row[kMaxGradNorm];
-  return max_norm > 0.0 ? f32(fmin(max_norm / (*norm + row[kClipEps]), 1.0)) : 1.0f;
+  if (!(max_norm > 0.0)) return 1.0f;
+  const double scale = max_norm / (*norm + row[kClipEps]);
+  return f32(scale >= 1.0 ? 1.0 : scale);
 }
 
 // lr of group row `row` at its step counter t.

@@ -1,11 +1,12 @@
-"""The kernel backends' gradient-address path, and the rules of CUDA-graph capture, checked without a GPU.
+"""The kernel backends' gradient-address path, and the rules of CUDA-graph capture, with a simulated capture.
 
 In a real training loop every gradient moves every step (backward allocates new ones). The kernels
 read the addresses from one device table per plan, refreshed by one copy per step; a step captured
-into a CUDA graph reads a table of its own. On a CPU the kernels run in their test modes, and a
-capture is simulated by making ``backends.capturing()`` answer True for one step: that runs the
-optimizer's capture path (its own table, the rules, what it keeps) on CPU tensors. Replays need a
-GPU: tests/test_kernels.py has them.
+into a CUDA graph reads a table of its own. A capture is simulated by making ``backends.capturing()``
+answer True for one step: that runs the optimizer's capture path (its own table, the rules, what it
+keeps) eagerly. Without a GPU it runs on CPU tensors, the kernels in their test modes; on a GPU machine
+on CUDA tensors, the kernels natively (pinned rows included). Replays need a GPU: tests/test_kernels.py
+and tests/test_gpu_loops.py have them.
 """
 
 import copy
@@ -17,13 +18,19 @@ import torch
 
 import uba_fused as uf
 from uba_fused import backends
+from uba_fused.backends import plan as plan_module
 
-from harness import CASE_IDS, CASES, assert_same_runs, make_params, random_grads
+from harness import CASE_IDS, CASES, assert_same_runs, make_params as _make_params, random_grads
 
-_AVAIL = backends.availability("cpu")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_AVAIL = backends.availability(DEVICE)
 KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=str(_AVAIL[b])))
            for b in ("triton", "cuda")]
 SCHEDULE = uf.UBA(12, phi=0.5, warmup_steps=2)
+
+
+def make_params(seed=0):
+    return _make_params(DEVICE, seed=seed)
 
 
 def _grads(params, gen):
@@ -63,7 +70,7 @@ def test_moved_gradients_are_read_where_they_are_now(case, backend):
 
 
 def _capturing(monkeypatch, on: bool):
-    monkeypatch.setattr(backends, "capturing", lambda on_cuda=True: on)  # CPU tensors, as if CUDA captured
+    monkeypatch.setattr(backends, "capturing", lambda devices=(): on)  # as if CUDA captured
 
 
 def _warmed(backend, steps=2, seed=3, cls=uf.AdamW):
@@ -91,41 +98,104 @@ def _step_both(a, b, opt_a, opt_b, grads, monkeypatch, captured: bool):
     assert_same_runs(a, b, opt_a, opt_b)
 
 
+def _spy_tables(monkeypatch):
+    """The gradient table each step's kernels read, as Plan.for_step hands it to them."""
+    tables, for_step = [], plan_module.Plan.for_step.__func__
+
+    def spy(cls, *args, **kwargs):
+        plan, table = for_step(cls, *args, **kwargs)
+        tables.append(table)
+        return plan, table
+
+    monkeypatch.setattr(plan_module.Plan, "for_step", classmethod(spy))
+    return tables
+
+
 @pytest.mark.parametrize("backend", KERNELS)
 def test_a_captured_step_computes_like_an_eager_one_and_reads_its_own_table(backend, monkeypatch):
     a, opt_a, gen_a = _warmed("torch")
     b, opt_b, _ = _warmed(backend)
     plan = opt_b._cache.plans[backend]
     eager_table = plan.grads.clone()
+    tables = _spy_tables(monkeypatch)
     for t in range(4):
         _step_both(a, b, opt_a, opt_b, _grads(a, gen_a), monkeypatch, captured=t == 1)
-        if t == 1:  # the captured step wrote the graph's table, not the plan's own
+        if t == 1:  # the captured step read a table of its own, and left the plan's as the last eager step wrote it
             assert torch.equal(plan.grads, eager_table)
-            [table] = [k for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor) and k.shape == plan.grads.shape
-                       and k.data_ptr() != plan.grads.data_ptr()]
-            kept = {k.data_ptr() for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor)}
+            table = tables[-1]
+            assert table.data_ptr() != plan.grads.data_ptr()
             for q, address in zip(b, table[:-1].tolist()):
                 if q.grad.stride() == q.stride():
                     assert address == q.grad.data_ptr()
-                else:  # walked as a copy in the parameter's layout, which the capture keeps
-                    assert address != q.grad.data_ptr() and address in kept
+                else:  # walked as a copy in the parameter's layout
+                    assert address != q.grad.data_ptr()
             assert opt_b._captures[0].keep.count(plan) == 1
         eager_table = plan.grads.clone()
 
 
 @pytest.mark.parametrize("backend", KERNELS)
-def test_a_captured_step_that_clips_keeps_the_norm_its_kernels_read(backend, monkeypatch):
-    clipped = functools.partial(uf.Adan, max_grad_norm=0.3)
+def test_a_captured_step_that_clips_computes_like_an_eager_one(backend, monkeypatch):
+    clipped = functools.partial(uf.Adan, max_grad_norm=0.2)
     a, opt_a, gen_a = _warmed("torch", cls=clipped)
     b, opt_b, _ = _warmed(backend, cls=clipped)
     for t in range(3):
         grads = _grads(a, gen_a)
+        assert np.sqrt(sum(float((g.double() ** 2).sum()) for g in grads)) > 0.2  # clipped at every step
         _step_both(a, b, opt_a, opt_b, grads, monkeypatch, captured=t == 1)
-        if t == 1:  # the pre-pass wrote the norm into a tensor the graph keeps, and the update read it there
-            norm = np.sqrt(sum(float((g.double() ** 2).sum()) for g in grads))
-            kept = [k for k in opt_b._captures[0].keep if isinstance(k, torch.Tensor) and k.dtype == torch.float64
-                    and k.dim() == 0]
-            assert len(kept) == 1 and float(kept[0]) == pytest.approx(norm, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_a_capture_keeps_only_what_replays_use_after_the_step(backend, monkeypatch):
+    """A capture keeps the plan and (on CUDA) the pinned row its copy reads, and the storages its kernels write.
+    The device memory the step allocated (its table, relayout copies, the clipping norm) is used within each
+    replay only: it lives in the graph's pool and goes with the graph, so the optimizer holds none of it."""
+    clipped = functools.partial(uf.Adan, max_grad_norm=0.3)
+    a, opt_a, gen_a = _warmed("torch", cls=clipped)
+    b, opt_b, _ = _warmed(backend, cls=clipped)
+    for t in range(3):
+        _step_both(a, b, opt_a, opt_b, _grads(a, gen_a), monkeypatch, captured=t == 1)
+    [capture] = opt_b._captures
+    tensors = [k for k in capture.keep if isinstance(k, torch.Tensor)]
+    plans = [k for k in capture.keep if isinstance(k, plan_module.Plan)]
+    storages = [k for k in capture.keep if isinstance(k, torch.UntypedStorage)]
+    assert len(plans) == 1 and len(plans) + len(tensors) + len(storages) == len(capture.keep)
+    if DEVICE == "cuda":  # the pinned row of this capture's gradient addresses
+        [row] = tensors
+        assert row.is_pinned() and row.shape == plans[0].grads.shape
+    else:
+        assert tensors == []
+    written = {p.untyped_storage().data_ptr() for p in b if p.numel()}
+    written |= {v.untyped_storage().data_ptr() for p in b for v in opt_b.state[p].values()}
+    assert written <= {s.data_ptr() for s in storages}
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_captures_in_a_row_take_rows_set_aside_before_and_share_equal_ones(backend, monkeypatch):
+    """One graph per sequence-length bucket: warm every bucket up, then capture every one, with no eager step
+    between the captures. No capture may pin memory (a capture may refuse it): each takes a row set aside by
+    the eager steps, and a capture that finds the addresses of an earlier one shares its row."""
+    monkeypatch.setattr(plan_module, "_pinned_rows", lambda n, width: torch.zeros((n, width), dtype=torch.int64))
+    params, opt, gen = _warmed(backend)
+    opt._cache.scan._cuda = True  # as on CUDA, where rows are pinned: here plain tensors stand in for them
+    opt.step()  # an eager step sets rows aside
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("pinned memory asked for during a capture")
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
+    rows, grads = [], []
+    for i in range(4):
+        if i < 3:  # laid out as their parameters: nothing copied, so the 4th capture finds the 3rd's addresses
+            grads = [torch.empty_like(p).copy_(g) for p, g in zip(params, _grads(params, gen))]
+        for p, g in zip(params, grads):
+            p.grad = g
+        _capturing(monkeypatch, True)
+        opt.step()
+        _capturing(monkeypatch, False)
+        [row] = [k for k in opt._captures[-1].keep if isinstance(k, torch.Tensor)]
+        assert row[:-1].tolist() == [g.data_ptr() for g in grads]
+        rows.append(row)
+    assert len({r.data_ptr() for r in rows[:3]}) == 3 and rows[3] is rows[2]
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -204,7 +274,7 @@ def test_the_rules_of_capture_raise_naming_the_rule(backend, monkeypatch):
     with pytest.raises(uf.CaptureError, match="'lr'"):
         sched.step()
     with pytest.raises(uf.CaptureError, match="add_param_group: a new param group cannot take effect"):
-        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+        opt.add_param_group({"params": [torch.zeros(3, device=DEVICE, requires_grad=True)]})
     with pytest.raises(uf.CaptureError, match="load_state_dict cannot take effect"):
         opt.load_state_dict(sd)
     assert opt.param_groups[0]["lr"] == 0.01 and len(opt.param_groups) == 2
@@ -212,7 +282,7 @@ def test_the_rules_of_capture_raise_naming_the_rule(backend, monkeypatch):
     opt.step()
     twin = copy.deepcopy(opt)
     twin.param_groups[0]["lr"] = 0.5
-    twin.add_param_group({"params": [torch.zeros(3, requires_grad=True)]})
+    twin.add_param_group({"params": [torch.zeros(3, device=DEVICE, requires_grad=True)]})
 
 
 def test_a_tensor_lr_must_live_on_the_parameters_device():
@@ -241,6 +311,6 @@ def test_the_address_path_without_the_extensions_scanner(backend):
         opt_a.step()
         opt_b.step()
         assert_same_runs(a, b, opt_a, opt_b)
-    b[3].grad.data = torch.zeros(2)
+    b[3].grad.data = torch.zeros(2, device=DEVICE)
     with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[3\] has a gradient of shape \(2,\)"):
         opt_b.step()

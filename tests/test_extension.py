@@ -130,12 +130,14 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     assert int(counter) == 1 and float(step) == 1.0 and float(lr_out) == 0.5
 
     # The pre-pass over the same tables: one sum of squares per work item (the sentinel's is 0).
-    out = torch.full((2,), -1.0)
+    out = torch.full((2,), -1.0, dtype=torch.float64)
     sumsq = dict(good, n_groups=1, rule=registry.RULES["sgd"].id, storage=0)
-    with pytest.raises(RuntimeError, match="out must be a contiguous Float tensor of >= 2 elements"):
+    with pytest.raises(RuntimeError, match="out must be a contiguous Double tensor of >= 2 elements"):
         _ext._C.grad_sumsq(**sumsq, out=out[:1])
-    _ext._C.grad_sumsq(**sumsq, out=out)
-    assert out[0].item() == pytest.approx(float((g.double() ** 2).sum()), rel=1e-6) and out[1].item() == 0.0
+    with pytest.raises(RuntimeError, match="out must be a contiguous Double tensor of >= 2 elements, got Float"):
+        _ext._C.grad_sumsq(**sumsq, out=out.float())
+    _ext._C.grad_sumsq(**sumsq, out=out)  # summed in float64: a float32 sum of these squares would differ
+    assert out[0].item() == pytest.approx(float((g.double() ** 2).sum()), rel=1e-12) and out[1].item() == 0.0
 
     # A group that clips scales the gradient by min(1, max_grad_norm / (norm + eps)) before its update.
     good["groups"][0, gcols.index("max_grad_norm")] = 0.25

@@ -74,7 +74,7 @@ for rule, dtype, state_dtype in json.loads(sys.argv[1]):
 for dtype in ("float32", "bfloat16", "float16"):  # the pre-pass (its registers: one accumulator per element)
     dt = getattr(torch, dtype)
     src = ASTSource(fn=backend._sumsq_kernel, signature={
-        "work": "*i64", "tensors": "*i64", "grads": "*i64", "out": "*fp32", "STATES": "constexpr",
+        "work": "*i64", "tensors": "*i64", "grads": "*i64", "out": "*fp64", "STATES": "constexpr",
         "DTYPE": "constexpr", "BLOCK": "constexpr", "SUB": "constexpr"}, constexprs={
         "STATES": 2, "DTYPE": backend._TL_DTYPE[dt], "BLOCK": backend.BLOCK, "SUB": backend.sub_tile(dt)})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS}).asm["ptx"]

@@ -122,11 +122,20 @@ def check_params(backend: str, labels: Sequence[str], params: Sequence[torch.Ten
 PrepareFn = Callable[[str, Sequence[GroupWork], StepCache, "GradSource | None"], Step]
 
 
-def capturing(on_cuda: bool = True) -> bool:
-    """Whether the current CUDA stream is capturing a graph (a step then keeps what the graph reads). An
-    optimizer with no CUDA parameters passes ``on_cuda=False`` and gets False without asking CUDA, which
-    cost 40 us of a CPU step on a 2-core VM once the update had flushed the caches (benchmarks/RESULTS.md)."""
-    return on_cuda and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+def capturing(devices: Sequence[torch.device] = ()) -> bool:
+    """Whether the current stream of any of ``devices`` (an optimizer's CUDA devices) is capturing a CUDA graph (a
+    step then keeps what the graph reads). Each device's own current stream is asked, whichever device is
+    current. An optimizer with no CUDA parameters passes none and gets False without asking CUDA, which cost 40
+    us of a CPU step on a 2-core VM once the update had flushed the caches (benchmarks/RESULTS.md)."""
+    for device in devices:
+        if device.index == torch.cuda.current_device():
+            if torch.cuda.is_current_stream_capturing():
+                return True
+        else:
+            with torch.cuda.device(device):
+                if torch.cuda.is_current_stream_capturing():
+                    return True
+    return False
 
 
 @functools.cache  # called every step: skip the import machinery after the first time

@@ -24,7 +24,7 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
   groups   float64 [G, C]    per group: GROUP_COLS, then the rule's own columns (registry.group_cols)
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
-  partials float32 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
+  partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
 
 A step with parameters of several storages (registry.STORAGES: the parameter's dtype and its state's) makes one
 launch per storage ("part"); only the last launch advances the group counters, so every launch reads the same
@@ -35,8 +35,10 @@ optimizer hands the global norm to the update kernels as a pointer to a float64 
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -115,7 +117,7 @@ class Part:
     tensors: torch.Tensor
     work: torch.Tensor
     done: torch.Tensor
-    partials: torch.Tensor  # float32 [items]: a pre-pass's sum per work item (a view of Plan.partials)
+    partials: torch.Tensor  # float64 [items]: a pre-pass's sum per work item (a view of Plan.partials)
 
 
 @dataclass
@@ -129,7 +131,10 @@ class Plan:
     row_sigs: list[tuple]                   # signatures of the group rows last uploaded
     scratch: torch.Tensor                   # where the sentinel row and absent state point; never written
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
-    partials: torch.Tensor                  # float32 [items of every part]: the pre-pass's sums
+    partials: torch.Tensor                  # float64 [items of every part]: the pre-pass's sums
+    stream: torch.cuda.Stream | None = None  # the CUDA stream of the last step's launches (enter_stream)
+    stream_key: tuple | None = None         # its (id, device index, device type)
+    streams_seen: set = field(default_factory=set)  # the streams whose use record_stream marked
 
     @property
     def rule(self) -> str:
@@ -147,7 +152,7 @@ class Plan:
         torch.sum adds them all in a fixed order, so a step gives the same sum every run (atomics would not)."""
         for part in self.parts:
             part_sumsq(part)
-        return self.partials.sum(dtype=torch.float64)
+        return self.partials.sum()
 
     @staticmethod
     def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:
@@ -170,11 +175,14 @@ class Plan:
                                    "the same parameters receiving gradients (PyTorch's recipe warms up on a side "
                                    "stream)")
             plan = cache.plans[name] = cls.build(rule, work, block, len(source.addresses))
+        plan.enter_stream(work, source.capture)
         plan.upload_rows(work, source.capture)
         table = plan.grads
-        if source.capture is not None:  # the graph's own table, and the plan it reads, for the graph's life
+        if source.capture is not None:
+            # The graph's own table: written and read within each replay, in the graph's memory pool. The plan's
+            # tables outlive any rebuild while the graph may replay.
             table = torch.empty_like(plan.grads)
-            source.capture.keep += [table, plan]
+            source.capture.keep.append(plan)
         if built or source.changed or source.capture is not None:
             table.copy_(source.staged(plan.device), non_blocking=True)
         return plan, table
@@ -206,7 +214,7 @@ class Plan:
             rows.append([s, n_slots - 1, s, 0, 0, 1 << 1] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
             specs.append((dtype, state_dtype, rows, chunks + [1]))
         items = [sum(chunks) for *_, chunks in specs]
-        partials = torch.zeros(sum(items), dtype=torch.float32, device=device)
+        partials = torch.zeros(sum(items), dtype=torch.float64, device=device)
         parts = [Part(dtype, state_dtype, _to_device(torch.tensor(rows, dtype=torch.int64), device),
                       _to_device(work_items(chunks, block), device),
                       torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view)
@@ -216,6 +224,50 @@ class Plan:
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
                    _to_device(gaddr, device), torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
                    scratch, [w.params for w in work], partials)
+
+    def on_device(self) -> contextlib.AbstractContextManager:
+        """Where launches that take the current device (Triton's) must run: under the parameters' CUDA device, so
+        that they run there, on its current stream, whatever device is current (the CUDA binding guards itself)."""
+        if self.device.type != "cuda" or torch.cuda.current_device() == self.device.index:
+            return contextlib.nullcontext()
+        return torch.cuda.device(self.device)
+
+    def enter_stream(self, work: Sequence[GroupWork], capture: Capture | None) -> None:
+        """Before a step's launches on a CUDA stream other than the last step's (a warm-up on a side stream, then
+        the main one; a capture's own stream): wait for the last step's stream, so that two steps of one
+        optimizer never overlap (their kernels share the ``done`` counters, which an overlap would leave
+        non-zero, freezing every later step's counters), and reset the counters, so that a step after an
+        unordered one (a graph replayed on another stream at the same time) starts right. Under capture there is
+        nothing to wait for (torch.cuda.graph synchronizes before capturing), and the reset becomes part of
+        the graph. Also the first time on a stream, mark every table and state tensor as used there
+        (``record_stream``): the caching allocator then reuses their memory, when they are freed (a plan
+        rebuilt, a state dict loaded), only after that stream's queued kernels ran."""
+        if self.device.type != "cuda":
+            return
+        key = torch._C._cuda_getCurrentStream(self.device.index)
+        if key == self.stream_key:
+            return
+        stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+        if self.stream is not None and capture is None:
+            stream.wait_stream(self.stream)
+        for part in self.parts:
+            part.done.zero_()
+        if key not in self.streams_seen:
+            self.streams_seen.add(key)
+            for t in self.tensors_used(work):
+                t.record_stream(stream)
+        self.stream, self.stream_key = stream, key
+
+    def tensors_used(self, work: Sequence[GroupWork]) -> list[torch.Tensor]:
+        """Every device tensor a launch of this plan reads or writes, but the parameters and gradients."""
+        out = [self.groups, self.gaddr, self.grads, self.scratch, self.partials]
+        for part in self.parts:
+            out += [part.tensors, part.work, part.done]
+        for w in work:
+            out += [w.schedule_step, w.lr_out, *w.steps]
+            for ts in w.state.values():
+                out += ts
+        return out
 
     def upload_rows(self, work: Sequence[GroupWork], capture: Capture | None) -> None:
         """The group rows, uploaded when a group's host values changed (a torch scheduler's lr, say);
@@ -233,6 +285,20 @@ class Plan:
         for wi, w in enumerate(work):
             if isinstance(w.hyper["lr"], torch.Tensor):
                 self.groups[wi, _LR].copy_(w.hyper["lr"].reshape(()), non_blocking=True)
+
+
+# Pinned rows of gradient addresses set aside for captured steps at a time: enough for a graph per
+# sequence-length bucket, captured one after another with no eager step between (8 bytes per parameter each).
+CAPTURE_ROWS = 64
+
+
+def _pinned_rows(n: int, width: int) -> torch.Tensor:
+    return torch.empty((n, width), dtype=torch.int64, pin_memory=True)
+
+
+def _layout(t: torch.Tensor) -> tuple:
+    """Where a tensor's elements are and how they are laid out: what a table row derives from it."""
+    return t.data_ptr(), t.dtype, t.device, t.shape, t.stride()
 
 
 class GradScan:
@@ -261,7 +327,34 @@ class GradScan:
         self._c = c(self.params) if c is not None else None
         self._recorded = False
         self._cuda = any(p.is_cuda for p in params)
-        self._spare: torch.Tensor | None = None  # a pinned block set aside for the next captured step
+        # Pinned rows set aside for captured steps (each keeps one; allocating inside a capture may be refused),
+        # and the rows captures took, by their addresses: a capture that finds the same addresses shares one.
+        self._rows: torch.Tensor | None = None
+        self._next_row = 0
+        self._taken: dict[bytes, torch.Tensor] = {}
+        self._held: tuple[list, list] = ([], [])  # hold() without the extension: ((tensor, layout), entries)
+
+    def hold(self, tensors: list[torch.Tensor], entries: list[tuple[dict, Any, Any]]) -> None:
+        """Record what the tables were built from: each tensor's address and layout, and each (dict, key, value)
+        entry (``moved`` checks them). One C++ pass where the extension is built."""
+        if self._c is not None:
+            self._c.hold(tensors, entries)
+        else:
+            self._held = ([(t, _layout(t)) for t in tensors], list(entries))
+
+    def moved(self) -> int:
+        """The index of the first tensor (then entry) given to ``hold`` that is not as it was: moved to other
+        memory, of another dtype or layout, or no longer the value of its dict entry; -1 if all are as they were."""
+        if self._c is not None:
+            return self._c.moved()
+        tensors, entries = self._held
+        for i, (t, was) in enumerate(tensors):
+            if _layout(t) != was:
+                return i
+        for i, (d, key, value) in enumerate(entries):
+            if d.get(key) is not value:
+                return len(tensors) + i
+        return -1
 
     def steady(self, capture: Capture | None) -> GradSource | None:
         """This step's gradients, if one C++ pass can vouch for them all; else None (take ``full()``)."""
@@ -322,20 +415,42 @@ class GradScan:
 
     def _source(self, addresses: torch.Tensor, changed: bool, capture: Capture | None, keep: list) -> GradSource:
         source = GradSource(addresses, changed, capture, keep)
-        if capture is not None and self._spare is not None:
-            source.pinned = self._spare.copy_(addresses)  # a host copy: nothing for the capture to refuse
-            capture.keep.append(self._spare)
-            self._spare = None
+        if capture is not None and self._cuda:
+            source.pinned = self._capture_row(addresses)
+            capture.keep.append(source.pinned)
         return source
+
+    def _capture_row(self, addresses: torch.Tensor) -> torch.Tensor:
+        """A pinned row holding ``addresses`` for a captured step's copy to read at every replay: one a capture
+        with the same addresses took already, else the next row set aside (a host copy: nothing for the capture
+        to refuse). Rows are set aside CAPTURE_ROWS at a time, after eager steps; past them, a capture asks
+        torch's host allocator, which a capture may refuse."""
+        key = addresses.numpy().tobytes()
+        row = self._taken.get(key)
+        if row is None:
+            if self._rows is not None and self._next_row < len(self._rows):
+                row = self._rows[self._next_row].copy_(addresses)
+                self._next_row += 1
+            else:
+                try:
+                    row = addresses.pin_memory()
+                except RuntimeError as exc:
+                    raise CaptureError(f"CUDA-graph capture of step() needs a pinned block for the gradients' "
+                                       f"addresses, and the {CAPTURE_ROWS} set aside were taken by captures since "
+                                       f"the last eager step; pinning another during the capture failed ({exc}). "
+                                       f"Run an eager step between every {CAPTURE_ROWS} captures") from None
+            self._taken[key] = row
+        return row
 
     def after_eager_step(self, grads: GradSource | None) -> None:
         """The addresses just copied into the plans' own tables are the reference of the next ``steady()``;
-        and a pinned block is set aside for a step that a CUDA graph may capture next."""
+        and pinned rows are set aside for steps that CUDA graphs may capture next."""
         if grads is not None and grads.changed and self._c is not None:
             self._c.record()
             self._recorded = True
-        if self._cuda and self._spare is None:
-            self._spare = torch.empty(self.addresses.shape, dtype=torch.int64, pin_memory=True)
+        if self._cuda and (self._rows is None or self._next_row == len(self._rows)):
+            self._rows = _pinned_rows(CAPTURE_ROWS, len(self.addresses))
+            self._next_row = 0
 
     def after_captured_step(self) -> None:
         """Those addresses went to the graph's own table, not to the plans': the next eager step copies its own."""

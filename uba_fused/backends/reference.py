@@ -24,7 +24,7 @@ def applied_lr(w: GroupWork) -> torch.Tensor:
     dev = w.schedule_step.device
     # torch.full, not torch.tensor: a fill on the device, where torch.tensor would copy from the host.
     if isinstance(lr, torch.Tensor):
-        lr = lr.to(dev, torch.float64)
+        lr = lr.to(dev, torch.float64).reshape(())  # torch.optim takes a 1-element lr of any shape
     else:
         lr = torch.full((), lr, dtype=torch.float64, device=dev)
     if w.schedule is not None:

@@ -302,34 +302,37 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
 @triton.jit
 def _grad_scale(row, norm):
     """The group's clipping factor, min(1, max_grad_norm / (norm + eps)) in float64 (Rule.clipping), as a
-    float32; 1 for a group that does not clip (norm then points at zeros)."""
+    float32; 1 for a group that does not clip (norm then points at zeros). A NaN norm gives NaN, as
+    clip_grad_norm_ does (tl.minimum would give 1: the gradients applied unclipped); an infinite one 0."""
     max_norm = tl.load(row + _MAX_GRAD_NORM)
-    scale = tl.minimum(max_norm / (tl.load(norm) + tl.load(row + _CLIP_EPS)), 1.0)
+    scale = max_norm / (tl.load(norm) + tl.load(row + _CLIP_EPS))
+    scale = tl.where(scale >= 1.0, 1.0, scale)
     return tl.where(max_norm > 0.0, scale, 1.0).to(tl.float32)
 
 
 @triton.jit
 def _sumsq_kernel(work, tensors, grads, out, STATES: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                   SUB: tl.constexpr):
-    """The pre-pass: out[program] = the sum of squares, in float32, of its chunk of a gradient (0 without one)."""
+    """The pre-pass: out[program] = the sum of squares, in float64, of its chunk of a gradient (0 without one):
+    float32 squares overflow above 1.8e19, and the norm of finite gradients stays finite (csrc: chunk_sumsq)."""
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
     trow = tensors + slot * (_STATE0 + STATES)
     g_addr = tl.load(grads + tl.load(trow + _GRAD_SLOT))
     numel = tl.where(g_addr != _NO_GRAD, tl.load(trow + _NUMEL), 0)
-    acc = tl.zeros((SUB,), tl.float32)
+    acc = tl.zeros((SUB,), tl.float64)
     if (start + BLOCK <= numel) & (g_addr % 16 == 0):  # a full aligned chunk: unmasked 16-byte loads
         gp = tl.multiple_of(g_addr.to(tl.pointer_type(DTYPE)), 16)
         for sub in range(0, BLOCK, SUB):
             offs = tl.max_contiguous(tl.multiple_of(start + sub + tl.arange(0, SUB).to(tl.int64), SUB), SUB)
-            g = tl.load(gp + offs).to(tl.float32)
+            g = tl.load(gp + offs).to(tl.float64)
             acc += g * g
     elif start < numel:
         gp = g_addr.to(tl.pointer_type(DTYPE))
         for sub in range(0, BLOCK, SUB):
             offs = start + sub + tl.arange(0, SUB).to(tl.int64)
-            g = tl.load(gp + offs, mask=offs < numel, other=0.0).to(tl.float32)
+            g = tl.load(gp + offs, mask=offs < numel, other=0.0).to(tl.float64)
             acc += g * g
     tl.store(out + pid, tl.sum(acc, 0))
 
@@ -416,11 +419,16 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                 STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
                 BLOCK=BLOCK, SUB=sub_tile(part.dtype), GROUPS=groups, num_warps=NUM_WARPS)
 
-        plan.launch(launch)
+        with plan.on_device():  # Triton launches on the current device: make it the parameters'
+            plan.launch(launch)
 
     def sumsq(part: Part) -> None:
         _sumsq_kernel[(part.work.shape[0],)](part.work, part.tensors, table, part.partials, STATES=len(spec.states),
                                              DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, SUB=sub_tile(part.dtype),
                                              num_warps=NUM_WARPS)
 
-    return Step(update, lambda: plan.grad_sumsq(sumsq))
+    def grad_sumsq() -> torch.Tensor:
+        with plan.on_device():
+            return plan.grad_sumsq(sumsq)
+
+    return Step(update, grad_sumsq)

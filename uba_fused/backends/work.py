@@ -91,16 +91,38 @@ class StepCache:
     plans: dict[str, Plan] = field(default_factory=dict)  # kernel backend name -> its device tables
     host: dict[tuple, Any] = field(default_factory=dict)  # backend "cpu": lists derived from a selection
     layout: tuple | None = None           # (what clipping all-reduces over,) once a clipping step found it
+    held: Held | None = None              # what the tables and selections were built from, checked every step
+    fresh: bool = False                   # a selection was built this step: record what is held after it
 
     def clear(self) -> None:
         vars(self).update(vars(StepCache()))
 
 
 @dataclass
+class Held:
+    """What the device tables and the cached selections were built from, recorded after the step that built them
+    (``GradScan.hold``) and checked at the start of every step (``GradScan.moved``): each parameter whose address
+    a table holds, with its layout, and each dict entry that names a state buffer, a step count or a schedule
+    counter. ``labels`` says what each is (tensors first, then entries), for errors. ``storages`` keeps the
+    memory of those buffers and counters alive for as long as the tables may write it; ``state`` is the
+    optimizer's ``state`` mapping and ``version`` its count of changed entries then."""
+
+    tensors: list[torch.Tensor]
+    labels: list[str]
+    storages: list[torch.UntypedStorage]
+    state: Any
+    version: int
+
+
+@dataclass
 class Capture:
-    """What one step captured into a CUDA graph owns for as long as the optimizer lives: every replay reads
-    it (the staged gradient addresses its copy reads, its own device tables of them, temporaries its
-    kernels read), and the plans whose tables its kernels use must outlive any rebuild."""
+    """What one step captured into a CUDA graph keeps for as long as the optimizer lives, because a replay reads
+    or writes it after the step returned: the pinned row of gradient addresses its copy reads, the plans whose
+    tables its kernels use (they must outlive any rebuild), and the storages of every tensor its kernels write
+    (so that a replay never writes memory the optimizer no longer owns, even after ``p.data = ...``). The device
+    memory the captured step allocates (its gradient table, copies of gradients in their parameter's layout, the
+    clipping norm) is read within each replay only, lives in the graph's private memory pool, and goes with the
+    graph."""
 
     keep: list[Any] = field(default_factory=list)
 
@@ -120,20 +142,18 @@ class GradSource:
     changed: bool
     capture: Capture | None = None
     keep: list[torch.Tensor] = field(default_factory=list)
-    pinned: torch.Tensor | None = None  # the staged copy, once made (or set aside before a capture)
+    pinned: torch.Tensor | None = None  # the staged copy, once made (under capture: a row set aside before)
 
     def staged(self, device: torch.device) -> torch.Tensor:
         """The addresses where a copy to ``device`` may read them without the host waiting, or a later
         step overwriting them before it ran: for CUDA, a pinned block taken once per step from torch's
         host allocator (which reuses a block only after the copies that read it have run). Under
-        capture the block is one set aside before (``GradScan``): taking one from the allocator means
-        querying events, which capture may refuse; it stays the capture's, as every replay reads it."""
+        capture it is a row of pinned memory set aside before the capture (``GradScan``), which the
+        capture keeps: every replay reads it."""
         if device.type != "cuda":
             return self.addresses  # a copy between CPU tensors is done when it returns
         if self.pinned is None:
             self.pinned = self.addresses.pin_memory()
-            if self.capture is not None:
-                self.capture.keep.append(self.pinned)
         return self.pinned
 
 

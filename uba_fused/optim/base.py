@@ -21,6 +21,7 @@ import os
 import sys
 import types
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from itertools import groupby
 from typing import Any, ClassVar
@@ -172,6 +173,9 @@ COMMON_ARGS = f"""
 # Options a saved group may lack (torch.optim's have none of them, and older uba_fused ones lack the later
 # ones): a load keeps this optimizer's value.
 _KEPT_IF_UNSAVED = ("schedule", "backend", "state_dtype", "max_grad_norm")
+# torch.optim's flags: never asked of a saved group. torch.optim's __setstate__ (run by its load_state_dict, by
+# deepcopy and by unpickling) adds 'differentiable' to the defaults of an optimizer whose groups lack it.
+_TORCH_FLAGS = ("differentiable", "maximize", "foreach", "capturable", "fused")
 
 _SET_PARAMS = ("params must be an ordered collection (a list, or model.parameters()), not a set: a set's order "
                "changes between runs, and with it which saved state belongs to which parameter")
@@ -238,6 +242,47 @@ def check_state_dtype(group: dict) -> None:
                      f"in less precision than the parameters themselves; use None for them")
 
 
+class _State(defaultdict):
+    """``opt.state``: torch.optim's ``defaultdict(dict)``, counting in ``version`` every change of its entries (a
+    parameter's state dict set, replaced or dropped), so that a step tells in O(1) whether the per-parameter dicts
+    its tables were built from are still the optimizer's. (What each of them holds, ``GradScan.moved`` checks.)
+    Methods that may change an entry count one change whether or not they did."""
+
+    version = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:  # also what defaultdict's __missing__ calls
+        super().__setitem__(key, value)
+        self.version += 1
+
+    def __delitem__(self, key: Any) -> None:
+        super().__delitem__(key)
+        self.version += 1
+
+    def __ior__(self, other: Any) -> _State:
+        self.version += 1
+        return super().__ior__(other)
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> tuple:
+        self.version += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.version += 1
+        return super().setdefault(key, default)
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     rule: ClassVar[str]
     _step_optional: ClassVar[bool] = False  # a loaded state may lack 'step' (torch.optim.SGD keeps none)
@@ -249,13 +294,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._setup_lr: list[Any] = []  # each group's host lr when last seen: a change under a schedule warns
         self._warned_lr_twice = False
         self._backends: list[str] = []
-        self._on_cuda = False  # whether any group lives on a CUDA device (only then can a step be captured)
+        self._cuda_devices: tuple[torch.device, ...] = ()  # the groups' CUDA devices (where a step can be captured)
         self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         super().__init__(params, defaults)
+        self.state = _State(dict, self.state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
+        super().__setstate__(state)  # torch.optim's: also runs in its load_state_dict, deepcopy and unpickling
+        # torch.optim adds 'differentiable' to the defaults here; it is a flag of torch's, not a hyper-parameter
+        # every saved group must hold (_checked_state_dict asks for _hyper_names only).
+        if not isinstance(self.state, _State):
+            self.state = _State(dict, self.state)
         if not hasattr(self, "_cache"):  # unpickled or deep-copied: rebuild what is not state
             self._cache, self._backends, self._last_lr, self._setup_lr, self._captures = \
                 backends.StepCache(), [], [], [], []
@@ -364,12 +414,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         backend = backends.resolve(group["backend"], device, {p.dtype for p in group["params"]})
         last_lr = torch.zeros((), dtype=torch.float32, device=device)
         if isinstance(group["lr"], torch.Tensor):
-            last_lr.copy_(group["lr"])
+            last_lr.copy_(group["lr"].reshape(()))  # torch.optim takes a 1-element lr of any shape
         else:
             last_lr.fill_(group["lr"])
         del self._backends[i:], self._last_lr[i:], self._setup_lr[i:]
         self._backends.append(backend)
-        self._on_cuda = any(g["schedule_step"].is_cuda for g in self.param_groups)
+        self._cuda_devices = tuple(dict.fromkeys(g["schedule_step"].device for g in self.param_groups
+                                                 if g["schedule_step"].is_cuda))
         self._last_lr.append(last_lr)
         self._setup_lr.append(group["lr"])
         self._cache.clear()
@@ -406,7 +457,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         clips = any(g.get("max_grad_norm", 0) for g in self.param_groups)
         if clips:
             self._check_clipping()
-        capture = backends.Capture() if backends.capturing(self._on_cuda) else None
+        capture = backends.Capture() if backends.capturing(self._cuda_devices) else None
+        self._check_held(capture)
         work, grads = self._steady_work(capture)
         if work is None:
             work, grads = self._full_work(capture)
@@ -415,14 +467,79 @@ class FusedOptimizer(torch.optim.Optimizer):
         norm = None
         if clips:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
             norm = self._across_shards(functools.reduce(operator.add, [s.grad_sumsq() for s in steps])).sqrt()
-            if capture is not None:  # every replay writes it, and the update kernels read it there
-                capture.keep.append(norm)
         for step in steps:
             step.update(norm)
+        if self._cache.fresh:
+            self._hold()
         if capture is not None:
-            self._captured(capture, grads)
+            self._captured(capture)
         elif self._cache.scan is not None:
             self._cache.scan.after_eager_step(grads)
+
+    def _hold(self) -> None:
+        """Record what the device tables and cached selections of this step were built from, for every later step
+        to check first (``_check_held``): each parameter with state (its address, dtype and layout: what
+        ``p.data = ...`` changes), and the dict entries that name its state buffers, its step count and each
+        group's counter (what replacing one changes). The storages of those buffers and counters are kept alive
+        instead of checked (one C++ pass over 292 parameters with Adam's state took 31 us per step checking
+        all of them, 13 checking these): whatever a user does to their ``.data``, the kernels write memory the
+        optimizer holds."""
+        if not isinstance(self.state, _State):  # a plain dict assigned to opt.state
+            self.state = _State(dict, self.state)
+        tensors, labels, entries, entry_labels, storages = [], [], [], [], []
+        for gi, group in enumerate(self.param_groups):
+            where = f"param_groups[{gi}]"
+            entries.append((group, "schedule_step", group["schedule_step"]))
+            entry_labels.append(f"{where}['schedule_step'] (replaced)")
+            storages.append(group["schedule_step"].untyped_storage())
+            names = ("step", *self._state_names(group))
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st or "step" not in st:
+                    continue
+                what = f"{where}['params'][{i}]"
+                tensors.append(local(p))
+                labels.append(f"{what} (its storage, dtype or layout)")
+                for n in names:
+                    if n in st:
+                        entries.append((st, n, st[n]))
+                        entry_labels.append(f"{what}'s state {n!r} (replaced)")
+                        storages.append(local(st[n]).untyped_storage())
+        self._cache.scan.hold(tensors, entries)
+        self._cache.held = backends.work.Held(tensors, labels + entry_labels, storages, self.state,
+                                              self.state.version)
+        self._cache.fresh = False
+
+    def _check_held(self, capture: backends.Capture | None) -> None:
+        """Before anything reads a table: if a tensor the tables point at moved to other memory or changed its
+        dtype or layout (``p.data = ...``, ``model.half().float()``, ``module._apply``), or the optimizer's state
+        names another tensor (``opt.state[p]["exp_avg"] = ...``), forget every table and selection, so that this
+        step rebuilds them from what is there now. The kernels would otherwise write memory the optimizer no
+        longer owns. A step being captured, or any step after a capture, raises instead: a graph replays what
+        it captured."""
+        held = self._cache.held
+        if held is None:
+            return
+        if self.state is held.state and self.state.version == held.version:
+            moved = self._cache.scan.moved()
+            if moved < 0:
+                return
+            what = held.labels[moved]
+        else:
+            what = "opt.state (a parameter's state set, replaced or dropped)"
+        self._refuse_if_captured(what, capture)
+        self._cache.clear()
+
+    def _refuse_if_captured(self, what: str, capture: backends.Capture | None) -> None:
+        if capture is not None:
+            raise backends.CaptureError(
+                f"{what} changed since the last eager step, during CUDA-graph capture of step(): the tables the "
+                f"graph would read name what was there before. Run an eager step after such a change, then capture")
+        if self._captures:
+            raise backends.CaptureError(
+                f"{what} changed after a CUDA graph captured this optimizer's step: its replays go on updating the "
+                f"tensors it captured (kept alive by the optimizer, so no other memory is written). Move or replace "
+                f"parameters and state before capturing")
 
     def _check_clipping(self) -> None:
         """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device; with
@@ -482,7 +599,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _full_work(self, capture: backends.Capture | None) -> tuple[list, backends.GradSource | None]:
         # Everything that can fail runs before anything is written: every group's values and gradients
         # first, lazy state only after all of them passed, then every backend's prepare before any launch.
-        self._drop_moved_shards()
+        self._drop_moved_shards(capture)
         sigs = [self._check_group_at_step(gi, group) for gi, group in enumerate(self.param_groups)]
         grads = [[p.grad for p in group["params"]] for group in self.param_groups]
         # what the backends read: a DTensor's local shard (placed as its parameter, once check() passed)
@@ -501,11 +618,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 check()
         else:  # the kernel backends' pass over the gradients checks them too
             source = self._cache.scan.full(capture, check, [g for gs in shards for g in gs])
+        if not self._cache.selections:  # built afresh (first step, or something moved): state must still fit
+            self._fit_state()
         work = [self._group_work(gi, sig, self._selection(gi, group, gs, capture), gs, alike)
                 for gi, (group, sig, gs) in enumerate(zip(self.param_groups, sigs, shards))]
         return work, source
 
-    def _drop_moved_shards(self) -> None:
+    def _drop_moved_shards(self, capture: backends.Capture | None) -> None:
         """Forget every table and selection if a DTensor parameter's local tensor is not the one they hold:
         FSDP2 gives a sharded parameter a new one when the model's state dict is loaded or it is moved
         (``reset_sharded_param``), and an update of the old one would be lost. Only DTensors are visited.
@@ -513,16 +632,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         (``GradScan._shard_grads``)."""
         held = self._cache.shards
         if held is not None and any(p._local_tensor is not shard for p, shard in held):
+            self._refuse_if_captured("a DTensor parameter's local shard", capture)
             self._cache.clear()
             held = None
         if held is None:
             self._cache.shards = [(p, local(p)) for g in self.param_groups for p in g["params"] if is_dtensor(p)]
 
-    def _captured(self, capture: backends.Capture, grads: backends.GradSource | None) -> None:
-        """After a step captured into a CUDA graph: keep what its replays read, for the optimizer's life, and
-        refuse from now on what they would not see (a changed hyper-parameter, a new param group)."""
-        if grads is not None:
-            capture.keep += grads.keep
+    def _captured(self, capture: backends.Capture) -> None:
+        """After a step captured into a CUDA graph: keep what its replays read or write after the step returned,
+        for the optimizer's life (``backends.Capture``: the storages of what the tables point at among it), and
+        refuse from now on what they would not see (a changed hyper-parameter, a new param group, a moved
+        parameter)."""
+        held = self._cache.held
+        if held is not None:
+            storages = [t.untyped_storage() for t in held.tensors] + held.storages
+            capture.keep += list({(s.device, s.data_ptr()): s for s in storages}.values())
         self._captures.append(capture)
         for group in self.param_groups:
             group.captured = True
@@ -569,6 +693,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{fresh} have no state yet. Run eager steps with the same parameters receiving gradients "
                     f"before capturing (PyTorch's recipe warms up on a side stream)")
         if hit is None:
+            self._cache.fresh = True
             if mask is not None:  # keep one partial selection per group: masks can be endless (MoE routing)
                 for k in [k for k in self._cache.selections if k[0] == gi and k[1] is not None]:
                     del self._cache.selections[k]
@@ -582,6 +707,41 @@ class FusedOptimizer(torch.optim.Optimizer):
                 [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
                 index, slots)
         return hit
+
+    def _fit_state(self) -> None:
+        """Before the selections are built afresh: every parameter that has state must still be where its state
+        is, and shaped as it (a parameter moved to another device, or given data of another shape, since its state
+        was made raises, naming it); a kernel backend's parameters must be on their group's device. Then a
+        state buffer of a dtype that no longer goes with its parameter's (``model.half()`` after fp32 steps, then
+        ``model.float()``) is cast to the group's state dtype for it, and one laid out unlike its parameter
+        is copied into the parameter's layout, which the kernels walk."""
+        for gi, group in enumerate(self.param_groups):
+            device = group["schedule_step"].device
+            kernel = self._backends[gi] not in backends.READS_GRADS
+            for i, p in enumerate(group["params"]):
+                where = f"param_groups[{gi}]['params'][{i}]"
+                if kernel and p.device != device:
+                    raise ValueError(f"{where} is on {p.device}, its param group's step counter on {device}: the "
+                                     f"parameters moved since the optimizer was made; build the optimizer after "
+                                     f"moving the model (or load its state dict into a new one)")
+                for n, v in self.state.get(p, {}).items():
+                    if n == "step" or not isinstance(v, torch.Tensor):
+                        continue
+                    if v.device != p.device or v.shape != p.shape:
+                        raise ValueError(f"{where} is {tuple(p.shape)} on {p.device}, but its state {n!r} is "
+                                         f"{tuple(v.shape)} on {v.device}: the parameter changed since its state "
+                                         f"was made. Move or reshape the state with it, or drop it "
+                                         f"(del opt.state[p]) to start that parameter afresh")
+        for group in self.param_groups:
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                for n in self._state_names(group):
+                    v = st.get(n)
+                    if not isinstance(v, torch.Tensor):
+                        continue
+                    fits = v.dtype == p.dtype or v.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
+                    if not fits or local(v).stride() != local(p).stride():
+                        st[n] = _zeros_like(p, v.dtype if fits else state_dtype_of(group, p)).copy_(v)
 
     def _new_steps(self, params: list[torch.Tensor]) -> None:
         """The step counts of params that have none yet, as 0-dim views of one vector (per device): a selection
@@ -661,7 +821,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(saved_groups)} param groups, this optimizer has "
                              f"{len(self.param_groups)}")
-        hyper = [k for k in self.defaults if k not in _KEPT_IF_UNSAVED]
+        hyper = [k for k in self.defaults if k not in _KEPT_IF_UNSAVED and k not in _TORCH_FLAGS]
         groups, listed = [], set()
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
             where = f"state_dict param_groups[{gi}]"
