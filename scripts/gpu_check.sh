@@ -2,6 +2,15 @@
 # What a GPU session checks, from the repository root on the GPU machine, logs and results in $OUT
 # (or ./gpu-out). One device call allows 10 minutes, so run the stages as separate calls (a machine
 # still warm from the last call skips the build when nothing it depends on changed):
+#   bash scripts/gpu_check.sh quick      one call that says whether the step is right (under 8 minutes on an
+#                                        H100/H200, build included): the build and both kernel backends, the
+#                                        GPU tests natively (graphs, run-ahead, copies and syncs, streams,
+#                                        moved storages, the capture path, the kernels against the oracle;
+#                                        a skip fails unless it is for a missing second GPU), memcheck and
+#                                        racecheck over every rule, storage, the pre-pass and a captured step
+#                                        (beside the tests), then AdamW's throughput (fp32, bf16) on the
+#                                        GPT-2-medium list against a same-run copy. One "CHECK PASS|FAIL|SKIP"
+#                                        line per claim; exits 1 when any fails
 #   bash scripts/gpu_check.sh test       build with the machine's torch, then the test suite natively
 #   bash scripts/gpu_check.sh sanitize   build, then compute-sanitizer (memcheck, racecheck, synccheck,
 #                                        initcheck) over a short run of every kernel
@@ -34,6 +43,55 @@ else
   echo "uba_fused._C is up to date: not rebuilt" > "$OUT/build.log"
 fi
 python3 -m uba_fused.env | tee "$OUT/env.txt"
+if [ "$STAGE" = quick ]; then
+  START=$SECONDS
+  FAILED=0
+  verdict() {  # verdict NAME OK DETAIL
+    if [ "$2" = 0 ]; then echo "CHECK PASS  $1: $3"; else echo "CHECK FAIL  $1: $3"; FAILED=1; fi
+  }
+  python3 -c "import uba_fused._C" 2>/dev/null; verdict "the extension uba_fused._C builds and imports" $? \
+    "$(tail -1 "$OUT/build.log")"
+  python3 - <<'PY'
+import sys
+from uba_fused import backends
+bad = {b: r for b, r in backends.availability("cuda").items() if b in ("triton", "cuda") and r is not None}
+print(f"CHECK {'FAIL' if bad else 'PASS'}  both kernel backends can run CUDA parameters: {bad or 'triton, cuda'}")
+sys.exit(1 if bad else 0)
+PY
+  [ $? = 0 ] || FAILED=1
+  # The sanitizers beside the tests: they are slow on the host, and their verdicts do not depend on timing.
+  rm -f "$OUT/sanitizer.rc"
+  ( for tool in memcheck racecheck; do
+      timeout 120 compute-sanitizer --tool $tool --error-exitcode 3 python3 scripts/sanitize_steps.py \
+        > "$OUT/sanitizer-$tool.log" 2>&1
+      echo "$tool $?" >> "$OUT/sanitizer.rc"
+    done ) &
+  SANITIZE=$!
+  XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
+  timeout 200 python3 -m pytest -q -rs -p no:cacheprovider $XDIST --junitxml="$OUT/quick-tests.xml" \
+    tests/test_gpu_loops.py tests/test_capture.py tests/test_moved.py tests/test_kernels.py \
+    > "$OUT/quick-tests.log" 2>&1
+  RC=$?
+  grep -E "passed|failed" "$OUT/quick-tests.log" | tail -1
+  if [ -s "$OUT/quick-tests.xml" ]; then python3 scripts/gpu_verdicts.py "$OUT/quick-tests.xml" || FAILED=1; fi
+  verdict "pytest finished (exit $RC; 124: its time limit)" $([ $RC = 0 ] && echo 0 || echo 1) \
+    "$(grep -cE '^(FAILED|ERROR)' "$OUT/quick-tests.log") failed or errors"
+  wait $SANITIZE
+  for tool in memcheck racecheck; do
+    rc=$(awk -v t=$tool '$1 == t {print $2}' "$OUT/sanitizer.rc" 2>/dev/null)
+    verdict "compute-sanitizer $tool over every rule, storage, the pre-pass, a mixed and a captured step" \
+      $([ "$rc" = 0 ] && grep -q "ran every rule" "$OUT/sanitizer-$tool.log" && echo 0 || echo 1) \
+      "exit ${rc:-none}; $(grep -E 'ERROR SUMMARY' "$OUT/sanitizer-$tool.log" | tail -1)"
+  done
+  # Alone on the GPU: throughput against a device-to-device copy measured in the same run.
+  timeout 90 python3 -m uba_fused.bench --presets gpt2-medium --optimizers adamw --dtypes float32 bfloat16 \
+    --steps 30 --no-torch --json "$OUT/quick-bench.json" > "$OUT/quick-bench.txt" 2>&1
+  RC=$?
+  cat "$OUT/quick-bench.txt"
+  verdict "AdamW throughput on the GPT-2-medium list (fp32, bf16) against a same-run copy" $RC "exit $RC"
+  echo "quick: $((SECONDS - START)) s after the build"
+  exit $FAILED
+fi
 if [ "$STAGE" = test ] || [ "$STAGE" = all ]; then
   python3 -m pytest -q tests -p no:cacheprovider > "$OUT/tests.log" 2>&1
   echo "pytest: exit $?"; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests.log" | tail -15

@@ -1,9 +1,15 @@
-"""A short run of every kernel (rule x dtype x backend) on a mixed list, for compute-sanitizer.
+"""A short run of every kernel for compute-sanitizer: every rule (Adan included) on each kernel backend, in every
+storage (parameter dtype, state dtype) with the clipping pre-pass, one step mixing every storage, and a captured
+step replayed.
 
     compute-sanitizer --tool memcheck python scripts/sanitize_steps.py
     compute-sanitizer --tool racecheck python scripts/sanitize_steps.py
+
+The tensors are small (a few chunks, a ragged end, an empty one, a misaligned view): the sanitizers slow every
+kernel down many times over.
 """
 
+import functools
 import sys
 
 import torch
@@ -11,32 +17,70 @@ import torch
 import uba_fused as uf
 from uba_fused import backends
 
-OPTS = [uf.AdamW, uf.AdaBelief, uf.Lion, lambda ps, **kw: uf.SGD(ps, momentum=0.9, **kw),
-        lambda ps, **kw: uf.SGD(ps, momentum=0.0, **kw)]
+RULES = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
+         "sgd-momentum": functools.partial(uf.SGD, momentum=0.9), "sgd": functools.partial(uf.SGD, momentum=0.0)}
+# registry.STORAGES as (parameter dtype, state_dtype option)
+STORAGES = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32),
+            (torch.float16, torch.float32)]
 
 
-def params(dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    shapes = [(4096 * 3 + 7,), (0,), (1,), (33, 65), (4096,)]
-    ps = [torch.randn(s, device="cuda", dtype=dtype, generator=gen) for s in shapes]
-    ps.append(torch.randn(4096 * 2 + 1, device="cuda", dtype=dtype, generator=gen)[1:])  # misaligned view
+def params(dtype, seed=0):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    shapes = [(4096 * 2 + 7,), (0,), (1,), (33, 65), (4096,)]
+    ps = [torch.randn(s, device="cuda", generator=gen).to(dtype) for s in shapes]
+    ps.append(torch.randn(4096 + 1, device="cuda", generator=gen).to(dtype)[1:])  # misaligned view
     return [p.requires_grad_() for p in ps]
+
+
+def fill_grads(ps, gen):
+    for p in ps:
+        p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(p.dtype)
 
 
 def main() -> int:
     names = [b for b in ("triton", "cuda") if backends.availability("cuda")[b] is None]
+    if len(names) < 2:
+        print(f"a kernel backend is unavailable: {backends.availability('cuda')}")
+        return 1
     gen = torch.Generator(device="cuda").manual_seed(1)
     for backend in names:
-        for dtype in (torch.float32, torch.bfloat16, torch.float16):
-            for make in OPTS:
+        for rule, make in RULES.items():
+            for dtype, state_dtype in STORAGES:  # each storage alone, clipping (the pre-pass) on
                 ps = params(dtype)
-                opt = make(ps, backend=backend, schedule=uf.UBA(10, warmup_steps=2))
-                for _ in range(3):
-                    for p in ps:
-                        p.grad = torch.randn(p.shape, device="cuda", dtype=dtype, generator=gen)
+                opt = make(ps, backend=backend, schedule=uf.UBA(10, warmup_steps=2), state_dtype=state_dtype,
+                           max_grad_norm=1.0)
+                for _ in range(2):
+                    fill_grads(ps, gen)
                     opt.step()
+            # one step over every storage at once: one launch per storage, the last advancing the counters
+            groups = [{"params": params(dtype, seed=i), "state_dtype": sd} for i, (dtype, sd) in enumerate(STORAGES)]
+            opt = make(groups, backend=backend, max_grad_norm=1.0)
+            for _ in range(2):
+                for g in groups:
+                    fill_grads(g["params"], gen)
+                opt.step()
+        # a captured step (mixed storages, clipping), replayed; the warm-up on a side stream, as PyTorch's recipe
+        groups = [{"params": params(dtype, seed=i), "state_dtype": sd} for i, (dtype, sd) in enumerate(STORAGES)]
+        flat = [p for g in groups for p in g["params"]]
+        opt = uf.Adan(groups, backend=backend, schedule=uf.Cosine(10), max_grad_norm=1.0)
+        fill_grads(flat, gen)
+        static = [p.grad for p in flat]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                opt.step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            opt.step()
+        for _ in range(2):
+            with torch.no_grad():
+                for g in static:
+                    g.normal_(generator=gen)
+            graph.replay()
     torch.cuda.synchronize()
-    print(f"ran every rule x dtype on {names}")
+    print(f"ran every rule x storage (clipped), a mixed-storage step and a captured step on {names}")
     return 0
 
 

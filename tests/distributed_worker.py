@@ -79,6 +79,7 @@ def train(model, opt, steps: range, rank: int, world: int, device: torch.device,
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        print(f"step {t}", flush=True)  # progress, which the test's hang detector watches
         if save is not None and t + 1 == SAVE_AT:
             model_sd, optim_sd = get_state_dict(model, opt)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=save)

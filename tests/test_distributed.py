@@ -1,8 +1,9 @@
 """DDP and FSDP2 (DTensor) parameters: parity with one process, checkpoints across rank counts, errors.
 
 The multi-rank tests start every rank of ``tests/distributed_worker.py`` as its own process over gloo
-on the CPU, each backend in its CPU test mode, and fail (killing the rest) when a rank fails or the run
-passes its time limit. Three runs chain: 2 ranks (FSDP2 and DDP, saving a checkpoint), then 1 rank
+on the CPU, each backend in its CPU test mode, and fail (killing the rest) when a rank fails or no rank has
+made progress for a while (a hang). Each rank writes a line to its log after every optimizer step, so a run
+on a loaded machine, slow but moving, is never taken for a hang. Three runs chain: 2 ranks (FSDP2 and DDP, saving a checkpoint), then 1 rank
 (FSDP2, loading the 2-rank checkpoint and saving its own), then 2 ranks (loading the 1-rank one). The
 single-rank tests below build DTensors on a one-rank mesh in this process.
 """
@@ -27,7 +28,11 @@ import uba_fused as uf
 import distributed_worker as worker
 
 WORKER = pathlib.Path(worker.__file__)
-TIMEOUT_S = 300  # per run; the three CPU runs take about 40, 25 and 35 s on a 2-core machine
+# A run is hung when no rank's log grew for this long. The three CPU runs take about 40, 25 and 35 s on an idle
+# 2-core machine, with at most a few seconds between two steps (checkpoint I/O, the first Triton compile of a
+# kernel); on a loaded machine that took every run past a fixed 300 s limit, they still write a line every
+# few seconds.
+STALL_S = 180
 NAMES = [f"{case}-{backend}" for case in worker.CASES for backend in worker.BACKENDS]
 # How far a multi-rank run may end from the one-process run, relative to each tensor's largest value.
 # The collective averages the ranks' gradients in another order than one process's batch mean, a few
@@ -36,8 +41,9 @@ NAMES = [f"{case}-{backend}" for case in worker.CASES for backend in worker.BACK
 REL = 1e-5
 
 
-def launch(tmp: pathlib.Path, world: int, *args: str, device: str = "cpu") -> list[dict]:
-    """Run the worker on ``world`` ranks; each rank's results."""
+def launch(tmp: pathlib.Path, world: int, *args: str, device: str = "cpu", script: pathlib.Path = WORKER,
+           stall_s: float = STALL_S) -> list[dict]:
+    """Run the worker (or ``script``) on ``world`` ranks; each rank's results."""
     out = tmp / f"out-{time.monotonic_ns()}"
     out.mkdir()
     env = {**os.environ, "WORLD_SIZE": str(world), "UBA_FUSED_DIST_DEVICE": device}
@@ -45,16 +51,19 @@ def launch(tmp: pathlib.Path, world: int, *args: str, device: str = "cpu") -> li
         env.update(TRITON_INTERPRET="1", UBA_FUSED_CUDA_ON_CPU="1", CUDA_VISIBLE_DEVICES="")
     logs = [out / f"rank{r}.log" for r in range(world)]
     files = [log.open("w") for log in logs]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(out), str(out / "store"), *args],
+    procs = [subprocess.Popen([sys.executable, str(script), str(out), str(out / "store"), *args],
                               env={**env, "RANK": str(r)}, stdout=f, stderr=subprocess.STDOUT)
              for r, f in enumerate(files)]
-    deadline = time.monotonic() + TIMEOUT_S
+    progress, last = None, time.monotonic()
     try:
         while any(p.poll() is None for p in procs):
             failed = [r for r, p in enumerate(procs) if p.returncode not in (None, 0)]
-            if failed or time.monotonic() > deadline:
+            sizes = [log.stat().st_size for log in logs]
+            if sizes != progress:
+                progress, last = sizes, time.monotonic()
+            if failed or time.monotonic() - last > stall_s:
                 why = f"rank {failed[0]} exited with {procs[failed[0]].returncode}" if failed else \
-                    f"the run passed {TIMEOUT_S} s (a hang?)"
+                    f"no rank made progress for {stall_s} s (a hang)"
                 tails = "\n".join(f"--- rank {r}:\n{log.read_text()[-3000:]}" for r, log in enumerate(logs))
                 pytest.fail(f"{world}-rank run {' '.join(args)}: {why}\n{tails}")
             time.sleep(0.2)
@@ -66,6 +75,30 @@ def launch(tmp: pathlib.Path, world: int, *args: str, device: str = "cpu") -> li
     for r, p in enumerate(procs):
         assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r].read_text()[-3000:]}"
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+_PACED = """
+import json, pathlib, sys, time
+out, rank = pathlib.Path(sys.argv[1]), int(__import__("os").environ["RANK"])
+for i in range(int(sys.argv[3])):
+    print("step", i, flush=True)
+    time.sleep(float(sys.argv[4]))
+if sys.argv[5] == "hang":
+    time.sleep(3600)
+(out / f"rank{rank}.json").write_text(json.dumps({"rank": rank}))
+"""
+
+
+def test_a_slow_run_that_progresses_passes_and_a_silent_one_is_a_hang(tmp_path):
+    """The hang detector watches progress, not the clock: a run of 6 steps of 0.5 s passes with a 1.5 s stall
+    limit; one that stops writing is failed about that long after its last line."""
+    script = tmp_path / "paced.py"
+    script.write_text(_PACED)
+    assert launch(tmp_path, 2, "6", "0.5", "finish", script=script, stall_s=1.5) == [{"rank": 0}, {"rank": 1}]
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match=r"no rank made progress for 1.5 s \(a hang\)"):
+        launch(tmp_path, 2, "2", "0.1", "hang", script=script, stall_s=1.5)
+    assert time.monotonic() - start < 30
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,8 @@
-"""Real training loops on a GPU: the whole iteration in one CUDA graph, torch.compile's reduce-overhead
-mode, and what step() asks of the host (no pageable copy, no sync). Skipped without a GPU; the
-capture path's logic and rules are also checked on CPU tensors in tests/test_capture.py.
+"""Real training loops on a GPU: the whole iteration in one CUDA graph (with float32 state and clipping), two
+graphs sharing a memory pool, torch.compile's reduce-overhead mode, steps enqueued behind a stalled stream and
+on two streams, and what step() asks of the host (one pinned copy when gradients moved, none when not, no
+pageable copy, no sync). Skipped without a GPU; the capture path's logic and rules are also checked with a
+simulated capture in tests/test_capture.py.
 """
 
 import pytest
@@ -9,7 +11,7 @@ import torch
 import uba_fused as uf
 from uba_fused import backends
 
-from harness import CASE_IDS, CASES
+from harness import CASE_IDS, CASES, assert_same_runs, set_grads
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 _AVAIL = backends.availability("cuda") if torch.cuda.is_available() else {"triton": "no GPU", "cuda": "no GPU"}
@@ -23,21 +25,25 @@ class Loop:
     parameter that never gets a gradient. The loss is elementwise, so eager and graph compute bit for bit
     the same: loss = sum over params of sum((p * x)^2), with x the step's input."""
 
-    def __init__(self, case, backend, seed=0):
+    def __init__(self, case, backend, seed=0, variant="plain"):
         gen = torch.Generator().manual_seed(seed)
         shapes32, shapes16 = [(2 * 4096 + 3,), (64, 33), (1,), (7,)], [(5000,), (31,)]
         self.params = [torch.randn(s, generator=gen).cuda().requires_grad_() for s in shapes32] + \
                       [torch.randn(s, generator=gen).cuda().bfloat16().requires_grad_() for s in shapes16]
         self.frozen = self.params[3]  # in a group, never in the loss
+        # "fp32-state-clip": the bf16 group keeps float32 state, and every group clips by the global norm (about
+        # 400 here: every step clips); backend "cuda" then runs a pre-pass and two storages per step.
+        extra = dict(max_grad_norm=20.0) if variant == "fp32-state-clip" else {}
+        state = dict(state_dtype=torch.float32) if variant == "fp32-state-clip" else {}
         self.opt = case.make([{"params": self.params[:4], "schedule": uf.UBA(STEPS, phi=0.5, warmup_steps=2)},
-                              {"params": self.params[4:], "schedule": uf.Cosine(STEPS + 2), "weight_decay": 0.3}],
-                             backend=backend)
+                              {"params": self.params[4:], "schedule": uf.Cosine(STEPS + 2), "weight_decay": 0.3,
+                               **state}], backend=backend, **extra)
         self.inputs = [[torch.randn(p.shape, generator=gen).cuda() for p in self.params] for _ in range(STEPS + 2)]
         self.static = [torch.zeros(p.shape, device="cuda") for p in self.params]
 
-    def iteration(self):
+    def iteration(self, scale=1.0):
         loss = sum(((p.float() * x) ** 2).sum() for p, x in zip(self.params, self.static) if p is not self.frozen)
-        loss.backward()
+        (loss * scale).backward()
         self.opt.step()
         return loss
 
@@ -91,11 +97,12 @@ def _assert_identical(a, b):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("variant", ["plain", "fp32-state-clip"])
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_whole_iteration_graph_equals_eager_and_eager_steps_after_it(case, backend):
-    eager = Loop(case, backend)
+def test_whole_iteration_graph_equals_eager_and_eager_steps_after_it(case, variant, backend):
+    eager = Loop(case, backend, variant=variant)
     eager_losses = eager.eager(range(STEPS))
-    graphed = Loop(case, backend)
+    graphed = Loop(case, backend, variant=variant)
     graph, graph_losses = graphed.graphed()
     torch.cuda.synchronize()
     assert all(torch.equal(x, y) for x, y in zip(eager_losses, graph_losses)), "losses"
@@ -108,6 +115,43 @@ def test_whole_iteration_graph_equals_eager_and_eager_steps_after_it(case, backe
     torch.cuda.synchronize()
     _assert_identical(eager.snapshot(), graphed.snapshot())
     del graph
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_two_graphs_sharing_a_memory_pool_replayed_in_turn_equal_eager(backend):
+    """One graph per bucket (two iterations that differ, here by the loss's scale), all warmed up, then captured
+    one after the other into one memory pool with no eager step between, then replayed in turn: the same
+    parameters, state and counters as the same iterations run eagerly."""
+    scales = (1.0, 0.25)
+    eager, graphed = Loop(CASES[0], backend, variant="fp32-state-clip"), Loop(CASES[0], backend,
+                                                                                variant="fp32-state-clip")
+    order = [0, 1, 1, 0, 1, 0]
+    for t, k in enumerate([0, 1, 0, 1] + order):
+        eager.feed(t)
+        eager.opt.zero_grad(set_to_none=True)
+        eager.iteration(scales[k])
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # every bucket's warm-up
+        for t, k in enumerate([0, 1, 0, 1]):
+            graphed.feed(t)
+            graphed.opt.zero_grad(set_to_none=True)
+            graphed.iteration(scales[k])
+    torch.cuda.current_stream().wait_stream(side)
+    graphs, pool = [], None
+    for k in (0, 1):  # captured one after the other: the second capture has no eager step before it
+        graph = torch.cuda.CUDAGraph()
+        graphed.opt.zero_grad(set_to_none=True)
+        with torch.cuda.graph(graph, pool=pool):
+            graphed.iteration(scales[k])
+        pool = graph.pool()
+        graphs.append(graph)
+    for t, k in enumerate(order, start=4):
+        graphed.feed(t)
+        graphs[k].replay()
+    torch.cuda.synchronize()
+    _assert_identical(eager.snapshot(), graphed.snapshot())
+    assert [int(g["schedule_step"]) for g in graphed.opt.param_groups] == [10, 10]
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -189,12 +233,13 @@ def _step_paths(opt, params, gen):
     yield grads()
 
 
+@pytest.mark.parametrize("clip", [0.0, 1.0], ids=["no-clip", "clip"])
 @pytest.mark.parametrize("backend", ["torch"] + KERNELS)
-def test_no_pageable_copy_and_no_sync_on_any_path_of_step(backend):
+def test_no_pageable_copy_and_no_sync_on_any_path_of_step(backend, clip):
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.randn(s, generator=gen, device="cuda").requires_grad_() for s in [(4099,), (16, 3), (1,)]]
     opt = uf.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": torch.tensor(0.01, device="cuda")}],
-                   backend=backend, schedule=uf.UBA(100))
+                   backend=backend, schedule=uf.UBA(100), max_grad_norm=clip)
     paths = _step_paths(opt, params, gen)
     next(paths)
     opt.step()  # the first step builds the tables; it may copy from the host, from pinned memory
@@ -209,3 +254,161 @@ def test_no_pageable_copy_and_no_sync_on_any_path_of_step(backend):
         torch.cuda.synchronize()
     pageable = [e.name for e in prof.events() if "Pageable" in e.name]
     assert not pageable, f"step() copied from pageable host memory: {pageable}"
+
+
+def _cuda_params(seed, shapes=((4099,), (16, 3), (1,), (3 * 4096,)), dtype=torch.float32):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(s, generator=gen, device="cuda").to(dtype).requires_grad_() for s in shapes]
+
+
+def _device_grads(params, n, seed):
+    """n sets of fresh gradients, made on the device (a pageable copy from the host would wait for the stream)."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [[torch.randn(p.shape, generator=gen, device="cuda").to(p.dtype) for p in params] for _ in range(n)]
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_one_host_to_device_copy_per_step_when_gradients_moved_and_none_when_not(backend):
+    """The gradients' addresses reach the device in one pinned copy per step, only when some moved; clipping
+    adds none."""
+    params = _cuda_params(1)
+    opt = uf.AdamW(params, backend=backend, schedule=uf.UBA(100), max_grad_norm=1.0)
+    grads = _device_grads(params, 5, seed=2)
+    set_grads(params, grads[0])
+    opt.step()
+    torch.cuda.synchronize()
+
+    def copies(steps):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            steps()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if "Memcpy HtoD" in e.name]
+
+    def moved():
+        for gs in grads[1:4]:
+            set_grads(params, gs)  # new tensors, new addresses
+            opt.step()
+
+    def unchanged():
+        for _ in range(3):
+            with torch.no_grad():
+                for p in params:
+                    p.grad.mul_(0.5)  # the same tensors, refilled in place
+            opt.step()
+
+    moved_copies = copies(moved)
+    assert len(moved_copies) == 3 and all("Pinned" in name for name in moved_copies), moved_copies
+    assert copies(unchanged) == []
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_steps_enqueued_behind_a_stalled_stream_compute_what_eager_steps_compute(backend):
+    """The host runs ahead of the GPU by six steps, each with fresh gradients (whose memory the caching allocator
+    hands on from step to step): the results once the stream drains are backend "torch"'s."""
+    a, b = _cuda_params(3), _cuda_params(3)
+    opt_a = uf.AdamW(a, backend="torch", schedule=uf.UBA(20, warmup_steps=2), max_grad_norm=5.0)
+    opt_b = uf.AdamW(b, backend=backend, schedule=uf.UBA(20, warmup_steps=2), max_grad_norm=5.0)
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    set_grads(b, [torch.randn(p.shape, generator=gen, device="cuda") for p in b])
+    opt_b.step()
+    first = [p.grad.clone() for p in b]
+    torch.cuda.synchronize()
+    busy = torch.cuda.Event()
+    torch.cuda._sleep(1_000_000_000)
+    busy.record()
+    taken = []
+    for _ in range(6):
+        grads = [torch.randn(p.shape, generator=gen, device="cuda") for p in b]
+        taken.append([g.clone() for g in grads])
+        set_grads(b, grads)
+        opt_b.step()
+        del grads
+    assert not busy.query(), "step() waited for the GPU"
+    torch.cuda.synchronize()
+    for gs in [first] + taken:
+        set_grads(a, gs)
+        opt_a.step()
+    assert_same_runs(a, b, opt_a, opt_b)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_steps_on_two_streams_run_in_order_and_leave_the_counters_at_zero(backend):
+    """Steps alternating between two streams, one of them stalled before each of its steps: the optimizer
+    orders each step after the last one's stream, so they apply in program order (as backend "torch" computes
+    them one after another) and the kernels' counters end at zero."""
+    a, b = _cuda_params(5), _cuda_params(5)
+    opt_a = uf.AdamW(a, backend="torch", schedule=uf.Cosine(10))
+    opt_b = uf.AdamW(b, backend=backend, schedule=uf.Cosine(10))
+    grads = _device_grads(b, 7, seed=6)
+    set_grads(b, grads[0])
+    opt_b.step()
+    torch.cuda.synchronize()
+    streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    for t, gs in enumerate(grads[1:]):
+        with torch.cuda.stream(streams[t % 2]):
+            if t % 2 == 0:
+                torch.cuda._sleep(100_000_000)
+            set_grads(b, gs)
+            opt_b.step()
+    torch.cuda.synchronize()
+    for gs in grads:
+        set_grads(a, gs)
+        opt_a.step()
+    assert_same_runs(a, b, opt_a, opt_b)
+    plan = opt_b._cache.plans[backend]
+    assert all(int(part.done.abs().sum()) == 0 for part in plan.parts)
+    assert int(opt_b.param_groups[0]["schedule_step"]) == 7
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_tables_made_on_a_side_stream_are_not_reused_while_another_stream_may_read_them(backend):
+    """Tables built during a side-stream warm-up, read by a step on the main stream that is still queued behind a
+    stalled kernel, then dropped (a rebuild): the caching allocator must not hand their memory to the side
+    stream before the main stream's step ran (record_stream)."""
+    params = _cuda_params(7)
+    opt = uf.AdamW(params, backend=backend, schedule=uf.UBA(100))
+    grads = _device_grads(params, 3, seed=8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for gs in grads[:2]:
+            set_grads(params, gs)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    plan = opt._cache.plans[backend]
+    tables = [plan.groups, plan.gaddr, plan.grads, plan.scratch, plan.partials]
+    tables += [t for part in plan.parts for t in (part.tensors, part.work, part.done)]
+    sizes = [(t.numel(), t.dtype) for t in tables]
+    addresses = {t.data_ptr() for t in tables}
+    torch.cuda._sleep(500_000_000)
+    set_grads(params, grads[2])
+    opt.step()  # queued on the main stream behind the sleep, reading the side stream's tables
+    del plan, tables
+    opt._cache.clear()  # as a rebuild drops them
+    with torch.cuda.stream(side):
+        fresh = [torch.empty(n, dtype=d, device="cuda") for n, d in sizes]
+    reused = addresses & {f.data_ptr() for f in fresh}
+    torch.cuda.synchronize()
+    assert not reused, f"{len(reused)} tables handed on while a queued kernel could still read them"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device")
+@pytest.mark.parametrize("backend", KERNELS)
+def test_parameters_on_another_device_than_the_current_one(backend):
+    """Parameters on cuda:1 while cuda:0 is current: the kernels run on cuda:1, on its current stream, and a
+    capture there is seen as one."""
+    with torch.cuda.device(1):
+        a, b = _cuda_params(9), _cuda_params(9)
+    opt_a = uf.AdamW(a, backend="torch", max_grad_norm=1.0)
+    opt_b = uf.AdamW(b, backend=backend, max_grad_norm=1.0)
+    with torch.cuda.device(1):
+        grads = _device_grads(b, 3, seed=10)
+    assert torch.cuda.current_device() == 0
+    for gs in grads:
+        set_grads(a, gs)
+        set_grads(b, gs)
+        opt_a.step()
+        opt_b.step()
+    torch.cuda.synchronize(1)
+    assert_same_runs(a, b, opt_a, opt_b)
+    assert backends.capturing([torch.device("cuda", 1)]) is False

@@ -26,6 +26,8 @@ _AVAIL = backends.availability(DEVICE)
 KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=f"{b!r} unusable: {_AVAIL[b]}"))
            for b in ("triton", "cuda")]
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Every backend that runs parameters on DEVICE: "cpu" takes CPU parameters only.
+EVERY_BACKEND = ["torch"] + KERNELS + (["cpu"] if DEVICE == "cpu" else [])
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -248,6 +250,48 @@ def test_step_inside_torch_compile_runs_eagerly_and_exactly(backend):
         assert int(opt_b.param_groups[0]["schedule_step"]) == 3
     finally:
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_a_non_finite_gradient_norm_clips_as_clip_grad_norm_does(bad, backend):
+    """A NaN in any gradient makes the norm NaN and every update NaN; an inf makes it inf, every finite gradient
+    scaled to 0 and the inf itself to NaN: clip_grad_norm_'s results, on every backend. (The kernels took
+    min(NaN, 1) as 1 and applied every finite gradient unclipped.)"""
+    a, b = make_params(DEVICE, seed=2), make_params(DEVICE, seed=2)
+    opt_a = uf.SGD(a, lr=1.0, max_grad_norm=0.5, backend=backend)
+    opt_b = torch.optim.SGD(b, lr=1.0, foreach=False)
+    grads = random_grads(a, torch.Generator().manual_seed(4))
+    grads[3].view(-1)[5] = float(bad)
+    set_grads(a, grads)
+    set_grads(b, grads)
+    torch.nn.utils.clip_grad_norm_(b, 0.5)
+    opt_a.step()
+    opt_b.step()
+    for i, (p, q) in enumerate(zip(a, b)):
+        torch.testing.assert_close(p, q, rtol=0, atol=0, equal_nan=True, msg=lambda m, i=i: f"param {i}: {m}")
+    assert bool(a[0].isnan().all()) == (bad == "nan") and not a[0].isinf().any()
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_the_norm_of_gradients_above_float32s_square_root_range_stays_finite(backend):
+    """Squares of float32 values above 1.8e19 overflow float32; the pre-pass sums them in float64 on every backend,
+    so the norm stays finite and the gradients are scaled by max_grad_norm / norm, as a float64 computation of
+    clip_grad_norm_'s formula gives. (clip_grad_norm_ itself sums float32 gradients in float32: inf, every
+    gradient scaled to 0.)"""
+    params = make_params(DEVICE, seed=3)
+    start = [p.detach().double().clone() for p in params]
+    opt = uf.SGD(params, lr=1.0, max_grad_norm=0.5, backend=backend)
+    grads = random_grads(params, torch.Generator().manual_seed(5))
+    grads[6].view(-1)[7] = 3e20
+    grads[0].view(-1)[1] = -2e19
+    set_grads(params, grads)
+    opt.step()
+    norm = sum(float((g.double() ** 2).sum()) for g in grads) ** 0.5
+    for i, (p, p0, g) in enumerate(zip(params, start, grads)):
+        expected = p0 - g.double() * (0.5 / (norm + 1e-6))
+        torch.testing.assert_close(p.detach().double(), expected, rtol=2e-6, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+    assert float(params[6].detach().view(-1)[7] - start[6].view(-1)[7]) == pytest.approx(-0.5 * 3e20 / norm, rel=1e-6)
 
 
 # ---------------------------------------------------------------- GPU only

@@ -204,15 +204,52 @@ def test_groups_have_their_own_hyperparameters_and_schedules():
     assert [int(g["schedule_step"]) for g in opt.param_groups] == [3, 3]
 
 
-def test_schedule_counter_advances_even_when_no_param_has_a_grad():
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_step_without_any_gradient_advances_the_schedule_and_nothing_else(backend):
+    """The schedule's t counts step() calls, with or without gradients (as a torch LR scheduler counts its own
+    step() calls): such a step moves no parameter, state or step count, and applies (and reports) lr(t)."""
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
     ps = make_params()
-    opt = uf.Lion(ps, schedule=uf.Linear(10))
+    opt = uf.Lion(ps, schedule=uf.Linear(10), backend=backend)
     opt.step()
     assert int(opt.param_groups[0]["schedule_step"]) == 1
     assert len(opt.state) == 0  # torch semantics: no grad, no state
-    set_grads(ps, random_grads(ps, torch.Generator().manual_seed(0)))
+    gen = torch.Generator().manual_seed(0)
+    set_grads(ps, random_grads(ps, gen))
     opt.step()
     assert float(opt.get_last_lr()[0]) == pytest.approx(1e-4 * 0.9, rel=1e-6)
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}) for p in ps]
+    for p in ps:
+        p.grad = None
+    opt.step()
+    assert int(opt.param_groups[0]["schedule_step"]) == 3
+    assert float(opt.get_last_lr()[0]) == pytest.approx(1e-4 * 0.8, rel=1e-6)
+    for p, (p0, s0) in zip(ps, before):
+        assert torch.equal(p, p0) and all(torch.equal(opt.state[p][k], v) for k, v in s0.items())
+    set_grads(ps, random_grads(ps, gen))
+    opt.step()
+    assert float(opt.get_last_lr()[0]) == pytest.approx(1e-4 * 0.7, rel=1e-6)
+    assert all(int(opt.state[p]["step"]) == 2 for p in ps)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_a_one_element_tensor_lr_of_any_shape_is_taken_as_torch_optim_takes_it(backend):
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    a, b = make_params(), make_params()
+    opt_a = uf.AdamW(a, lr=torch.tensor([[0.01]], dtype=torch.float64), schedule=SCHEDULES["uba"], backend=backend)
+    opt_b = uf.AdamW(b, lr=torch.tensor(0.01, dtype=torch.float64), schedule=SCHEDULES["uba"], backend=backend)
+    assert float(opt_a.get_last_lr()[0]) == pytest.approx(0.01)
+    step_together([(a, opt_a), (b, opt_b)], torch.Generator().manual_seed(1), 3)
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["lr"].fill_(0.02)
+    step_together([(a, opt_a), (b, opt_b)], torch.Generator().manual_seed(2), 2)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+    assert float(opt_a.get_last_lr()[0]) == pytest.approx(0.02 * SCHEDULES["uba"].factor(4), rel=1e-6)
 
 
 def test_closure_is_called_with_grad_enabled():

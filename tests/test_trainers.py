@@ -118,6 +118,30 @@ def test_hf_trainer_recipe_applies_and_logs_the_uba_schedule(tmp_path):
         assert lr == pytest.approx(LR * SCHEDULE.factor(step - 1), rel=1e-6), step
 
 
+def test_hf_trainer_resumes_from_a_checkpoint_as_if_uninterrupted(tmp_path):
+    """The README's recipe, saved at step 6 and resumed in a new process's worth of objects: accelerate loads the
+    optimizer's state dict in prepare() and Trainer loads the checkpoint's after it, a second load."""
+    transformers = pytest.importorskip("transformers")
+
+    def trainer(out, save):
+        model = _Regressor()
+        opt = uf.AdamW(model.parameters(), lr=LR, schedule=SCHEDULE)
+        args = transformers.TrainingArguments(output_dir=str(out), max_steps=T, per_device_train_batch_size=4,
+                                              report_to=[], save_strategy="steps" if save else "no", save_steps=T // 2,
+                                              use_cpu=True, disable_tqdm=True, seed=0)
+        return transformers.Trainer(model=model, args=args, train_dataset=_data(), optimizers=(opt, uf.AppliedLR(opt)))
+
+    whole = trainer(tmp_path / "whole", save=False)
+    whole.train()
+    trainer(tmp_path / "saved", save=True).train()
+    resumed = trainer(tmp_path / "resumed", save=False)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "saved" / f"checkpoint-{T // 2}"))
+    torch.testing.assert_close(resumed.model.w, whole.model.w, rtol=1e-6, atol=0)
+    opt_w, opt_r = whole.optimizer.optimizer, resumed.optimizer.optimizer  # accelerate's wrapper around ours
+    assert int(opt_r.param_groups[0]["schedule_step"]) == int(opt_w.param_groups[0]["schedule_step"]) == T
+    assert float(opt_r.get_last_lr()[0]) == pytest.approx(LR * SCHEDULE.factor(T - 1), rel=1e-6)
+
+
 # ------------------------------------------------------------------ Lightning
 def test_lightning_recipe_applies_and_logs_the_uba_schedule(tmp_path):
     """The README's recipe: configure_optimizers returns the optimizer alone; training_step logs get_last_lr()."""
@@ -148,3 +172,39 @@ def test_lightning_recipe_applies_and_logs_the_uba_schedule(tmp_path):
     assert seen == pytest.approx([LR] + [LR * SCHEDULE.factor(t) for t in range(T - 1)], rel=1e-6)
     opt = trainer.optimizers[0]
     assert float(opt.get_last_lr()[0]) == pytest.approx(LR * SCHEDULE.factor(T - 1), rel=1e-6)
+
+
+def test_lightning_resumes_from_a_checkpoint_as_if_uninterrupted(tmp_path):
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = _Regressor()
+
+        def training_step(self, batch, _):
+            return self.net(**batch)["loss"]
+
+        def configure_optimizers(self):
+            return uf.AdamW(self.parameters(), lr=LR, schedule=SCHEDULE)
+
+    def fit(ckpt_path=None, save=False):
+        module = Module()
+        callbacks = [pl.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=T // 2, save_top_k=-1)] \
+            if save else []
+        trainer = pl.Trainer(max_steps=T, accelerator="cpu", logger=False, enable_checkpointing=save,
+                             callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=str(tmp_path))
+        # an epoch of T // 2 batches: Lightning resumes a plain DataLoader at an epoch's start
+        loader = torch.utils.data.DataLoader(_data(n=4 * (T // 2)), batch_size=4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Lightning's own advice (num_workers, ...), none about the lr
+            trainer.fit(module, loader, ckpt_path=ckpt_path)
+        return module, trainer.optimizers[0]
+
+    whole, opt_w = fit()
+    fit(save=True)
+    [ckpt] = [p for p in tmp_path.glob("*.ckpt") if f"step={T // 2}" in p.name]
+    resumed, opt_r = fit(ckpt_path=str(ckpt))
+    torch.testing.assert_close(resumed.net.w, whole.net.w, rtol=1e-6, atol=0)
+    assert int(opt_r.param_groups[0]["schedule_step"]) == int(opt_w.param_groups[0]["schedule_step"]) == T
