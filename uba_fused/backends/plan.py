@@ -8,8 +8,11 @@ rows when a host value changed (a tensor ``lr`` is copied device to device every
 
 Every host-to-device copy reads pinned memory (``_host``, ``GradSource.staged``): a copy from
 pageable memory may make the host wait, and CUDA-graph capture refuses it. A step captured into a
-graph reads the gradient addresses from a table of its own, refilled by the graph at every replay
-from a pinned block it owns, so eager steps and replays never overwrite each other's addresses.
+graph reads the gradient addresses from a table of its own (in the graph's memory pool), refilled by
+the graph at every replay from a pinned row the capture keeps (set aside by eager steps, ``GradScan``), so
+eager steps and replays never overwrite each other's addresses. The tables hold addresses: every step
+first checks that what they were built from is still there (``GradScan.hold`` / ``moved``, run by the
+optimizer), and a step on another CUDA stream than the last waits for it (``Plan.enter_stream``).
 
 Tables, all on the parameters' device; their columns are registry.py's (TENSOR_COLS, GROUP_COLS and the
 rule's consts), which names them for Triton and generates csrc/registry.h for C++:

@@ -92,7 +92,7 @@ class StepCache:
     host: dict[tuple, Any] = field(default_factory=dict)  # backend "cpu": lists derived from a selection
     layout: tuple | None = None           # (what clipping all-reduces over,) once a clipping step found it
     held: Held | None = None              # what the tables and selections were built from, checked every step
-    fresh: bool = False                   # a selection was built this step: record what is held after it
+    fresh: bool = False                   # this step made or replaced state: record what is held after it
 
     def clear(self) -> None:
         vars(self).update(vars(StepCache()))

@@ -469,7 +469,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             norm = self._across_shards(functools.reduce(operator.add, [s.grad_sumsq() for s in steps])).sqrt()
         for step in steps:
             step.update(norm)
-        if self._cache.fresh:
+        if self._cache.fresh or self._cache.held is None:
             self._hold()
         if capture is not None:
             self._captured(capture)
@@ -693,7 +693,6 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{fresh} have no state yet. Run eager steps with the same parameters receiving gradients "
                     f"before capturing (PyTorch's recipe warms up on a side stream)")
         if hit is None:
-            self._cache.fresh = True
             if mask is not None:  # keep one partial selection per group: masks can be endless (MoE routing)
                 for k in [k for k in self._cache.selections if k[0] == gi and k[1] is not None]:
                     del self._cache.selections[k]
@@ -742,12 +741,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     fits = v.dtype == p.dtype or v.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
                     if not fits or local(v).stride() != local(p).stride():
                         st[n] = _zeros_like(p, v.dtype if fits else state_dtype_of(group, p)).copy_(v)
+                        self._cache.fresh = True
 
     def _new_steps(self, params: list[torch.Tensor]) -> None:
         """The step counts of params that have none yet, as 0-dim views of one vector (per device): a selection
         of params that all start together can then advance every count with one op (backend "cpu", where
         one op per 0-dim tensor cost 4 us each on a 2-core VM). Each count is still its own 0-dim tensor."""
         fresh = [p for p in params if "step" not in self.state.get(p, ())]
+        self._cache.fresh |= bool(fresh)
         for device in dict.fromkeys(p.device for p in fresh):
             mine = [p for p in fresh if p.device == device]
             for p, step in zip(mine, torch.zeros(len(mine), dtype=torch.float32, device=device).unbind()):
@@ -757,9 +758,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            self._cache.fresh = True
         for n in names:
             if n not in state:
                 state[n] = _zeros_like(p, dtype)
+                self._cache.fresh = True
         return state
 
     # -- state dicts -------------------------------------------------------------------
