@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from .plan import CaptureError, GradScan, is_dense
+from .plan import CaptureError, GradScan, is_dense, stream_of_step
 from .work import Capture, GradSource, GroupWork, Selection, Step, StepCache, local
 
 __all__ = ["NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError", "Selection",
            "Step", "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get",
-           "capturing"]
+           "capturing", "stream_of_step"]
 
 NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 # "auto" tries these in order; the first usable one wins. CUDA first: on an H100 (GPT-2-medium list,

@@ -12,7 +12,7 @@ graph reads the gradient addresses from a table of its own (in the graph's memor
 the graph at every replay from a pinned row the capture keeps (set aside by eager steps, ``GradScan``), so
 eager steps and replays never overwrite each other's addresses. The tables hold addresses: every step
 first checks that what they were built from is still there (``GradScan.hold`` / ``moved``, run by the
-optimizer), and a step on another CUDA stream than the last waits for it (``Plan.enter_stream``).
+optimizer), and a step on another CUDA stream than the last waits for it (``stream_of_step``).
 
 Tables, all on the parameters' device; their columns are registry.py's (TENSOR_COLS, GROUP_COLS and the
 rule's consts), which names them for Triton and generates csrc/registry.h for C++:
@@ -135,8 +135,7 @@ class Plan:
     scratch: torch.Tensor                   # where the sentinel row and absent state point; never written
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
     partials: torch.Tensor                  # float64 [items of every part]: the pre-pass's sums
-    stream: torch.cuda.Stream | None = None  # the CUDA stream of the last step's launches (enter_stream)
-    stream_key: tuple | None = None         # its (id, device index, device type)
+    stream_key: tuple | None = None         # the CUDA stream of its last launches: (id, device index, device type)
     streams_seen: set = field(default_factory=set)  # the streams whose use record_stream marked
 
     @property
@@ -236,30 +235,27 @@ class Plan:
         return torch.cuda.device(self.device)
 
     def enter_stream(self, work: Sequence[GroupWork], capture: Capture | None) -> None:
-        """Before a step's launches on a CUDA stream other than the last step's (a warm-up on a side stream, then
-        the main one; a capture's own stream): wait for the last step's stream, so that two steps of one
-        optimizer never overlap (their kernels share the ``done`` counters, which an overlap would leave
-        non-zero, freezing every later step's counters), and reset the counters, so that a step after an
-        unordered one (a graph replayed on another stream at the same time) starts right. Under capture there is
-        nothing to wait for (torch.cuda.graph synchronizes before capturing), and the reset becomes part of
-        the graph. Also the first time on a stream, mark every table and state tensor as used there
-        (``record_stream``): the caching allocator then reuses their memory, when they are freed (a plan
+        """Before a step's launches on a CUDA stream other than this plan's last one (a warm-up on a side stream,
+        then the main one; a capture's own stream): reset the ``done`` counters, so that a step after an
+        unordered one (a graph replayed on another stream at the same time as a step), which leaves them
+        non-zero and would freeze every later step's counters, starts right again; under capture the reset
+        becomes part of the graph. (The optimizer has made this stream wait for the last step's:
+        ``stream_of_step``.) The first time on a stream, also mark every table and state tensor as used there
+        (``record_stream``): the caching allocator then hands their memory on, once they are freed (a plan
         rebuilt, a state dict loaded), only after that stream's queued kernels ran."""
         if self.device.type != "cuda":
             return
         key = torch._C._cuda_getCurrentStream(self.device.index)
         if key == self.stream_key:
             return
-        stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
-        if self.stream is not None and capture is None:
-            stream.wait_stream(self.stream)
         for part in self.parts:
             part.done.zero_()
         if key not in self.streams_seen:
             self.streams_seen.add(key)
+            stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
             for t in self.tensors_used(work):
                 t.record_stream(stream)
-        self.stream, self.stream_key = stream, key
+        self.stream_key = key
 
     def tensors_used(self, work: Sequence[GroupWork]) -> list[torch.Tensor]:
         """Every device tensor a launch of this plan reads or writes, but the parameters and gradients."""
@@ -302,6 +298,23 @@ def _pinned_rows(n: int, width: int) -> torch.Tensor:
 def _layout(t: torch.Tensor) -> tuple:
     """Where a tensor's elements are and how they are laid out: what a table row derives from it."""
     return t.data_ptr(), t.dtype, t.device, t.shape, t.stride()
+
+
+def stream_of_step(devices: Sequence[torch.device], last: dict, capture: Capture | None) -> None:
+    """Make each device's current stream wait for the stream of the optimizer's last step there, when they differ,
+    so that two steps of one optimizer never overlap (their kernels share counters, and one would read tables the
+    other rewrites); ``last`` (device -> (stream key, stream)) is the optimizer's record, updated here. Nothing
+    to wait for under capture: torch.cuda.graph synchronizes before it captures. One lookup per device and
+    step; a stream is made only when it changed."""
+    for device in devices:
+        key = torch._C._cuda_getCurrentStream(device.index)
+        was = last.get(device)
+        if was is not None and was[0] == key:
+            continue
+        stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+        if was is not None and capture is None:
+            stream.wait_stream(was[1])
+        last[device] = (key, stream)
 
 
 class GradScan:

@@ -297,18 +297,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._cuda_devices: tuple[torch.device, ...] = ()  # the groups' CUDA devices (where a step can be captured)
         self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
+        self._streams: dict[torch.device, tuple] = {}  # per CUDA device, the stream of the last step
         super().__init__(params, defaults)
         self.state = _State(dict, self.state)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)  # torch.optim's: also runs in its load_state_dict, deepcopy and unpickling
-        # torch.optim adds 'differentiable' to the defaults here; it is a flag of torch's, not a hyper-parameter
-        # every saved group must hold (_checked_state_dict asks for _hyper_names only).
+        # torch.optim's, which also runs in its load_state_dict, in deepcopy and in unpickling, adds 'differentiable'
+        # to the defaults: a flag of torch's, which _checked_state_dict never asks of a saved group (_TORCH_FLAGS).
+        super().__setstate__(state)
         if not isinstance(self.state, _State):
             self.state = _State(dict, self.state)
         if not hasattr(self, "_cache"):  # unpickled or deep-copied: rebuild what is not state
-            self._cache, self._backends, self._last_lr, self._setup_lr, self._captures = \
-                backends.StepCache(), [], [], [], []
+            self._cache, self._backends, self._last_lr, self._setup_lr, self._captures, self._streams = \
+                backends.StepCache(), [], [], [], [], {}
             self._warned_lr_twice = False
             self.param_groups = [_ParamGroup(g) for g in self.param_groups]  # no graph captured the copy
             for i in range(len(self.param_groups)):
@@ -458,6 +459,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if clips:
             self._check_clipping()
         capture = backends.Capture() if backends.capturing(self._cuda_devices) else None
+        if self._cuda_devices:
+            backends.stream_of_step(self._cuda_devices, self._streams, capture)
         self._check_held(capture)
         work, grads = self._steady_work(capture)
         if work is None:
