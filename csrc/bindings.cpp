@@ -112,7 +112,8 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
   TORCH_CHECK(err == cudaSuccess, "uba_fused: fused_step_kernel failed: ", cudaGetErrorString(err));
 }
 
-// The pre-pass over the same tables: out[item] = the sum of squares (float64) of work item `item`'s chunk of a gradient.
+// The pre-pass over the same tables: out[item] = the sum of squares (float64) of work item `item`'s chunk of a
+// gradient.
 void grad_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
                 const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& out, int64_t n_groups, int64_t rule,
                 int64_t storage) {
@@ -224,7 +225,9 @@ class GradAddresses {
       const Entry& e = entries_[i];
       // WithError: PyDict_GetItem saves and restores the error state around every lookup. A key that cannot be
       // hashed never gets here (it was a key of the dict when hold() ran).
-      if (PyDict_GetItemWithError(e.dict.ptr(), e.key.ptr()) != e.value.ptr()) return static_cast<int64_t>(held_.size() + i);
+      if (PyDict_GetItemWithError(e.dict.ptr(), e.key.ptr()) != e.value.ptr()) {
+        return static_cast<int64_t>(held_.size() + i);
+      }
     }
     return -1;
   }

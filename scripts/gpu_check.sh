@@ -37,7 +37,9 @@ if [ "$(cat build/gpu-check.sig 2>/dev/null)" != "$SIG" ] || ! python3 -c "impor
   else  # the editable install failed: say so, and build in place (uba_fused is found through PYTHONPATH)
     echo "the editable install failed (see $OUT/build.log); building in place"
     python3 setup.py build_ext --inplace >> "$OUT/build.log" 2>&1 || {
-      tail -30 "$OUT/build.log"; echo "CHECK FAIL  the extension uba_fused._C builds and imports: see build.log"; exit 1; }
+      tail -30 "$OUT/build.log"
+      echo "CHECK FAIL  the extension uba_fused._C builds and imports: see build.log"
+      exit 1; }
   fi
   mkdir -p build && echo "$SIG" > build/gpu-check.sig
 else

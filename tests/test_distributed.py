@@ -3,9 +3,9 @@
 The multi-rank tests start every rank of ``tests/distributed_worker.py`` as its own process over gloo
 on the CPU, each backend in its CPU test mode, and fail (killing the rest) when a rank fails or no rank has
 made progress for a while (a hang). Each rank writes a line to its log after every optimizer step, so a run
-on a loaded machine, slow but moving, is never taken for a hang. Three runs chain: 2 ranks (FSDP2 and DDP, saving a checkpoint), then 1 rank
-(FSDP2, loading the 2-rank checkpoint and saving its own), then 2 ranks (loading the 1-rank one). The
-single-rank tests below build DTensors on a one-rank mesh in this process.
+on a loaded machine, slow but moving, is never taken for a hang. Three runs chain: 2 ranks (FSDP2 and DDP,
+saving a checkpoint), then 1 rank (FSDP2, loading the 2-rank checkpoint and saving its own), then 2 ranks
+(loading the 1-rank one). The single-rank tests below build DTensors on a one-rank mesh in this process.
 """
 
 from __future__ import annotations

@@ -290,7 +290,8 @@ def test_the_norm_of_gradients_above_float32s_square_root_range_stays_finite(bac
     norm = sum(float((g.double() ** 2).sum()) for g in grads) ** 0.5
     for i, (p, p0, g) in enumerate(zip(params, start, grads)):
         expected = p0 - g.double() * (0.5 / (norm + 1e-6))
-        torch.testing.assert_close(p.detach().double(), expected, rtol=2e-6, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+        torch.testing.assert_close(p.detach().double(), expected, rtol=2e-6, atol=1e-6,
+                                   msg=lambda m, i=i: f"param {i}: {m}")
     assert float(params[6].detach().view(-1)[7] - start[6].view(-1)[7]) == pytest.approx(-0.5 * 3e20 / norm, rel=1e-6)
 
 
