@@ -2,15 +2,15 @@
 # What a GPU session checks, from the repository root on the GPU machine, logs and results in $OUT
 # (or ./gpu-out). One device call allows 10 minutes, so run the stages as separate calls (a machine
 # still warm from the last call skips the build when nothing it depends on changed):
-#   bash scripts/gpu_check.sh quick      one call that says whether the step is right (under 8 minutes on an
-#                                        H100/H200, build included): the build and both kernel backends, the
-#                                        GPU tests natively (graphs, run-ahead, copies and syncs, streams,
-#                                        moved storages, the capture path, the kernels against the oracle;
-#                                        a skip fails unless it is for a missing second GPU), memcheck and
-#                                        racecheck over every rule, storage, the pre-pass and a captured step
-#                                        (beside the tests), then AdamW's throughput (fp32, bf16) on the
-#                                        GPT-2-medium list against a same-run copy. One "CHECK PASS|FAIL|SKIP"
-#                                        line per claim; exits 1 when any fails
+#   bash scripts/gpu_check.sh quick      one call that says whether the step is right, its stages capped so
+#                                        that it ends within 8 minutes with the build: the build and both
+#                                        kernel backends; the GPU tests natively (graphs, run-ahead, copies
+#                                        and syncs, streams, moved storages, the capture path, the kernels
+#                                        against the oracle; a skip fails unless it is for a missing second
+#                                        GPU); memcheck and racecheck over every rule, storage, the pre-pass
+#                                        and a captured step (beside the tests); then AdamW's throughput
+#                                        (fp32, bf16) on the GPT-2-medium list against a same-run copy. One
+#                                        "CHECK PASS|FAIL|SKIP" line per claim; exits 1 when any fails
 #   bash scripts/gpu_check.sh test       build with the machine's torch, then the test suite natively
 #   bash scripts/gpu_check.sh sanitize   build, then compute-sanitizer (memcheck, racecheck, synccheck,
 #                                        initcheck) over a short run of every kernel
@@ -105,7 +105,8 @@ if [ "$STAGE" = sanitize ] || [ "$STAGE" = all ]; then
   # results check. initcheck: no
   # kernel reads device memory that nothing wrote.
   for tool in memcheck racecheck synccheck initcheck; do
-    compute-sanitizer --tool $tool --error-exitcode 3 python3 scripts/sanitize_steps.py > "$OUT/sanitizer-$tool.log" 2>&1
+    compute-sanitizer --tool $tool --error-exitcode 3 python3 scripts/sanitize_steps.py \
+      > "$OUT/sanitizer-$tool.log" 2>&1
     echo "compute-sanitizer $tool: exit $?"; grep -E "ERROR SUMMARY|ran every" "$OUT/sanitizer-$tool.log" | tail -3
   done
 fi
