@@ -195,7 +195,7 @@ class GradAddresses {
   // gradient: a gradient that appears there has moved).
   void record() { ptrs_ = seen_; }
 
-  // What the device tables (and the optimizer's cached lists) were built from, for intact() to check at every
+  // What the device tables (and the optimizer's cached lists) were built from, for moved() to check at every
   // step: each tensor's address, dtype, device, sizes and strides, and each (dict, key, value) entry, the value
   // being the object the dict held under the key (a parameter's state buffer or step, a group's counter).
   void hold(const std::vector<at::Tensor>& tensors, const py::list& entries) {
