@@ -32,6 +32,11 @@ def params(dtype, seed=0):
     return [p.requires_grad_() for p in ps]
 
 
+def mixed_groups():
+    """One param group per storage: a step over them launches once per storage."""
+    return [{"params": params(dtype, seed=i), "state_dtype": sd} for i, (dtype, sd) in enumerate(STORAGES)]
+
+
 def fill_grads(ps, gen):
     for p in ps:
         p.grad = torch.randn(p.shape, device="cuda", generator=gen).to(p.dtype)
@@ -53,14 +58,14 @@ def main() -> int:
                     fill_grads(ps, gen)
                     opt.step()
             # one step over every storage at once: one launch per storage, the last advancing the counters
-            groups = [{"params": params(dtype, seed=i), "state_dtype": sd} for i, (dtype, sd) in enumerate(STORAGES)]
+            groups = mixed_groups()
             opt = make(groups, backend=backend, max_grad_norm=1.0)
             for _ in range(2):
                 for g in groups:
                     fill_grads(g["params"], gen)
                 opt.step()
         # a captured step (mixed storages, clipping), replayed; the warm-up on a side stream, as PyTorch's recipe
-        groups = [{"params": params(dtype, seed=i), "state_dtype": sd} for i, (dtype, sd) in enumerate(STORAGES)]
+        groups = mixed_groups()
         flat = [p for g in groups for p in g["params"]]
         opt = uf.Adan(groups, backend=backend, schedule=uf.Cosine(10), max_grad_norm=1.0)
         fill_grads(flat, gen)

@@ -177,7 +177,7 @@ class Plan:
                                    "the same parameters receiving gradients (PyTorch's recipe warms up on a side "
                                    "stream)")
             plan = cache.plans[name] = cls.build(rule, work, block, len(source.addresses))
-        plan.enter_stream(work, source.capture)
+        plan.enter_stream(work)
         plan.upload_rows(work, source.capture)
         table = plan.grads
         if source.capture is not None:
@@ -234,7 +234,7 @@ class Plan:
             return contextlib.nullcontext()
         return torch.cuda.device(self.device)
 
-    def enter_stream(self, work: Sequence[GroupWork], capture: Capture | None) -> None:
+    def enter_stream(self, work: Sequence[GroupWork]) -> None:
         """Before a step's launches on a CUDA stream other than this plan's last one (a warm-up on a side stream,
         then the main one; a capture's own stream): reset the ``done`` counters, so that a step after an
         unordered one (a graph replayed on another stream at the same time as a step), which leaves them
@@ -252,7 +252,7 @@ class Plan:
             part.done.zero_()
         if key not in self.streams_seen:
             self.streams_seen.add(key)
-            stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+            stream = _stream(key)
             for t in self.tensors_used(work):
                 t.record_stream(stream)
         self.stream_key = key
@@ -300,6 +300,11 @@ def _layout(t: torch.Tensor) -> tuple:
     return t.data_ptr(), t.dtype, t.device, t.shape, t.stride()
 
 
+def _stream(key: tuple) -> torch.cuda.Stream:
+    """The stream that torch._C._cuda_getCurrentStream(device) answered with ``key`` (id, device index, type)."""
+    return torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+
+
 def stream_of_step(devices: Sequence[torch.device], last: dict, capture: Capture | None) -> None:
     """Make each device's current stream wait for the stream of the optimizer's last step there, when they differ,
     so that two steps of one optimizer never overlap (their kernels share counters, and one would read tables the
@@ -311,7 +316,7 @@ def stream_of_step(devices: Sequence[torch.device], last: dict, capture: Capture
         was = last.get(device)
         if was is not None and was[0] == key:
             continue
-        stream = torch.cuda.Stream(stream_id=key[0], device_index=key[1], device_type=key[2])
+        stream = _stream(key)
         if was is not None and capture is None:
             stream.wait_stream(was[1])
         last[device] = (key, stream)
