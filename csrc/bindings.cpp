@@ -79,7 +79,8 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
   TORCH_CHECK(done.numel() == tensors.size(0) + 1, what, "done must hold rows + 1 = ", tensors.size(0) + 1,
               " counters, got ", done.numel());
   return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), grads.data_ptr<int64_t>(), groups.data_ptr<double>(),
-          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), nullptr, work.size(0), static_cast<int>(tensors.size(0)),
+          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), nullptr, nullptr, nullptr, work.size(0),
+          static_cast<int>(tensors.size(0)),
           static_cast<int>(n_groups), advance ? 1 : 0};
 }
 
@@ -95,12 +96,19 @@ void check_buffer(const at::Tensor& t, const char* what, const char* name, at::S
 // One launch of the fused step over the tables of one plan part (backends/cuda.py). Tables in CPU
 // memory (CPU parameters) run the kernel body on the host instead: see run_fused_step_on_host.
 // `norm` (float64) is the global gradient norm that groups which clip read; any float64 scalar when none does.
+// `grad_scale` and `found_inf` (float32) are GradScaler's: the scale the gradients carry (1.0 without one) and
+// whether it found an inf (0.0 without one: non-zero skips every update).
 void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
-                const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm, int64_t n_groups, bool advance,
-                int64_t rule, int64_t storage) {
+                const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm, const at::Tensor& grad_scale,
+                const at::Tensor& found_inf, int64_t n_groups, bool advance, int64_t rule, int64_t storage) {
   uf::FusedStepArgs args = checked_args(work, tensors, grads, groups, gaddr, done, n_groups, advance, rule, storage);
-  check_buffer(norm, "uba_fused._C.fused_step: ", "norm", at::kDouble, 1, work.device());
+  const char* what = "uba_fused._C.fused_step: ";
+  check_buffer(norm, what, "norm", at::kDouble, 1, work.device());
+  check_buffer(grad_scale, what, "grad_scale", at::kFloat, 1, work.device());
+  check_buffer(found_inf, what, "found_inf", at::kFloat, 1, work.device());
   args.norm = norm.data_ptr<double>();
+  args.grad_scale = grad_scale.data_ptr<float>();
+  args.found_inf = found_inf.data_ptr<float>();
   if (work.device().is_cpu()) {
     TORCH_CHECK(uf::run_fused_step_on_host(args, static_cast<int>(rule), static_cast<int>(storage)),
                 "uba_fused: fused_step on the host: unknown rule or storage");
@@ -298,7 +306,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("phi"));
   m.def("fused_step", &fused_step, "one fused optimizer step over the device tables of a plan part",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
-        py::arg("norm"), py::arg("n_groups"), py::arg("advance"), py::arg("rule"), py::arg("storage"));
+        py::arg("norm"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("n_groups"), py::arg("advance"),
+        py::arg("rule"), py::arg("storage"));
   m.def("grad_sumsq", &grad_sumsq, "the pre-pass: each work item's sum of squares of its chunk of a gradient",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
         py::arg("out"), py::arg("n_groups"), py::arg("rule"), py::arg("storage"));

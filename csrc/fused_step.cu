@@ -152,7 +152,7 @@ struct Item {
   bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
   bool has_state;    // the group keeps state (SGD without momentum keeps none)
   float k;           // this tensor's step count after this update
-  float gscale;      // the group's clipping factor (1 when it does not clip)
+  float gscale;      // what each gradient is multiplied by: 1 / GradScaler's scale, times the group's clipping factor
   typename R::Scalars c;
 };
 
@@ -167,7 +167,8 @@ UF_HD Item<T, TS, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.g = reinterpret_cast<const T*>(grad);
   for (int j = 0; j < Item<T, TS, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
   it.step = reinterpret_cast<float*>(row[kStep]);
-  const bool live = grad != kNoGrad;  // a tensor without a gradient this step keeps its row, skipped
+  // A tensor without a gradient this step keeps its row, skipped; so is every tensor when GradScaler found an inf.
+  const bool live = grad != kNoGrad && *args.found_inf == 0.0f;
   const int64_t numel = live ? row[kNumel] : 0, info = row[kInfo];
   it.end = numel - it.start < kChunk ? numel : it.start + kChunk;
   it.n_chunks = info >> 1;
@@ -177,7 +178,7 @@ UF_HD Item<T, TS, R> open_item(const FusedStepArgs& args, int64_t item) {
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
   it.k = *it.step + 1.0f;
   it.has_state = grow[kHasState] != 0.0;
-  it.gscale = grad_scale(grow, args.norm);
+  it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
   it.c = R::scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
   return it;
 }

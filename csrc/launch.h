@@ -22,6 +22,8 @@ struct FusedStepArgs {
   const int64_t* gaddr;    // [n_groups, 2]
   int* done;               // [n_rows + 1]
   const double* norm;      // the global gradient norm, read by groups that clip (max_grad_norm > 0)
+  const float* grad_scale;  // the scale the gradients carry (torch.amp.GradScaler's; 1: none), divided out on load
+  const float* found_inf;   // non-zero: GradScaler found an inf or NaN gradient, and nothing is updated
   int64_t n_items;
   int n_rows, n_groups, advance;
 };

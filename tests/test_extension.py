@@ -90,7 +90,8 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
             "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]), "done": torch.zeros(3, dtype=torch.int32)}
 
     def run(**kw):
-        args = {**good, "norm": torch.zeros((), dtype=torch.float64), "n_groups": 1, "advance": True,
+        args = {**good, "norm": torch.zeros((), dtype=torch.float64), "grad_scale": torch.ones(1),
+                "found_inf": torch.zeros(1), "n_groups": 1, "advance": True,
                 "rule": registry.RULES["sgd"].id, "storage": 0, **kw}
         _ext._C.fused_step(**args)
 
@@ -107,7 +108,9 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
            ({"grads": good["grads"].int()}, "grads must be Long"),
            ({"rule": len(registry.RULES)}, f"unknown rule {len(registry.RULES)}"),
            ({"storage": len(registry.STORAGES)}, f"unknown storage code {len(registry.STORAGES)}"),
-           ({"norm": torch.zeros(())}, "norm must be a contiguous Double tensor of >= 1 elements, got Float")]
+           ({"norm": torch.zeros(())}, "norm must be a contiguous Double tensor of >= 1 elements, got Float"),
+           ({"grad_scale": torch.ones(1, dtype=torch.float64)}, "grad_scale must be a contiguous Float tensor"),
+           ({"found_inf": torch.zeros(0)}, "found_inf must be a contiguous Float tensor of >= 1 elements")]
     # A table on another device than work's must be refused before any address is read (on a GPU, a CUDA
     # table beside CPU ones crashed the interpreter once). The meta device shows it without a GPU.
     others = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -145,6 +148,17 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     before = p.clone()
     run(norm=torch.tensor(2.0, dtype=torch.float64))
     torch.testing.assert_close(p, before - 0.5 * (0.1 * g), rtol=1e-6, atol=0)
+
+    # GradScaler's gradients carry its scale (8): divided out, and the clipping factor taken from the norm of the
+    # unscaled gradients, 16 / 8 = 2 (as scaler.unscale_ then clip_grad_norm_ computes it).
+    before = p.clone()
+    run(norm=torch.tensor(16.0, dtype=torch.float64), grad_scale=torch.tensor([8.0]), found_inf=torch.zeros(1))
+    torch.testing.assert_close(p, before - 0.5 * (0.1 * g / 8), rtol=1e-6, atol=0)
+    assert int(counter) == 3 and float(step) == 3.0
+    # found_inf set: no parameter or step count changes; the group's counter advances (the schedule follows steps).
+    before = p.clone()
+    run(grad_scale=torch.tensor([8.0]), found_inf=torch.tensor([1.0]))
+    assert torch.equal(p, before) and float(step) == 3.0 and int(counter) == 4
 
 
 def test_env_report_runs_and_names_every_backend():

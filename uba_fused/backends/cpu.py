@@ -20,8 +20,8 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
-from .reference import FOREACH, grad_scale, grad_sumsq
-from .work import GradSource, GroupWork, Step, StepCache
+from .reference import FOREACH, grad_scale, grad_sumsq, skipped
+from .work import Amp, GradSource, GroupWork, Step, StepCache
 
 _LOW = (torch.bfloat16, torch.float16)
 _FUSED = ("adamw", "sgd")  # the rules torch has fused CPU kernels for
@@ -32,7 +32,7 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     if not all(w.schedule_step.is_cpu for w in work):
         off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
-    return Step(lambda norm: _run(rule, work, cache.host, norm), lambda: grad_sumsq(work))
+    return Step(lambda norm, amp: _run(rule, work, cache.host, norm, amp), lambda: grad_sumsq(work))
 
 
 @dataclass
@@ -47,16 +47,17 @@ class _Part:
     past_first: bool = False  # every step count is past 1 (SGD's first step takes the gradient as its buffer)
 
 
-def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None) -> None:
+def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None, amp: Amp | None) -> None:
     spec = RULES[rule]
     for w in work:
-        scale = grad_scale(rule, w, norm)
-        scale = 1.0 if scale is None else float(scale)  # a CPU value: no sync
+        scale = grad_scale(rule, w, norm, amp)
+        scale = 1.0 if scale is None else float(scale)  # CPU values: no sync
+        skip = skipped(amp, w.schedule_step.device)
         lr = float(w.hyper["lr"])
         if w.schedule is not None:
             lr *= w.schedule.factor(int(w.schedule_step))
         w.lr_out.fill_(lr)
-        if w.params:
+        if w.params and not (skip is not None and bool(skip)):
             _advance(w.steps, host)
             c = spec.constants(w.hyper)
             for part in _parts(w, host):

@@ -15,7 +15,7 @@ import torch
 from .._ext import _C
 from ..registry import CHUNK, RULES, abi
 from .plan import STORAGE_ID, Part, Plan
-from .work import GradSource, GroupWork, Step, StepCache
+from .work import Amp, GradSource, GroupWork, Step, StepCache
 
 if _C is None or not hasattr(_C, "fused_step"):
     raise NotImplementedError("uba_fused._C was built without the fused-step kernels; reinstall with "
@@ -30,10 +30,12 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     plan, table = Plan.for_step(cache, "cuda", rule, work, CHUNK, grads)
     rule_id, n_groups = RULES[rule].id, len(work)
 
-    def update(norm: torch.Tensor | None) -> None:
+    def update(norm: torch.Tensor | None, amp: Amp | None) -> None:
+        grad_scale, found_inf = plan.amp_args(amp)
+
         def launch(part: Part, advance: bool) -> None:
             _C.fused_step(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
-                          plan.scratch if norm is None else norm, n_groups, advance, rule_id,
+                          plan.scratch if norm is None else norm, grad_scale, found_inf, n_groups, advance, rule_id,
                           STORAGE_ID[part.dtype, part.state_dtype])
 
         plan.launch(launch)

@@ -47,7 +47,7 @@ import torch
 
 from .. import _ext
 from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
-from .work import Capture, GradSource, GroupWork, StepCache, dtensor_class, is_dtensor, local
+from .work import Amp, Capture, GradSource, GroupWork, StepCache, dtensor_class, is_dtensor, local
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
 # registry.STORAGES as torch dtypes: (parameter dtype, state dtype) -> the kernels' storage id
@@ -135,6 +135,7 @@ class Plan:
     scratch: torch.Tensor                   # where the sentinel row and absent state point; never written
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
     partials: torch.Tensor                  # float64 [items of every part]: the pre-pass's sums
+    no_amp: tuple[torch.Tensor, torch.Tensor]  # float32 [1] each: grad_scale 1 and found_inf 0, without a scaler
     stream_key: tuple | None = None         # the CUDA stream of its last launches: (id, device index, device type)
     streams_seen: set = field(default_factory=set)  # the streams whose use record_stream marked
 
@@ -225,7 +226,16 @@ class Plan:
         return cls(cls.key_of(rule, work), device, parts,
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
                    _to_device(gaddr, device), torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
-                   scratch, [w.params for w in work], partials)
+                   scratch, [w.params for w in work], partials, tuple(_to_device(torch.tensor([1.0, 0.0]),
+                                                                                  device).split(1)))
+
+    def amp_args(self, amp: Amp | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernels' ``grad_scale`` and ``found_inf``: GradScaler's (``amp``), as one-element float32 tensors on
+        this plan's device, or 1 and 0 without it."""
+        if amp is None:
+            return self.no_amp
+        return tuple(none if t is None else t.reshape(1).to(self.device, torch.float32, non_blocking=True)
+                     for t, none in zip((amp.grad_scale, amp.found_inf), self.no_amp))
 
     def on_device(self) -> contextlib.AbstractContextManager:
         """Where launches that take the current device (Triton's) must run: under the parameters' CUDA device, so
@@ -259,7 +269,7 @@ class Plan:
 
     def tensors_used(self, work: Sequence[GroupWork]) -> list[torch.Tensor]:
         """Every device tensor a launch of this plan reads or writes, but the parameters and gradients."""
-        out = [self.groups, self.gaddr, self.grads, self.scratch, self.partials]
+        out = [self.groups, self.gaddr, self.grads, self.scratch, self.partials, *self.no_amp]
         for part in self.parts:
             out += [part.tensors, part.work, part.done]
         for w in work:

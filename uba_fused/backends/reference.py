@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..registry import RULES
-from .work import GradSource, GroupWork, Step, StepCache
+from .work import Amp, GradSource, GroupWork, Step, StepCache
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -109,11 +109,24 @@ def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:
     return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
 
 
-def grad_scale(rule: str, w: GroupWork, norm: torch.Tensor | None) -> torch.Tensor | None:
-    """The factor that scales the group's gradients: min(1, max_grad_norm / (norm + eps)) (Rule.clipping),
-    a float64 0-dim tensor; None when the group does not clip."""
+def grad_scale(rule: str, w: GroupWork, norm: torch.Tensor | None, amp: Amp | None = None) -> torch.Tensor | None:
+    """The factor that multiplies the group's gradients, a float64 0-dim tensor (None: 1): 1 / GradScaler's scale
+    (``amp.grad_scale``; 1 without one), times the clipping factor min(1, max_grad_norm / (norm / scale + eps))
+    (Rule.clipping) of the unscaled gradients, as ``scaler.unscale_`` then ``clip_grad_norm_`` compute it."""
     max_norm, eps = RULES[rule].clipping(w.hyper)
-    return None if norm is None or max_norm == 0 else torch.clamp(max_norm / (norm + eps), max=1.0)
+    inv = None if amp is None or amp.grad_scale is None else 1.0 / amp.grad_scale.reshape(()).double()
+    if norm is None or max_norm == 0:
+        return inv
+    clip = torch.clamp(max_norm / ((norm if inv is None else norm * inv.to(norm.device)) + eps), max=1.0)
+    return clip if inv is None else clip * inv.to(clip.device)
+
+
+def skipped(amp: Amp | None, device: torch.device) -> torch.Tensor | None:
+    """A bool 0-dim tensor: GradScaler found an inf or NaN gradient (``amp.found_inf`` non-zero), so this step
+    changes no parameter, state or step count; None without a scaler."""
+    if amp is None or amp.found_inf is None:
+        return None
+    return amp.found_inf.reshape(()).to(device) != 0
 
 
 def _compute(t: torch.Tensor) -> torch.Tensor:
@@ -121,26 +134,33 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
-    return Step(lambda norm: _run(rule, work, norm), lambda: grad_sumsq(work))  # the gradients: GroupWork.grads
+    return Step(lambda norm, amp: _run(rule, work, norm, amp), lambda: grad_sumsq(work))  # the gradients: w.grads
 
 
-def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None) -> None:
+def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None) -> None:
     update = UPDATES[rule]
     for w in work:
         c = RULES[rule].constants(w.hyper)
         lr = applied_lr(w)
         w.lr_out.copy_(lr)
-        scale = grad_scale(rule, w, norm)
+        scale = grad_scale(rule, w, norm, amp)
+        skip = skipped(amp, w.schedule_step.device)
         for i, (p, g, step_t) in enumerate(zip(w.params, w.grads, w.steps)):
-            step_t.add_(1.0)
             stored = {name: tensors[i] for name, tensors in w.state.items()}
-            p32, s32, g32 = _compute(p), {k: _compute(v) for k, v in stored.items()}, _compute(g)
+            copy = (lambda t: _compute(t).clone()) if skip is not None else _compute  # a skip keeps the originals
+            p32, s32 = copy(p), {n: copy(v) for n, v in stored.items()}
+            g32 = _compute(g)
             if scale is not None:
                 g32 = g32 * scale.to(g32.device)
-            update(p32, g32, s32, step_t.to(torch.float64), lr.to(p32.device), c)
-            for k, v in stored.items():
-                if s32[k] is not v:
-                    v.copy_(s32[k])
+            k = step_t + 1.0
+            update(p32, g32, s32, k.to(torch.float64), lr.to(p32.device), c)
+            if skip is not None:
+                k, p32 = torch.where(skip, step_t, k), torch.where(skip, _compute(p), p32)
+                s32 = {n: torch.where(skip, _compute(v), s32[n]) for n, v in stored.items()}
+            step_t.copy_(k)
+            for n, v in stored.items():
+                if s32[n] is not v:
+                    v.copy_(s32[n])
             if p32 is not p:
                 p.copy_(p32)
         w.schedule_step.add_(1)

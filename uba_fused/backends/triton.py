@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STATE_COL, TENSOR_COLS, group_cols
 from .plan import Part, Plan
-from .work import GradSource, GroupWork, Step, StepCache
+from .work import Amp, GradSource, GroupWork, Step, StepCache
 
 BLOCK = CHUNK     # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
@@ -300,14 +300,17 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
 
 
 @triton.jit
-def _grad_scale(row, norm):
-    """The group's clipping factor, min(1, max_grad_norm / (norm + eps)) in float64 (Rule.clipping), as a
-    float32; 1 for a group that does not clip (norm then points at zeros). A NaN norm gives NaN, as
-    clip_grad_norm_ does (tl.minimum would give 1: the gradients applied unclipped); an infinite one 0."""
+def _grad_scale(row, norm, amp_scale):
+    """What each gradient of the group is multiplied by (csrc/updates.cuh: grad_scale): 1 / amp_scale (GradScaler's
+    scale; 1 without one) times the clipping factor min(1, max_grad_norm / (norm / amp_scale + eps)) of the
+    unscaled gradients, in float64 (Rule.clipping), as a float32; the clipping factor is 1 for a group that does not
+    clip (norm then points at zeros). A NaN norm gives NaN, as clip_grad_norm_ does (tl.minimum would give 1: the
+    gradients applied unclipped); an infinite one 0."""
+    inv = 1.0 / amp_scale.to(tl.float64)
     max_norm = tl.load(row + _MAX_GRAD_NORM)
-    scale = max_norm / (tl.load(norm) + tl.load(row + _CLIP_EPS))
+    scale = max_norm / (tl.load(norm) * inv + tl.load(row + _CLIP_EPS))
     scale = tl.where(scale >= 1.0, 1.0, scale)
-    return tl.where(max_norm > 0.0, scale, 1.0).to(tl.float32)
+    return (tl.where(max_norm > 0.0, scale, 1.0) * inv).to(tl.float32)
 
 
 @triton.jit
@@ -347,7 +350,7 @@ def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
 
 
 @triton.jit
-def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, n_rows, n_groups, advance,
+def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, found_inf, n_rows, n_groups, advance,
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUPS: tl.constexpr):
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
@@ -358,7 +361,9 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, n_rows, n_grou
     p_addr = tl.load(trow + _PARAM)
     g_addr = tl.load(grads + tl.load(trow + _GRAD_SLOT))  # the gradient table, at this tensor's slot
     step_ptr = tl.load(trow + _STEP).to(tl.pointer_type(tl.float32))
-    numel = tl.where(g_addr != _NO_GRAD, tl.load(trow + _NUMEL), 0)  # no gradient this step: nothing to update
+    # No gradient this step, or GradScaler found an inf: nothing to update (the counters still run)
+    live = (g_addr != _NO_GRAD) & (tl.load(found_inf) == 0.0)
+    numel = tl.where(live, tl.load(trow + _NUMEL), 0)
     gi = tl.load(trow + _GROUP)
     info = tl.load(trow + _INFO)
     row = groups + gi * NG
@@ -366,7 +371,7 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, n_rows, n_grou
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
     c = _scalars(RULE, row, k, lr)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
-    gscale = _grad_scale(row, norm)
+    gscale = _grad_scale(row, norm, tl.load(grad_scale))
 
     addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
              _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr))
@@ -388,7 +393,7 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, n_rows, n_grou
     chunks_done = tl.atomic_add(done + slot, 1, sem="acq_rel")
     if chunks_done == (info >> 1) - 1:
         tl.store(done + slot, 0)
-        if (slot < n_rows - 1) & (g_addr != _NO_GRAD):  # not the sentinel, nor a tensor without a gradient
+        if (slot < n_rows - 1) & live:  # not the sentinel, nor a tensor without a gradient, nor a skipped step
             tl.store(step_ptr, k)
         rows_done = tl.atomic_add(done + n_rows, 1, sem="acq_rel")
         if rows_done == n_rows - 1:
@@ -411,11 +416,14 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     spec, n_groups = RULES[rule], len(work)
     ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)
 
-    def update(norm: torch.Tensor | None) -> None:
+    def update(norm: torch.Tensor | None, amp: Amp | None) -> None:
+        grad_scale, found_inf = plan.amp_args(amp)
+
         def launch(part: Part, advance: bool) -> None:
             _step_kernel[(part.work.shape[0],)](
                 part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
-                plan.scratch if norm is None else norm, part.tensors.shape[0], n_groups, int(advance), RULE=spec.id,
+                plan.scratch if norm is None else norm, grad_scale, found_inf, part.tensors.shape[0], n_groups,
+                int(advance), RULE=spec.id,
                 STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
                 BLOCK=BLOCK, SUB=sub_tile(part.dtype), GROUPS=groups, num_warps=NUM_WARPS)
 

@@ -7,10 +7,12 @@ the step of those groups as a small pipeline, which the optimizer runs stage by 
 1. ``grad_sumsq()``, the pre-pass, only when a group clips its gradients (``max_grad_norm``): launches the
    reduction of the gradients and returns the sum of their squares, a float64 0-dim tensor on the device.
    The optimizer adds the backends' sums and takes the square root: the global gradient norm.
-2. ``update(norm)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
-   gradient is None is left as it is), each gradient first scaled by its group's clipping factor
-   (Rule.clipping; ``norm`` is None when no group clips), advances those parameters' ``step`` and each
-   group's ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``.
+2. ``update(norm, amp)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
+   gradient is None is left as it is), each gradient first divided by GradScaler's scale (``amp``, an ``Amp``;
+   None without a scaler) and scaled by its group's clipping factor of the unscaled norm (Rule.clipping;
+   ``norm`` is None when no group clips), advances those parameters' ``step`` and each group's
+   ``schedule_step`` by one, and writes the learning rate it applied into ``lr_out``. When ``amp.found_inf``
+   is non-zero it changes no parameter, state or step count: only the groups' counters advance, and lr_out.
 
 Nothing in either stage syncs with the host. The optimizer has checked the gradients (``check_grads``) and
 prepares every backend before it launches any, so an error leaves nothing half-updated. ``cache`` is the
@@ -62,8 +64,20 @@ class GroupWork:
 class Step:
     """What a backend's ``prepare`` returns: its groups' step, stage by stage (see the module's docstring)."""
 
-    update: Callable[[torch.Tensor | None], None]  # the update, given the global gradient norm (or None)
+    update: Callable[[torch.Tensor | None, Amp | None], None]  # the update, given the global gradient norm (or
+                                                                # None) and GradScaler's hand-over (or None)
     grad_sumsq: Callable[[], torch.Tensor]  # the pre-pass: the sum of squares of the groups' gradients
+
+
+@dataclass
+class Amp:
+    """What torch.amp.GradScaler hands an optimizer that declares ``_step_supports_amp_scaling`` (as torch's fused
+    ones do), as attributes set for the duration of ``step()``: the scale the gradients carry (None: they were
+    unscaled already, by ``scaler.unscale_``) and ``found_inf`` (non-zero: a gradient is not finite; the step
+    changes nothing). One-element float32 tensors on the parameters' device, read by the kernels: no sync."""
+
+    grad_scale: torch.Tensor | None
+    found_inf: torch.Tensor
 
 
 @dataclass

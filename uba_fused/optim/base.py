@@ -164,6 +164,14 @@ COMMON_ARGS = f"""
             backward wrote it). Each group may set its own, against the one global norm. Needs every parameter
             on one device; DTensor parameters (FSDP2, HSDP) all placed alike, and then each rank's share of the
             norm is all-reduced over the mesh dimensions they are sharded on (so every rank calls ``step()``).
+            Under torch.amp.GradScaler the norm is that of the unscaled gradients, as ``scaler.unscale_(opt)``
+            then ``clip_grad_norm_`` compute it, and a non-finite norm skips the step.
+
+    Under torch.amp.GradScaler, ``scaler.step(opt)`` hands its scale and found_inf to the step, as to torch's fused
+    optimizers: the kernels divide each gradient by the scale as they load it (``p.grad`` keeps the scaled values),
+    and a step with an inf or NaN gradient changes no parameter, state or step count, without a sync. The group's
+    ``schedule_step`` still advances on such a step: the schedule follows the loop's iterations, as a torch LR
+    scheduler stepped every iteration does.
         maximize, foreach, capturable, differentiable, fused: torch.optim's flags, taken where their meaning
             holds. Every step is already one fused, capturable update, so ``foreach``, ``capturable`` and
             ``fused=True`` change nothing; ``maximize=True``, ``differentiable=True`` and ``fused=False``
@@ -286,6 +294,10 @@ class _State(defaultdict):
 class FusedOptimizer(torch.optim.Optimizer):
     rule: ClassVar[str]
     _step_optional: ClassVar[bool] = False  # a loaded state may lack 'step' (torch.optim.SGD keeps none)
+    # torch.amp.GradScaler.step then hands its scale and found_inf over as attributes (grad_scale, found_inf) for
+    # the duration of step(), as to torch's fused optimizers, instead of unscaling the gradients and reading
+    # found_inf on the host (a sync) itself: the kernels divide the scale out and skip on found_inf (_amp).
+    _step_supports_amp_scaling: ClassVar[bool] = True
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         if isinstance(params, set):  # torch.optim refuses a set only inside a param group
@@ -467,17 +479,35 @@ class FusedOptimizer(torch.optim.Optimizer):
             work, grads = self._full_work(capture)
         by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
         steps = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
-        norm = None
+        norm, amp = None, self._amp()
         if clips:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
             norm = self._across_shards(functools.reduce(operator.add, [s.grad_sumsq() for s in steps])).sqrt()
+            if amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
+                found = (~torch.isfinite(norm)).float()
+                if amp.found_inf is not None:
+                    found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
+                amp = backends.Amp(amp.grad_scale, found)
         for step in steps:
-            step.update(norm)
+            step.update(norm, amp)
         if self._cache.fresh or self._cache.held is None:
             self._hold()
         if capture is not None:
             self._captured(capture)
         elif self._cache.scan is not None:
             self._cache.scan.after_eager_step(grads)
+
+    def _amp(self) -> backends.Amp | None:
+        """What torch.amp.GradScaler.step handed over for this step (``grad_scale``, ``found_inf``; see
+        ``_step_supports_amp_scaling``), or None. Each is None or a one-element floating-point tensor."""
+        scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        if scale is None and found is None:
+            return None
+        for name, t in (("grad_scale", scale), ("found_inf", found)):
+            if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point()):
+                raise TypeError(f"optimizer.{name}, which torch.amp.GradScaler.step sets for the step, must be None or "
+                                f"a one-element floating-point tensor, got {type(t).__name__} "
+                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+        return backends.Amp(scale, found)
 
     def _hold(self) -> None:
         """Record what the device tables and cached selections of this step were built from, for every later step
