@@ -7,21 +7,13 @@
 #include <cstring>
 
 #include "launch.h"
+#include "rounding.cuh"
 #include "updates.cuh"
 
 namespace uf {
 namespace {
 
 constexpr int kThreads = 256;
-
-// The bits of x as a To (std::bit_cast, which nvcc's device side lacks); a register move on both sides.
-template <typename To, typename From>
-UF_HD To bit_cast(const From& x) {
-  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
-  To y;
-  memcpy(&y, &x, sizeof y);
-  return y;
-}
 
 // What differs between the device and the host build of the code below (the host build runs the
 // same kernel body on CPU tables, one item after another: how CI tests this launcher without a GPU).
@@ -138,12 +130,143 @@ struct Io {
   static UF_HD void store(T* base, int64_t i, float x) { base[i] = from_float<T>(x); }
 };
 
+// 16-bit words: N of them (whole 16-byte vectors) at index v in units of N, as raw bits.
+template <int N>
+UF_HD void load_words(const void* base, int64_t v, uint16_t (&out)[N]) {
+  static_assert(N % 8 == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int q = 0; q < N / 8; ++q) {
+    const uint4 raw = load16(base, v * (N / 8) + q);
+    const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[q * 8 + j] = static_cast<uint16_t>(w[j / 2] >> (16 * (j % 2)));
+  }
+}
+template <int N>
+UF_HD void store_words(void* base, int64_t v, const uint16_t (&in)[N]) {
+  static_assert(N % 8 == 0, "whole 16-byte vectors");
+#pragma unroll
+  for (int q = 0; q < N / 8; ++q) {
+    unsigned w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = in[q * 8 + 2 * i] | (static_cast<unsigned>(in[q * 8 + 2 * i + 1]) << 16);
+    store16(base, v * (N / 8) + q, make_uint4(w[0], w[1], w[2], w[3]));
+  }
+}
+
+// How a parameter of dtype T is read into float32 before its update and written back after it: registry.py's
+// CODECS (the math of each is in rounding.cuh). M is the element type of its master slot (the state "master"),
+// which only kRemainder and kCopy keep; `m` points at scratch for the others and is never read. As Io: N
+// elements at index v in units of N, or element i.
+template <typename T, int C>
+struct ParamIo {  // kNearest: the parameter as it is, rounded to nearest
+  using M = float;
+  template <int N>
+  static UF_HD void load(const T* p, const M*, int64_t v, float (&out)[N]) { Io<T>::load(p, v, out); }
+  template <int N>
+  static UF_HD void store(T* p, M*, int64_t v, const float (&in)[N], const RandomKey&) { Io<T>::store(p, v, in); }
+  static UF_HD float load(const T* p, const M*, int64_t i) { return Io<T>::load(p, i); }
+  static UF_HD void store(T* p, M*, int64_t i, float x, const RandomKey&) { Io<T>::store(p, i, x); }
+};
+
+template <>
+struct ParamIo<__nv_bfloat16, kRemainder> {  // the float32 master: the parameter's bits and 16 low bits
+  using T = __nv_bfloat16;
+  using M = int16_t;
+  template <int N>
+  static UF_HD void load(const T* p, const M* m, int64_t v, float (&out)[N]) {
+    uint16_t hi[N], lo[N];
+    load_words(p, v, hi);
+    load_words(m, v, lo);
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = master_join(hi[e], static_cast<int16_t>(lo[e]));
+  }
+  template <int N>
+  static UF_HD void store(T* p, M* m, int64_t v, const float (&in)[N], const RandomKey&) {
+    uint16_t hi[N], lo[N];
+#pragma unroll
+    for (int e = 0; e < N; ++e) {
+      hi[e] = master_high(in[e]);
+      lo[e] = static_cast<uint16_t>(master_low(in[e], hi[e]));
+    }
+    store_words(p, v, hi);
+    store_words(m, v, lo);
+  }
+  static UF_HD float load(const T* p, const M* m, int64_t i) {
+    return master_join(reinterpret_cast<const uint16_t*>(p)[i], m[i]);
+  }
+  static UF_HD void store(T* p, M* m, int64_t i, float x, const RandomKey&) {
+    const uint16_t hi = master_high(x);
+    reinterpret_cast<uint16_t*>(p)[i] = hi;
+    m[i] = master_low(x, hi);
+  }
+};
+
+template <>
+struct ParamIo<__half, kCopy> {  // a float32 copy; the parameter is its rounding to nearest
+  using T = __half;
+  using M = float;
+  // The master, unless the parameter is no longer its rounding (someone else wrote the parameter: a model state
+  // dict loaded, weights swapped): then the parameter, so that the optimizer never undoes such a write.
+  static UF_HD float pick(float master, float param) {
+    return to_float(from_float<__half>(master)) == param ? master : param;
+  }
+  template <int N>
+  static UF_HD void load(const T* p, const M* m, int64_t v, float (&out)[N]) {
+    float ph[N];
+    Io<T>::load(p, v, ph);
+    Io<float>::load(m, v, out);
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = pick(out[e], ph[e]);
+  }
+  template <int N>
+  static UF_HD void store(T* p, M* m, int64_t v, const float (&in)[N], const RandomKey&) {
+    Io<float>::store(m, v, in);
+    Io<T>::store(p, v, in);
+  }
+  static UF_HD float load(const T* p, const M* m, int64_t i) { return pick(m[i], Io<T>::load(p, i)); }
+  static UF_HD void store(T* p, M* m, int64_t i, float x, const RandomKey&) {
+    m[i] = x;
+    Io<T>::store(p, i, x);
+  }
+};
+
+template <>
+struct ParamIo<__nv_bfloat16, kStochastic> {  // rounded stochastically, element i from its own random bits
+  using T = __nv_bfloat16;
+  using M = float;
+  template <int N>
+  static UF_HD void load(const T* p, const M*, int64_t v, float (&out)[N]) { Io<T>::load(p, v, out); }
+  template <int N>
+  static UF_HD void store(T* p, M*, int64_t v, const float (&in)[N], const RandomKey& key) {
+    static_assert(N % 8 == 0, "whole blocks of random bits");
+    uint16_t out[N];
+#pragma unroll
+    for (int q = 0; q < N / 8; ++q) {
+      uint16_t r[8];
+      random_block(key, v * (N / 8) + q, r);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) out[8 * q + e] = round_stochastic(in[8 * q + e], r[e]);
+    }
+    store_words(p, v, out);
+  }
+  static UF_HD float load(const T* p, const M*, int64_t i) { return Io<T>::load(p, i); }
+  static UF_HD void store(T* p, M*, int64_t i, float x, const RandomKey& key) {  // a tail or misaligned: per element
+    uint16_t r[8];
+    random_block(key, i >> 3, r);
+    reinterpret_cast<uint16_t*>(p)[i] = round_stochastic(x, r[i & 7]);
+  }
+};
+
 // One work item (one block on the device): a chunk of one tensor, with what its update needs. T is the
-// parameter's (and its gradient's) storage dtype, TS its state's.
-template <typename T, typename TS, class R>
+// parameter's (and its gradient's) storage dtype, TS its state's, C the parameter's codec.
+template <typename T, typename TS, int C, class R>
 struct Item {
   static constexpr int S = R::Cols::kStates;
+  using P = ParamIo<T, C>;
   T* p;
+  typename P::M* m;  // the master slot (kRemainder, kCopy)
+  RandomKey key;     // the random bits' (kStochastic)
   const T* g;
   TS* s[S];
   float* step;
@@ -156,16 +279,17 @@ struct Item {
   typename R::Scalars c;
 };
 
-template <typename T, typename TS, class R>
-UF_HD Item<T, TS, R> open_item(const FusedStepArgs& args, int64_t item) {
-  Item<T, TS, R> it;
+template <typename T, typename TS, int C, class R>
+UF_HD Item<T, TS, C, R> open_item(const FusedStepArgs& args, int64_t item) {
+  Item<T, TS, C, R> it;
   it.slot = args.work[2 * item];
   it.start = args.work[2 * item + 1];
   const int64_t* row = args.tensors + it.slot * (kState0 + R::Cols::kStates);
   const int64_t grad = args.grads[row[kGradSlot]];
   it.p = reinterpret_cast<T*>(row[kParam]);
   it.g = reinterpret_cast<const T*>(grad);
-  for (int j = 0; j < Item<T, TS, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
+  it.m = reinterpret_cast<typename Item<T, TS, C, R>::P::M*>(row[kMaster]);
+  for (int j = 0; j < Item<T, TS, C, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
   it.step = reinterpret_cast<float*>(row[kStep]);
   // A tensor without a gradient this step keeps its row, skipped; so is every tensor when GradScaler found an inf.
   const bool live = grad != kNoGrad && *args.found_inf == 0.0f;
@@ -180,14 +304,18 @@ UF_HD Item<T, TS, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.has_state = grow[kHasState] != 0.0;
   it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
   it.c = R::scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
+  const uint64_t seed = static_cast<uint64_t>(grow[kSeed]);
+  it.key = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(row[kGradSlot]),
+            static_cast<uint32_t>(*counter)};
   return it;
 }
 
 // The elements of an item that lane `lane` of LANES takes: every LANES-th vector (of the parameter's dtype; a
 // wider state takes as many vectors as it needs for those elements) or element.
-template <typename T, typename TS, class R, int LANES>
-UF_HD void update_elements(const Item<T, TS, R>& it, int lane) {
-  constexpr int S = Item<T, TS, R>::S;
+template <typename T, typename TS, int C, class R, int LANES>
+UF_HD void update_elements(const Item<T, TS, C, R>& it, int lane) {
+  using I = Item<T, TS, C, R>;
+  constexpr int S = I::S;
   if (it.vector) {
     constexpr int N = kVec<T>;
     const int64_t v0 = it.start / N;
@@ -195,7 +323,7 @@ UF_HD void update_elements(const Item<T, TS, R>& it, int lane) {
     for (int i = lane; i < kChunk / N; i += LANES) {
       const int64_t v = v0 + i;
       float pf[N], gf[N], sf[S][N] = {};
-      Io<T>::load(it.p, v, pf);
+      I::P::load(it.p, it.m, v, pf);
       Io<T>::load(it.g, v, gf);
 #pragma unroll
       for (int e = 0; e < N; ++e) gf[e] *= it.gscale;
@@ -209,19 +337,19 @@ UF_HD void update_elements(const Item<T, TS, R>& it, int lane) {
         R::update(pf[e], gf[e], s, it.c);
         for (int j = 0; j < S; ++j) sf[j][e] = s[j];
       }
-      Io<T>::store(it.p, v, pf);
+      I::P::store(it.p, it.m, v, pf, it.key);
       if (it.has_state) {
         for (int j = 0; j < S; ++j) Io<TS>::store(it.s[j], v, sf[j]);
       }
     }
   } else {
     for (int64_t i = it.start + lane; i < it.end; i += LANES) {
-      float p = Io<T>::load(it.p, i), s[S] = {};
+      float p = I::P::load(it.p, it.m, i), s[S] = {};
       if (it.has_state) {
         for (int j = 0; j < S; ++j) s[j] = Io<TS>::load(it.s[j], i);
       }
       R::update(p, Io<T>::load(it.g, i) * it.gscale, s, it.c);
-      Io<T>::store(it.p, i, p);
+      I::P::store(it.p, it.m, i, p, it.key);
       if (it.has_state) {
         for (int j = 0; j < S; ++j) Io<TS>::store(it.s[j], i, s[j]);
       }
@@ -252,19 +380,19 @@ UF_HD void finish_item(const FusedStepArgs& args, int64_t slot, int64_t n_chunks
   }
 }
 
-template <typename T, typename TS, class R>
+template <typename T, typename TS, int C, class R>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args) {
-  const Item<T, TS, R> it = open_item<T, TS, R>(args, blockIdx.x);
-  update_elements<T, TS, R, kThreads>(it, threadIdx.x);
+  const Item<T, TS, C, R> it = open_item<T, TS, C, R>(args, blockIdx.x);
+  update_elements<T, TS, C, R, kThreads>(it, threadIdx.x);
   __syncthreads();  // every thread's reads of this step's counters precede the release
   if (threadIdx.x == 0) finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
 }
 
-template <typename T, typename TS, class R>
+template <typename T, typename TS, int C, class R>
 void run_on_host(const FusedStepArgs& args) {
   for (int64_t item = 0; item < args.n_items; ++item) {
-    const Item<T, TS, R> it = open_item<T, TS, R>(args, item);
-    update_elements<T, TS, R, 1>(it, 0);
+    const Item<T, TS, C, R> it = open_item<T, TS, C, R>(args, item);
+    update_elements<T, TS, C, R, 1>(it, 0);
     finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
   }
 }
@@ -328,16 +456,20 @@ template <int D> struct Type;  // the C++ type of a registry DType
 template <> struct Type<kFloat32> { using type = float; };
 template <> struct Type<kBfloat16> { using type = __nv_bfloat16; };
 template <> struct Type<kFloat16> { using type = __half; };
-template <typename T, typename TS> struct Storage { using param = T; using state = TS; };
+template <typename T, typename TS, int C> struct Storage {
+  using param = T;
+  using state = TS;
+  static constexpr int codec = C;
+};
 
-// f(Storage<T, TS>{}, Rule{}) for the runtime codes (a storage id: registry.py's STORAGES); false when a code
+// f(Storage<T, TS, C>{}, Rule{}) for the runtime codes (a storage id: registry.py's STORAGES); false when a code
 // is unknown.
 template <typename F>
 bool with_types(int rule, int storage, F&& f) {
   auto with = [&](auto types) { return with_rule(rule, [&](auto r) { f(types, r); }); };
   switch (storage) {
-#define UF_CASE(id, P, S) \
-  case id: return with(Storage<typename Type<P>::type, typename Type<S>::type>{});
+#define UF_CASE(id, P, S, C) \
+  case id: return with(Storage<typename Type<P>::type, typename Type<S>::type, C>{});
     UF_STORAGES(UF_CASE)
 #undef UF_CASE
     default: return false;
@@ -358,7 +490,7 @@ cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, 
   if (args.n_items == 0) return cudaSuccess;
   const bool known = with_types(rule, storage, [&](auto types, auto r) {
     using D = decltype(types);
-    fused_step_kernel<typename D::param, typename D::state, decltype(r)>
+    fused_step_kernel<typename D::param, typename D::state, D::codec, decltype(r)>
         <<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
@@ -367,7 +499,7 @@ cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, 
 bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage) {
   return with_types(rule, storage, [&](auto types, auto r) {
     using D = decltype(types);
-    run_on_host<typename D::param, typename D::state, decltype(r)>(args);
+    run_on_host<typename D::param, typename D::state, D::codec, decltype(r)>(args);
   });
 }
 

@@ -149,14 +149,14 @@ bool with_rule(int id, F&& f) {
   }
 }
 
-// The factor each gradient of group row `row` is multiplied by as it is loaded (Rule.clipping in registry.py): 1 /
-// amp_scale, the scale GradScaler multiplied the loss by (1 without one), times the clipping factor min(1, max_grad_norm
-// / (norm / amp_scale + eps)) of the unscaled gradients (as scaler.unscale_ then clip_grad_norm_), in float64; the
-// clipping factor is 1 when the group does not clip (its max_grad_norm is 0; `norm` is then not read). A NaN norm
-// gives a NaN factor, as torch.nn.utils.clip_grad_norm_ and backend "torch" give (fmin would return 1 and apply the
-// gradients unclipped); an infinite norm gives 0.
+// The factor each gradient of group row `row` is multiplied by as it is loaded (Rule.clipping in registry.py):
+// 1 / amp_scale, the scale GradScaler multiplied the loss by (1 without one), times the clipping factor
+// min(1, max_grad_norm / (norm / amp_scale + eps)) of the unscaled gradients (as scaler.unscale_ then
+// clip_grad_norm_), in float64; the clipping factor is 1 when the group does not clip (its max_grad_norm is 0;
+// `norm` is then not read). A NaN norm gives a NaN factor, as torch.nn.utils.clip_grad_norm_ and backend "torch"
+// give (fmin would return 1 and apply the gradients unclipped); an infinite norm gives 0.
 UF_HD float grad_scale(const double* row, const double* norm, float amp_scale) {
-  const double inv = 1.0 / static_cast<double>(amp_scale);
+  const double inv = 1.0f / amp_scale;  // in float32, as every backend (exact for GradScaler's powers of two)
   const double max_norm = row[kMaxGradNorm];
   if (!(max_norm > 0.0)) return f32(inv);
   const double scale = max_norm / (*norm * inv + row[kClipEps]);

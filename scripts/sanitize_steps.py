@@ -1,6 +1,6 @@
 """A short run of every kernel for compute-sanitizer: every rule (Adan included) on each kernel backend, in every
-storage (parameter dtype, state dtype) with the clipping pre-pass, one step mixing every storage, and a captured
-step replayed.
+storage (parameter dtype, state dtype, codec: master weights and stochastic rounding) with the clipping pre-pass,
+one step mixing every storage, and a captured step replayed.
 
     compute-sanitizer --tool memcheck python scripts/sanitize_steps.py
     compute-sanitizer --tool racecheck python scripts/sanitize_steps.py
@@ -15,13 +15,14 @@ import sys
 import torch
 
 import uba_fused as uf
-from uba_fused import backends
+from uba_fused import backends, registry
 
 RULES = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
          "sgd-momentum": functools.partial(uf.SGD, momentum=0.9), "sgd": functools.partial(uf.SGD, momentum=0.0)}
-# registry.STORAGES as (parameter dtype, state_dtype option)
-STORAGES = [(torch.float32, None), (torch.bfloat16, None), (torch.float16, None), (torch.bfloat16, torch.float32),
-            (torch.float16, torch.float32)]
+# registry.STORAGES as the options that choose them: (parameter dtype, state_dtype, master_weights)
+_MASTER_WEIGHTS = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic"}
+STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), _MASTER_WEIGHTS[c])
+            for p, s, c in registry.STORAGES]
 
 
 def params(dtype, seed=0):
@@ -34,7 +35,8 @@ def params(dtype, seed=0):
 
 def mixed_groups():
     """One param group per storage: a step over them launches once per storage."""
-    return [{"params": params(dtype, seed=i), "state_dtype": sd} for i, (dtype, sd) in enumerate(STORAGES)]
+    return [{"params": params(dtype, seed=i), "state_dtype": sd, "master_weights": mw}
+            for i, (dtype, sd, mw) in enumerate(STORAGES)]
 
 
 def fill_grads(ps, gen):
@@ -50,10 +52,10 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(1)
     for backend in names:
         for rule, make in RULES.items():
-            for dtype, state_dtype in STORAGES:  # each storage alone, clipping (the pre-pass) on
+            for dtype, state_dtype, master_weights in STORAGES:  # each storage alone, clipping (the pre-pass) on
                 ps = params(dtype)
                 opt = make(ps, backend=backend, schedule=uf.UBA(10, warmup_steps=2), state_dtype=state_dtype,
-                           max_grad_norm=1.0)
+                           master_weights=master_weights, max_grad_norm=1.0)
                 for _ in range(2):
                     fill_grads(ps, gen)
                     opt.step()

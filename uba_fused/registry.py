@@ -4,8 +4,8 @@
   rule's columns of the group table with their host values (computed here once, in float64, and read
   by every backend, the readable reference included), and the tensors a step streams.
 - ``SCHEDULE_KINDS``: the schedule families, in the kernels' kind order (``schedules.py`` defines them).
-- The device tables' columns (``TENSOR_COLS``, ``GROUP_COLS``), the kernel dtypes and (parameter, state)
-  dtype pairs (``DTYPES``, ``STORAGES``), ``CHUNK`` and
+- The device tables' columns (``TENSOR_COLS``, ``GROUP_COLS``), the kernel dtypes, the parameter codecs and
+  the (parameter dtype, state dtype, codec) storages (``DTYPES``, ``CODECS``, ``STORAGES``), ``CHUNK`` and
   ``NO_GRAD`` (``backends/plan.py`` documents the tables).
 
 Numbers are positions in these tuples, never written anywhere by hand. ``csrc/registry.h`` is generated
@@ -27,18 +27,44 @@ from dataclasses import dataclass, field
 
 # -- the device tables (backends/plan.py) ---------------------------------------------------------------
 # Per tensor, int64: addresses of the parameter, its gradient's slot in the gradient table, the step count's
-# address, sizes; then one address per state slot of the rule (STATE_COL + i).
-TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info")
+# address, sizes, the address of its master slot (CODECS); then one address per state slot of the rule (STATE_COL + i).
+TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info", "master")
 STATE_COL = len(TENSOR_COLS)
 # Per group, float64: what every rule reads (the lr and its schedule, gradient clipping), then the rule's own
 # (Rule.consts).
-GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps")
+GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps", "seed")
 DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they compute in float32)
-# The (parameter, state) dtype pairs the kernels are compiled for: one plan part (one launch) is one pair.
+# How a parameter is read before its update and written after it (the master_weights option):
+# - "nearest": as it is, rounded to nearest on the way back (a 16-bit parameter loses every update smaller than
+#   half its last bit);
+# - "remainder": a bfloat16 parameter with the 16 low bits of its float32 master in its state "master" (int16): the
+#   two are the master, bit for bit (the parameter is the master rounded to nearest, ties away from zero: the
+#   rounding whose remainder fits 16 bits);
+# - "copy": a float16 parameter with a float32 copy of its master in its state "master" (float16 is not the top half
+#   of a float32);
+# - "stochastic": a bfloat16 parameter rounded stochastically, from random bits keyed by the seed, the group's step
+#   counter, the tensor and the element (Philox 4x32-10).
+CODECS = ("nearest", "remainder", "copy", "stochastic")
+MASTER_DTYPE = {"remainder": "int16", "copy": "float32"}  # the state "master" of the codecs that keep one
+MASTER_WEIGHTS = (None, "exact", "stochastic")  # the option's values
+
+
+def codec(master_weights: str | None, dtype: str) -> str | None:
+    """The codec of a ``dtype`` parameter in a group whose ``master_weights`` is as given; None: not built."""
+    if master_weights is None:
+        return "nearest"
+    if master_weights == "exact":
+        return {"bfloat16": "remainder", "float16": "copy"}.get(dtype)
+    return "stochastic" if master_weights == "stochastic" and dtype == "bfloat16" else None
+
+
+# The (parameter dtype, state dtype, codec) triples the kernels are compiled for: one plan part (one launch) is one.
 # State is kept in its parameter's dtype (torch.optim's way), or in float32 for a 16-bit parameter.
-STORAGES = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"),
-            ("bfloat16", "float32"), ("float16", "float32"))
-STORAGE_IDS = {pair: i for i, pair in enumerate(STORAGES)}
+_PAIRS = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32"),
+          ("float16", "float32"))
+_OPTION_OF = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic"}
+STORAGES = tuple((p, s, c) for c in CODECS for p, s in _PAIRS if codec(_OPTION_OF[c], p) == c)
+STORAGE_IDS = {triple: i for i, triple in enumerate(STORAGES)}
 CHUNK = 4096     # elements per work item, in both kernels
 NO_GRAD = -1     # a gradient-table entry for a parameter without a gradient this step (an empty tensor's is 0)
 
@@ -158,7 +184,7 @@ def abi() -> dict:
     """Every shared number by name: what csrc/registry.h encodes, and what uba_fused._C reports it was built
     from (``_C.REGISTRY``), so that a stale build is named, not run."""
     return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "dtypes": list(DTYPES),
-            "storages": [list(pair) for pair in STORAGES],
+            "codecs": list(CODECS), "storages": [list(triple) for triple in STORAGES],
             "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS),
             "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts)}
                       for r in RULES.values()}}
@@ -181,11 +207,12 @@ def cpp_header() -> str:
         _enum("TensorCol", [(c, i) for i, c in enumerate(TENSOR_COLS)] + [("state0", STATE_COL)]),
         _enum("GroupCol", [(c, i) for i, c in enumerate(GROUP_COLS)] + [("group_cols", len(GROUP_COLS))]),
         _enum("DType", [(d, i) for i, d in enumerate(DTYPES)] + [("num_dtypes", len(DTYPES))]),
+        _enum("Codec", [(c, i) for i, c in enumerate(CODECS)] + [("num_codecs", len(CODECS))]),
         _enum("ScheduleKind", [(k, i) for i, k in enumerate(SCHEDULE_KINDS)] + [("num_kinds", len(SCHEDULE_KINDS))]),
         _enum("RuleId", [(r, i) for i, r in enumerate(RULES)] + [("num_rules", len(RULES))]),
-        "// The (parameter, state) dtype pairs the kernels are compiled for, by id: X(id, param DType, state DType).",
-        "#define UF_STORAGES(X) " + " ".join(f"X({i}, k{_camel(a)}, k{_camel(b)})"
-                                             for i, (a, b) in enumerate(STORAGES)),
+        "// The storages the kernels are compiled for, by id: X(id, param DType, state DType, Codec).",
+        "#define UF_STORAGES(X) " + " ".join(f"X({i}, k{_camel(a)}, k{_camel(b)}, k{_camel(c)})"
+                                             for i, (a, b, c) in enumerate(STORAGES)),
         f"constexpr int kNumStorages = {len(STORAGES)};",
         f"constexpr int kChunk = {CHUNK};",
         f"constexpr long long kNoGrad = {NO_GRAD};",

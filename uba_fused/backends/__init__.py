@@ -18,7 +18,8 @@ import torch
 from .plan import CaptureError, GradScan, is_dense, stream_of_step
 from .work import Amp, Capture, GradSource, GroupWork, Selection, Step, StepCache, local
 
-__all__ = ["Amp", "NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError", "Selection",
+__all__ = ["Amp", "NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
+           "Selection",
            "Step", "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get",
            "capturing", "stream_of_step"]
 

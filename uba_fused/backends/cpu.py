@@ -6,7 +6,9 @@ backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once 
 host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
 updated in float32 by the foreach rules and rounded once on the way back, as the kernels do (torch's fused
 kernels compute in float32 themselves, but take one dtype for a parameter and its state: a 16-bit parameter
-with float32 state goes to them as a float32 copy); float64 parameters in float64.
+with float32 state goes to them as a float32 copy); float64 parameters in float64. A parameter with master weights
+or stochastic rounding (registry.CODECS) is computed from its float32 master and written back by its codec
+(backends/reference.py's decode and encode), so that its update is bit for bit the one of a float32 parameter.
 
 It reads the gradients from ``GroupWork.grads`` (the parameters that have one), as backend "torch".
 """
@@ -19,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import RULES
-from .plan import is_dense
-from .reference import FOREACH, grad_scale, grad_sumsq, skipped
+from .plan import codec_of, is_dense
+from .reference import FOREACH, decode, encode, grad_scale, grad_sumsq, skipped
 from .work import Amp, GradSource, GroupWork, Step, StepCache
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -37,11 +39,12 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
 
 @dataclass
 class _Part:
-    """The parameters of one storage (their dtype, their state's) in a selection: one call of torch's (their
-    positions, None for all)."""
+    """The parameters of one storage (their dtype, their state's, their codec) in a selection: one call of torch's
+    (their positions, None for all)."""
 
     dtype: torch.dtype
     state_dtype: torch.dtype
+    codec: str
     idx: list[int] | None
     walkable: list[bool]      # each dense, with its state laid out as it is
     past_first: bool = False  # every step count is past 1 (SGD's first step takes the gradient as its buffer)
@@ -65,8 +68,9 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | 
                 p, g = pick(w.params), pick(w.grads)
                 walkable = part.walkable if w.grads_like_params else [
                     a and gi.stride() == pi.stride() for a, pi, gi in zip(part.walkable, p, g)]
-                _update(rule, part, p, g, {n: pick(ts) for n, ts in w.state.items()}, pick(w.steps), lr, c, walkable,
-                        scale)
+                key = (int(w.hyper.get("seed", 0)), pick(w.slots), w.schedule_step)
+                _update(rule, part, p, pick(w.masters), g, {n: pick(ts) for n, ts in w.state.items()}, pick(w.steps),
+                        lr, c, walkable, scale, key)
         w.schedule_step.add_(1)
 
 
@@ -92,11 +96,12 @@ def _parts(w: GroupWork, host: dict) -> list[_Part]:
     hit = host.get(key)
     if hit is None or hit[0] is not w.params:
         parts = []
-        stored = [(p.dtype, next((ts[i].dtype for ts in w.state.values()), p.dtype)) for i, p in enumerate(w.params)]
+        stored = [(p.dtype, next((ts[i].dtype for ts in w.state.values()), p.dtype), codec_of(w, p))
+                  for i, p in enumerate(w.params)]
         storages = list(dict.fromkeys(stored))
-        for dtype, state_dtype in storages:
-            idx = [i for i, pair in enumerate(stored) if pair == (dtype, state_dtype)]
-            parts.append(_Part(dtype, state_dtype, None if len(storages) == 1 else idx,
+        for dtype, state_dtype, codec in storages:
+            idx = [i for i, triple in enumerate(stored) if triple == (dtype, state_dtype, codec)]
+            parts.append(_Part(dtype, state_dtype, codec, None if len(storages) == 1 else idx,
                                [is_dense(w.params[i]) and all(ts[i].stride() == w.params[i].stride()
                                                               for ts in w.state.values()) for i in idx]))
         hit = host[key] = (w.params, parts)
@@ -125,18 +130,31 @@ def _walked_as_memory(p: list, g: list, s: dict[str, list], walkable: list[bool]
     return p2, g2, s2, done
 
 
-def _update(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float,
-            c: dict, walkable: list[bool], scale: float) -> None:
-    """One part's update, each gradient scaled by ``scale`` first (its group's clipping factor; 1: none)."""
+def _update(rule: str, part: _Part, p: list, masters: list, g: list, s: dict[str, list], steps: list, lr: float,
+            c: dict, walkable: list[bool], scale: float, key: tuple) -> None:
+    """One part's update, each gradient scaled by ``scale`` first (1 / GradScaler's scale times its group's clipping
+    factor; 1: none). ``masters`` are the parameters' master slots (registry.CODECS), ``key`` (seed, slots, t)
+    what keys stochastic rounding's random bits."""
     own_state = part.state_dtype == part.dtype
-    if part.dtype in _LOW and (rule not in _FUSED or not own_state or scale != 1.0):
-        # compute in float32, round once on the way back (float32 state is updated in place)
-        p32, g32 = [t.float() for t in p], [t.float() for t in g]
+    if part.codec != "nearest" or part.dtype in _LOW and (rule not in _FUSED or not own_state or scale != 1.0):
+        # compute in float32 (from the master where one is kept), round once on the way back (float32 state is
+        # updated in place), in the parameter's layout (which torch's fused kernels take for the gradient's too)
+        p32 = [decode(t, m, part.codec) for t, m in zip(p, masters)]
+        p32 = [x if x.stride() == t.stride() else torch.empty_like(t, dtype=x.dtype).copy_(x) for x, t in zip(p32, p)]
+        g32 = [t.float() for t in g]
         if scale != 1.0:
             torch._foreach_mul_(g32, scale)
         s32 = {n: [t.float() for t in ts] for n, ts in s.items()}
         _compute(rule, part, p32, g32, s32, steps, lr, c, walkable)
-        torch._foreach_copy_(p, p32)
+        if part.codec == "nearest":
+            torch._foreach_copy_(p, p32)
+        else:
+            seed, slots, t = key
+            for dst, master, x, slot in zip(p, masters, p32, slots):
+                new_p, new_master = encode(x, part.codec, seed, slot, t)
+                dst.copy_(new_p)
+                if new_master is not None:
+                    master.copy_(new_master)
         if own_state:
             for n, ts in s.items():
                 torch._foreach_copy_(ts, s32[n])

@@ -16,8 +16,9 @@ optimizer), and a step on another CUDA stream than the last waits for it (``stre
 
 Tables, all on the parameters' device; their columns are registry.py's (TENSOR_COLS, GROUP_COLS and the
 rule's consts), which names them for Triton and generates csrc/registry.h for C++:
-  tensors  int64 [n + 1, 6 + S] per tensor: address of p; its gradient's slot in ``grads``; address of
+  tensors  int64 [n + 1, 7 + S] per tensor: address of p; its gradient's slot in ``grads``; address of
                              its step; numel; group; info (= n_chunks << 1 | p and state 16-byte aligned);
+                             the address of its master slot (registry.CODECS; scratch without one);
                              then the address of each of the rule's S state slots. Row n is a sentinel
                              with no elements, so a launch always has a program that advances the group
                              counters.
@@ -29,7 +30,7 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
   partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
 
-A step with parameters of several storages (registry.STORAGES: the parameter's dtype and its state's) makes one
+A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec) makes one
 launch per storage ("part"); only the last launch advances the group counters, so every launch reads the same
 step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first runs a pre-pass
 (``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds them, and the
@@ -46,12 +47,12 @@ from typing import Any
 import torch
 
 from .. import _ext
-from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
+from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, codec, group_cols
 from .work import Amp, Capture, GradSource, GroupWork, StepCache, dtensor_class, is_dtensor, local
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
-# registry.STORAGES as torch dtypes: (parameter dtype, state dtype) -> the kernels' storage id
-STORAGE_ID = {(getattr(torch, a), getattr(torch, b)): i for (a, b), i in STORAGE_IDS.items()}
+# registry.STORAGES with torch dtypes: (parameter dtype, state dtype, codec) -> the kernels' storage id
+STORAGE_ID = {(getattr(torch, a), getattr(torch, b), c): i for (a, b, c), i in STORAGE_IDS.items()}
 _LR = GROUP_COLS.index("lr")
 
 
@@ -79,15 +80,21 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def storage(p: torch.Tensor, states: Sequence[torch.Tensor]) -> tuple[torch.dtype, torch.dtype]:
-    """(dtype of p, dtype of its state): which kernel walks it (a registry STORAGES pair). A parameter without
-    state is read as keeping it in its own dtype. Raises if the kernels are not built for the pair."""
+def storage(p: torch.Tensor, states: Sequence[torch.Tensor], codec: str | None) -> tuple[torch.dtype, torch.dtype, str]:
+    """(dtype of p, dtype of its state, its codec): which kernel walks it (a registry STORAGES triple). A parameter
+    without state is read as keeping it in its own dtype. Raises if the kernels are not built for it."""
     dtypes = {s.dtype for s in states} or {p.dtype}
-    pair = (p.dtype, *dtypes)
-    if len(dtypes) > 1 or pair not in STORAGE_ID:
-        raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}: the kernels take "
-                           f"a parameter's state in its own dtype, or in float32 for a 16-bit parameter")
-    return pair
+    triple = (p.dtype, *dtypes, codec)
+    if len(dtypes) > 1 or triple not in STORAGE_ID:
+        raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}, kept as {codec!r}: "
+                           f"the kernels take a parameter's state in its own dtype, or in float32 for a 16-bit "
+                           f"parameter, and master_weights for 16-bit parameters only")
+    return triple
+
+
+def codec_of(w: GroupWork, p: torch.Tensor) -> str | None:
+    """How parameter ``p`` of group ``w`` is kept between steps (registry.CODECS)."""
+    return codec(w.hyper.get("master_weights"), str(p.dtype).removeprefix("torch."))
 
 
 def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
@@ -98,7 +105,8 @@ def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
                                            else (KIND["constant"], 0.0, 1.0, 0.0, 2.0))
     max_grad_norm, clip_eps = RULES[rule].clipping(h)
     values = dict(lr=lr, kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
-                  has_state=float(bool(w.state)), max_grad_norm=max_grad_norm, clip_eps=clip_eps)
+                  has_state=float(bool(w.state)), max_grad_norm=max_grad_norm, clip_eps=clip_eps,
+                  seed=float(h.get("seed", 0)))
     return tuple(values[c] for c in GROUP_COLS) + RULES[rule].row(h)
 
 
@@ -113,10 +121,11 @@ def work_items(n_chunks: list[int], block: int) -> torch.Tensor:
 
 @dataclass
 class Part:
-    """The tensors of one storage (their dtype, and their state's): one launch."""
+    """The tensors of one storage (their dtype, their state's, their codec): one launch."""
 
     dtype: torch.dtype
     state_dtype: torch.dtype
+    codec: str
     tensors: torch.Tensor
     work: torch.Tensor
     done: torch.Tensor
@@ -195,33 +204,36 @@ class Plan:
         device = work[0].schedule_step.device
         scratch = torch.zeros(ALIGN, dtype=torch.float64, device=device)
         n_states = len(RULES[rule].states)
-        by_storage: dict[tuple[torch.dtype, torch.dtype], list[tuple[int, int]]] = {}
+        by_storage: dict[tuple[torch.dtype, torch.dtype, str], list[tuple[int, int]]] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
-                by_storage.setdefault(storage(p, [w.state[n][i] for n in w.state]), []).append((wi, i))
+                triple = storage(p, [w.state[n][i] for n in w.state], codec_of(w, p))
+                by_storage.setdefault(triple, []).append((wi, i))
         if not by_storage:
-            by_storage[torch.float32, torch.float32] = []
-        specs = []  # per part: (dtype, state dtype, table rows, chunks per row)
-        for (dtype, state_dtype), members in by_storage.items():
+            by_storage[torch.float32, torch.float32, "nearest"] = []
+        specs = []  # per part: (storage, table rows, chunks per row)
+        for triple, members in by_storage.items():
             rows, chunks = [], []
             for wi, i in members:
                 w = work[wi]
                 p = w.params[i]
                 # a group that keeps no state (SGD without momentum) points its slots at scratch: never read
                 states = [w.state[n][i].data_ptr() for n in w.state] or [scratch.data_ptr()] * n_states
-                aligned = all(x % ALIGN == 0 for x in [p.data_ptr(), *states] if x)  # the gradient: each step
+                master = scratch.data_ptr() if w.masters[i] is None else w.masters[i].data_ptr()
+                # the gradient's alignment is checked each step
+                aligned = all(x % ALIGN == 0 for x in [p.data_ptr(), master, *states] if x)
                 chunks.append(max(1, -(-p.numel() // block)))
                 rows.append([p.data_ptr(), w.slots[i], w.steps[i].data_ptr(), p.numel(), wi,
-                             chunks[-1] << 1 | int(aligned), *states])
+                             chunks[-1] << 1 | int(aligned), master, *states])
             s = scratch.data_ptr()
-            rows.append([s, n_slots - 1, s, 0, 0, 1 << 1] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
-            specs.append((dtype, state_dtype, rows, chunks + [1]))
+            rows.append([s, n_slots - 1, s, 0, 0, 1 << 1, s] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
+            specs.append((triple, rows, chunks + [1]))
         items = [sum(chunks) for *_, chunks in specs]
         partials = torch.zeros(sum(items), dtype=torch.float64, device=device)
-        parts = [Part(dtype, state_dtype, _to_device(torch.tensor(rows, dtype=torch.int64), device),
+        parts = [Part(*triple, _to_device(torch.tensor(rows, dtype=torch.int64), device),
                       _to_device(work_items(chunks, block), device),
                       torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view)
-                 for (dtype, state_dtype, rows, chunks), view in zip(specs, partials.split(items))]
+                 for (triple, rows, chunks), view in zip(specs, partials.split(items))]
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
         return cls(cls.key_of(rule, work), device, parts,
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
@@ -273,7 +285,7 @@ class Plan:
         for part in self.parts:
             out += [part.tensors, part.work, part.done]
         for w in work:
-            out += [w.schedule_step, w.lr_out, *w.steps]
+            out += [w.schedule_step, w.lr_out, *w.steps, *(m for m in w.masters if m is not None)]
             for ts in w.state.values():
                 out += ts
         return out

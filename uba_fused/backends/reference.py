@@ -14,7 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import registry
 from ..registry import RULES
+from . import rounding
 from .work import Amp, GradSource, GroupWork, Step, StepCache
 
 
@@ -114,7 +116,8 @@ def grad_scale(rule: str, w: GroupWork, norm: torch.Tensor | None, amp: Amp | No
     (``amp.grad_scale``; 1 without one), times the clipping factor min(1, max_grad_norm / (norm / scale + eps))
     (Rule.clipping) of the unscaled gradients, as ``scaler.unscale_`` then ``clip_grad_norm_`` compute it."""
     max_norm, eps = RULES[rule].clipping(w.hyper)
-    inv = None if amp is None or amp.grad_scale is None else 1.0 / amp.grad_scale.reshape(()).double()
+    # 1 / scale in float32, as the kernels take it (exact for GradScaler's powers of two)
+    inv = None if amp is None or amp.grad_scale is None else (1.0 / amp.grad_scale.reshape(()).float()).double()
     if norm is None or max_norm == 0:
         return inv
     clip = torch.clamp(max_norm / ((norm if inv is None else norm * inv.to(norm.device)) + eps), max=1.0)
@@ -133,37 +136,65 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def decode(p: torch.Tensor, master: torch.Tensor | None, codec: str) -> torch.Tensor:
+    """The value the update starts from (registry.CODECS, backends/rounding.py): the parameter (itself, if it is
+    float32 or float64), or its exact master."""
+    if codec == "remainder":
+        return rounding.master_join(p, master)
+    if codec == "copy":
+        ph = p.float()
+        return torch.where(master.to(torch.float16).float() == ph, master, ph)
+    return _compute(p)
+
+
+def encode(x: torch.Tensor, codec: str, seed: int, slot: int,
+           t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the update's result ``x`` writes: (into the parameter, into its master or None). A float32 written into a
+    16-bit parameter rounds to nearest."""
+    if codec == "remainder":
+        return rounding.master_split(x)
+    if codec == "copy":
+        return x, x
+    if codec == "stochastic":
+        return rounding.round_stochastic(x, rounding.random_bits(x, seed, slot, t)), None
+    return x, None
+
+
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
     return Step(lambda norm, amp: _run(rule, work, norm, amp), lambda: grad_sumsq(work))  # the gradients: w.grads
 
 
 def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None) -> None:
-    update = UPDATES[rule]
     for w in work:
-        c = RULES[rule].constants(w.hyper)
         lr = applied_lr(w)
         w.lr_out.copy_(lr)
-        scale = grad_scale(rule, w, norm, amp)
-        skip = skipped(amp, w.schedule_step.device)
-        for i, (p, g, step_t) in enumerate(zip(w.params, w.grads, w.steps)):
-            stored = {name: tensors[i] for name, tensors in w.state.items()}
-            copy = (lambda t: _compute(t).clone()) if skip is not None else _compute  # a skip keeps the originals
-            p32, s32 = copy(p), {n: copy(v) for n, v in stored.items()}
-            g32 = _compute(g)
-            if scale is not None:
-                g32 = g32 * scale.to(g32.device)
-            k = step_t + 1.0
-            update(p32, g32, s32, k.to(torch.float64), lr.to(p32.device), c)
-            if skip is not None:
-                k, p32 = torch.where(skip, step_t, k), torch.where(skip, _compute(p), p32)
-                s32 = {n: torch.where(skip, _compute(v), s32[n]) for n, v in stored.items()}
-            step_t.copy_(k)
-            for n, v in stored.items():
-                if s32[n] is not v:
-                    v.copy_(s32[n])
-            if p32 is not p:
-                p.copy_(p32)
+        _step_group(rule, w, lr, grad_scale(rule, w, norm, amp), skipped(amp, w.schedule_step.device))
         w.schedule_step.add_(1)
+
+
+def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor | None,
+                skip: torch.Tensor | None) -> None:
+    """The update of group ``w``'s parameters (each with its gradient), at ``lr``, their gradients multiplied by
+    ``scale`` (None: 1), none of it written when ``skip`` holds (None: never)."""
+    update, c = UPDATES[rule], RULES[rule].constants(w.hyper)
+    for i in range(len(w.params)):
+        p, g, step_t, master = w.params[i], w.grads[i], w.steps[i], w.masters[i]
+        stored = {name: tensors[i] for name, tensors in w.state.items()}
+        codec = registry.codec(w.hyper.get("master_weights"), str(p.dtype).removeprefix("torch."))
+        x, s32 = decode(p, master, codec), {n: _compute(v) for n, v in stored.items()}
+        if skip is not None:  # computed in copies, written back unless the step is skipped
+            x = x.clone() if x is p else x
+            s32 = {n: t.clone() if t is stored[n] else t for n, t in s32.items()}
+        g32 = _compute(g)
+        if scale is not None:
+            g32 = g32 * scale.to(g32.device)
+        k = step_t + 1.0
+        update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
+        new_p, new_master = encode(x, codec, int(w.hyper.get("seed", 0)), w.slots[i], w.schedule_step)
+        writes = [(step_t, k), (p, new_p), (master, new_master)] + [(v, s32[n]) for n, v in stored.items()]
+        for dst, src in writes:
+            if src is not None and src is not dst:
+                dst.copy_(src if skip is None else torch.where(skip, dst, src))
 
 
 # -- The same rules over lists of tensors (backend "cpu"): torch._foreach_ ops with host scalars -------------

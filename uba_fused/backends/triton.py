@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STATE_COL, TENSOR_COLS, group_cols
+from ..registry import CHUNK, CODECS, GROUP_COLS, KIND, NO_GRAD, RULES, STATE_COL, TENSOR_COLS, group_cols
 from .plan import Part, Plan
 from .work import Amp, GradSource, GroupWork, Step, StepCache
 
@@ -48,11 +48,13 @@ _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float
 # The registry's numbers as compile-time constants, looked up by name (a name it lacks raises here).
 _NO_GRAD = tl.constexpr(NO_GRAD)
 _STATE0 = tl.constexpr(STATE_COL)
-_PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO = (
-    tl.constexpr(TENSOR_COLS.index(c)) for c in ("param", "grad_slot", "step", "numel", "group", "info"))
-_LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS = (
+_PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO, _MASTER = (
+    tl.constexpr(TENSOR_COLS.index(c)) for c in ("param", "grad_slot", "step", "numel", "group", "info", "master"))
+_LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS, _SEED = (
     tl.constexpr(GROUP_COLS.index(c)) for c in ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state",
-                                                 "max_grad_norm", "clip_eps"))
+                                                 "max_grad_norm", "clip_eps", "seed"))
+_NEAREST, _REMAINDER, _COPY, _STOCHASTIC = (tl.constexpr(CODECS.index(c))
+                                            for c in ("nearest", "remainder", "copy", "stochastic"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
 _ADAMW, _ADABELIEF, _LION, _SGD, _ADAN = (tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan"))
 
@@ -262,15 +264,64 @@ def _store_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_sta
             tl.store(ptr + offs, s.to(DTYPE), mask=mask)
 
 
+# How a parameter is read before its update and written after it (registry.CODECS; backends/rounding.py is the spec,
+# csrc/rounding.cuh the CUDA twin): m_addr is its master slot (remainder, copy), (seed, slot, t) key the random bits
+# of stochastic rounding, and offs are the elements' indices in the tensor.
+@triton.jit
+def _load_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, p_addr, m_addr, offs, mask):
+    if CODEC == _REMAINDER:  # the float32 master: the parameter's bits, then the signed remainder
+        hi = tl.load(_ptr(p_addr, tl.uint16, ALIGNED) + offs, mask=mask).to(tl.uint32)
+        low = tl.load(_ptr(m_addr, tl.int16, ALIGNED) + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+        x = ((hi << 16) + low).to(tl.float32, bitcast=True)
+    elif CODEC == _COPY:  # the float32 copy, unless someone else wrote the parameter since
+        ph = tl.load(_ptr(p_addr, tl.float16, ALIGNED) + offs, mask=mask).to(tl.float32)
+        m = tl.load(_ptr(m_addr, tl.float32, ALIGNED) + offs, mask=mask)
+        x = tl.where(m.to(tl.float16).to(tl.float32) == ph, m, ph)
+    else:
+        x = tl.load(_ptr(p_addr, DTYPE, ALIGNED) + offs, mask=mask).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _random_bits(seed, slot, t, first, SUB: tl.constexpr):
+    """The 16 random bits of elements first ... first + SUB - 1 (first a multiple of 8; rounding.random_bits): one
+    Philox call per 8 elements, element 8 n + i taking half i % 2 (low, high) of word i // 2 of call n."""
+    block = first // 8 + tl.arange(0, SUB // 8).to(tl.int64)
+    r0, r1, r2, r3 = tl.philox(seed, block.to(tl.uint32), (block >> 32).to(tl.uint32), slot.to(tl.uint32),
+                               t.to(tl.uint32))
+    words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (SUB // 2,))  # r0 r1 r2 r3 per call
+    return tl.reshape(tl.join(words & 0xFFFF, words >> 16), (SUB,))
+
+
+@triton.jit
+def _store_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr, p_addr, m_addr,
+                 offs, first, mask, x, seed, slot, t):
+    if CODEC == _REMAINDER or CODEC == _STOCHASTIC:
+        b = x.to(tl.uint32, bitcast=True)
+        if CODEC == _REMAINDER:  # to nearest, ties away from zero: the remainder then fits 16 signed bits
+            add = 0x8000
+        else:
+            add = _random_bits(seed, slot, t, first, SUB)
+        hi = tl.where(x != x, (b >> 16) | 0x40, (b + add) >> 16)  # a NaN stays a NaN
+        tl.store(_ptr(p_addr, tl.uint16, ALIGNED) + offs, hi.to(tl.uint16), mask=mask)
+        if CODEC == _REMAINDER:
+            low = (b - (hi << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
+            tl.store(_ptr(m_addr, tl.int16, ALIGNED) + offs, low, mask=mask)
+    elif CODEC == _COPY:
+        tl.store(_ptr(m_addr, tl.float32, ALIGNED) + offs, x, mask=mask)
+        tl.store(_ptr(p_addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
+    else:
+        tl.store(_ptr(p_addr, DTYPE, ALIGNED) + offs, x.to(DTYPE), mask=mask)
+
+
 @triton.jit
 def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
-           BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
-           p_addr, g_addr, a0, a1, a2, a3, start, numel, c, has_state, gscale):
+           CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+           p_addr, g_addr, a0, a1, a2, a3, m_addr, start, numel, c, has_state, gscale, seed, slot, t):
     """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time, the gradient
-    scaled by gscale (its group's clipping factor, 1 when it does not clip). Every tensor goes through one load
-    (to float32) and one store (round to nearest) of its dtype: DTYPE for the parameter and its gradient,
-    STATE_DTYPE for the state slots."""
-    pp = _ptr(p_addr, DTYPE, ALIGNED)
+    multiplied by gscale (1 / GradScaler's scale, times its group's clipping factor). The parameter is read and
+    written by its CODEC (_load_param, _store_param); the gradient and the state slots go through one load (to
+    float32) and one store (round to nearest) of their dtype: DTYPE for the gradient, STATE_DTYPE for the state."""
     gp = _ptr(g_addr, DTYPE, ALIGNED)
     q0 = _ptr(a0, STATE_DTYPE, ALIGNED)
     q1 = _ptr(a1, STATE_DTYPE, ALIGNED)
@@ -285,14 +336,14 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
             mask = offs < numel
         else:
             mask = None
-        p = tl.load(pp + offs, mask=mask).to(tl.float32)
+        p = _load_param(CODEC, DTYPE, ALIGNED, p_addr, m_addr, offs, mask)
         g = tl.load(gp + offs, mask=mask).to(tl.float32) * gscale
         s0 = _load_state(0, STATES, q0, offs, mask, has_state, g)
         s1 = _load_state(1, STATES, q1, offs, mask, has_state, g)
         s2 = _load_state(2, STATES, q2, offs, mask, has_state, g)
         s3 = _load_state(3, STATES, q3, offs, mask, has_state, g)
         p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
-        tl.store(pp + offs, p.to(DTYPE), mask=mask)
+        _store_param(CODEC, DTYPE, ALIGNED, SUB, p_addr, m_addr, offs, start + sub, mask, p, seed, slot, t)
         _store_state(0, STATES, q0, offs, mask, has_state, s0, STATE_DTYPE)
         _store_state(1, STATES, q1, offs, mask, has_state, s1, STATE_DTYPE)
         _store_state(2, STATES, q2, offs, mask, has_state, s2, STATE_DTYPE)
@@ -306,7 +357,7 @@ def _grad_scale(row, norm, amp_scale):
     unscaled gradients, in float64 (Rule.clipping), as a float32; the clipping factor is 1 for a group that does not
     clip (norm then points at zeros). A NaN norm gives NaN, as clip_grad_norm_ does (tl.minimum would give 1: the
     gradients applied unclipped); an infinite one 0."""
-    inv = 1.0 / amp_scale.to(tl.float64)
+    inv = (1.0 / amp_scale).to(tl.float64)  # in float32, as every backend (exact for GradScaler's powers of two)
     max_norm = tl.load(row + _MAX_GRAD_NORM)
     scale = max_norm / (tl.load(norm) * inv + tl.load(row + _CLIP_EPS))
     scale = tl.where(scale >= 1.0, 1.0, scale)
@@ -352,39 +403,47 @@ def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
 @triton.jit
 def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, found_inf, n_rows, n_groups, advance,
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
-                 STATE_DTYPE: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, GROUPS: tl.constexpr):
+                 STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
+                 GROUPS: tl.constexpr):
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
     start = tl.load(work + 2 * pid + 1)
     trow = tensors + slot * (_STATE0 + STATES)
     p_addr = tl.load(trow + _PARAM)
-    g_addr = tl.load(grads + tl.load(trow + _GRAD_SLOT))  # the gradient table, at this tensor's slot
+    tensor_slot = tl.load(trow + _GRAD_SLOT)  # its position in the optimizer: the gradient table's, a random key's
+    g_addr = tl.load(grads + tensor_slot)
     step_ptr = tl.load(trow + _STEP).to(tl.pointer_type(tl.float32))
     # No gradient this step, or GradScaler found an inf: nothing to update (the counters still run)
-    live = (g_addr != _NO_GRAD) & (tl.load(found_inf) == 0.0)
-    numel = tl.where(live, tl.load(trow + _NUMEL), 0)
+    numel = tl.where((g_addr != _NO_GRAD) & (tl.load(found_inf) == 0.0), tl.load(trow + _NUMEL), 0)
     gi = tl.load(trow + _GROUP)
     info = tl.load(trow + _INFO)
     row = groups + gi * NG
-    lr, _ = _group_lr(groups, gaddr, gi, None, NG)
+    lr, counter = _group_lr(groups, gaddr, gi, None, NG)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
     c = _scalars(RULE, row, k, lr)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
     gscale = _grad_scale(row, norm, tl.load(grad_scale))
 
+    if CODEC == _REMAINDER or CODEC == _COPY:
+        m_addr = tl.load(trow + _MASTER)
+    else:
+        m_addr = p_addr  # never read nor written
+    if CODEC == _STOCHASTIC:  # the random bits' key: the seed, the tensor, the group's step counter t
+        seed, t = tl.load(row + _SEED).to(tl.int64), tl.load(counter)
+    else:
+        seed, t = 0, 0
     addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
-             _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr))
+             _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr), m_addr)
+    rest = (c, has_state, gscale, seed, tensor_slot, t)
     if start + BLOCK <= numel:
         if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
-            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, SUB, False, True, *addrs, start, numel, c, has_state,
-                   gscale)
+            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, SUB, False, True, *addrs, start, numel, *rest)
         else:
-            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel, c,
-                   has_state, gscale)
+            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel,
+                   *rest)
     elif start < numel:
-        _chunk(RULE, STATES, DTYPE, STATE_DTYPE, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, c,
-               has_state, gscale)
+        _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, *rest)
 
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
@@ -393,17 +452,19 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, fo
     chunks_done = tl.atomic_add(done + slot, 1, sem="acq_rel")
     if chunks_done == (info >> 1) - 1:
         tl.store(done + slot, 0)
-        if (slot < n_rows - 1) & live:  # not the sentinel, nor a tensor without a gradient, nor a skipped step
+        # not the sentinel, nor a tensor without a gradient, nor a skipped step (found_inf is read again here:
+        # a flag kept live across the chunk took ptxas to 64 registers and a spill, from 71 and none)
+        if (slot < n_rows - 1) & (g_addr != _NO_GRAD) & (tl.load(found_inf) == 0.0):
             tl.store(step_ptr, k)
         rows_done = tl.atomic_add(done + n_rows, 1, sem="acq_rel")
         if rows_done == n_rows - 1:
             tl.store(done + n_rows, 0)
             if advance != 0:  # every group at once: its lr (as every program computed it) and t + 1
                 gs = tl.arange(0, GROUPS)
-                live = gs < n_groups
-                lrs, counters = _group_lr(groups, gaddr, gs, live, NG)
-                tl.store(tl.load(gaddr + 2 * gs + 1, mask=live).to(tl.pointer_type(tl.float32)), lrs, mask=live)
-                tl.store(counters, tl.load(counters, mask=live) + 1, mask=live)
+                in_use = gs < n_groups
+                lrs, counters = _group_lr(groups, gaddr, gs, in_use, NG)
+                tl.store(tl.load(gaddr + 2 * gs + 1, mask=in_use).to(tl.pointer_type(tl.float32)), lrs, mask=in_use)
+                tl.store(counters, tl.load(counters, mask=in_use) + 1, mask=in_use)
 
 
 def sub_tile(dtype: torch.dtype) -> int:
@@ -425,7 +486,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                 plan.scratch if norm is None else norm, grad_scale, found_inf, part.tensors.shape[0], n_groups,
                 int(advance), RULE=spec.id,
                 STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
-                BLOCK=BLOCK, SUB=sub_tile(part.dtype), GROUPS=groups, num_warps=NUM_WARPS)
+                CODEC=CODECS.index(part.codec), BLOCK=BLOCK, SUB=sub_tile(part.dtype), GROUPS=groups,
+                num_warps=NUM_WARPS)
 
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
             plan.launch(launch)

@@ -56,6 +56,7 @@ class GroupWork:
     state: dict[str, list[torch.Tensor]]  # per state name (exp_avg, ...), aligned with params
     signature: tuple               # signature(hyper) for this step, computed once by the optimizer
     slots: list[int]               # each param's position in the optimizer's flat parameter order
+    masters: list[torch.Tensor | None]  # each param's state "master" (registry.CODECS), None for a codec without
     grads_like_params: bool = False  # every gradient in grads is laid out as its parameter (the optimizer's
                                    # C++ pass found it so; False: not known)
 
@@ -90,6 +91,7 @@ class Selection:
     state: dict[str, list[torch.Tensor]]  # as GroupWork.state
     index: list[int] | None               # their positions in the group (None: every parameter)
     slots: list[int]                      # as GroupWork.slots
+    masters: list[torch.Tensor | None]    # as GroupWork.masters
 
 
 @dataclass

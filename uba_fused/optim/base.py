@@ -157,6 +157,15 @@ COMMON_ARGS = f"""
             torch.float32 keeps it in float32, so that the moving averages of bfloat16 or float16 parameters are
             not rounded to 8 or 11 bits at every step (it takes 2x their memory). The update computes in float32
             either way. It applies to state made after it is set; a state-dict load converts the loaded state.
+        master_weights: how a 16-bit parameter keeps the precision of its updates (README: Precision layouts).
+            None (the default) rounds it to nearest at every step, as torch.optim does. "exact" keeps its float32
+            master in ``state["master"]``: for bfloat16 the 16 low bits (int16; the parameter is the high half), for
+            float16 a float32 copy; the update is then bit for bit that of a float32 parameter. "stochastic"
+            (bfloat16 only) rounds it stochastically, unbiased, with no master. A float32 or float64 parameter in a
+            group with master weights raises.
+        seed: the key of the random bits of master_weights="stochastic" (an integer in [0, 2**53); 0 by default,
+            the same on every rank, so that replicated parameters stay identical). With the group's step counter,
+            the tensor and the element it decides every bit: a run is reproducible, and so is a graph replay.
         max_grad_norm: 0 (the default) applies the gradients as they are; > 0 scales every gradient by
             ``min(1, max_grad_norm / (norm + 1e-6))``, norm the L2 norm of all the optimizer's gradients of the
             step: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` fused into the step. A pre-pass
@@ -180,7 +189,7 @@ COMMON_ARGS = f"""
 
 # Options a saved group may lack (torch.optim's have none of them, and older uba_fused ones lack the later
 # ones): a load keeps this optimizer's value.
-_KEPT_IF_UNSAVED = ("schedule", "backend", "state_dtype", "max_grad_norm")
+_KEPT_IF_UNSAVED = ("schedule", "backend", "state_dtype", "max_grad_norm", "master_weights", "seed")
 # torch.optim's flags: never asked of a saved group. torch.optim's __setstate__ (run by its load_state_dict, by
 # deepcopy and by unpickling) adds 'differentiable' to the defaults of an optimizer whose groups lack it.
 _TORCH_FLAGS = ("differentiable", "maximize", "foreach", "capturable", "fused")
@@ -228,6 +237,52 @@ def _shared_layout(groups: list[dict]) -> Any:
 def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
     """The dtype of ``p``'s state buffers in ``group``."""
     return group.get("state_dtype") or p.dtype
+
+
+# The state buffer that holds a 16-bit parameter's share of its exact master weight (registry.CODECS: the low 16 bits
+# of a bfloat16 parameter's float32 master, as int16; a float16 parameter's float32 copy).
+MASTER = "master"
+
+
+def codec_of(group: dict, p: torch.Tensor) -> str | None:
+    """How ``p`` is kept between steps in ``group`` (registry.CODECS); None where its master_weights cannot keep a
+    parameter of that dtype."""
+    return registry.codec(group.get("master_weights"), str(p.dtype).removeprefix("torch."))
+
+
+def new_master(p: torch.Tensor, codec: str) -> torch.Tensor:
+    """The master slot of ``p`` for ``codec``, from ``p`` as it is: a remainder of 0 (the master is the parameter), or
+    a float32 copy."""
+    if codec == "remainder":
+        return _zeros_like(p, torch.int16)
+    return _zeros_like(p, torch.float32).copy_(p)
+
+
+def master_dtype(codec: str | None) -> torch.dtype | None:
+    name = registry.MASTER_DTYPE.get(codec)
+    return None if name is None else getattr(torch, name)
+
+
+def check_master_weights(group: dict) -> None:
+    """``master_weights`` is one of registry.MASTER_WEIGHTS and can keep every parameter of the group; ``seed`` is an
+    integer in [0, 2^53)."""
+    mw = group.get("master_weights")  # a group pickled before the option existed has none
+    if mw not in registry.MASTER_WEIGHTS:
+        raise ValueError(f"master_weights must be None, 'exact' or 'stochastic', got {mw!r}")
+    seed = group.get("seed", 0)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**53:
+        raise ValueError(f"seed must be an integer in [0, 2**53), got {seed!r}")
+    if mw is None:
+        return
+    for i, p in enumerate(group["params"]):
+        if codec_of(group, p) is not None:
+            continue
+        if p.dtype in (torch.float32, torch.float64):
+            raise ValueError(f"master_weights={mw!r} keeps the updates of 16-bit parameters, but params[{i}] is "
+                             f"{p.dtype}, which loses nothing to rounding: put it in a param group with "
+                             f"master_weights=None")
+        raise ValueError(f"master_weights='stochastic' rounds bfloat16 parameters; params[{i}] is {p.dtype}, whose "
+                         f"stochastic rounding is not built: use master_weights='exact' for it (a float32 copy)")
 
 
 def check_state_dtype(group: dict) -> None:
@@ -379,6 +434,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if group["backend"] not in backends.NAMES:
             raise ValueError(f"backend must be one of {backends.NAMES}, got {group['backend']!r}")
         check_state_dtype(group)
+        check_master_weights(group)
         if "max_grad_norm" in group:  # any group that holds it clips by it (Rule.clipping)
             check_real("max_grad_norm", group["max_grad_norm"])
         lr, params = group["lr"], group["params"]
@@ -525,7 +581,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             entries.append((group, "schedule_step", group["schedule_step"]))
             entry_labels.append(f"{where}['schedule_step'] (replaced)")
             storages.append(group["schedule_step"].untyped_storage())
-            names = ("step", *self._state_names(group))
+            names = ("step", *self._state_names(group), MASTER)
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
                 if not st or "step" not in st:
@@ -623,7 +679,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         work = []
         for gi, group in enumerate(self.param_groups):
             sig = self._check_group_at_step(gi, group)
-            hit = self._cache.selections.get((gi, None, self._state_names(group)))
+            hit = self._cache.selections.get((gi, None, self._layout(group)))
             if hit is None:
                 return None, None
             work.append(self._group_work(gi, sig, hit, None))
@@ -696,7 +752,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return backends.GroupWork(
             index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
             lr_out=self._last_lr[gi], params=selection.params, grads=grads, steps=selection.steps,
-            state=selection.state, signature=sig, slots=selection.slots, grads_like_params=grads_like_params)
+            state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters,
+            grads_like_params=grads_like_params)
 
     def _selection(self, gi: int, group: dict, grads: list,
                    capture: backends.Capture | None = None) -> backends.Selection:
@@ -715,7 +772,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         else:
             keep = [g is not None or "step" in self.state.get(p, ()) for p, g in zip(group["params"], grads)]
         mask = None if all(keep) else tuple(keep)
-        key = (gi, mask, names)
+        key = (gi, mask, self._layout(group))
         hit = self._cache.selections.get(key)
         if hit is None and capture is not None:
             fresh = [i for i, (p, k) in enumerate(zip(group["params"], keep))
@@ -732,13 +789,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
             self._new_steps(params)
-            st = [self._state_for(p, names, state_dtype_of(group, p)) for p in params]
+            st = [self._state_for(p, names, state_dtype_of(group, p), codec_of(group, p)) for p in params]
             first = sum(len(g["params"]) for g in self.param_groups[:gi])
             slots = [first + i for i in (range(len(params)) if index is None else index)]
             hit = self._cache.selections[key] = backends.Selection(
                 [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
-                index, slots)
+                index, slots, [local(s.get(MASTER)) for s in st])
         return hit
+
+    def _layout(self, group: dict) -> tuple:
+        """What a group's selection depends on besides its parameters: the state it keeps, how it keeps them."""
+        return self._state_names(group), group.get("master_weights")
 
     def _fit_state(self) -> None:
         """Before the selections are built afresh: every parameter that has state must still be where its state
@@ -764,9 +825,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                                          f"{tuple(v.shape)} on {v.device}: the parameter changed since its state "
                                          f"was made. Move or reshape the state with it, or drop it "
                                          f"(del opt.state[p]) to start that parameter afresh")
-        for group in self.param_groups:
-            for p in group["params"]:
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
                 st = self.state.get(p, {})
+                codec = codec_of(group, p)
+                if codec is None:
+                    raise ValueError(f"param_groups[{gi}]['params'][{i}] is {p.dtype} now, which its group's "
+                                     f"master_weights={group['master_weights']!r} cannot keep: it changed dtype since "
+                                     f"the optimizer was made; set the group's master_weights to None for it")
+                m = st.get(MASTER)
+                stale = isinstance(m, torch.Tensor) and (m.dtype != master_dtype(codec) or
+                                                         local(m).stride() != local(p).stride())
+                if stale and codec in registry.MASTER_DTYPE:  # the parameter changed dtype or layout: a new master
+                    st[MASTER] = new_master(p, codec)
+                    self._cache.fresh = True
                 for n in self._state_names(group):
                     v = st.get(n)
                     if not isinstance(v, torch.Tensor):
@@ -787,7 +859,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, step in zip(mine, torch.zeros(len(mine), dtype=torch.float32, device=device).unbind()):
                 self.state[p]["step"] = step
 
-    def _state_for(self, p: torch.Tensor, names: tuple[str, ...], dtype: torch.dtype) -> dict:
+    def _state_for(self, p: torch.Tensor, names: tuple[str, ...], dtype: torch.dtype, codec: str) -> dict:
+        """p's state, with every buffer its group keeps: the rule's (``names``, made as zeros of ``dtype``), and the
+        master of a codec that keeps one (made from p as it is; one a codec no longer keeps is dropped)."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -796,6 +870,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if n not in state:
                 state[n] = _zeros_like(p, dtype)
                 self._cache.fresh = True
+        keeps = codec in registry.MASTER_DTYPE
+        if keeps != (MASTER in state):
+            if keeps:
+                state[MASTER] = new_master(p, codec)
+            else:
+                del state[MASTER]
+            self._cache.fresh = True
         return state
 
     # -- state dicts -------------------------------------------------------------------
@@ -840,6 +921,14 @@ class FusedOptimizer(torch.optim.Optimizer):
                     recast = v.dtype != dtype  # torch.optim cast it to the parameter's dtype: take the saved value
                     if recast or local(v).stride() != local(p).stride():
                         st[n] = _zeros_like(p, dtype).copy_(state_dict["state"][pid][n] if recast else v)
+                # The master: the saved one where it is of this layout's kind (torch.optim's load cast it to the
+                # parameter's dtype: take the saved value), else made from the parameter as it is; none where the
+                # layout keeps none.
+                codec, saved = codec_of(group, p), state_dict["state"][pid].get(MASTER)
+                st.pop(MASTER, None)
+                if codec in registry.MASTER_DTYPE:
+                    fits = isinstance(saved, torch.Tensor) and saved.dtype == master_dtype(codec)
+                    st[MASTER] = _zeros_like(p, saved.dtype).copy_(saved) if fits else new_master(p, codec)
             self._setup_group(i)
 
     def _checked_state_dict(self, sd: Any) -> dict[str, Any]:
@@ -901,7 +990,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         names = self._state_names(group)
         if not isinstance(st, dict):
             raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
-        foreign = [k for k in st if k != "step" and k not in names]
+        foreign = [k for k in st if k not in ("step", MASTER, *names)]
         if foreign:
             raise ValueError(f"{where} holds {', '.join(map(repr, foreign))}, which {name} does not keep (it keeps "
                              f"{['step', *names]}): the state dict of another optimizer?")
@@ -909,7 +998,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if lacking:
             raise ValueError(f"{where} lacks {', '.join(map(repr, lacking))}, which {name} needs; refilling it "
                              f"would restart that statistic while keeping the rest")
-        for key in names:
+        for key in (*names, *([MASTER] if MASTER in st else [])):
             v = st[key]
             if not isinstance(v, torch.Tensor) or v.shape != p.shape:
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__

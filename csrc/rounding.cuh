@@ -1,0 +1,89 @@
+// How a 16-bit parameter keeps the precision of its updates (registry.py's CODECS), one element at a time, on
+// float32 bits: the exact master of a bfloat16 parameter split into the parameter and 16 low bits, and stochastic
+// rounding from counter-based random bits. backends/reference.py (master_join, master_split, philox,
+// round_stochastic) and backends/triton.py compute the same bits.
+#pragma once
+
+#include <stdint.h>
+#include <string.h>
+
+#include "schedules.cuh"
+
+namespace uf {
+
+// The bits of x as a To (std::bit_cast, which nvcc's device side lacks); a register move on both sides.
+template <typename To, typename From>
+UF_HD To bit_cast(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast between types of different sizes");
+  To y;
+  memcpy(&y, &x, sizeof y);
+  return y;
+}
+
+// The float32 master of a bfloat16 parameter: its bits are the parameter's 16 (the high half) plus the signed
+// remainder kept in the optimizer's state, in 32-bit wrap-around arithmetic.
+UF_HD float master_join(uint16_t hi, int16_t lo) {
+  return bit_cast<float>((static_cast<uint32_t>(hi) << 16) + static_cast<uint32_t>(static_cast<int32_t>(lo)));
+}
+
+// hi: the bfloat16 bits nearest x, ties away from zero (adding half a unit to the magnitude's bits), so that the
+// remainder x - hi lies in [-2^15, 2^15) units of the low half and fits 16 signed bits. Round-to-nearest-even would
+// need one more bit: its remainder reaches +2^15 on a tie rounded down. A NaN stays a NaN (quieted: adding to
+// its bits could carry into the sign, or into zero).
+UF_HD uint16_t master_high(float x) {
+  const uint32_t b = bit_cast<uint32_t>(x);
+  return static_cast<uint16_t>(x != x ? (b >> 16) | 0x40u : (b + 0x8000u) >> 16);
+}
+UF_HD int16_t master_low(float x, uint16_t hi) {
+  return static_cast<int16_t>(static_cast<int32_t>(bit_cast<uint32_t>(x) - (static_cast<uint32_t>(hi) << 16)));
+}
+
+UF_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+#ifdef __CUDA_ARCH__
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+// Philox 4x32 with 10 rounds (Salmon et al., SC'11) on counter c (in place: its output) and key (k0, k1): what
+// triton.language.philox computes.
+UF_HD void philox(uint32_t (&c)[4], uint32_t k0, uint32_t k1) {
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t a = c[0], b = c[2];
+    c[0] = mulhi32(0xCD9E8D57u, b) ^ c[1] ^ k0;
+    c[2] = mulhi32(0xD2511F53u, a) ^ c[3] ^ k1;
+    c[1] = 0xCD9E8D57u * b;
+    c[3] = 0xD2511F53u * a;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+}
+
+// What keys the random bits of one tensor's elements: the seed (k0, k1), the tensor (its position in the optimizer,
+// `slot`) and the step (t, the group's step counter); the element's index in its tensor is the rest of the counter.
+struct RandomKey {
+  uint32_t k0, k1, slot, t;
+};
+
+// The 16 random bits of elements 8 * block ... 8 * block + 7: one Philox output (counter: block in two halves, slot,
+// t), element 8 * block + i taking half i % 2 (low, high) of word i / 2. backends/rounding.py: random_bits.
+UF_HD void random_block(const RandomKey& key, int64_t block, uint16_t (&out)[8]) {
+  uint32_t c[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(static_cast<uint64_t>(block) >> 32), key.slot,
+                   key.t};
+  philox(c, key.k0, key.k1);
+  for (int j = 0; j < 4; ++j) {
+    out[2 * j] = static_cast<uint16_t>(c[j]);
+    out[2 * j + 1] = static_cast<uint16_t>(c[j] >> 16);
+  }
+}
+
+// x rounded to one of its two neighbouring bfloat16 values by 16 random bits r: to the one of larger magnitude when r
+// plus the 16 bits of x that bfloat16 drops carries, so with probability (those bits) / 2^16: unbiased. A NaN stays a
+// NaN, as in master_high.
+UF_HD uint16_t round_stochastic(float x, uint32_t r) {
+  const uint32_t b = bit_cast<uint32_t>(x);
+  return static_cast<uint16_t>(x != x ? (b >> 16) | 0x40u : (b + r) >> 16);
+}
+
+}  // namespace uf

@@ -1,0 +1,90 @@
+"""How a parameter is kept between steps (registry.CODECS), as readable PyTorch: the spec that csrc/rounding.cuh and
+backends/triton.py compute bit for bit.
+
+- "remainder": a bfloat16 parameter is the high 16 bits of its float32 master; the optimizer keeps the low 16 bits
+  (``state["master"]``, int16, signed). The parameter is the master rounded to nearest with ties away from zero:
+  adding half a unit to the magnitude's bits, so that the remainder lies in [-2^15, 2^15) and fits. (Ties to even
+  would need a 17th bit: a tie rounded down leaves +2^15.) The two give the master back exactly.
+- "copy": a float16 parameter with a float32 copy of its master (``state["master"]``); the parameter is its rounding
+  to nearest. A parameter someone else wrote since (it is no longer the copy's rounding) is taken as it is.
+- "stochastic": a bfloat16 parameter rounded up or down at random, with probability by distance: unbiased. The 16
+  random bits of each element come from Philox 4x32-10 (Salmon et al., SC'11; what ``triton.language.philox``
+  computes) with key (seed low 32 bits, seed high 32 bits) and counter (element index // 8, in two 32-bit halves,
+  tensor slot, step t): its 128 bits serve 8 elements (``random_bits``), the same on every backend, launch layout and
+  CUDA-graph replay. The element index is its position in the tensor's memory, which the kernels walk.
+
+Bits are handled as int64 tensors holding unsigned 32-bit values (torch has no uint32 arithmetic on every device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_U32 = 0xFFFFFFFF
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The bits of float32 ``x`` as unsigned 32-bit values (int64)."""
+    return x.view(torch.int32).to(torch.int64) & _U32
+
+
+def _from_bits(b: torch.Tensor) -> torch.Tensor:
+    return torch.where(b >= 2**31, b - 2**32, b).to(torch.int32).view(torch.float32)
+
+
+def _as_bfloat16(hi: torch.Tensor) -> torch.Tensor:
+    return torch.where(hi >= 2**15, hi - 2**16, hi).to(torch.int16).view(torch.bfloat16)
+
+
+def master_join(p: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The float32 master of bfloat16 parameter ``p`` and its int16 remainder ``low``."""
+    hi = p.view(torch.int16).to(torch.int64) & 0xFFFF
+    return _from_bits(((hi << 16) + low.to(torch.int64)) & _U32)
+
+
+def master_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``x`` as (bfloat16 parameter, int16 remainder). A NaN stays a NaN (quieted; adding half a unit to its
+    bits could carry into the sign)."""
+    b = bits(x)
+    hi = torch.where(torch.isnan(x), (b >> 16) | 0x40, (b + 0x8000) >> 16)
+    low = (b - (hi << 16)) & 0xFFFF
+    return _as_bfloat16(hi), torch.where(low >= 2**15, low - 2**16, low).to(torch.int16)
+
+
+def _mulhilo(a: int, b: torch.Tensor | int) -> tuple[torch.Tensor | int, torch.Tensor | int]:
+    """(high, low) 32 bits of the 64-bit product of unsigned 32-bit a and b, in int64 arithmetic without overflow."""
+    x, y = a * (b & 0xFFFF), a * (b >> 16)  # each < 2^48
+    mid = x + ((y & 0xFFFF) << 16)
+    return (y >> 16) + (mid >> 32), mid & _U32
+
+
+def philox(c0, c1, c2, c3, k0: int, k1: int) -> tuple:
+    """The four output words of Philox 4x32-10 for counter (c0, c1, c2, c3) and key (k0, k1)."""
+    for _ in range(10):
+        hi_b, lo_b = _mulhilo(0xCD9E8D57, c2)
+        hi_a, lo_a = _mulhilo(0xD2511F53, c0)
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0, k1 = (k0 + 0x9E3779B9) & _U32, (k1 + 0xBB67AE85) & _U32
+    return c0, c1, c2, c3
+
+
+def random_bits(like: torch.Tensor, seed: int, slot: int, t: torch.Tensor) -> torch.Tensor:
+    """Each element's 16 random bits (int64), shaped and laid out as ``like``, for step ``t`` (an int64 0-dim tensor,
+    the group's step counter, read on the device). The element at index i of the tensor's memory takes half i % 2
+    (low, high) of word i // 2 % 4 of the Philox output for counter (i // 8 in two 32-bit halves, slot, t): one
+    call serves 8 elements."""
+    n = like.numel()
+    block = torch.arange(-(-n // 8), dtype=torch.int64, device=like.device)
+    words = torch.stack(philox(block & _U32, block >> 32, slot, t.to(like.device) & _U32, seed & _U32, seed >> 32), 1)
+    halves = torch.stack([words & 0xFFFF, words >> 16], 2).reshape(-1)[:n]
+    out = torch.empty_like(like, dtype=torch.int64)  # dense, laid out as `like`, from offset 0
+    out.as_strided((n,), (1,)).copy_(halves)
+    return out
+
+
+def round_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Float32 ``x`` rounded to bfloat16 by 16 random bits per element ``r``: to the neighbour of larger magnitude
+    when r + (the 16 bits of x that bfloat16 drops) carries, so with probability (those bits) / 2^16. A NaN stays a
+    NaN, as in master_split."""
+    b = bits(x)
+    return _as_bfloat16(torch.where(torch.isnan(x), (b >> 16) | 0x40, (b + r) >> 16))
