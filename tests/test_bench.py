@@ -9,7 +9,7 @@ import torch
 
 from uba_fused.bench import __main__ as bench_main
 from uba_fused.bench import train, throughput
-from uba_fused.bench.presets import PRESETS
+from uba_fused.bench.presets import PRESETS, Preset
 
 
 def test_presets_match_the_published_model_shapes():
@@ -24,6 +24,20 @@ def test_presets_match_the_published_model_shapes():
                                                  ("adamw", torch.bfloat16, 14)])
 def test_minimal_bytes_per_element(rule, dtype, expected):
     assert throughput.bytes_per_element(rule, dtype) == expected
+
+
+@pytest.mark.parametrize("dtype,moved,kept", [
+    (torch.bfloat16, {"plain": 14, "fp32-state": 22, "master": 26, "stochastic": 22},
+     {"plain": 4, "fp32-state": 8, "master": 10, "stochastic": 8}),
+    (torch.float16, {"plain": 14, "fp32-state": 22, "master": 30}, {"plain": 4, "fp32-state": 8, "master": 12})])
+def test_each_precision_layout_reports_the_bytes_its_real_tensors_hold(dtype, moved, kept):
+    """AdamW per parameter: p read and written, g read, each state buffer (masters included) read and written; kept:
+    the state (a bf16 master is its 2-byte remainder, an fp16 one a 4-byte copy)."""
+    preset = Preset("tiny", ((33, 7), (5,)))
+    cands = throughput.candidates(torch.device("cpu"), ["adamw"], ["torch"], False, throughput.layouts_for(dtype))
+    rows = throughput.measure(preset, dtype, torch.device("cpu"), cands, steps=1, warmup=1, copy_gbps=1.0)
+    assert {r.layout: r.bytes_per_param for r in rows} == moved
+    assert {r.layout: r.state_bytes_per_param for r in rows} == kept
 
 
 def test_throughput_cli_on_cpu(tmp_path, capsys):

@@ -32,6 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="uba_fused backends to time (default: every usable one)")
     ap.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16", "float16"],
                     help="default: float32 bfloat16 on a GPU, float32 on the CPU")
+    ap.add_argument("--layouts", nargs="+", choices=list(tp.LAYOUTS),
+                    help="how uba_fused keeps 16-bit parameters (default: every layout the dtype can take)")
     ap.add_argument("--steps", type=int, help="timed steps per row (default 50 on a GPU, 10 on the CPU)")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-torch", action="store_true", help="time only uba_fused, not torch.optim / timm")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         for dt in args.dtypes:
             dtype = getattr(torch, dt)
             ours = tp.usable_backends(device, dtype, args.backends)
-            plans.append((PRESETS[name], dtype, tp.candidates(device, args.optimizers, ours, not args.no_torch)))
+            plans.append((PRESETS[name], dtype, tp.candidates(device, args.optimizers, ours, not args.no_torch,
+                                                              tp.layouts_for(dtype, args.layouts))))
     rows = []
     with tqdm(total=sum(len(c) for _, _, c in plans), desc="timing steps", file=sys.stderr) as bar:
         for preset, dtype, cands in plans:

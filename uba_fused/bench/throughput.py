@@ -2,9 +2,11 @@
 
 For every row: median time per ``step()`` over many steps after warm-up (CUDA events on a GPU,
 wall clock on the CPU), the minimal bytes that step must move (read p, g and the state, write p and
-the state), GB/s, that rate as a fraction of a copy measured in the same run (within GPU memory, or
-within host memory on the CPU),
-speed-up against torch's fused AdamW (SGD rows: torch's fused SGD), and host time per ``step()``.
+the state, counted from the real tensors after warm-up; a master weight is state), GB/s, that rate as a
+fraction of a copy measured in the same run (within GPU memory, or within host memory on the CPU),
+speed-up against torch's fused AdamW (SGD rows: torch's fused SGD), host time per ``step()``, and the bytes per
+parameter the step moves and the optimizer keeps. 16-bit parameter lists are timed in each precision layout
+(``LAYOUTS``).
 Gradients are new tensor objects before every step, as ``zero_grad(set_to_none=True)`` gives.
 """
 
@@ -30,6 +32,20 @@ HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, w
          "adan": dict(lr=1e-4, weight_decay=0.01)}
 
 
+# How uba_fused keeps a 16-bit parameter list (README: Precision layouts): the options that choose each layout.
+LAYOUTS = {"plain": {}, "fp32-state": {"state_dtype": torch.float32},
+           "master": {"master_weights": "exact", "state_dtype": torch.float32},
+           "stochastic": {"master_weights": "stochastic", "state_dtype": torch.float32}}
+
+
+def layouts_for(dtype: torch.dtype, requested: list[str] | None = None) -> list[str]:
+    """The layouts a list of ``dtype`` parameters can take (of ``requested``; None: all)."""
+    names = requested or list(LAYOUTS)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return ["plain"]
+    return [n for n in names if n != "stochastic" or dtype == torch.bfloat16]
+
+
 class ObviousForeach(torch.optim.Optimizer):
     """Lion and AdaBelief as a user would write them with torch._foreach_* ops, the baseline that backend
     "cpu" must not be slower than on a CPU (no fused torch kernel exists for either)."""
@@ -45,8 +61,10 @@ class ObviousForeach(torch.optim.Optimizer):
             ps = [p for p in group["params"] if p.grad is not None]
             gs = [p.grad for p in ps]
             for p in ps:
-                if not self.state[p]:
-                    self.state[p] = {"step": 0, "m": torch.zeros_like(p), "v": torch.zeros_like(p)}
+                if not self.state[p]:  # Lion keeps one moment
+                    self.state[p] = {"step": 0, "m": torch.zeros_like(p)}
+                    if self.rule != "lion":
+                        self.state[p]["v"] = torch.zeros_like(p)
                 self.state[p]["step"] += 1
             m = [self.state[p]["m"] for p in ps]
             lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
@@ -73,6 +91,7 @@ class Candidate:
     rule: str                      # what it computes, for the bytes it must move
     make: Callable[[list[torch.Tensor]], torch.optim.Optimizer]
     compiled: bool = False         # time torch.compile(step), report compile time apart
+    layout: str = "plain"          # LAYOUTS
 
 
 @dataclass
@@ -92,19 +111,27 @@ class Row:
     host_us: float
     speedup_vs_torch_fused: float | None = None
     compile_s: float | None = None
+    layout: str = "plain"
+    bytes_per_param: float = 0.0        # moved by a step: bytes_per_step / numel
+    state_bytes_per_param: float = 0.0  # kept by the optimizer between steps (its state, masters included)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def candidates(device: torch.device, optimizers: list[str], ours: list[str], torch_rows: bool) -> list[Candidate]:
-    """The rows to measure: each of our optimizers on each usable backend, then what users pick instead."""
+def candidates(device: torch.device, optimizers: list[str], ours: list[str], torch_rows: bool,
+               layouts: list[str] = ("plain",)) -> list[Candidate]:
+    """The rows to measure: each of our optimizers on each usable backend in each of ``layouts``, then what users
+    pick instead."""
     out = []
     for rule in optimizers:
         for backend in ours:
-            out.append(Candidate(f"uba_fused.{OURS[rule].__name__} [{backend}]", rule,
-                                 lambda ps, r=rule, b=backend: OURS[r](ps, **HYPER[r], backend=b,
-                                                                        schedule=UBA(10_000, phi=1.0))))
+            for layout in layouts:
+                out.append(Candidate(f"uba_fused.{OURS[rule].__name__} [{backend}]" +
+                                     ("" if layout == "plain" else f" {layout}"), rule,
+                                     lambda ps, r=rule, b=backend, lay=layout: OURS[r](
+                                         ps, **HYPER[r], backend=b, schedule=UBA(10_000, phi=1.0), **LAYOUTS[lay]),
+                                     layout=layout))
     if not torch_rows:
         return out
     cuda = device.type == "cuda"
@@ -215,12 +242,13 @@ def measure(preset: Preset, dtype: torch.dtype, device: torch.device, cands: lis
         timer.run(step, fresh_grads, warmup)
         ms, host = timer.run(step, fresh_grads, steps)
         med = statistics.median(ms)
-        nbytes = bytes_per_element(cand.rule, dtype) * numel
+        nbytes, kept = bytes_of(opt, params, grads)
         gbps = nbytes / (med * 1e-3) / 1e9
         qs = statistics.quantiles(ms, n=10) if len(ms) > 1 else [med] * 9
         rows.append(Row(preset.name, str(dtype).replace("torch.", ""), cand.name, cand.rule, len(preset.shapes),
                         numel, nbytes, med, qs[0], qs[-1], gbps, gbps / copy_gbps, statistics.median(host),
-                        compile_s=compile_s))
+                        compile_s=compile_s, layout=cand.layout, bytes_per_param=nbytes / numel,
+                        state_bytes_per_param=kept / numel))
         del opt, step
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -247,13 +275,13 @@ def usable_backends(device: torch.device, dtype: torch.dtype, requested: list[st
 
 def format_table(rows: list[Row]) -> str:
     head = f"{'preset':12s} {'dtype':8s} {'step':46s} {'ms':>9s} {'GB/s':>8s} {'of copy':>8s} {'vs fused':>9s} " \
-           f"{'host us':>8s}"
+           f"{'host us':>8s} {'B/param':>8s} {'kept B':>7s}"
     lines = [head, "-" * len(head)]
     for r in rows:
         sp = f"{r.speedup_vs_torch_fused:.2f}x" if r.speedup_vs_torch_fused else "-"
         extra = f"  (compile {r.compile_s:.0f} s)" if r.compile_s is not None else ""
         lines.append(f"{r.preset:12s} {r.dtype:8s} {r.name:46s} {r.ms:9.3f} {r.gbps:8.1f} {r.frac_copy:8.2f} "
-                     f"{sp:>9s} {r.host_us:8.0f}{extra}")
+                     f"{sp:>9s} {r.host_us:8.0f} {r.bytes_per_param:8.1f} {r.state_bytes_per_param:7.1f}{extra}")
     return "\n".join(lines)
 
 
@@ -303,6 +331,14 @@ def copy_size(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info()
         return int(min(2 * 2**30, free // 8))
     return 256 * 2**20
+
+
+def bytes_of(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[int, int]:
+    """(bytes a step must move, bytes the optimizer keeps), from the real tensors: every rule reads the parameter, its
+    gradient and each state buffer once and writes the parameter and each buffer once (a master weight is one
+    more buffer); the step counts are not counted."""
+    kept = sum(v.nbytes for st in opt.state.values() for k, v in st.items() if k != "step" and torch.is_tensor(v))
+    return sum(2 * p.nbytes + g.nbytes for p, g in zip(params, grads)) + 2 * kept, kept
 
 
 def bytes_per_element(rule: str, dtype: torch.dtype) -> int:

@@ -19,6 +19,10 @@ task's default lr (``--lrs`` replaces it). Three tables:
   3. UBA's best phi for each task and budget, each phi at its own best lr.
 A run whose loss becomes non-finite counts as diverged, and its lr cannot be chosen.
 
+``--precisions`` adds a precision study: the model's parameters in bfloat16, kept as each layout keeps them
+(``PRECISIONS``: rounded to nearest, the control; float32 moments; exact master weights; stochastic rounding), beside
+float32, each at its own best peak lr too (rows "schedule [precision]").
+
 Defaults finish in about 10 minutes on a 2-core CPU, the runs spread over one process per core
 (``--workers``). ``--scale``, ``--budgets``, ``--lrs`` and ``--device cuda`` take it to a GPU.
 """
@@ -67,6 +71,31 @@ SCHEDULES: dict[str, Callable[[int, int], uf.Schedule]] = {
     "Constant": lambda T, W: uf.Constant(warmup_steps=W),
 }
 GRID = (0.5, 1.0, 2.0, 4.0)  # the default lr grid, as multiples of a task's default lr
+# How the model's parameters and the optimizer's state are kept: (parameter dtype, optimizer options).
+PRECISIONS: dict[str, tuple[torch.dtype, dict]] = {
+    "fp32": (torch.float32, {}),
+    "bf16": (torch.bfloat16, {}),  # rounded to nearest at every step, moments in bf16: what torch.optim does
+    "bf16-fp32-state": (torch.bfloat16, {"state_dtype": torch.float32}),
+    "bf16-master": (torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "exact"}),
+    "bf16-stochastic": (torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "stochastic"}),
+}
+
+
+def variant(schedule: str, precision: str) -> str:
+    """A row's label: the schedule, and the precision unless float32."""
+    return schedule if precision == "fp32" else f"{schedule} [{precision}]"
+
+
+class InDtype(nn.Module):
+    """A model whose parameters are in a 16-bit dtype: floating inputs cast to it, outputs back to float32 (the
+    losses and metrics are computed in float32)."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model, self.dtype = model.to(dtype), dtype
+
+    def forward(self, x):
+        return self.model(x.to(self.dtype) if x.is_floating_point() else x).float()
 
 
 # ------------------------------------------------------------------ data
@@ -256,14 +285,18 @@ class Job:
     schedule: str
     lr: float
     seed: int
+    precision: str = "fp32"
 
 
 def train_one(task: Task, data: object, job: Job, a: argparse.Namespace, device: torch.device) -> dict:
     """Train from the job's seed for its budget; the held-out metrics, or a non-finite loss if it diverged."""
     torch.manual_seed(job.seed)
+    dtype, options = PRECISIONS[job.precision]
     model = task.model(a).to(device)
+    if dtype != torch.float32:
+        model = InDtype(model, dtype)
     opt = uf.AdamW(model.parameters(), lr=job.lr, weight_decay=task.weight_decay,
-                   schedule=SCHEDULES[job.schedule](job.budget, max(1, job.budget // 20)))
+                   schedule=SCHEDULES[job.schedule](job.budget, max(1, job.budget // 20)), **options)
     gen = torch.Generator().manual_seed(job.seed)
     for _ in range(job.budget):
         loss = task.loss(model, data, a.batch, gen)
@@ -313,11 +346,12 @@ def run_all(jobs: list[Job], a: argparse.Namespace, progress=None) -> list[dict]
 
 # ------------------------------------------------------------------ analysis
 def summarize(results: list[dict]) -> list[dict]:
-    """Per task, budget, schedule and lr: the seeds' mean and standard deviation of each metric; the loss of a
-    cell with a diverged seed is infinite (that lr is not usable)."""
+    """Per task, budget, schedule (with its precision: ``variant``) and lr: the seeds' mean and standard deviation of
+    each metric; the loss of a cell with a diverged seed is infinite (that lr is not usable)."""
     cells: dict[tuple, list[dict]] = {}
     for r in results:
-        cells.setdefault((r["task"], r["budget"], r["schedule"], r["lr"]), []).append(r)
+        cells.setdefault((r["task"], r["budget"], variant(r["schedule"], r.get("precision", "fp32")), r["lr"]),
+                         []).append(r)
     out = []
     for (task, budget, sched, lr), rs in cells.items():
         row = {"task": task, "budget": budget, "schedule": sched, "lr": lr, "seeds": len(rs),
@@ -332,7 +366,7 @@ def summarize(results: list[dict]) -> list[dict]:
                 row[metric] = statistics.fmean(vals)
                 row[metric + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(row)
-    order = list(SCHEDULES)
+    order = [variant(s, p) for p in PRECISIONS for s in SCHEDULES]
     return sorted(out, key=lambda s: (s["task"], s["budget"], order.index(s["schedule"]), s["lr"]))
 
 
@@ -407,7 +441,7 @@ def format_tables(summary: list[dict], best: list[dict], phis: list[dict], fixed
                 pick = min if metric == "loss" else max
                 lines.append(f"\n{task}: held-out {metric} {title}; mean +- std over seeds, * best per budget")
                 lines.append(f"{'schedule':20s}" + "".join(f"{'T=' + str(b):>28s}" for b in budgets))
-                for sched in SCHEDULES:
+                for sched in dict.fromkeys(r["schedule"] for r in summary):
                     cells = []
                     for b in budgets:
                         row = next((r for r in rows if (r["task"], r["budget"], r["schedule"]) == (task, b, sched)),
@@ -446,7 +480,7 @@ def plot(best: list[dict], phis: list[dict], budgets: dict[str, list[int]], path
     ax.set(title=f"lr factor, budget T={T}", xlabel="step")
     ax.legend(fontsize=6)
     for ax, task in zip(axes[0], tasks):
-        for name in SCHEDULES:
+        for name in dict.fromkeys(b["schedule"] for b in best):
             pts = sorted((b["budget"], b["loss"], b["loss_std"]) for b in best
                          if b["task"] == task and b["schedule"] == name and math.isfinite(b["loss"]))
             if pts:
@@ -482,6 +516,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--lrs", nargs="+", type=float, help="peak lrs for every task (default per task: its default "
                     f"lr times {', '.join(f'{g:g}' for g in GRID)}: " +
                     "; ".join(f"{t.name} {t.lr:g}" for t in TASKS.values()) + ")")
+    ap.add_argument("--precisions", nargs="+", choices=list(PRECISIONS), default=["fp32"],
+                    help="how the parameters and the optimizer state are kept (default: fp32)")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--scale", type=int, default=1, help="multiply model width and data size (GPU runs)")
     ap.add_argument("--batch", type=int, default=16)
@@ -513,8 +549,8 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
     budgets = {t: a.budgets or list(TASKS[t].budgets) for t in a.tasks}
-    jobs = [Job(t, b, s, lr, seed) for t in a.tasks for b in budgets[t] for s in a.schedules
-            for lr in task_lrs(TASKS[t], a) for seed in range(a.seeds)]
+    jobs = [Job(t, b, s, lr, seed, prec) for t in a.tasks for b in budgets[t] for s in a.schedules
+            for prec in a.precisions for lr in task_lrs(TASKS[t], a) for seed in range(a.seeds)]
     t0 = time.time()
     with tqdm(total=len(jobs), desc="training runs", file=sys.stderr) as progress:
         results = run_all(jobs, a, progress)
