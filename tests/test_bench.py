@@ -101,6 +101,21 @@ def test_training_study_tiny(tmp_path):
     assert out_png.stat().st_size > 10_000
 
 
+def test_precision_study_trains_each_layout_in_its_dtype(tmp_path):
+    out_json = tmp_path / "p.json"
+    precisions = ["fp32", "bf16", "bf16-master"]
+    assert train.main(["--tasks", "teacher-k10", "--budgets", "6", "--seeds", "1", "--lrs", "1e-2", "--schedules",
+                       "Constant", "--precisions", *precisions, "--device", "cpu", "--workers", "1", "--json",
+                       str(out_json)]) == 0
+    data = json.loads(out_json.read_text())
+    assert [r["precision"] for r in data["runs"]] == precisions
+    assert [s["schedule"] for s in data["summary"]] == ["Constant", "Constant [bf16]", "Constant [bf16-master]"]
+    losses = [r["loss"] for r in data["runs"]]
+    assert all(math.isfinite(x) for x in losses) and len(set(losses)) == 3  # bf16 runs differ from fp32's
+    model = train.InDtype(torch.nn.Linear(3, 2), torch.bfloat16)
+    assert model.model.weight.dtype == torch.bfloat16 and model(torch.ones(1, 3)).dtype == torch.float32
+
+
 def test_training_study_gives_the_same_runs_in_worker_processes():
     args = ["--tasks", "teacher-k10", "--budgets", "6", "--seeds", "2", "--lrs", "1e-2", "--schedules", "REX"]
     a1, a2 = train.parse_args(args + ["--workers", "1"]), train.parse_args(args + ["--workers", "2"])
