@@ -151,6 +151,24 @@ def test_stochastic_rounding_lands_where_the_float64_oracle_drawing_the_same_bit
     assert ambiguous <= 1e-3 * total
 
 
+@pytest.mark.parametrize("backend", [b for b in EVERY_BACKEND if getattr(b, "values", [b])[0] != "torch"])
+def test_every_backend_draws_the_same_bits(backend):
+    """Parity stays exact: SGD with momentum and a constant lr computes the same float32 values on every backend, so
+    stochastic rounding, keyed by the same (seed, t, tensor, element), must give the same parameters bit for bit."""
+    runs = []
+    for name in ("torch", backend):
+        params = _params(torch.bfloat16, seed=16)
+        opt = uf.SGD(params, lr=0.05, momentum=0.9, backend=name, master_weights="stochastic", seed=3,
+                     state_dtype=torch.float32)
+        gen = torch.Generator().manual_seed(17)
+        for _ in range(4):
+            set_grads(params, random_grads(params, gen))
+            opt.step()
+        runs.append(params)
+    for i, (p, q) in enumerate(zip(*runs)):
+        assert torch.equal(p.view(torch.int16), q.view(torch.int16)), f"param {i}: {(p != q).sum()} elements differ"
+
+
 def test_stochastic_rounding_is_unbiased_and_hits_only_the_two_neighbours():
     """Each of 256 float32 values rounded N = 4096 times (steps t), and 4096 elements of one value at one step: the
     mean of N draws, each within one spacing s of x, lies within s * sqrt(ln(2 / delta) / (2 N)) of x but with
@@ -235,6 +253,31 @@ def test_state_dicts_convert_between_layouts(backend):
                                                   for g in sd["param_groups"]]})
     assert torch.equal(again.state[c[0]]["master"], torch.zeros(300, dtype=torch.int16, device=DEVICE))
     assert torch.equal(again.state[c[1]]["master"], c[1].detach().float())
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_a_parameter_written_by_someone_else_is_taken_as_written(backend):
+    """A model state dict loaded in place: an fp16 parameter's copy follows what was written instead of overwriting
+    it; a bf16 one's master restarts from it once its low bits are dropped (del opt.state[p]["master"]). At lr 0
+    the step changes nothing else, so the masters must then be the written values exactly."""
+    gen = torch.Generator().manual_seed(18)
+    half = torch.randn(300, generator=gen).to(DEVICE, torch.float16).requires_grad_()
+    bf = torch.randn(300, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()
+    opt = uf.AdamW([half, bf], lr=1e-2, master_weights="exact", backend=backend)
+    for _ in range(2):
+        set_grads([half, bf], random_grads([half, bf], gen))
+        opt.step()
+    assert opt.state[bf]["master"].ne(0).any() and not torch.equal(opt.state[half]["master"], half.detach().float())
+    written = [torch.randn(300, generator=gen).to(DEVICE, p.dtype) for p in (half, bf)]
+    with torch.no_grad():
+        half.copy_(written[0])
+        bf.copy_(written[1])
+    del opt.state[bf]["master"]
+    opt.param_groups[0]["lr"] = 0.0
+    set_grads([half, bf], random_grads([half, bf], gen))
+    opt.step()
+    assert torch.equal(half.detach(), written[0]) and torch.equal(opt.state[half]["master"], written[0].float())
+    assert torch.equal(bf.detach(), written[1]) and not opt.state[bf]["master"].any()
 
 
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
