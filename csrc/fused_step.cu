@@ -231,30 +231,36 @@ struct ParamIo<__half, kCopy> {  // a float32 copy; the parameter is its roundin
   }
 };
 
-template <>
-struct ParamIo<__nv_bfloat16, kStochastic> {  // rounded stochastically, element i from its own random bits
-  using T = __nv_bfloat16;
+// x rounded stochastically to a value of T, by 16 random bits r (rounding.cuh), as the float32 that holds it exactly:
+// Io<T>'s rounding to nearest then stores it as it is.
+UF_HD float stochastic(float x, uint32_t r, __nv_bfloat16*) {
+  return bits_to_float(round_stochastic(x, r), static_cast<__nv_bfloat16*>(nullptr));
+}
+UF_HD float stochastic(float x, uint32_t r, __half*) { return round_stochastic_half(x, r); }
+
+template <typename T>
+struct ParamIo<T, kStochastic> {  // rounded stochastically, element i from its own random bits
   using M = float;
   template <int N>
   static UF_HD void load(const T* p, const M*, int64_t v, float (&out)[N]) { Io<T>::load(p, v, out); }
   template <int N>
   static UF_HD void store(T* p, M*, int64_t v, const float (&in)[N], const RandomKey& key) {
     static_assert(N % 8 == 0, "whole blocks of random bits");
-    uint16_t out[N];
+    float out[N];
 #pragma unroll
     for (int q = 0; q < N / 8; ++q) {
       uint16_t r[8];
       random_block(key, v * (N / 8) + q, r);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) out[8 * q + e] = round_stochastic(in[8 * q + e], r[e]);
+      for (int e = 0; e < 8; ++e) out[8 * q + e] = stochastic(in[8 * q + e], r[e], static_cast<T*>(nullptr));
     }
-    store_words(p, v, out);
+    Io<T>::store(p, v, out);
   }
   static UF_HD float load(const T* p, const M*, int64_t i) { return Io<T>::load(p, i); }
   static UF_HD void store(T* p, M*, int64_t i, float x, const RandomKey& key) {  // a tail or misaligned: per element
     uint16_t r[8];
     random_block(key, i >> 3, r);
-    reinterpret_cast<uint16_t*>(p)[i] = round_stochastic(x, r[i & 7]);
+    Io<T>::store(p, i, stochastic(x, r[i & 7], static_cast<T*>(nullptr)));
   }
 };
 

@@ -86,4 +86,25 @@ UF_HD uint16_t round_stochastic(float x, uint32_t r) {
   return static_cast<uint16_t>(x != x ? (b >> 16) | 0x40u : (b + r) >> 16);
 }
 
+// x rounded to a float16 value (returned as the float32 that holds it exactly, or past float16's range: the caller's
+// conversion makes that inf) by 16 random bits r, to the neighbour of larger magnitude with probability (distance
+// from the other) / (their spacing). From 2^-14 up float16 keeps 10 of float32's 23 mantissa bits: the top 13 random
+// bits carry the 13 dropped ones, exactly as round_stochastic. Below, the spacing is 2^-24: the fraction of
+// |x| 2^24, truncated to 16 bits, carried by all 16 (a bias under 2^-16 of the spacing). A NaN stays a NaN.
+// backends/rounding.py: round_stochastic_half.
+UF_HD float round_stochastic_half(float x, uint32_t r) {
+  if (x != x) return x;
+  const uint32_t b = bit_cast<uint32_t>(x), a = b & 0x7FFFFFFFu;
+  float y;
+  if (a >= 0x38800000u) {
+    y = bit_cast<float>((a + (r >> 3)) & ~0x1FFFu);
+  } else {
+    const float m = bit_cast<float>(a) * 16777216.0f;  // |x| 2^24: exact
+    const float n = floorf(m);
+    const uint32_t frac16 = static_cast<uint32_t>((m - n) * 65536.0f);  // truncated: floor
+    y = (n + (r + frac16 >= 65536u ? 1.0f : 0.0f)) * 5.9604644775390625e-8f;  // 2^-24
+  }
+  return (b >> 31) ? -y : y;
+}
+
 }  // namespace uf

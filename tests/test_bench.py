@@ -29,7 +29,8 @@ def test_minimal_bytes_per_element(rule, dtype, expected):
 @pytest.mark.parametrize("dtype,moved,kept", [
     (torch.bfloat16, {"plain": 14, "fp32-state": 22, "master": 26, "stochastic": 22},
      {"plain": 4, "fp32-state": 8, "master": 10, "stochastic": 8}),
-    (torch.float16, {"plain": 14, "fp32-state": 22, "master": 30}, {"plain": 4, "fp32-state": 8, "master": 12})])
+    (torch.float16, {"plain": 14, "fp32-state": 22, "master": 30, "stochastic": 22},
+     {"plain": 4, "fp32-state": 8, "master": 12, "stochastic": 8})])
 def test_each_precision_layout_reports_the_bytes_its_real_tensors_hold(dtype, moved, kept):
     """AdamW per parameter: p read and written, g read, each state buffer (masters included) read and written; kept:
     the state (a bf16 master is its 2-byte remainder, an fp16 one a 4-byte copy)."""

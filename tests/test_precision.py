@@ -151,14 +151,22 @@ def test_stochastic_rounding_lands_where_the_float64_oracle_drawing_the_same_bit
     assert ambiguous <= 1e-3 * total
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("backend", [b for b in EVERY_BACKEND if getattr(b, "values", [b])[0] != "torch"])
-def test_every_backend_draws_the_same_bits(backend):
+def test_every_backend_draws_the_same_bits(backend, dtype):
     """Parity stays exact: SGD with momentum and a constant lr computes the same float32 values on every backend, so
-    stochastic rounding, keyed by the same (seed, t, tensor, element), must give the same parameters bit for bit."""
+    stochastic rounding, keyed by the same (seed, t, tensor, element), must give the same parameters bit for bit.
+    The float16 parameters are scaled into its subnormal range (below 2^-14), whose rounding differs."""
     runs = []
     for name in ("torch", backend):
-        params = _params(torch.bfloat16, seed=16)
-        opt = uf.SGD(params, lr=0.05, momentum=0.9, backend=name, master_weights="stochastic", seed=3,
+        params = _params(dtype, seed=16)
+        lr = 0.05
+        if dtype == torch.float16:
+            with torch.no_grad():
+                for p in params:
+                    p.mul_(1e-5)
+            lr = 1e-6
+        opt = uf.SGD(params, lr=lr, momentum=0.9, backend=name, master_weights="stochastic", seed=3,
                      state_dtype=torch.float32)
         gen = torch.Generator().manual_seed(17)
         for _ in range(4):
@@ -189,6 +197,28 @@ def test_stochastic_rounding_is_unbiased_and_hits_only_the_two_neighbours():
     assert 0 < (across == up[0]).sum() < n
 
 
+def test_float16_stochastic_rounding_is_unbiased_in_its_normal_and_subnormal_ranges():
+    """As for bfloat16, over float16's normal range (13 dropped bits, exact) and its subnormal one (spacing 2^-24: a
+    bias under 2^-16 of it, added to the Hoeffding bound); past its largest value a draw may be inf."""
+    gen = torch.Generator().manual_seed(19)
+    x = torch.cat([torch.randn(128, generator=gen) * 10, torch.rand(128, generator=gen) * 2.0**-14 * 1.5]).float()
+    x[-1] = 65510.0  # between float16's largest (65504) and inf
+    n = 4096
+    draws = torch.stack([rounding.round_stochastic_half(x, rounding.random_bits(x, 8, 1, torch.tensor(t)))
+                         for t in range(n)]).double()
+    mag = x.double().abs()  # float16's grid around each |x|: spacing 2^-24 below 2^-14, else 2^(exponent - 10)
+    spacing = torch.where(mag < 2.0**-14, torch.full_like(mag, 2.0**-24), 2.0 ** (mag.log2().floor() - 10))
+    down = (mag / spacing).floor() * spacing
+    up = torch.where(down + spacing > 65504, torch.inf, down + spacing)
+    down, up = torch.sign(x.double()) * down, torch.sign(x.double()) * up
+    assert ((draws == down) | (draws == up)).all(), "a draw off the two neighbours"
+    bound = spacing * (math.sqrt(math.log(2 / 1e-9) / (2 * n)) + 2.0**-16)
+    err = (draws.mean(0) - x.double()).abs()
+    assert (err[:-1] <= bound[:-1]).all(), f"biased: {(err - bound).max()}"
+    assert torch.isinf(draws[:, -1]).any() and (draws[:, -1] == 65504).any()
+    assert (x[128:-1].abs() < 2.0**-14).sum() > 50  # the subnormal range is covered
+
+
 def test_stochastic_bits_are_keyed_by_seed_step_and_tensor():
     x = torch.full((1000,), 1.0 + 2.0**-8)  # halfway between two bfloat16 values
     t0 = torch.tensor(0)
@@ -206,9 +236,9 @@ def test_bad_combinations_raise_naming_the_argument():
     with pytest.raises(ValueError, match=r"master_weights='exact' keeps the updates of 16-bit parameters, but "
                                          r"params\[1\] is torch.float32"):
         uf.AdamW([bf, p32], master_weights="exact")
-    with pytest.raises(ValueError, match=r"master_weights='stochastic' rounds bfloat16 parameters; params\[0\] is "
-                                         r"torch.float16"):
-        uf.Lion([half], master_weights="stochastic")
+    with pytest.raises(ValueError, match=r"master_weights='stochastic' keeps the updates of 16-bit parameters, but "
+                                         r"params\[0\] is torch.float64"):
+        uf.Lion([half, torch.zeros(2, dtype=torch.float64, requires_grad=True)][1:], master_weights="stochastic")
     with pytest.raises(ValueError, match="master_weights must be None, 'exact' or 'stochastic', got 'fp32'"):
         uf.SGD([bf], lr=0.1, master_weights="fp32")
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*53\), got -1"):
@@ -308,7 +338,7 @@ def test_float16_masters_under_gradscaler_equal_a_float32_model(backend):
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 LAYOUTS = {"bf16-exact": (torch.bfloat16, "exact"), "fp16-exact": (torch.float16, "exact"),
-           "bf16-stochastic": (torch.bfloat16, "stochastic")}
+           "bf16-stochastic": (torch.bfloat16, "stochastic"), "fp16-stochastic": (torch.float16, "stochastic")}
 
 
 @pytest.mark.gpu

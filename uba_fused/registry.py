@@ -42,7 +42,7 @@ DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they comp
 #   rounding whose remainder fits 16 bits);
 # - "copy": a float16 parameter with a float32 copy of its master in its state "master" (float16 is not the top half
 #   of a float32);
-# - "stochastic": a bfloat16 parameter rounded stochastically, from random bits keyed by the seed, the group's step
+# - "stochastic": a 16-bit parameter rounded stochastically, from random bits keyed by the seed, the group's step
 #   counter, the tensor and the element (Philox 4x32-10).
 CODECS = ("nearest", "remainder", "copy", "stochastic")
 MASTER_DTYPE = {"remainder": "int16", "copy": "float32"}  # the state "master" of the codecs that keep one
@@ -55,7 +55,7 @@ def codec(master_weights: str | None, dtype: str) -> str | None:
         return "nearest"
     if master_weights == "exact":
         return {"bfloat16": "remainder", "float16": "copy"}.get(dtype)
-    return "stochastic" if master_weights == "stochastic" and dtype == "bfloat16" else None
+    return "stochastic" if master_weights == "stochastic" and dtype in ("bfloat16", "float16") else None
 
 
 # The (parameter dtype, state dtype, codec) triples the kernels are compiled for: one plan part (one launch) is one.

@@ -151,7 +151,7 @@ def _update(rule: str, part: _Part, p: list, masters: list, g: list, s: dict[str
         else:
             seed, slots, t = key
             for dst, master, x, slot in zip(p, masters, p32, slots):
-                new_p, new_master = encode(x, part.codec, seed, slot, t)
+                new_p, new_master = encode(x, part.codec, part.dtype, seed, slot, t)
                 dst.copy_(new_p)
                 if new_master is not None:
                     master.copy_(new_master)

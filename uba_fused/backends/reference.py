@@ -147,16 +147,18 @@ def decode(p: torch.Tensor, master: torch.Tensor | None, codec: str) -> torch.Te
     return _compute(p)
 
 
-def encode(x: torch.Tensor, codec: str, seed: int, slot: int,
+def encode(x: torch.Tensor, codec: str, dtype: torch.dtype, seed: int, slot: int,
            t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What the update's result ``x`` writes: (into the parameter, into its master or None). A float32 written into a
-    16-bit parameter rounds to nearest."""
+    """What the update's result ``x`` writes into a ``dtype`` parameter: (into the parameter, into its master or
+    None). A float32 written into a 16-bit parameter rounds to nearest."""
     if codec == "remainder":
         return rounding.master_split(x)
     if codec == "copy":
         return x, x
     if codec == "stochastic":
-        return rounding.round_stochastic(x, rounding.random_bits(x, seed, slot, t)), None
+        r = rounding.random_bits(x, seed, slot, t)
+        rounded = rounding.round_stochastic_half(x, r) if dtype == torch.float16 else rounding.round_stochastic(x, r)
+        return rounded, None
     return x, None
 
 
@@ -190,7 +192,7 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
             g32 = g32 * scale.to(g32.device)
         k = step_t + 1.0
         update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
-        new_p, new_master = encode(x, codec, int(w.hyper.get("seed", 0)), w.slots[i], w.schedule_step)
+        new_p, new_master = encode(x, codec, p.dtype, int(w.hyper.get("seed", 0)), w.slots[i], w.schedule_step)
         writes = [(step_t, k), (p, new_p), (master, new_master)] + [(v, s32[n]) for n, v in stored.items()]
         for dst, src in writes:
             if src is not None and src is not dst:

@@ -7,7 +7,8 @@ backends/triton.py compute bit for bit.
   would need a 17th bit: a tie rounded down leaves +2^15.) The two give the master back exactly.
 - "copy": a float16 parameter with a float32 copy of its master (``state["master"]``); the parameter is its rounding
   to nearest. A parameter someone else wrote since (it is no longer the copy's rounding) is taken as it is.
-- "stochastic": a bfloat16 parameter rounded up or down at random, with probability by distance: unbiased. The 16
+- "stochastic": a 16-bit parameter rounded up or down at random, with probability by distance: unbiased (float16:
+  see ``round_stochastic_half``). The 16
   random bits of each element come from Philox 4x32-10 (Salmon et al., SC'11; what ``triton.language.philox``
   computes) with key (seed low 32 bits, seed high 32 bits) and counter (element index // 8, in two 32-bit halves,
   tensor slot, step t): its 128 bits serve 8 elements (``random_bits``), the same on every backend, launch layout and
@@ -80,6 +81,25 @@ def random_bits(like: torch.Tensor, seed: int, slot: int, t: torch.Tensor) -> to
     out = torch.empty_like(like, dtype=torch.int64)  # dense, laid out as `like`, from offset 0
     out.as_strided((n,), (1,)).copy_(halves)
     return out
+
+
+def round_stochastic_half(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Float32 ``x`` rounded to float16 by 16 random bits per element ``r``, to the neighbour of larger magnitude with
+    probability (distance from the other) / (their spacing). From 2^-14 up (float16's normal range) float16 keeps 10
+    of float32's 23 mantissa bits: the top 13 random bits are added to the 13 dropped ones and a carry rounds up,
+    exactly as bfloat16's 16 (a magnitude past float16's largest becomes inf). Below 2^-14 the spacing is 2^-24:
+    the fraction |x| 2^24 - floor(|x| 2^24), truncated to 16 bits, carried by the 16 random bits (a bias under 2^-16
+    of the spacing). A NaN stays a NaN."""
+    b = bits(x)
+    a = b & 0x7FFFFFFF
+    normal = _from_bits((a + (r >> 3)) & ~0x1FFF)
+    m = _from_bits(a) * 2.0**24  # exact: a power of two
+    n = m.floor()
+    frac16 = ((m - n) * 65536.0).floor().to(torch.int64)
+    tiny = (n + (r + frac16 >= 65536).float()) * 2.0**-24
+    y = torch.where(a >= 0x38800000, normal, tiny)
+    y = torch.where(b >= 2**31, -y, y)
+    return torch.where(torch.isnan(x), x, y).to(torch.float16)  # exact: y is a float16 value, or past its range
 
 
 def round_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

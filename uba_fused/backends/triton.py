@@ -294,9 +294,29 @@ def _random_bits(seed, slot, t, first, SUB: tl.constexpr):
 
 
 @triton.jit
+def _round_stochastic_half(x, r):
+    """x to the float32 that holds its float16 rounding by 16 random bits r (rounding.round_stochastic_half): from
+    2^-14 up, the top 13 bits of r carry the 13 mantissa bits float16 drops; below, where the spacing is 2^-24,
+    all 16 carry the fraction of |x| 2^24 truncated to 16 bits. A NaN stays a NaN."""
+    b = x.to(tl.uint32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    normal = ((a + (r >> 3)) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    m = a.to(tl.float32, bitcast=True) * 16777216.0  # |x| 2^24: exact
+    n = tl.floor(m)
+    frac16 = ((m - n) * 65536.0).to(tl.uint32)  # truncated: floor
+    tiny = (n + tl.where(r + frac16 >= 65536, 1.0, 0.0)) * 5.9604644775390625e-8  # 2^-24
+    y = tl.where(a >= 0x38800000, normal, tiny)
+    y = tl.where(b >= 0x80000000, -y, y)
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
 def _store_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr, p_addr, m_addr,
                  offs, first, mask, x, seed, slot, t):
-    if CODEC == _REMAINDER or CODEC == _STOCHASTIC:
+    if CODEC == _STOCHASTIC and DTYPE == tl.float16:
+        y = _round_stochastic_half(x, _random_bits(seed, slot, t, first, SUB))
+        tl.store(_ptr(p_addr, tl.float16, ALIGNED) + offs, y.to(tl.float16), mask=mask)
+    elif CODEC == _REMAINDER or CODEC == _STOCHASTIC:
         b = x.to(tl.uint32, bitcast=True)
         if CODEC == _REMAINDER:  # to nearest, ties away from zero: the remainder then fits 16 signed bits
             add = 0x8000

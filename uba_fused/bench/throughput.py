@@ -41,9 +41,7 @@ LAYOUTS = {"plain": {}, "fp32-state": {"state_dtype": torch.float32},
 def layouts_for(dtype: torch.dtype, requested: list[str] | None = None) -> list[str]:
     """The layouts a list of ``dtype`` parameters can take (of ``requested``; None: all)."""
     names = requested or list(LAYOUTS)
-    if dtype not in (torch.bfloat16, torch.float16):
-        return ["plain"]
-    return [n for n in names if n != "stochastic" or dtype == torch.bfloat16]
+    return names if dtype in (torch.bfloat16, torch.float16) else ["plain"]
 
 
 class ObviousForeach(torch.optim.Optimizer):

@@ -161,8 +161,8 @@ COMMON_ARGS = f"""
             None (the default) rounds it to nearest at every step, as torch.optim does. "exact" keeps its float32
             master in ``state["master"]``: for bfloat16 the 16 low bits (int16; the parameter is the high half), for
             float16 a float32 copy; the update is then bit for bit that of a float32 parameter. "stochastic"
-            (bfloat16 only) rounds it stochastically, unbiased, with no master. A float32 or float64 parameter in a
-            group with master weights raises.
+            rounds it stochastically, unbiased, with no master. A float32 or float64 parameter in a group with
+            master weights raises.
         seed: the key of the random bits of master_weights="stochastic" (an integer in [0, 2**53); 0 by default,
             the same on every rank, so that replicated parameters stay identical). With the group's step counter,
             the tensor and the element it decides every bit: a run is reproducible, and so is a graph replay.
@@ -275,14 +275,10 @@ def check_master_weights(group: dict) -> None:
     if mw is None:
         return
     for i, p in enumerate(group["params"]):
-        if codec_of(group, p) is not None:
-            continue
-        if p.dtype in (torch.float32, torch.float64):
+        if codec_of(group, p) is None:
             raise ValueError(f"master_weights={mw!r} keeps the updates of 16-bit parameters, but params[{i}] is "
                              f"{p.dtype}, which loses nothing to rounding: put it in a param group with "
                              f"master_weights=None")
-        raise ValueError(f"master_weights='stochastic' rounds bfloat16 parameters; params[{i}] is {p.dtype}, whose "
-                         f"stochastic rounding is not built: use master_weights='exact' for it (a float32 copy)")
 
 
 def check_state_dtype(group: dict) -> None:
