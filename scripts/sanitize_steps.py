@@ -20,8 +20,7 @@ from uba_fused import backends, registry
 RULES = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
          "sgd-momentum": functools.partial(uf.SGD, momentum=0.9), "sgd": functools.partial(uf.SGD, momentum=0.0)}
 # registry.STORAGES as the options that choose them: (parameter dtype, state_dtype, master_weights)
-_MASTER_WEIGHTS = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic"}
-STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), _MASTER_WEIGHTS[c])
+STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), registry.OPTION_OF_CODEC[c])
             for p, s, c in registry.STORAGES]
 
 

@@ -62,8 +62,9 @@ def codec(master_weights: str | None, dtype: str) -> str | None:
 # State is kept in its parameter's dtype (torch.optim's way), or in float32 for a 16-bit parameter.
 _PAIRS = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32"),
           ("float16", "float32"))
-_OPTION_OF = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic"}
-STORAGES = tuple((p, s, c) for c in CODECS for p, s in _PAIRS if codec(_OPTION_OF[c], p) == c)
+# The master_weights value that chooses each codec (for a parameter of a dtype it can keep).
+OPTION_OF_CODEC = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic"}
+STORAGES = tuple((p, s, c) for c in CODECS for p, s in _PAIRS if codec(OPTION_OF_CODEC[c], p) == c)
 STORAGE_IDS = {triple: i for i, triple in enumerate(STORAGES)}
 CHUNK = 4096     # elements per work item, in both kernels
 NO_GRAD = -1     # a gradient-table entry for a parameter without a gradient this step (an empty tensor's is 0)

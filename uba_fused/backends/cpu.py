@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import torch
 
 from ..registry import RULES
-from .plan import codec_of, is_dense
+from .plan import is_dense
 from .reference import FOREACH, decode, encode, grad_scale, grad_sumsq, skipped
-from .work import Amp, GradSource, GroupWork, Step, StepCache
+from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of
 
 _LOW = (torch.bfloat16, torch.float16)
 _FUSED = ("adamw", "sgd")  # the rules torch has fused CPU kernels for
@@ -96,7 +96,7 @@ def _parts(w: GroupWork, host: dict) -> list[_Part]:
     hit = host.get(key)
     if hit is None or hit[0] is not w.params:
         parts = []
-        stored = [(p.dtype, next((ts[i].dtype for ts in w.state.values()), p.dtype), codec_of(w, p))
+        stored = [(p.dtype, next((ts[i].dtype for ts in w.state.values()), p.dtype), codec_of(w.hyper, p))
                   for i, p in enumerate(w.params)]
         storages = list(dict.fromkeys(stored))
         for dtype, state_dtype, codec in storages:

@@ -47,8 +47,8 @@ from typing import Any
 import torch
 
 from .. import _ext
-from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, codec, group_cols
-from .work import Amp, Capture, GradSource, GroupWork, StepCache, dtensor_class, is_dtensor, local
+from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
+from .work import Amp, Capture, GradSource, GroupWork, StepCache, codec_of, dtensor_class, is_dtensor, local
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
 # registry.STORAGES with torch dtypes: (parameter dtype, state dtype, codec) -> the kernels' storage id
@@ -90,11 +90,6 @@ def storage(p: torch.Tensor, states: Sequence[torch.Tensor], codec: str | None) 
                            f"the kernels take a parameter's state in its own dtype, or in float32 for a 16-bit "
                            f"parameter, and master_weights for 16-bit parameters only")
     return triple
-
-
-def codec_of(w: GroupWork, p: torch.Tensor) -> str | None:
-    """How parameter ``p`` of group ``w`` is kept between steps (registry.CODECS)."""
-    return codec(w.hyper.get("master_weights"), str(p.dtype).removeprefix("torch."))
 
 
 def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
@@ -207,7 +202,7 @@ class Plan:
         by_storage: dict[tuple[torch.dtype, torch.dtype, str], list[tuple[int, int]]] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
-                triple = storage(p, [w.state[n][i] for n in w.state], codec_of(w, p))
+                triple = storage(p, [w.state[n][i] for n in w.state], codec_of(w.hyper, p))
                 by_storage.setdefault(triple, []).append((wi, i))
         if not by_storage:
             by_storage[torch.float32, torch.float32, "nearest"] = []

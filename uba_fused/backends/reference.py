@@ -14,10 +14,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .. import registry
 from ..registry import RULES
 from . import rounding
-from .work import Amp, GradSource, GroupWork, Step, StepCache
+from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -182,7 +181,7 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
     for i in range(len(w.params)):
         p, g, step_t, master = w.params[i], w.grads[i], w.steps[i], w.masters[i]
         stored = {name: tensors[i] for name, tensors in w.state.items()}
-        codec = registry.codec(w.hyper.get("master_weights"), str(p.dtype).removeprefix("torch."))
+        codec = codec_of(w.hyper, p)
         x, s32 = decode(p, master, codec), {n: _compute(v) for n, v in stored.items()}
         if skip is not None:  # computed in copies, written back unless the step is skipped
             x = x.clone() if x is p else x

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..registry import codec
 from ..schedules import Schedule
 
 if TYPE_CHECKING:
@@ -171,6 +172,12 @@ class GradSource:
         if self.pinned is None:
             self.pinned = self.addresses.pin_memory()
         return self.pinned
+
+
+def codec_of(group: dict, p: torch.Tensor) -> str | None:
+    """How parameter ``p`` of param group ``group`` is kept between steps (registry.CODECS); None where the group's
+    master_weights cannot keep a parameter of its dtype."""
+    return codec(group.get("master_weights"), str(p.dtype).removeprefix("torch."))
 
 
 def dtensor_class() -> type | None:

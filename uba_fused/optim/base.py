@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 
 from .. import backends, registry
-from ..backends.work import is_dtensor, local
+from ..backends.work import codec_of, is_dtensor, local
 from ..schedules import SCHEDULE_CLASSES, Schedule, schedule_from_dict
 
 
@@ -242,12 +242,6 @@ def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
 # The state buffer that holds a 16-bit parameter's share of its exact master weight (registry.CODECS: the low 16 bits
 # of a bfloat16 parameter's float32 master, as int16; a float16 parameter's float32 copy).
 MASTER = "master"
-
-
-def codec_of(group: dict, p: torch.Tensor) -> str | None:
-    """How ``p`` is kept between steps in ``group`` (registry.CODECS); None where its master_weights cannot keep a
-    parameter of that dtype."""
-    return registry.codec(group.get("master_weights"), str(p.dtype).removeprefix("torch."))
 
 
 def new_master(p: torch.Tensor, codec: str) -> torch.Tensor:
