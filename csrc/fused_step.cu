@@ -99,8 +99,8 @@ UF_HD uint4 pack(const float (&in)[kVec<T>]) {
 
 // The load/store policy of one storage dtype: N elements (a multiple of kVec<T>, so whole 16-byte vectors) at
 // index v in units of N, or one element at index i, converted to and from float32 (round to nearest).
-// Parameters, gradients and every state slot go through it, each slot in its own dtype: the seam where a
-// state dtype with stochastic rounding plugs in.
+// Parameters, gradients and every state slot go through it, each slot in its own dtype (StateIo rounds 16-bit
+// state stochastically first where its group asks).
 template <typename T>
 struct Io {
   static constexpr int V = kVec<T>;
@@ -264,6 +264,39 @@ struct ParamIo<T, kStochastic> {  // rounded stochastically, element i from its 
   }
 };
 
+// How a state slot of dtype TS is written back: rounded to nearest (Io), or, for 16-bit state in a group whose
+// state_rounding is stochastic, stochastically from random stream 1 + j for slot j (rounding.cuh).
+template <typename TS>
+struct StateIo {
+  template <int N>
+  static UF_HD void store(TS* s, int64_t v, float (&in)[N], bool stochastic_state, const RandomKey& key,
+                          uint32_t stream) {
+    if constexpr (sizeof(TS) == 2) {
+      static_assert(N % 8 == 0, "whole blocks of random bits");
+      if (stochastic_state) {
+#pragma unroll
+        for (int q = 0; q < N / 8; ++q) {
+          uint16_t r[8];
+          random_block(key, v * (N / 8) + q, r, stream);
+#pragma unroll
+          for (int e = 0; e < 8; ++e) in[8 * q + e] = stochastic(in[8 * q + e], r[e], static_cast<TS*>(nullptr));
+        }
+      }
+    }
+    Io<TS>::store(s, v, in);
+  }
+  static UF_HD void store(TS* s, int64_t i, float x, bool stochastic_state, const RandomKey& key, uint32_t stream) {
+    if constexpr (sizeof(TS) == 2) {
+      if (stochastic_state) {
+        uint16_t r[8];
+        random_block(key, i >> 3, r, stream);
+        x = stochastic(x, r[i & 7], static_cast<TS*>(nullptr));
+      }
+    }
+    Io<TS>::store(s, i, x);
+  }
+};
+
 // One work item (one block on the device): a chunk of one tensor, with what its update needs. T is the
 // parameter's (and its gradient's) storage dtype, TS its state's, C the parameter's codec.
 template <typename T, typename TS, int C, class R>
@@ -272,7 +305,7 @@ struct Item {
   using P = ParamIo<T, C>;
   T* p;
   typename P::M* m;  // the master slot (kRemainder, kCopy)
-  RandomKey key;     // the random bits' (kStochastic)
+  RandomKey key;     // the random bits' (kStochastic, stochastic_state)
   const T* g;
   TS* s[S];
   float* step;
@@ -280,6 +313,7 @@ struct Item {
   bool vector;       // a full chunk, every tensor 16-byte aligned: 128-bit accesses, no bounds checks
   bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
   bool has_state;    // the group keeps state (SGD without momentum keeps none)
+  bool stochastic_state;  // the group's state_rounding is stochastic (StateIo: 16-bit state only)
   float k;           // this tensor's step count after this update
   float gscale;      // what each gradient is multiplied by: 1 / GradScaler's scale, times the group's clipping factor
   typename R::Scalars c;
@@ -308,6 +342,7 @@ UF_HD Item<T, TS, C, R> open_item(const FusedStepArgs& args, int64_t item) {
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
   it.k = *it.step + 1.0f;
   it.has_state = grow[kHasState] != 0.0;
+  it.stochastic_state = grow[kStateRounding] == kStateStochastic;
   it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
   it.c = R::scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
   const uint64_t seed = static_cast<uint64_t>(grow[kSeed]);
@@ -316,14 +351,14 @@ UF_HD Item<T, TS, C, R> open_item(const FusedStepArgs& args, int64_t item) {
   return it;
 }
 
-// The elements of an item that lane `lane` of LANES takes: every LANES-th vector (of the parameter's dtype; a
-// wider state takes as many vectors as it needs for those elements) or element.
+// The elements of an item that lane `lane` of LANES takes: every LANES-th vector (of the narrower of the parameter's
+// and the state's dtypes; the wider takes as many vectors as it needs for those elements) or element.
 template <typename T, typename TS, int C, class R, int LANES>
 UF_HD void update_elements(const Item<T, TS, C, R>& it, int lane) {
   using I = Item<T, TS, C, R>;
   constexpr int S = I::S;
   if (it.vector) {
-    constexpr int N = kVec<T>;
+    constexpr int N = kVec<T> > kVec<TS> ? kVec<T> : kVec<TS>;
     const int64_t v0 = it.start / N;
 #pragma unroll
     for (int i = lane; i < kChunk / N; i += LANES) {
@@ -345,7 +380,7 @@ UF_HD void update_elements(const Item<T, TS, C, R>& it, int lane) {
       }
       I::P::store(it.p, it.m, v, pf, it.key);
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) Io<TS>::store(it.s[j], v, sf[j]);
+        for (int j = 0; j < S; ++j) StateIo<TS>::store(it.s[j], v, sf[j], it.stochastic_state, it.key, 1 + j);
       }
     }
   } else {
@@ -357,7 +392,7 @@ UF_HD void update_elements(const Item<T, TS, C, R>& it, int lane) {
       R::update(p, Io<T>::load(it.g, i) * it.gscale, s, it.c);
       I::P::store(it.p, it.m, i, p, it.key);
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) Io<TS>::store(it.s[j], i, s[j]);
+        for (int j = 0; j < S; ++j) StateIo<TS>::store(it.s[j], i, s[j], it.stochastic_state, it.key, 1 + j);
       }
     }
   }

@@ -66,11 +66,12 @@ struct RandomKey {
   uint32_t k0, k1, slot, t;
 };
 
-// The 16 random bits of elements 8 * block ... 8 * block + 7: one Philox output (counter: block in two halves, slot,
-// t), element 8 * block + i taking half i % 2 (low, high) of word i / 2. backends/rounding.py: random_bits.
-UF_HD void random_block(const RandomKey& key, int64_t block, uint16_t (&out)[8]) {
-  uint32_t c[4] = {static_cast<uint32_t>(block), static_cast<uint32_t>(static_cast<uint64_t>(block) >> 32), key.slot,
-                   key.t};
+// The 16 random bits of elements 8 * block ... 8 * block + 7 in random stream `stream` (0: the parameter, 1 + j: its
+// state slot j): one Philox output (counter: block's low 32 bits, its high ones | stream << 24, slot, t), element
+// 8 * block + i taking half i % 2 (low, high) of word i / 2. backends/rounding.py: random_bits.
+UF_HD void random_block(const RandomKey& key, int64_t block, uint16_t (&out)[8], uint32_t stream = 0) {
+  uint32_t c[4] = {static_cast<uint32_t>(block),
+                   static_cast<uint32_t>(static_cast<uint64_t>(block) >> 32) | (stream << 24), key.slot, key.t};
   philox(c, key.k0, key.k1);
   for (int j = 0; j < 4; ++j) {
     out[2 * j] = static_cast<uint16_t>(c[j]);

@@ -27,8 +27,10 @@ def test_minimal_bytes_per_element(rule, dtype, expected):
 
 
 @pytest.mark.parametrize("dtype,moved,kept", [
-    (torch.bfloat16, {"plain": 14, "fp32-state": 22, "master": 26, "stochastic": 22},
-     {"plain": 4, "fp32-state": 8, "master": 10, "stochastic": 8}),
+    (torch.float32, {"plain": 28, "bf16-state": 20}, {"plain": 8, "bf16-state": 4}),
+    (torch.bfloat16, {"plain": 14, "bf16-state": 14, "fp32-state": 22, "master": 26, "master-bf16-state": 18,
+                      "stochastic": 22},
+     {"plain": 4, "bf16-state": 4, "fp32-state": 8, "master": 10, "master-bf16-state": 6, "stochastic": 8}),
     (torch.float16, {"plain": 14, "fp32-state": 22, "master": 30, "stochastic": 22},
      {"plain": 4, "fp32-state": 8, "master": 12, "stochastic": 8})])
 def test_each_precision_layout_reports_the_bytes_its_real_tensors_hold(dtype, moved, kept):

@@ -32,7 +32,8 @@ TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info", "master")
 STATE_COL = len(TENSOR_COLS)
 # Per group, float64: what every rule reads (the lr and its schedule, gradient clipping), then the rule's own
 # (Rule.consts).
-GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps", "seed")
+GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps", "seed",
+              "state_rounding")
 DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they compute in float32)
 # How a parameter is read before its update and written after it (the master_weights option):
 # - "nearest": as it is, rounded to nearest on the way back (a 16-bit parameter loses every update smaller than
@@ -45,6 +46,10 @@ DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they comp
 # - "stochastic": a 16-bit parameter rounded stochastically, from random bits keyed by the seed, the group's step
 #   counter, the tensor and the element (Philox 4x32-10).
 CODECS = ("nearest", "remainder", "copy", "stochastic")
+# How 16-bit state is written (the state_rounding option; the group column "state_rounding" holds the position here):
+# to nearest, or stochastically from the random bits of "stochastic" above, drawn from a stream of their own per state
+# slot (backends/rounding.py: random_bits). Float32 state is written as it is either way.
+STATE_ROUNDINGS = ("nearest", "stochastic")
 MASTER_DTYPE = {"remainder": "int16", "copy": "float32"}  # the state "master" of the codecs that keep one
 MASTER_WEIGHTS = (None, "exact", "stochastic")  # the option's values
 
@@ -58,10 +63,20 @@ def codec(master_weights: str | None, dtype: str) -> str | None:
     return "stochastic" if master_weights == "stochastic" and dtype in ("bfloat16", "float16") else None
 
 
+def state_rounding(option: str | None, state_dtype: str | None) -> str:
+    """How a group rounds its 16-bit state (STATE_ROUNDINGS), from its ``state_rounding`` and ``state_dtype`` options:
+    None chooses stochastic for a 16-bit ``state_dtype`` asked for (rounding a moving average to nearest in 16 bits
+    stalls it: 0.999 v rounds back to v), and nearest for state kept in its parameter's dtype (torch.optim's)."""
+    if option is not None:
+        return option
+    return "stochastic" if state_dtype in ("bfloat16", "float16") else "nearest"
+
+
 # The (parameter dtype, state dtype, codec) triples the kernels are compiled for: one plan part (one launch) is one.
-# State is kept in its parameter's dtype (torch.optim's way), or in float32 for a 16-bit parameter.
+# State is kept in its parameter's dtype (torch.optim's way), in float32 for a 16-bit parameter, or in bfloat16 for a
+# float32 one.
 _PAIRS = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32"),
-          ("float16", "float32"))
+          ("float16", "float32"), ("float32", "bfloat16"))
 # The master_weights value that chooses each codec (for a parameter of a dtype it can keep).
 OPTION_OF_CODEC = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic"}
 STORAGES = tuple((p, s, c) for c in CODECS for p, s in _PAIRS if codec(OPTION_OF_CODEC[c], p) == c)
@@ -185,7 +200,8 @@ def abi() -> dict:
     """Every shared number by name: what csrc/registry.h encodes, and what uba_fused._C reports it was built
     from (``_C.REGISTRY``), so that a stale build is named, not run."""
     return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "dtypes": list(DTYPES),
-            "codecs": list(CODECS), "storages": [list(triple) for triple in STORAGES],
+            "codecs": list(CODECS), "state_roundings": list(STATE_ROUNDINGS),
+            "storages": [list(triple) for triple in STORAGES],
             "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS),
             "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts)}
                       for r in RULES.values()}}
@@ -209,6 +225,7 @@ def cpp_header() -> str:
         _enum("GroupCol", [(c, i) for i, c in enumerate(GROUP_COLS)] + [("group_cols", len(GROUP_COLS))]),
         _enum("DType", [(d, i) for i, d in enumerate(DTYPES)] + [("num_dtypes", len(DTYPES))]),
         _enum("Codec", [(c, i) for i, c in enumerate(CODECS)] + [("num_codecs", len(CODECS))]),
+        _enum("StateRounding", [(f"state_{c}", i) for i, c in enumerate(STATE_ROUNDINGS)]),
         _enum("ScheduleKind", [(k, i) for i, k in enumerate(SCHEDULE_KINDS)] + [("num_kinds", len(SCHEDULE_KINDS))]),
         _enum("RuleId", [(r, i) for i, r in enumerate(RULES)] + [("num_rules", len(RULES))]),
         "// The storages the kernels are compiled for, by id: X(id, param DType, state DType, Codec).",

@@ -22,8 +22,8 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
-from .reference import FOREACH, decode, encode, grad_scale, grad_sumsq, skipped
-from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of
+from .reference import FOREACH, decode, encode, encode_state, grad_scale, grad_sumsq, skipped
+from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
 
 _LOW = (torch.bfloat16, torch.float16)
 _FUSED = ("adamw", "sgd")  # the rules torch has fused CPU kernels for
@@ -68,7 +68,7 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | 
                 p, g = pick(w.params), pick(w.grads)
                 walkable = part.walkable if w.grads_like_params else [
                     a and gi.stride() == pi.stride() for a, pi, gi in zip(part.walkable, p, g)]
-                key = (int(w.hyper.get("seed", 0)), pick(w.slots), w.schedule_step)
+                key = (int(w.hyper.get("seed", 0)), pick(w.slots), w.schedule_step, state_rounding_of(w.hyper))
                 _update(rule, part, p, pick(w.masters), g, {n: pick(ts) for n, ts in w.state.items()}, pick(w.steps),
                         lr, c, walkable, scale, key)
         w.schedule_step.add_(1)
@@ -133,10 +133,14 @@ def _walked_as_memory(p: list, g: list, s: dict[str, list], walkable: list[bool]
 def _update(rule: str, part: _Part, p: list, masters: list, g: list, s: dict[str, list], steps: list, lr: float,
             c: dict, walkable: list[bool], scale: float, key: tuple) -> None:
     """One part's update, each gradient scaled by ``scale`` first (1 / GradScaler's scale times its group's clipping
-    factor; 1: none). ``masters`` are the parameters' master slots (registry.CODECS), ``key`` (seed, slots, t)
-    what keys stochastic rounding's random bits."""
+    factor; 1: none). ``masters`` are the parameters' master slots (registry.CODECS), ``key`` (seed, slots, t, state
+    rounding) what keys stochastic rounding's random bits."""
+    seed, slots, t, rounds = key
     own_state = part.state_dtype == part.dtype
-    if part.codec != "nearest" or part.dtype in _LOW and (rule not in _FUSED or not own_state or scale != 1.0):
+    narrow_state = part.state_dtype.itemsize < part.dtype.itemsize  # bfloat16 state of float32 parameters
+    rounded_state = part.state_dtype in _LOW and rounds == "stochastic"
+    if part.codec != "nearest" or narrow_state or rounded_state or part.dtype in _LOW and (
+            rule not in _FUSED or not own_state or scale != 1.0):
         # compute in float32 (from the master where one is kept), round once on the way back (float32 state is
         # updated in place), in the parameter's layout (which torch's fused kernels take for the gradient's too)
         p32 = [decode(t, m, part.codec) for t, m in zip(p, masters)]
@@ -149,15 +153,19 @@ def _update(rule: str, part: _Part, p: list, masters: list, g: list, s: dict[str
         if part.codec == "nearest":
             torch._foreach_copy_(p, p32)
         else:
-            seed, slots, t = key
             for dst, master, x, slot in zip(p, masters, p32, slots):
                 new_p, new_master = encode(x, part.codec, part.dtype, seed, slot, t)
                 dst.copy_(new_p)
                 if new_master is not None:
                     master.copy_(new_master)
-        if own_state:
+        if part.state_dtype in _LOW:  # 16-bit state was updated in float32 copies: written back by its rounding
             for n, ts in s.items():
-                torch._foreach_copy_(ts, s32[n])
+                if rounded_state:
+                    stream = 1 + RULES[rule].states.index(n)
+                    for dst, x, slot in zip(ts, s32[n], slots):
+                        dst.copy_(encode_state(x, part.state_dtype, rounds, seed, slot, stream, t))
+                else:
+                    torch._foreach_copy_(ts, s32[n])
     else:
         _compute(rule, part, p, g if scale == 1.0 else torch._foreach_mul(g, scale), s, steps, lr, c, walkable)
 

@@ -47,8 +47,9 @@ from typing import Any
 import torch
 
 from .. import _ext
-from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
-from .work import Amp, Capture, GradSource, GroupWork, StepCache, codec_of, dtensor_class, is_dtensor, local
+from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STATE_ROUNDINGS, STORAGE_IDS, group_cols
+from .work import (Amp, Capture, GradSource, GroupWork, StepCache, codec_of, dtensor_class, is_dtensor, local,
+                   state_rounding_of)
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
 # registry.STORAGES with torch dtypes: (parameter dtype, state dtype, codec) -> the kernels' storage id
@@ -87,8 +88,8 @@ def storage(p: torch.Tensor, states: Sequence[torch.Tensor], codec: str | None) 
     triple = (p.dtype, *dtypes, codec)
     if len(dtypes) > 1 or triple not in STORAGE_ID:
         raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}, kept as {codec!r}: "
-                           f"the kernels take a parameter's state in its own dtype, or in float32 for a 16-bit "
-                           f"parameter, and master_weights for 16-bit parameters only")
+                           f"the kernels take a parameter's state in its own dtype, in float32 for a 16-bit "
+                           f"parameter or in bfloat16 for a float32 one, and master_weights for 16-bit parameters only")
     return triple
 
 
@@ -101,7 +102,7 @@ def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
     max_grad_norm, clip_eps = RULES[rule].clipping(h)
     values = dict(lr=lr, kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
                   has_state=float(bool(w.state)), max_grad_norm=max_grad_norm, clip_eps=clip_eps,
-                  seed=float(h.get("seed", 0)))
+                  seed=float(h.get("seed", 0)), state_rounding=float(STATE_ROUNDINGS.index(state_rounding_of(h))))
     return tuple(values[c] for c in GROUP_COLS) + RULES[rule].row(h)
 
 
@@ -116,11 +117,12 @@ def work_items(n_chunks: list[int], block: int) -> torch.Tensor:
 
 @dataclass
 class Part:
-    """The tensors of one storage (their dtype, their state's, their codec): one launch."""
+    """The tensors of one storage (their dtype, their state's, their codec) and state rounding: one launch."""
 
     dtype: torch.dtype
     state_dtype: torch.dtype
     codec: str
+    state_rounding: str  # registry.STATE_ROUNDINGS: how its 16-bit state is written ("nearest" for float32 state)
     tensors: torch.Tensor
     work: torch.Tensor
     done: torch.Tensor
@@ -199,13 +201,16 @@ class Plan:
         device = work[0].schedule_step.device
         scratch = torch.zeros(ALIGN, dtype=torch.float64, device=device)
         n_states = len(RULES[rule].states)
-        by_storage: dict[tuple[torch.dtype, torch.dtype, str], list[tuple[int, int]]] = {}
+        by_storage: dict[tuple[torch.dtype, torch.dtype, str, str], list[tuple[int, int]]] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
                 triple = storage(p, [w.state[n][i] for n in w.state], codec_of(w.hyper, p))
-                by_storage.setdefault(triple, []).append((wi, i))
+                # Triton specializes on the state's rounding (a branch on it took 16-40 more registers in every
+                # kernel with 16-bit state); the CUDA kernel reads it from the group row
+                rounds = "nearest" if triple[1] == torch.float32 else state_rounding_of(w.hyper)
+                by_storage.setdefault((*triple, rounds), []).append((wi, i))
         if not by_storage:
-            by_storage[torch.float32, torch.float32, "nearest"] = []
+            by_storage[torch.float32, torch.float32, "nearest", "nearest"] = []
         specs = []  # per part: (storage, table rows, chunks per row)
         for triple, members in by_storage.items():
             rows, chunks = [], []

@@ -16,7 +16,7 @@ import torch
 
 from ..registry import RULES
 from . import rounding
-from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of
+from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -161,6 +161,17 @@ def encode(x: torch.Tensor, codec: str, dtype: torch.dtype, seed: int, slot: int
     return x, None
 
 
+def encode_state(x: torch.Tensor, dtype: torch.dtype, how: str, seed: int, slot: int, stream: int,
+                 t: torch.Tensor) -> torch.Tensor:
+    """What state ``x`` (float32) writes into a ``dtype`` state buffer: a 16-bit one rounded by ``how``
+    (registry.STATE_ROUNDINGS) from random-bit stream ``stream`` (rounding.random_bits); otherwise ``x``, which the
+    buffer's copy rounds to nearest."""
+    if how != "stochastic" or dtype not in (torch.bfloat16, torch.float16):
+        return x
+    r = rounding.random_bits(x, seed, slot, t, stream)
+    return rounding.round_stochastic_half(x, r) if dtype == torch.float16 else rounding.round_stochastic(x, r)
+
+
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
     return Step(lambda norm, amp: _run(rule, work, norm, amp), lambda: grad_sumsq(work))  # the gradients: w.grads
 
@@ -177,7 +188,7 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
                 skip: torch.Tensor | None) -> None:
     """The update of group ``w``'s parameters (each with its gradient), at ``lr``, their gradients multiplied by
     ``scale`` (None: 1), none of it written when ``skip`` holds (None: never)."""
-    update, c = UPDATES[rule], RULES[rule].constants(w.hyper)
+    update, c, rounds = UPDATES[rule], RULES[rule].constants(w.hyper), state_rounding_of(w.hyper)
     for i in range(len(w.params)):
         p, g, step_t, master = w.params[i], w.grads[i], w.steps[i], w.masters[i]
         stored = {name: tensors[i] for name, tensors in w.state.items()}
@@ -191,8 +202,11 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
             g32 = g32 * scale.to(g32.device)
         k = step_t + 1.0
         update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
-        new_p, new_master = encode(x, codec, p.dtype, int(w.hyper.get("seed", 0)), w.slots[i], w.schedule_step)
-        writes = [(step_t, k), (p, new_p), (master, new_master)] + [(v, s32[n]) for n, v in stored.items()]
+        seed = int(w.hyper.get("seed", 0))
+        new_p, new_master = encode(x, codec, p.dtype, seed, w.slots[i], w.schedule_step)
+        writes = [(step_t, k), (p, new_p), (master, new_master)] + [
+            (v, encode_state(s32[n], v.dtype, rounds, seed, w.slots[i], 1 + RULES[rule].states.index(n),
+                             w.schedule_step)) for n, v in stored.items()]
         for dst, src in writes:
             if src is not None and src is not dst:
                 dst.copy_(src if skip is None else torch.where(skip, dst, src))

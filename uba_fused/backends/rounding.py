@@ -12,7 +12,9 @@ backends/triton.py compute bit for bit.
   random bits of each element come from Philox 4x32-10 (Salmon et al., SC'11; what ``triton.language.philox``
   computes) with key (seed low 32 bits, seed high 32 bits) and counter (element index // 8, in two 32-bit halves,
   tensor slot, step t): its 128 bits serve 8 elements (``random_bits``), the same on every backend, launch layout and
-  CUDA-graph replay. The element index is its position in the tensor's memory, which the kernels walk.
+  CUDA-graph replay. The element index is its position in the tensor's memory, which the kernels walk. 16-bit state
+  rounded stochastically (registry.STATE_ROUNDINGS) draws the same way from a stream of its own: state slot j is
+  stream 1 + j, the parameter stream 0, in the top 8 bits of the counter's second word.
 
 Bits are handled as int64 tensors holding unsigned 32-bit values (torch has no uint32 arithmetic on every device).
 """
@@ -69,14 +71,15 @@ def philox(c0, c1, c2, c3, k0: int, k1: int) -> tuple:
     return c0, c1, c2, c3
 
 
-def random_bits(like: torch.Tensor, seed: int, slot: int, t: torch.Tensor) -> torch.Tensor:
+def random_bits(like: torch.Tensor, seed: int, slot: int, t: torch.Tensor, stream: int = 0) -> torch.Tensor:
     """Each element's 16 random bits (int64), shaped and laid out as ``like``, for step ``t`` (an int64 0-dim tensor,
     the group's step counter, read on the device). The element at index i of the tensor's memory takes half i % 2
-    (low, high) of word i // 2 % 4 of the Philox output for counter (i // 8 in two 32-bit halves, slot, t): one
-    call serves 8 elements."""
+    (low, high) of word i // 2 % 4 of the Philox output for counter (i // 8 low 32 bits, i // 8 >> 32 | stream << 24,
+    slot, t): one call serves 8 elements. ``stream`` is 0 for the parameter, 1 + j for its state slot j."""
     n = like.numel()
     block = torch.arange(-(-n // 8), dtype=torch.int64, device=like.device)
-    words = torch.stack(philox(block & _U32, block >> 32, slot, t.to(like.device) & _U32, seed & _U32, seed >> 32), 1)
+    words = torch.stack(philox(block & _U32, (block >> 32) | stream << 24, slot, t.to(like.device) & _U32,
+                               seed & _U32, seed >> 32), 1)
     halves = torch.stack([words & 0xFFFF, words >> 16], 2).reshape(-1)[:n]
     out = torch.empty_like(like, dtype=torch.int64)  # dense, laid out as `like`, from offset 0
     out.as_strided((n,), (1,)).copy_(halves)

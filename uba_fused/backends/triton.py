@@ -258,10 +258,18 @@ def _load_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_stat
 
 
 @triton.jit
-def _store_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_state, s, DTYPE: tl.constexpr):
+def _store_state(J: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr,
+                 addr, offs, first, mask, has_state, s, STOCHASTIC: tl.constexpr, seed, slot, t):
+    """State slot J written back: rounded to nearest, or (16-bit state in a group whose state_rounding is stochastic)
+    stochastically, from random-bit stream 1 + J."""
     if J < STATES:
         if has_state:
-            tl.store(ptr + offs, s.to(DTYPE), mask=mask)
+            if DTYPE == tl.float32:
+                _store_nearest(DTYPE, ALIGNED, addr, offs, mask, s)
+            elif STOCHASTIC:
+                _store_stochastic(DTYPE, ALIGNED, addr, offs, mask, s, _random_bits(seed, slot, t, first, SUB, 1 + J))
+            else:
+                _store_nearest(DTYPE, ALIGNED, addr, offs, mask, s)
 
 
 # How a parameter is read before its update and written after it (registry.CODECS; backends/rounding.py is the spec,
@@ -283,12 +291,13 @@ def _load_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
 
 
 @triton.jit
-def _random_bits(seed, slot, t, first, SUB: tl.constexpr):
-    """The 16 random bits of elements first ... first + SUB - 1 (first a multiple of 8; rounding.random_bits): one
-    Philox call per 8 elements, element 8 n + i taking half i % 2 (low, high) of word i // 2 of call n."""
+def _random_bits(seed, slot, t, first, SUB: tl.constexpr, STREAM: tl.constexpr):
+    """The 16 random bits of elements first ... first + SUB - 1 (first a multiple of 8; rounding.random_bits) in random
+    stream STREAM (0: the parameter, 1 + j: state slot j): one Philox call per 8 elements, element 8 n + i taking half
+    i % 2 (low, high) of word i // 2 of call n."""
     block = first // 8 + tl.arange(0, SUB // 8).to(tl.int64)
-    r0, r1, r2, r3 = tl.philox(seed, block.to(tl.uint32), (block >> 32).to(tl.uint32), slot.to(tl.uint32),
-                               t.to(tl.uint32))
+    r0, r1, r2, r3 = tl.philox(seed, block.to(tl.uint32), ((block >> 32) | (STREAM << 24)).to(tl.uint32),
+                               slot.to(tl.uint32), t.to(tl.uint32))
     words = tl.reshape(tl.join(tl.join(r0, r2), tl.join(r1, r3)), (SUB // 2,))  # r0 r1 r2 r3 per call
     return tl.reshape(tl.join(words & 0xFFFF, words >> 16), (SUB,))
 
@@ -311,37 +320,60 @@ def _round_stochastic_half(x, r):
 
 
 @triton.jit
+def _bfloat16_bits(x, add):
+    """The bfloat16 bits of x plus ``add`` in its 16 dropped bits, the carry rounding up (0x8000: to nearest, ties away
+    from zero; 16 random bits: stochastically). A NaN stays a NaN."""
+    b = x.to(tl.uint32, bitcast=True)
+    return tl.where(x != x, (b >> 16) | 0x40, (b + add) >> 16)
+
+
+@triton.jit
+def _store_nearest(DTYPE: tl.constexpr, ALIGNED: tl.constexpr, addr, offs, mask, x):
+    """x rounded to nearest (ties to even) into storage of DTYPE at addr. bfloat16 by its bits: what the GPU's
+    conversion computes, which Triton's interpreter (how CI runs this kernel) does not: it truncates."""
+    if DTYPE == tl.bfloat16:
+        even = 0x7FFF + ((x.to(tl.uint32, bitcast=True) >> 16) & 1)
+        tl.store(_ptr(addr, tl.uint16, ALIGNED) + offs, _bfloat16_bits(x, even).to(tl.uint16), mask=mask)
+    else:
+        tl.store(_ptr(addr, DTYPE, ALIGNED) + offs, x.to(DTYPE), mask=mask)
+
+
+@triton.jit
+def _store_stochastic(DTYPE: tl.constexpr, ALIGNED: tl.constexpr, addr, offs, mask, x, r):
+    """x rounded stochastically by 16 random bits r into 16-bit storage at addr (rounding.round_stochastic and
+    round_stochastic_half)."""
+    if DTYPE == tl.float16:
+        tl.store(_ptr(addr, tl.float16, ALIGNED) + offs, _round_stochastic_half(x, r).to(tl.float16), mask=mask)
+    else:
+        tl.store(_ptr(addr, tl.uint16, ALIGNED) + offs, _bfloat16_bits(x, r).to(tl.uint16), mask=mask)
+
+
+@triton.jit
 def _store_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr, p_addr, m_addr,
                  offs, first, mask, x, seed, slot, t):
-    if CODEC == _STOCHASTIC and DTYPE == tl.float16:
-        y = _round_stochastic_half(x, _random_bits(seed, slot, t, first, SUB))
-        tl.store(_ptr(p_addr, tl.float16, ALIGNED) + offs, y.to(tl.float16), mask=mask)
-    elif CODEC == _REMAINDER or CODEC == _STOCHASTIC:
-        b = x.to(tl.uint32, bitcast=True)
-        if CODEC == _REMAINDER:  # to nearest, ties away from zero: the remainder then fits 16 signed bits
-            add = 0x8000
-        else:
-            add = _random_bits(seed, slot, t, first, SUB)
-        hi = tl.where(x != x, (b >> 16) | 0x40, (b + add) >> 16)  # a NaN stays a NaN
+    if CODEC == _STOCHASTIC:
+        _store_stochastic(DTYPE, ALIGNED, p_addr, offs, mask, x, _random_bits(seed, slot, t, first, SUB, 0))
+    elif CODEC == _REMAINDER:  # to nearest, ties away from zero: the remainder then fits 16 signed bits
+        hi = _bfloat16_bits(x, 0x8000)
         tl.store(_ptr(p_addr, tl.uint16, ALIGNED) + offs, hi.to(tl.uint16), mask=mask)
-        if CODEC == _REMAINDER:
-            low = (b - (hi << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
-            tl.store(_ptr(m_addr, tl.int16, ALIGNED) + offs, low, mask=mask)
+        low = (x.to(tl.uint32, bitcast=True) - (hi << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
+        tl.store(_ptr(m_addr, tl.int16, ALIGNED) + offs, low, mask=mask)
     elif CODEC == _COPY:
         tl.store(_ptr(m_addr, tl.float32, ALIGNED) + offs, x, mask=mask)
         tl.store(_ptr(p_addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
     else:
-        tl.store(_ptr(p_addr, DTYPE, ALIGNED) + offs, x.to(DTYPE), mask=mask)
+        _store_nearest(DTYPE, ALIGNED, p_addr, offs, mask, x)
 
 
 @triton.jit
 def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
            CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
-           p_addr, g_addr, a0, a1, a2, a3, m_addr, start, numel, c, has_state, gscale, seed, slot, t):
+           p_addr, g_addr, a0, a1, a2, a3, m_addr, start, numel, c, has_state, gscale, seed, slot, t,
+           STOCHASTIC_STATE: tl.constexpr):
     """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time, the gradient
     multiplied by gscale (1 / GradScaler's scale, times its group's clipping factor). The parameter is read and
-    written by its CODEC (_load_param, _store_param); the gradient and the state slots go through one load (to
-    float32) and one store (round to nearest) of their dtype: DTYPE for the gradient, STATE_DTYPE for the state."""
+    written by its CODEC (_load_param, _store_param); the gradient and the state slots are loaded to float32 from
+    their dtype (DTYPE for the gradient, STATE_DTYPE for the state), and the state stored by _store_state."""
     gp = _ptr(g_addr, DTYPE, ALIGNED)
     q0 = _ptr(a0, STATE_DTYPE, ALIGNED)
     q1 = _ptr(a1, STATE_DTYPE, ALIGNED)
@@ -364,10 +396,15 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
         s3 = _load_state(3, STATES, q3, offs, mask, has_state, g)
         p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
         _store_param(CODEC, DTYPE, ALIGNED, SUB, p_addr, m_addr, offs, start + sub, mask, p, seed, slot, t)
-        _store_state(0, STATES, q0, offs, mask, has_state, s0, STATE_DTYPE)
-        _store_state(1, STATES, q1, offs, mask, has_state, s1, STATE_DTYPE)
-        _store_state(2, STATES, q2, offs, mask, has_state, s2, STATE_DTYPE)
-        _store_state(3, STATES, q3, offs, mask, has_state, s3, STATE_DTYPE)
+        # (mask may be None, which a tuple cannot carry into a call: the arguments are written out)
+        _store_state(0, STATES, STATE_DTYPE, ALIGNED, SUB, a0, offs, start + sub, mask, has_state, s0,
+                     STOCHASTIC_STATE, seed, slot, t)
+        _store_state(1, STATES, STATE_DTYPE, ALIGNED, SUB, a1, offs, start + sub, mask, has_state, s1,
+                     STOCHASTIC_STATE, seed, slot, t)
+        _store_state(2, STATES, STATE_DTYPE, ALIGNED, SUB, a2, offs, start + sub, mask, has_state, s2,
+                     STOCHASTIC_STATE, seed, slot, t)
+        _store_state(3, STATES, STATE_DTYPE, ALIGNED, SUB, a3, offs, start + sub, mask, has_state, s3,
+                     STOCHASTIC_STATE, seed, slot, t)
 
 
 @triton.jit
@@ -423,8 +460,8 @@ def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
 @triton.jit
 def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, found_inf, n_rows, n_groups, advance,
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
-                 STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr,
-                 GROUPS: tl.constexpr):
+                 STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, STOCHASTIC_STATE: tl.constexpr, BLOCK: tl.constexpr,
+                 SUB: tl.constexpr, GROUPS: tl.constexpr):
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
@@ -449,13 +486,13 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, fo
         m_addr = tl.load(trow + _MASTER)
     else:
         m_addr = p_addr  # never read nor written
-    if CODEC == _STOCHASTIC:  # the random bits' key: the seed, the tensor, the group's step counter t
+    if CODEC == _STOCHASTIC or STOCHASTIC_STATE:  # the random bits' key: the seed, the tensor, the step t
         seed, t = tl.load(row + _SEED).to(tl.int64), tl.load(counter)
     else:
         seed, t = 0, 0
     addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
              _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr), m_addr)
-    rest = (c, has_state, gscale, seed, tensor_slot, t)
+    rest = (c, has_state, gscale, seed, tensor_slot, t, STOCHASTIC_STATE)
     if start + BLOCK <= numel:
         if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
             _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, SUB, False, True, *addrs, start, numel, *rest)
@@ -487,9 +524,10 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, fo
                 tl.store(counters, tl.load(counters, mask=in_use) + 1, mask=in_use)
 
 
-def sub_tile(dtype: torch.dtype) -> int:
-    """Elements per sub-tile: one VECTOR_BYTES access per thread and tensor."""
-    return VECTOR_BYTES * 32 * NUM_WARPS // dtype.itemsize
+def sub_tile(*dtypes: torch.dtype) -> int:
+    """Elements per sub-tile: one VECTOR_BYTES access per thread and tensor of the narrowest of ``dtypes`` (a wider
+    one takes several; a narrower one would take a fraction of a vector, which loses the 128-bit accesses)."""
+    return VECTOR_BYTES * 32 * NUM_WARPS // min(d.itemsize for d in dtypes)
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Step:
@@ -506,8 +544,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                 plan.scratch if norm is None else norm, grad_scale, found_inf, part.tensors.shape[0], n_groups,
                 int(advance), RULE=spec.id,
                 STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
-                CODEC=CODECS.index(part.codec), BLOCK=BLOCK, SUB=sub_tile(part.dtype), GROUPS=groups,
-                num_warps=NUM_WARPS)
+                CODEC=CODECS.index(part.codec), STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
+                SUB=sub_tile(part.dtype, part.state_dtype), GROUPS=groups, num_warps=NUM_WARPS)
 
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
             plan.launch(launch)

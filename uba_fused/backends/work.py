@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..registry import codec
+from ..registry import codec, state_rounding
 from ..schedules import Schedule
 
 if TYPE_CHECKING:
@@ -178,6 +178,13 @@ def codec_of(group: dict, p: torch.Tensor) -> str | None:
     """How parameter ``p`` of param group ``group`` is kept between steps (registry.CODECS); None where the group's
     master_weights cannot keep a parameter of its dtype."""
     return codec(group.get("master_weights"), str(p.dtype).removeprefix("torch."))
+
+
+def state_rounding_of(group: dict) -> str:
+    """How param group ``group`` writes its 16-bit state (registry.STATE_ROUNDINGS; float32 state is written as it
+    is)."""
+    dtype = group.get("state_dtype")
+    return state_rounding(group.get("state_rounding"), None if dtype is None else str(dtype).removeprefix("torch."))
 
 
 def dtensor_class() -> type | None:

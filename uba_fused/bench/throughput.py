@@ -32,16 +32,22 @@ HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, w
          "adan": dict(lr=1e-4, weight_decay=0.01)}
 
 
-# How uba_fused keeps a 16-bit parameter list (README: Precision layouts): the options that choose each layout.
-LAYOUTS = {"plain": {}, "fp32-state": {"state_dtype": torch.float32},
-           "master": {"master_weights": "exact", "state_dtype": torch.float32},
-           "stochastic": {"master_weights": "stochastic", "state_dtype": torch.float32}}
+# How uba_fused keeps a parameter list (README: Precision layouts): the parameter dtypes each layout takes, and the
+# options that choose it.
+_LOW = (torch.bfloat16, torch.float16)
+LAYOUTS: dict[str, tuple[tuple[torch.dtype, ...], dict]] = {
+    "plain": ((torch.float32, *_LOW), {}),
+    "bf16-state": ((torch.float32, torch.bfloat16), {"state_dtype": torch.bfloat16}),  # stochastic rounding
+    "fp32-state": (_LOW, {"state_dtype": torch.float32}),
+    "master": (_LOW, {"master_weights": "exact", "state_dtype": torch.float32}),
+    "master-bf16-state": ((torch.bfloat16,), {"master_weights": "exact", "state_dtype": torch.bfloat16}),
+    "stochastic": (_LOW, {"master_weights": "stochastic", "state_dtype": torch.float32}),
+}
 
 
 def layouts_for(dtype: torch.dtype, requested: list[str] | None = None) -> list[str]:
     """The layouts a list of ``dtype`` parameters can take (of ``requested``; None: all)."""
-    names = requested or list(LAYOUTS)
-    return names if dtype in (torch.bfloat16, torch.float16) else ["plain"]
+    return [name for name in requested or LAYOUTS if dtype in LAYOUTS[name][0]]
 
 
 class ObviousForeach(torch.optim.Optimizer):
@@ -128,7 +134,7 @@ def candidates(device: torch.device, optimizers: list[str], ours: list[str], tor
                 out.append(Candidate(f"uba_fused.{OURS[rule].__name__} [{backend}]" +
                                      ("" if layout == "plain" else f" {layout}"), rule,
                                      lambda ps, r=rule, b=backend, lay=layout: OURS[r](
-                                         ps, **HYPER[r], backend=b, schedule=UBA(10_000, phi=1.0), **LAYOUTS[lay]),
+                                         ps, **HYPER[r], backend=b, schedule=UBA(10_000, phi=1.0), **LAYOUTS[lay][1]),
                                      layout=layout))
     if not torch_rows:
         return out

@@ -20,7 +20,8 @@ task's default lr (``--lrs`` replaces it). Three tables:
 A run whose loss becomes non-finite counts as diverged, and its lr cannot be chosen.
 
 ``--precisions`` adds a precision study: the model's parameters in bfloat16, kept as each layout keeps them
-(``PRECISIONS``: rounded to nearest, the control; float32 moments; exact master weights; stochastic rounding), beside
+(``PRECISIONS``: rounded to nearest, the control; float32 moments; exact master weights; stochastic rounding), and
+bfloat16 moments (stochastic, or to nearest as the control) beside float32 or bfloat16-master parameters, beside
 float32, each at its own best peak lr too (rows "schedule [precision]").
 
 Defaults finish in about 10 minutes on a 2-core CPU, the runs spread over one process per core
@@ -78,6 +79,10 @@ PRECISIONS: dict[str, tuple[torch.dtype, dict]] = {
     "bf16-fp32-state": (torch.bfloat16, {"state_dtype": torch.float32}),
     "bf16-master": (torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "exact"}),
     "bf16-stochastic": (torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "stochastic"}),
+    # moments in bf16: rounded stochastically, and to nearest (the control); beside exact bf16 master weights
+    "fp32-bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}),
+    "fp32-bf16-state-nearest": (torch.float32, {"state_dtype": torch.bfloat16, "state_rounding": "nearest"}),
+    "bf16-master-bf16-state": (torch.bfloat16, {"state_dtype": torch.bfloat16, "master_weights": "exact"}),
 }
 
 

@@ -52,13 +52,15 @@ class AdamW(_AdamFamily):
                  eps: float = 1e-8, weight_decay: float = 1e-2, amsgrad: bool = False, *,
                  schedule: Schedule | None = None, backend: str = "auto", state_dtype: torch.dtype | None = None,
                  master_weights: str | None = None, seed: int = 0,
+                 state_rounding: str | None = None,
                  max_grad_norm: float = 0.0, maximize: bool = False, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
         check_torch_flags("uba_fused.AdamW", amsgrad=amsgrad, maximize=maximize, foreach=foreach,
                           capturable=capturable, differentiable=differentiable, fused=fused)
         super().__init__(params, dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
                                       schedule=schedule, backend=backend, state_dtype=state_dtype,
-                                      master_weights=master_weights, seed=seed, max_grad_norm=max_grad_norm))
+                                      master_weights=master_weights, seed=seed,
+                                      state_rounding=state_rounding, max_grad_norm=max_grad_norm))
 
     def _check_hyper(self, group: dict) -> None:
         if group.get("decoupled_weight_decay") is False:  # what a torch.optim.Adam state dict holds
@@ -90,14 +92,16 @@ class AdaBelief(_AdamFamily):
     def __init__(self, params: Iterable, lr: float | torch.Tensor = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-16, weight_decay: float = 0.0, *, schedule: Schedule | None = None,
                  backend: str = "auto", state_dtype: torch.dtype | None = None,
-                 master_weights: str | None = None, seed: int = 0, max_grad_norm: float = 0.0,
+                 master_weights: str | None = None, seed: int = 0,
+                 state_rounding: str | None = None, max_grad_norm: float = 0.0,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None):
         check_torch_flags("uba_fused.AdaBelief", maximize=maximize, foreach=foreach, capturable=capturable,
                           differentiable=differentiable, fused=fused)
         super().__init__(params, dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
                                       schedule=schedule, backend=backend, state_dtype=state_dtype,
-                                      master_weights=master_weights, seed=seed, max_grad_norm=max_grad_norm))
+                                      master_weights=master_weights, seed=seed,
+                                      state_rounding=state_rounding, max_grad_norm=max_grad_norm))
 
 
 class Adan(_AdamFamily):
@@ -134,6 +138,7 @@ class Adan(_AdamFamily):
                  weight_decay: float = 0.0, max_grad_norm: float = 0.0, no_prox: bool = False, *,
                  schedule: Schedule | None = None, backend: str = "auto", state_dtype: torch.dtype | None = None,
                  master_weights: str | None = None, seed: int = 0,
+                 state_rounding: str | None = None,
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None):
         check_torch_flags("uba_fused.Adan", maximize=maximize, foreach=foreach, capturable=capturable,
@@ -141,7 +146,7 @@ class Adan(_AdamFamily):
         super().__init__(params, dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
                                       max_grad_norm=max_grad_norm, no_prox=no_prox, schedule=schedule,
                                       backend=backend, state_dtype=state_dtype, master_weights=master_weights,
-                                      seed=seed))
+                                      seed=seed, state_rounding=state_rounding))
 
     def _check_hyper(self, group: dict) -> None:
         super()._check_hyper(group)

@@ -155,15 +155,22 @@ COMMON_ARGS = f"""
             "torch" (the readable per-tensor spec). An explicit choice that cannot run raises, saying why.
         state_dtype: None (the default) keeps each state buffer in its parameter's dtype, as torch.optim does;
             torch.float32 keeps it in float32, so that the moving averages of bfloat16 or float16 parameters are
-            not rounded to 8 or 11 bits at every step (it takes 2x their memory). The update computes in float32
-            either way. It applies to state made after it is set; a state-dict load converts the loaded state.
+            not rounded to 8 or 11 bits at every step (it takes 2x their memory); torch.bfloat16 keeps the state of
+            float32 (or bfloat16) parameters in bfloat16, half the bytes, rounded stochastically (state_rounding).
+            The update computes in float32 either way. It applies to state made after it is set; a state-dict load
+            converts the loaded state (to a narrower dtype: rounded to nearest).
+        state_rounding: how 16-bit state is written after each update: "stochastic" (unbiased, from the random bits
+            keyed by ``seed``; each state slot draws its own) or "nearest". None (the default) chooses "stochastic"
+            for a 16-bit state_dtype asked for, and "nearest" for state kept in its parameter's dtype (torch.optim's
+            rounding). Rounding a moving average to nearest in bfloat16 stalls it: 0.999 v rounds back to v.
         master_weights: how a 16-bit parameter keeps the precision of its updates (README: Precision layouts).
             None (the default) rounds it to nearest at every step, as torch.optim does. "exact" keeps its float32
             master in ``state["master"]``: for bfloat16 the 16 low bits (int16; the parameter is the high half), for
             float16 a float32 copy; the update is then bit for bit that of a float32 parameter. "stochastic"
             rounds it stochastically, unbiased, with no master. A float32 or float64 parameter in a group with
             master weights raises.
-        seed: the key of the random bits of master_weights="stochastic" (an integer in [0, 2**53); 0 by default,
+        seed: the key of the random bits of master_weights="stochastic" and state_rounding="stochastic" (an integer
+            in [0, 2**53); 0 by default,
             the same on every rank, so that replicated parameters stay identical). With the group's step counter,
             the tensor and the element it decides every bit: a run is reproducible, and so is a graph replay.
         max_grad_norm: 0 (the default) applies the gradients as they are; > 0 scales every gradient by
@@ -189,7 +196,7 @@ COMMON_ARGS = f"""
 
 # Options a saved group may lack (torch.optim's have none of them, and older uba_fused ones lack the later
 # ones): a load keeps this optimizer's value.
-_KEPT_IF_UNSAVED = ("schedule", "backend", "state_dtype", "max_grad_norm", "master_weights", "seed")
+_KEPT_IF_UNSAVED = ("schedule", "backend", "state_dtype", "max_grad_norm", "master_weights", "seed", "state_rounding")
 # torch.optim's flags: never asked of a saved group. torch.optim's __setstate__ (run by its load_state_dict, by
 # deepcopy and by unpickling) adds 'differentiable' to the defaults of an optimizer whose groups lack it.
 _TORCH_FLAGS = ("differentiable", "maximize", "foreach", "capturable", "fused")
@@ -276,23 +283,33 @@ def check_master_weights(group: dict) -> None:
 
 
 def check_state_dtype(group: dict) -> None:
-    """``state_dtype`` is None or torch.float32, and float32 is not narrower than any parameter of the group."""
-    dtype = group.get("state_dtype")  # an optimizer pickled before the option existed has none
-    if dtype is None or dtype == torch.float32 and not any(p.dtype == torch.float64 for p in group["params"]):
+    """``state_dtype`` is None, torch.float32 or torch.bfloat16, not narrower than float32 for a float64 parameter and
+    not bfloat16 for a float16 one (the storages the kernels are built for: registry.STORAGES); ``state_rounding`` is
+    None or one of registry.STATE_ROUNDINGS."""
+    how = group.get("state_rounding")  # a group pickled before the option existed has none
+    if how is not None and how not in registry.STATE_ROUNDINGS:
+        raise ValueError(f"state_rounding must be None, 'nearest' or 'stochastic', got {how!r}")
+    dtype = group.get("state_dtype")
+    if dtype is None:
         return
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"state_dtype must be None or a torch.dtype (torch.float32), got {type(dtype).__name__} "
-                        f"{dtype!r}")
-    if dtype in (torch.bfloat16, torch.float16):
-        raise ValueError(f"state_dtype={dtype} is not supported: rounding a moving average to nearest in 16 bits at "
-                         f"every step stalls it (0.999 * v rounds back to v in bfloat16), and the stochastic rounding "
-                         f"that avoids this is not built yet; use None or torch.float32")
-    if dtype != torch.float32:
-        raise ValueError(f"state_dtype must be None (each state in its parameter's dtype) or torch.float32, got "
-                         f"{dtype}")
-    wide = [i for i, p in enumerate(group["params"]) if p.dtype == torch.float64]
-    raise ValueError(f"state_dtype=torch.float32 would keep the state of the float64 parameters {wide} of this group "
-                     f"in less precision than the parameters themselves; use None for them")
+        raise TypeError(f"state_dtype must be None or a torch.dtype (torch.float32, torch.bfloat16), got "
+                        f"{type(dtype).__name__} {dtype!r}")
+    if dtype == torch.float16:
+        raise ValueError("state_dtype=torch.float16 is not supported: float16 cannot hold a second moment's range (a "
+                         "squared gradient under 6e-8 flushes to 0, one over 65504 overflows); use torch.bfloat16")
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"state_dtype must be None (each state in its parameter's dtype), torch.float32 or "
+                         f"torch.bfloat16, got {dtype}")
+    refused = {torch.float64: "in less precision than the parameters themselves; use None for them",
+               torch.float16: "in bfloat16, which the kernels are not built for; use None (float16 state) or "
+                              "torch.float32 for them"}
+    for pdtype, why in refused.items():
+        if dtype != torch.float32 or pdtype == torch.float64:
+            bad = [i for i, p in enumerate(group["params"]) if p.dtype == pdtype]
+            if bad:
+                raise ValueError(f"state_dtype={dtype} would keep the state of the {str(pdtype)[6:]} parameters "
+                                 f"{bad} of this group {why}")
 
 
 class _State(defaultdict):
@@ -788,8 +805,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         return hit
 
     def _layout(self, group: dict) -> tuple:
-        """What a group's selection depends on besides its parameters: the state it keeps, how it keeps them."""
-        return self._state_names(group), group.get("master_weights")
+        """What a group's selection depends on besides its parameters: the state it keeps, how it keeps them (a
+        plan makes one launch per storage and state rounding)."""
+        return self._state_names(group), group.get("master_weights"), backends.work.state_rounding_of(group)
 
     def _fit_state(self) -> None:
         """Before the selections are built afresh: every parameter that has state must still be where its state

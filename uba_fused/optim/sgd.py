@@ -36,13 +36,15 @@ class SGD(FusedOptimizer):
                  dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *,
                  schedule: Schedule | None = None, backend: str = "auto", state_dtype: torch.dtype | None = None,
                  master_weights: str | None = None, seed: int = 0,
+                 state_rounding: str | None = None,
                  max_grad_norm: float = 0.0, maximize: bool = False, foreach: bool | None = None,
                  capturable: bool = False, differentiable: bool = False, fused: bool | None = None):
         check_torch_flags("uba_fused.SGD", maximize=maximize, foreach=foreach, capturable=capturable,
                           differentiable=differentiable, fused=fused)
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov,
                         weight_decay=weight_decay, schedule=schedule, backend=backend, state_dtype=state_dtype,
-                        master_weights=master_weights, seed=seed, max_grad_norm=max_grad_norm)
+                        master_weights=master_weights, seed=seed,
+                        state_rounding=state_rounding, max_grad_norm=max_grad_norm)
         super().__init__(params, defaults)
 
     def _check_hyper(self, group: dict) -> None:
