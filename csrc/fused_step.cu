@@ -154,6 +154,45 @@ UF_HD void store_words(void* base, int64_t v, const uint16_t (&in)[N]) {
   }
 }
 
+// 8-bit values: N of them (whole 8-byte units) at index v in units of N, as raw bytes.
+UF_HD uint2 load8(const void* base, int64_t v) {
+#ifdef __CUDA_ARCH__
+  return __ldcs(static_cast<const uint2*>(base) + v);
+#else
+  uint2 r;
+  memcpy(&r, static_cast<const char*>(base) + 8 * v, sizeof r);
+  return r;
+#endif
+}
+UF_HD void store8(void* base, int64_t v, const uint2& x) {
+#ifdef __CUDA_ARCH__
+  __stcs(static_cast<uint2*>(base) + v, x);
+#else
+  memcpy(static_cast<char*>(base) + 8 * v, &x, sizeof x);
+#endif
+}
+template <int N>
+UF_HD void load_bytes(const void* base, int64_t v, int8_t (&out)[N]) {
+  static_assert(N % 8 == 0, "whole 8-byte units");
+#pragma unroll
+  for (int q = 0; q < N / 8; ++q) {
+    const uint2 raw = load8(base, v * (N / 8) + q);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) out[q * 8 + j] = static_cast<int8_t>((j < 4 ? raw.x : raw.y) >> (8 * (j % 4)));
+  }
+}
+template <int N>
+UF_HD void store_bytes(void* base, int64_t v, const int8_t (&in)[N]) {
+  static_assert(N % 8 == 0, "whole 8-byte units");
+#pragma unroll
+  for (int q = 0; q < N / 8; ++q) {
+    unsigned w[2] = {0u, 0u};
+#pragma unroll
+    for (int j = 0; j < 8; ++j) w[j / 4] |= static_cast<unsigned>(static_cast<uint8_t>(in[q * 8 + j])) << (8 * (j % 4));
+    store8(base, v * (N / 8) + q, make_uint2(w[0], w[1]));
+  }
+}
+
 // How a parameter of dtype T is read into float32 before its update and written back after it: registry.py's
 // CODECS (the math of each is in rounding.cuh). M is the element type of its master slot (the state "master"),
 // which only kRemainder and kCopy keep; `m` points at scratch for the others and is never read. As Io: N
@@ -231,6 +270,44 @@ struct ParamIo<__half, kCopy> {  // a float32 copy; the parameter is its roundin
   }
 };
 
+template <>
+struct ParamIo<__nv_bfloat16, kCorrection> {  // the 24-bit master: the parameter's bits and 8 more
+  using T = __nv_bfloat16;
+  using M = int8_t;
+  template <int N>
+  static UF_HD void load(const T* p, const M* m, int64_t v, float (&out)[N]) {
+    uint16_t hi[N];
+    int8_t lo[N];
+    load_words(p, v, hi);
+    load_bytes(m, v, lo);
+#pragma unroll
+    for (int e = 0; e < N; ++e) out[e] = master8_join(hi[e], lo[e]);
+  }
+  template <int N>
+  static UF_HD void store(T* p, M* m, int64_t v, const float (&in)[N], const RandomKey& key) {
+    static_assert(N % 8 == 0, "whole blocks of random bits");
+    uint16_t hi[N];
+    int8_t lo[N];
+#pragma unroll
+    for (int q = 0; q < N / 8; ++q) {
+      uint16_t r[8];
+      random_block(key, v * (N / 8) + q, r);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) master8_split(in[8 * q + e], r[e], hi[8 * q + e], lo[8 * q + e]);
+    }
+    store_words(p, v, hi);
+    store_bytes(m, v, lo);
+  }
+  static UF_HD float load(const T* p, const M* m, int64_t i) {
+    return master8_join(reinterpret_cast<const uint16_t*>(p)[i], m[i]);
+  }
+  static UF_HD void store(T* p, M* m, int64_t i, float x, const RandomKey& key) {  // a tail or misaligned: per element
+    uint16_t r[8];
+    random_block(key, i >> 3, r);
+    master8_split(x, r[i & 7], reinterpret_cast<uint16_t*>(p)[i], m[i]);
+  }
+};
+
 // x rounded stochastically to a value of T, by 16 random bits r (rounding.cuh), as the float32 that holds it exactly:
 // Io<T>'s rounding to nearest then stores it as it is.
 UF_HD float stochastic(float x, uint32_t r, __nv_bfloat16*) {
@@ -304,8 +381,8 @@ struct Item {
   static constexpr int S = R::Cols::kStates;
   using P = ParamIo<T, C>;
   T* p;
-  typename P::M* m;  // the master slot (kRemainder, kCopy)
-  RandomKey key;     // the random bits' (kStochastic, stochastic_state)
+  typename P::M* m;  // the master slot (kRemainder, kCopy, kCorrection)
+  RandomKey key;     // the random bits' (kStochastic, kCorrection, stochastic_state)
   const T* g;
   TS* s[S];
   float* step;

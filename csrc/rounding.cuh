@@ -38,6 +38,26 @@ UF_HD int16_t master_low(float x, uint16_t hi) {
   return static_cast<int16_t>(static_cast<int32_t>(bit_cast<uint32_t>(x) - (static_cast<uint32_t>(hi) << 16)));
 }
 
+// The 24-bit master of a bfloat16 parameter with an 8-bit correction (registry.py's "correction"): the parameter's 16
+// bits, then the signed correction's 8, then 8 zero bits.
+UF_HD float master8_join(uint16_t hi, int8_t lo) {
+  return bit_cast<float>((static_cast<uint32_t>(hi) << 16) + (static_cast<uint32_t>(static_cast<int32_t>(lo)) << 8));
+}
+
+// x rounded stochastically to 24 bits by the top 8 of 16 random bits r (their carry into the 8 bits dropped rounds the
+// magnitude up with probability (those bits) / 2^8), split as master_high / master_low split it: the remainder of a
+// 24-bit value is a multiple of 2^8 in [-2^15, 2^15), so its top 8 bits fit an int8. A NaN stays a NaN (correction 0).
+UF_HD void master8_split(float x, uint32_t r, uint16_t& hi, int8_t& lo) {
+  if (x != x) {
+    hi = master_high(x);
+    lo = 0;
+    return;
+  }
+  const uint32_t b = (bit_cast<uint32_t>(x) + (r >> 8)) & 0xFFFFFF00u;
+  hi = static_cast<uint16_t>((b + 0x8000u) >> 16);
+  lo = static_cast<int8_t>(static_cast<int32_t>(b - (static_cast<uint32_t>(hi) << 16)) >> 8);
+}
+
 UF_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
 #ifdef __CUDA_ARCH__
   return __umulhi(a, b);

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from uba_fused import registry
 from uba_fused.bench import __main__ as bench_main
 from uba_fused.bench import train, throughput
 from uba_fused.bench.presets import PRESETS, Preset
@@ -29,8 +30,9 @@ def test_minimal_bytes_per_element(rule, dtype, expected):
 @pytest.mark.parametrize("dtype,moved,kept", [
     (torch.float32, {"plain": 28, "bf16-state": 20}, {"plain": 8, "bf16-state": 4}),
     (torch.bfloat16, {"plain": 14, "bf16-state": 14, "fp32-state": 22, "master": 26, "master-bf16-state": 18,
-                      "stochastic": 22},
-     {"plain": 4, "bf16-state": 4, "fp32-state": 8, "master": 10, "master-bf16-state": 6, "stochastic": 8}),
+                      "master8": 24, "master8-bf16-state": 16, "stochastic": 22},
+     {"plain": 4, "bf16-state": 4, "fp32-state": 8, "master": 10, "master-bf16-state": 6, "master8": 9,
+      "master8-bf16-state": 5, "stochastic": 8}),
     (torch.float16, {"plain": 14, "fp32-state": 22, "master": 30, "stochastic": 22},
      {"plain": 4, "fp32-state": 8, "master": 12, "stochastic": 8})])
 def test_each_precision_layout_reports_the_bytes_its_real_tensors_hold(dtype, moved, kept):
@@ -60,7 +62,12 @@ def test_throughput_cli_on_cpu(tmp_path, capsys):
         assert set(r) >= {"preset", "dtype", "name", "rule", "tensors", "numel", "bytes_per_step", "ms", "gbps",
                           "frac_copy", "host_us", "speedup_vs_torch_fused"}
         assert r["numel"] == numel and r["tensors"] == len(PRESETS["cpu-small"].shapes)
-        assert r["bytes_per_step"] == throughput.bytes_per_element(r["rule"], torch.float32) * numel
+        if r.get("layout", "plain") == "plain":
+            assert r["bytes_per_step"] == throughput.bytes_per_element(r["rule"], torch.float32) * numel
+        else:  # bf16 state: 2 bytes less per state slot read and written
+            n_states = len(registry.RULES[r["rule"]].state_names({"momentum": 0.9}))
+            want = throughput.bytes_per_element(r["rule"], torch.float32) - 4 * n_states
+            assert r["layout"] == "bf16-state" and r["bytes_per_step"] == want * numel
         assert math.isfinite(r["ms"]) and r["ms"] > 0 and r["host_us"] > 0
         assert r["gbps"] == pytest.approx(r["bytes_per_step"] / (r["ms"] * 1e-3) / 1e9)
         assert r["frac_copy"] == pytest.approx(r["gbps"] / data["environment"]["copy_GBps"])

@@ -38,6 +38,8 @@ def _params(dtype, seed):
 
 def _master(opt, p):
     m = opt.state[p]["master"]
+    if m.dtype == torch.int8:
+        return rounding.master8_join(p.detach(), m)
     return rounding.master_join(p.detach(), m) if p.dtype == torch.bfloat16 else m
 
 
@@ -98,6 +100,91 @@ def test_bfloat16_master_rounds_to_nearest_and_differs_from_ties_to_even_only_on
     assert ((p.float() - x).abs() <= (even.float() - x).abs())[fin].all(), "as near as ties to even"
 
 
+def _grid24(x64):
+    """The two neighbours of float64 x on the 24-bit grid (float32 values whose 8 low bits are 0), by magnitude, and
+    where |x| lies between them (0 at the lower): independently of rounding.py, from frexp."""
+    mag = np.abs(x64)
+    mant, exp = np.frexp(mag)  # mag = mant 2^exp, mant in [0.5, 1): 16 significant bits after the leading one
+    spacing = np.ldexp(1.0, exp - 16)
+    lo = np.floor(mag / spacing) * spacing
+    return lo, lo + spacing, (mag - lo) / spacing
+
+
+def test_8bit_correction_rounds_to_24_bits_as_the_float64_oracle_and_splits_exactly():
+    """master8_split: the 24-bit value is the lower or upper neighbour on its grid, the upper iff the top 8 random bits
+    / 2^8 >= 1 - (where x lies); the parameter is that value rounded to nearest (ties away), and the join gives it
+    back; infinities stay, a NaN stays a NaN."""
+    gen = torch.Generator().manual_seed(28)
+    x = (torch.randn(1 << 16, generator=gen) * torch.logspace(-30, 30, 1 << 16)).float()
+    x[:3] = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    r = torch.randint(0, 1 << 16, x.shape, generator=gen)
+    p, low = rounding.master8_split(x, r)
+    assert low.dtype == torch.int8
+    back = rounding.master8_join(p, low)
+    fin = x.isfinite().numpy()
+    lo, hi, frac = _grid24(x.double().numpy()[fin])
+    up = (r.numpy()[fin] >> 8) / 2.0**8 >= 1.0 - frac
+    want = np.sign(x.double().numpy()[fin]) * np.where(up, hi, lo)
+    assert np.array_equal(back.double().numpy()[fin], want), "off the 24-bit grid choice"
+    assert torch.equal(p.view(torch.int16), rounding.master_split(back)[0].view(torch.int16)), "the parameter"
+    assert back[0] == float("inf") and back[1] == -float("inf") and torch.isnan(back[2]) and torch.isnan(p[2].float())
+
+
+def test_8bit_correction_is_unbiased():
+    """Each of 256 values rounded to 24 bits 4096 times (steps t): within the Hoeffding bound of x (delta 1e-9 per
+    mean, a spacing 2^-15 of |x|'s binade), and only ever on its two grid neighbours."""
+    gen = torch.Generator().manual_seed(29)
+    x = (torch.randn(256, generator=gen) * 10).float()
+    n = 4096
+    draws = torch.stack([rounding.master8_join(*rounding.master8_split(
+        x, rounding.random_bits(x, 5, 3, torch.tensor(t)))).double() for t in range(n)])
+    lo, hi, _ = _grid24(x.double().numpy())
+    lo, hi = (torch.tensor(np.sign(x.double().numpy()) * v) for v in (lo, hi))
+    assert ((draws == lo) | (draws == hi)).all()
+    bound = (hi - lo).abs() * math.sqrt(math.log(2 / 1e-9) / (2 * n))
+    assert ((draws.mean(0) - x.double()).abs() <= bound).all()
+
+
+# Pairwise: every backend, the rules spread over them (the codec is the rules' shared load and store).
+MASTER8 = [("adamw", "torch"), ("adan-clip", "cpu"), ("sgd-nesterov", "triton"), ("adabelief", "cuda"),
+           ("lion", "cuda")]
+
+
+@pytest.mark.parametrize("case_id, backend", [pytest.param(c, b, id=f"{c}-{b}", marks=_MARKS[b])
+                                              for c, b in MASTER8 if b in _MARKS])
+def test_8bit_master_stays_within_its_roundings_of_a_float32_model(case_id, backend):
+    """How far the 24-bit master is from exact: fed the same gradients as a float32 model, it differs from it by
+    the roundings it made, at most one 24-bit spacing (2^-15 of the binade) per step (the rules' updates depend on
+    the parameter only through weight decay's factor, under 1, and Lion's sign does not depend on it at all); the
+    parameter is the master rounded to nearest."""
+    case = BY_ID[case_id]
+    low = _params(torch.bfloat16, seed=30)
+    ref = [p.detach().float().requires_grad_() for p in low]
+    ours = case.make(low, backend=backend, schedule=SCHEDULE, master_weights="8bit", seed=9, state_dtype=torch.float32)
+    twin = case.make(ref, backend=backend, schedule=SCHEDULE)
+    gen = torch.Generator().manual_seed(31)
+    worst, bounds = 0.0, [torch.zeros(p.shape, dtype=torch.float64) for p in low]
+    for t in range(6):
+        grads = random_grads(low, gen)
+        set_grads(low, grads)
+        set_grads(ref, [g.float() for g in grads])
+        ours.step()
+        twin.step()
+        for i, (p, q) in enumerate(zip(low, ref)):
+            if p.numel() == 0:
+                continue
+            master = _master(ours, p).double()
+            assert torch.equal(p.view(torch.int16), rounding.master_split(master.float())[0].view(torch.int16))
+            # this step's rounding: at most a spacing of the binade it happened in (where the value then was)
+            magnitude = torch.maximum(master.abs(), q.detach().double().abs()).clamp(min=1e-30)
+            spacing = 2.0 ** (torch.frexp(magnitude)[1] - 16)
+            bounds[i] += spacing
+            err = (master - q.detach().double()).abs()
+            assert (err <= bounds[i] * 1.01).all(), f"{case_id}/{backend} step {t} param {i}"
+            worst = max(worst, float((err / spacing).max()))
+    assert worst > 0.01, "the 24-bit master differs from float32 by its roundings: some must show"
+
+
 def test_philox_gives_random123s_known_answers():
     # Random123's kat_vectors for philox4x32_10: counter, key, output
     for ctr, key, want in (((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
@@ -151,9 +238,10 @@ def test_stochastic_rounding_lands_where_the_float64_oracle_drawing_the_same_bit
     assert ambiguous <= 1e-3 * total
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("dtype, master_weights", [(torch.bfloat16, "stochastic"), (torch.float16, "stochastic"),
+                                                   (torch.bfloat16, "8bit")], ids=["bf16", "fp16", "bf16-8bit"])
 @pytest.mark.parametrize("backend", [b for b in EVERY_BACKEND if getattr(b, "values", [b])[0] != "torch"])
-def test_every_backend_draws_the_same_bits(backend, dtype):
+def test_every_backend_draws_the_same_bits(backend, dtype, master_weights):
     """Parity stays exact: SGD with momentum and a constant lr computes the same float32 values on every backend, so
     stochastic rounding, keyed by the same (seed, t, tensor, element), must give the same parameters bit for bit.
     The float16 parameters are scaled into its subnormal range (below 2^-14), whose rounding differs."""
@@ -166,15 +254,18 @@ def test_every_backend_draws_the_same_bits(backend, dtype):
                 for p in params:
                     p.mul_(1e-5)
             lr = 1e-6
-        opt = uf.SGD(params, lr=lr, momentum=0.9, backend=name, master_weights="stochastic", seed=3,
+        opt = uf.SGD(params, lr=lr, momentum=0.9, backend=name, master_weights=master_weights, seed=3,
                      state_dtype=torch.float32)
         gen = torch.Generator().manual_seed(17)
         for _ in range(4):
             set_grads(params, random_grads(params, gen))
             opt.step()
-        runs.append(params)
-    for i, (p, q) in enumerate(zip(*runs)):
+        runs.append((params, opt))
+    (a, opt_a), (b, opt_b) = runs
+    for i, (p, q) in enumerate(zip(a, b)):
         assert torch.equal(p.view(torch.int16), q.view(torch.int16)), f"param {i}: {(p != q).sum()} elements differ"
+        if "master" in opt_a.state[p]:
+            assert torch.equal(opt_a.state[p]["master"], opt_b.state[q]["master"]), f"param {i}: its correction"
 
 
 def test_stochastic_rounding_is_unbiased_and_hits_only_the_two_neighbours():
@@ -239,10 +330,13 @@ def test_bad_combinations_raise_naming_the_argument():
     with pytest.raises(ValueError, match=r"master_weights='stochastic' keeps the updates of 16-bit parameters, but "
                                          r"params\[0\] is torch.float64"):
         uf.Lion([half, torch.zeros(2, dtype=torch.float64, requires_grad=True)][1:], master_weights="stochastic")
-    with pytest.raises(ValueError, match="master_weights must be None, 'exact' or 'stochastic', got 'fp32'"):
+    with pytest.raises(ValueError, match="master_weights must be None, 'exact', 'stochastic' or '8bit', got 'fp32'"):
         uf.SGD([bf], lr=0.1, master_weights="fp32")
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*53\), got -1"):
         uf.Adan([bf], master_weights="stochastic", seed=-1)
+    with pytest.raises(ValueError, match=r"master_weights='8bit' keeps an 8-bit correction beside bfloat16 parameters "
+                                         r"only, but params\[1\] is torch.float16"):
+        uf.AdamW([bf, half], master_weights="8bit")
     opt = uf.AdamW([{"params": [p32]}, {"params": [bf], "master_weights": "exact"}])  # per group
     assert [g["master_weights"] for g in opt.param_groups] == [None, "exact"]
 
@@ -283,6 +377,34 @@ def test_state_dicts_convert_between_layouts(backend):
                                                   for g in sd["param_groups"]]})
     assert torch.equal(again.state[c[0]]["master"], torch.zeros(300, dtype=torch.int16, device=DEVICE))
     assert torch.equal(again.state[c[1]]["master"], c[1].detach().float())
+
+
+def test_a_remainder_loads_as_an_8bit_correction_and_back():
+    """master_weights "exact" -> "8bit": the 16-bit remainder rounded to its top 8 bits (to nearest, ties up; the
+    largest clamped), so the 24-bit master is within half its spacing of the exact one (a whole one where clamped);
+    "8bit" -> "exact": the correction's bits, exactly."""
+    gen = torch.Generator().manual_seed(32)
+    a = [torch.randn(3000, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()]
+    exact = uf.AdamW(a, lr=1e-2, master_weights="exact")
+    for _ in range(3):
+        set_grads(a, random_grads(a, gen))
+        exact.step()
+    sd = copy.deepcopy(exact.state_dict())
+    r16 = sd["state"][0]["master"].cpu().numpy().astype(np.int64)
+    b = [p.detach().clone().requires_grad_() for p in a]
+    eight = uf.AdamW(b, lr=1e-2, master_weights="8bit")
+    eight.load_state_dict({**sd, "param_groups": [{**g, "master_weights": "8bit"} for g in sd["param_groups"]]})
+    c8 = eight.state[b[0]]["master"]
+    assert c8.dtype == torch.int8
+    assert np.array_equal(c8.cpu().numpy(), np.clip(np.floor(r16 / 256 + 0.5), -128, 127))
+    err = (rounding.master8_join(b[0].detach(), c8) - rounding.master_join(a[0].detach(), exact.state[a[0]]["master"]))
+    spacing = 2.0 ** (torch.frexp(a[0].detach().float().abs())[1] - 16)
+    assert (err.abs() <= spacing).all() and (err.abs() <= spacing / 2).float().mean() > 0.99
+    c = [p.detach().clone().requires_grad_() for p in b]
+    back = uf.AdamW(c, lr=1e-2, master_weights="exact")
+    sd8 = eight.state_dict()
+    back.load_state_dict({**sd8, "param_groups": [{**g, "master_weights": "exact"} for g in sd8["param_groups"]]})
+    assert torch.equal(back.state[c[0]]["master"], c8.to(torch.int16) * 256)
 
 
 @pytest.mark.parametrize("backend", EVERY_BACKEND)

@@ -44,14 +44,17 @@ DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they comp
 # - "copy": a float16 parameter with a float32 copy of its master in its state "master" (float16 is not the top half
 #   of a float32);
 # - "stochastic": a 16-bit parameter rounded stochastically, from random bits keyed by the seed, the group's step
-#   counter, the tensor and the element (Philox 4x32-10).
-CODECS = ("nearest", "remainder", "copy", "stochastic")
+#   counter, the tensor and the element (Philox 4x32-10);
+# - "correction": a bfloat16 parameter with the next 8 bits of its master in its state "master" (int8): a 24-bit
+#   master (15 mantissa bits), to which each update's float32 result is rounded stochastically (from the random bits
+#   of "stochastic"), then split as "remainder" splits (FlashOptim's 3-byte split; 1 byte less than "remainder").
+CODECS = ("nearest", "remainder", "copy", "stochastic", "correction")
 # How 16-bit state is written (the state_rounding option; the group column "state_rounding" holds the position here):
 # to nearest, or stochastically from the random bits of "stochastic" above, drawn from a stream of their own per state
 # slot (backends/rounding.py: random_bits). Float32 state is written as it is either way.
 STATE_ROUNDINGS = ("nearest", "stochastic")
-MASTER_DTYPE = {"remainder": "int16", "copy": "float32"}  # the state "master" of the codecs that keep one
-MASTER_WEIGHTS = (None, "exact", "stochastic")  # the option's values
+MASTER_DTYPE = {"remainder": "int16", "copy": "float32", "correction": "int8"}  # the codecs that keep a "master"
+MASTER_WEIGHTS = (None, "exact", "stochastic", "8bit")  # the option's values
 
 
 def codec(master_weights: str | None, dtype: str) -> str | None:
@@ -60,6 +63,8 @@ def codec(master_weights: str | None, dtype: str) -> str | None:
         return "nearest"
     if master_weights == "exact":
         return {"bfloat16": "remainder", "float16": "copy"}.get(dtype)
+    if master_weights == "8bit":
+        return "correction" if dtype == "bfloat16" else None
     return "stochastic" if master_weights == "stochastic" and dtype in ("bfloat16", "float16") else None
 
 
@@ -78,7 +83,8 @@ def state_rounding(option: str | None, state_dtype: str | None) -> str:
 _PAIRS = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32"),
           ("float16", "float32"), ("float32", "bfloat16"))
 # The master_weights value that chooses each codec (for a parameter of a dtype it can keep).
-OPTION_OF_CODEC = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic"}
+OPTION_OF_CODEC = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic",
+                   "correction": "8bit"}
 STORAGES = tuple((p, s, c) for c in CODECS for p, s in _PAIRS if codec(OPTION_OF_CODEC[c], p) == c)
 STORAGE_IDS = {triple: i for i, triple in enumerate(STORAGES)}
 CHUNK = 4096     # elements per work item, in both kernels

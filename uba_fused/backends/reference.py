@@ -137,9 +137,11 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 
 def decode(p: torch.Tensor, master: torch.Tensor | None, codec: str) -> torch.Tensor:
     """The value the update starts from (registry.CODECS, backends/rounding.py): the parameter (itself, if it is
-    float32 or float64), or its exact master."""
+    float32 or float64), or its master (exact, or 24 bits)."""
     if codec == "remainder":
         return rounding.master_join(p, master)
+    if codec == "correction":
+        return rounding.master8_join(p, master)
     if codec == "copy":
         ph = p.float()
         return torch.where(master.to(torch.float16).float() == ph, master, ph)
@@ -154,6 +156,8 @@ def encode(x: torch.Tensor, codec: str, dtype: torch.dtype, seed: int, slot: int
         return rounding.master_split(x)
     if codec == "copy":
         return x, x
+    if codec == "correction":
+        return rounding.master8_split(x, rounding.random_bits(x, seed, slot, t))
     if codec == "stochastic":
         r = rounding.random_bits(x, seed, slot, t)
         rounded = rounding.round_stochastic_half(x, r) if dtype == torch.float16 else rounding.round_stochastic(x, r)

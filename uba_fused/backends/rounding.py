@@ -7,6 +7,10 @@ backends/triton.py compute bit for bit.
   would need a 17th bit: a tie rounded down leaves +2^15.) The two give the master back exactly.
 - "copy": a float16 parameter with a float32 copy of its master (``state["master"]``); the parameter is its rounding
   to nearest. A parameter someone else wrote since (it is no longer the copy's rounding) is taken as it is.
+- "correction": a bfloat16 parameter and the next 8 bits of its master (``state["master"]``, int8, signed): a 24-bit
+  master, the float32 whose low 8 bits are 0. The update's float32 result is rounded to that grid stochastically (the
+  top 8 of its 16 random bits carried into the 8 bits dropped), then split as "remainder" splits it: the remainder of
+  a 24-bit value is a multiple of 2^8 in [-2^15, 2^15), so its top 8 bits fit an int8.
 - "stochastic": a 16-bit parameter rounded up or down at random, with probability by distance: unbiased (float16:
   see ``round_stochastic_half``). The 16
   random bits of each element come from Philox 4x32-10 (Salmon et al., SC'11; what ``triton.language.philox``
@@ -52,6 +56,22 @@ def master_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     hi = torch.where(torch.isnan(x), (b >> 16) | 0x40, (b + 0x8000) >> 16)
     low = (b - (hi << 16)) & 0xFFFF
     return _as_bfloat16(hi), torch.where(low >= 2**15, low - 2**16, low).to(torch.int16)
+
+
+def master8_join(p: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    """The 24-bit master (a float32) of bfloat16 parameter ``p`` and its int8 correction ``low``."""
+    hi = p.view(torch.int16).to(torch.int64) & 0xFFFF
+    return _from_bits(((hi << 16) + (low.to(torch.int64) << 8)) & _U32)
+
+
+def master8_split(x: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 ``x`` rounded stochastically to 24 bits by the top 8 of 16 random bits ``r``, as (bfloat16 parameter,
+    int8 correction). A NaN stays a NaN (correction 0)."""
+    b = (bits(x) + (r >> 8)) & ~0xFF  # magnitude bits: the carry rounds away from zero with probability (dropped) / 2^8
+    p, low16 = master_split(_from_bits(b & _U32))
+    nan = torch.isnan(x)
+    p = torch.where(nan, master_split(x)[0], p)
+    return p, torch.where(nan, 0, low16.to(torch.int64) >> 8).to(torch.int8)
 
 
 def _mulhilo(a: int, b: torch.Tensor | int) -> tuple[torch.Tensor | int, torch.Tensor | int]:

@@ -53,8 +53,8 @@ _PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO, _MASTER = (
 _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS, _SEED = (
     tl.constexpr(GROUP_COLS.index(c)) for c in ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state",
                                                  "max_grad_norm", "clip_eps", "seed"))
-_NEAREST, _REMAINDER, _COPY, _STOCHASTIC = (tl.constexpr(CODECS.index(c))
-                                            for c in ("nearest", "remainder", "copy", "stochastic"))
+_NEAREST, _REMAINDER, _COPY, _STOCHASTIC, _CORRECTION = (
+    tl.constexpr(CODECS.index(c)) for c in ("nearest", "remainder", "copy", "stochastic", "correction"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
 _ADAMW, _ADABELIEF, _LION, _SGD, _ADAN = (tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan"))
 
@@ -281,6 +281,10 @@ def _load_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
         hi = tl.load(_ptr(p_addr, tl.uint16, ALIGNED) + offs, mask=mask).to(tl.uint32)
         low = tl.load(_ptr(m_addr, tl.int16, ALIGNED) + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
         x = ((hi << 16) + low).to(tl.float32, bitcast=True)
+    elif CODEC == _CORRECTION:  # the 24-bit master: the parameter's bits, then the signed next 8
+        hi = tl.load(_ptr(p_addr, tl.uint16, ALIGNED) + offs, mask=mask).to(tl.uint32)
+        low = tl.load(_ptr(m_addr, tl.int8, ALIGNED) + offs, mask=mask).to(tl.int32).to(tl.uint32, bitcast=True)
+        x = ((hi << 16) + (low << 8)).to(tl.float32, bitcast=True)
     elif CODEC == _COPY:  # the float32 copy, unless someone else wrote the parameter since
         ph = tl.load(_ptr(p_addr, tl.float16, ALIGNED) + offs, mask=mask).to(tl.float32)
         m = tl.load(_ptr(m_addr, tl.float32, ALIGNED) + offs, mask=mask)
@@ -358,6 +362,12 @@ def _store_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
         tl.store(_ptr(p_addr, tl.uint16, ALIGNED) + offs, hi.to(tl.uint16), mask=mask)
         low = (x.to(tl.uint32, bitcast=True) - (hi << 16)).to(tl.uint16).to(tl.int16, bitcast=True)
         tl.store(_ptr(m_addr, tl.int16, ALIGNED) + offs, low, mask=mask)
+    elif CODEC == _CORRECTION:  # stochastically to 24 bits (the top 8 random bits), then split as the remainder
+        b = (x.to(tl.uint32, bitcast=True) + (_random_bits(seed, slot, t, first, SUB, 0) >> 8)) & 0xFFFFFF00
+        hi = tl.where(x != x, _bfloat16_bits(x, 0x8000), (b + 0x8000) >> 16)
+        tl.store(_ptr(p_addr, tl.uint16, ALIGNED) + offs, hi.to(tl.uint16), mask=mask)
+        low = tl.where(x != x, 0, (b - (hi << 16)).to(tl.int32, bitcast=True) >> 8)
+        tl.store(_ptr(m_addr, tl.int8, ALIGNED) + offs, low.to(tl.int8), mask=mask)
     elif CODEC == _COPY:
         tl.store(_ptr(m_addr, tl.float32, ALIGNED) + offs, x, mask=mask)
         tl.store(_ptr(p_addr, tl.float16, ALIGNED) + offs, x.to(tl.float16), mask=mask)
@@ -482,11 +492,11 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, fo
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
     gscale = _grad_scale(row, norm, tl.load(grad_scale))
 
-    if CODEC == _REMAINDER or CODEC == _COPY:
+    if CODEC == _REMAINDER or CODEC == _COPY or CODEC == _CORRECTION:
         m_addr = tl.load(trow + _MASTER)
     else:
         m_addr = p_addr  # never read nor written
-    if CODEC == _STOCHASTIC or STOCHASTIC_STATE:  # the random bits' key: the seed, the tensor, the step t
+    if CODEC == _STOCHASTIC or CODEC == _CORRECTION or STOCHASTIC_STATE:  # the random bits' key: seed, tensor, t
         seed, t = tl.load(row + _SEED).to(tl.int64), tl.load(counter)
     else:
         seed, t = 0, 0

@@ -41,6 +41,8 @@ LAYOUTS: dict[str, tuple[tuple[torch.dtype, ...], dict]] = {
     "fp32-state": (_LOW, {"state_dtype": torch.float32}),
     "master": (_LOW, {"master_weights": "exact", "state_dtype": torch.float32}),
     "master-bf16-state": ((torch.bfloat16,), {"master_weights": "exact", "state_dtype": torch.bfloat16}),
+    "master8": ((torch.bfloat16,), {"master_weights": "8bit", "state_dtype": torch.float32}),
+    "master8-bf16-state": ((torch.bfloat16,), {"master_weights": "8bit", "state_dtype": torch.bfloat16}),
     "stochastic": (_LOW, {"master_weights": "stochastic", "state_dtype": torch.float32}),
 }
 

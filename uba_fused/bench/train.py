@@ -83,6 +83,9 @@ PRECISIONS: dict[str, tuple[torch.dtype, dict]] = {
     "fp32-bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}),
     "fp32-bf16-state-nearest": (torch.float32, {"state_dtype": torch.bfloat16, "state_rounding": "nearest"}),
     "bf16-master-bf16-state": (torch.bfloat16, {"state_dtype": torch.bfloat16, "master_weights": "exact"}),
+    # the 24-bit master (an 8-bit correction), with float32 and with bf16 moments
+    "bf16-master8": (torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "8bit"}),
+    "bf16-master8-bf16-state": (torch.bfloat16, {"state_dtype": torch.bfloat16, "master_weights": "8bit"}),
 }
 
 

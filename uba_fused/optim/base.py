@@ -166,13 +166,14 @@ COMMON_ARGS = f"""
         master_weights: how a 16-bit parameter keeps the precision of its updates (README: Precision layouts).
             None (the default) rounds it to nearest at every step, as torch.optim does. "exact" keeps its float32
             master in ``state["master"]``: for bfloat16 the 16 low bits (int16; the parameter is the high half), for
-            float16 a float32 copy; the update is then bit for bit that of a float32 parameter. "stochastic"
-            rounds it stochastically, unbiased, with no master. A float32 or float64 parameter in a group with
-            master weights raises.
-        seed: the key of the random bits of master_weights="stochastic" and state_rounding="stochastic" (an integer
-            in [0, 2**53); 0 by default,
-            the same on every rank, so that replicated parameters stay identical). With the group's step counter,
-            the tensor and the element it decides every bit: a run is reproducible, and so is a graph replay.
+            float16 a float32 copy; the update is then bit for bit that of a float32 parameter. "8bit" (bfloat16
+            only) keeps the next 8 bits (int8): a 24-bit master, to which each update is rounded stochastically.
+            "stochastic" rounds the parameter stochastically, unbiased, with no master. A float32 or float64
+            parameter in a group with master weights raises.
+        seed: the key of the random bits of master_weights="stochastic" or "8bit" and state_rounding="stochastic"
+            (an integer in [0, 2**53); 0 by default, the same on every rank, so that replicated parameters stay
+            identical). With the group's step counter, the tensor and the element it decides every bit: a run is
+            reproducible, and so is a graph replay.
         max_grad_norm: 0 (the default) applies the gradients as they are; > 0 scales every gradient by
             ``min(1, max_grad_norm / (norm + 1e-6))``, norm the L2 norm of all the optimizer's gradients of the
             step: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` fused into the step. A pre-pass
@@ -246,17 +247,31 @@ def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
     return group.get("state_dtype") or p.dtype
 
 
-# The state buffer that holds a 16-bit parameter's share of its exact master weight (registry.CODECS: the low 16 bits
-# of a bfloat16 parameter's float32 master, as int16; a float16 parameter's float32 copy).
+# The state buffer that holds a 16-bit parameter's share of its master weight (registry.CODECS: the low 16 bits of a
+# bfloat16 parameter's float32 master, as int16, or its next 8 bits, as int8; a float16 parameter's float32 copy).
 MASTER = "master"
 
 
 def new_master(p: torch.Tensor, codec: str) -> torch.Tensor:
-    """The master slot of ``p`` for ``codec``, from ``p`` as it is: a remainder of 0 (the master is the parameter), or
-    a float32 copy."""
-    if codec == "remainder":
-        return _zeros_like(p, torch.int16)
+    """The master slot of ``p`` for ``codec``, from ``p`` as it is: a remainder or correction of 0 (the master is the
+    parameter), or a float32 copy."""
+    if codec in ("remainder", "correction"):
+        return _zeros_like(p, master_dtype(codec))
     return _zeros_like(p, torch.float32).copy_(p)
+
+
+def converted_master(saved: torch.Tensor, codec: str) -> torch.Tensor | None:
+    """A saved master slot as ``codec`` keeps it: as it is if of its dtype; a bfloat16 parameter's 16-bit remainder
+    as its 8-bit correction (rounded to nearest, ties up, the largest clamped to 127: the 24-bit master within half a
+    spacing of the exact one, the parameter unchanged) and the reverse (exact); else None (not convertible)."""
+    dtype = master_dtype(codec)
+    if saved.dtype == dtype:
+        return saved
+    if codec == "correction" and saved.dtype == torch.int16:
+        return ((saved.to(torch.int32) + 128) >> 8).clamp(max=127).to(torch.int8)
+    if codec == "remainder" and saved.dtype == torch.int8:
+        return saved.to(torch.int16) << 8
+    return None
 
 
 def master_dtype(codec: str | None) -> torch.dtype | None:
@@ -269,13 +284,16 @@ def check_master_weights(group: dict) -> None:
     integer in [0, 2^53)."""
     mw = group.get("master_weights")  # a group pickled before the option existed has none
     if mw not in registry.MASTER_WEIGHTS:
-        raise ValueError(f"master_weights must be None, 'exact' or 'stochastic', got {mw!r}")
+        raise ValueError(f"master_weights must be None, 'exact', 'stochastic' or '8bit', got {mw!r}")
     seed = group.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**53:
         raise ValueError(f"seed must be an integer in [0, 2**53), got {seed!r}")
     if mw is None:
         return
     for i, p in enumerate(group["params"]):
+        if codec_of(group, p) is None and mw == "8bit" and p.dtype == torch.float16:
+            raise ValueError(f"master_weights='8bit' keeps an 8-bit correction beside bfloat16 parameters only, but "
+                             f"params[{i}] is torch.float16 (not the top half of a float32): use 'exact' for it")
         if codec_of(group, p) is None:
             raise ValueError(f"master_weights={mw!r} keeps the updates of 16-bit parameters, but params[{i}] is "
                              f"{p.dtype}, which loses nothing to rounding: put it in a param group with "
@@ -930,13 +948,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if recast or local(v).stride() != local(p).stride():
                         st[n] = _zeros_like(p, dtype).copy_(state_dict["state"][pid][n] if recast else v)
                 # The master: the saved one where it is of this layout's kind (torch.optim's load cast it to the
-                # parameter's dtype: take the saved value), else made from the parameter as it is; none where the
-                # layout keeps none.
+                # parameter's dtype: take the saved value), converted between a bfloat16 remainder and correction,
+                # else made from the parameter as it is; none where the layout keeps none.
                 codec, saved = codec_of(group, p), state_dict["state"][pid].get(MASTER)
                 st.pop(MASTER, None)
                 if codec in registry.MASTER_DTYPE:
-                    fits = isinstance(saved, torch.Tensor) and saved.dtype == master_dtype(codec)
-                    st[MASTER] = _zeros_like(p, saved.dtype).copy_(saved) if fits else new_master(p, codec)
+                    saved = converted_master(saved, codec) if isinstance(saved, torch.Tensor) else None
+                    st[MASTER] = new_master(p, codec) if saved is None else _zeros_like(p, saved.dtype).copy_(saved)
             self._setup_group(i)
 
     def _checked_state_dict(self, sd: Any) -> dict[str, Any]:
