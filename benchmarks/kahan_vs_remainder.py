@@ -8,6 +8,7 @@ float32 run at the end:
   stochastic  bfloat16, rounded stochastically (2 bytes)
   kahan       bfloat16 plus a bfloat16 compensation buffer, as optimi keeps it (4 bytes)
   remainder   bfloat16 plus the 16 low bits of the float32 master (4 bytes: uba_fused's master_weights="exact")
+  correction  bfloat16 plus the next 8 bits, a 24-bit master rounded to stochastically (3 bytes: master_weights="8bit")
 
     python benchmarks/kahan_vs_remainder.py [--steps T] [--n N]
 
@@ -38,6 +39,7 @@ def main() -> None:
     near, sto = x0.clone(), x0.clone()
     kahan, comp = x0.clone(), torch.zeros(a.n)
     hi, low = rounding.master_split(x0)
+    hi8, low8 = hi.clone(), torch.zeros(a.n, dtype=torch.int8)
     for t in range(a.steps):
         lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * t / a.steps))
         u = -lr * (drift + torch.randn(a.n, generator=gen))
@@ -48,11 +50,15 @@ def main() -> None:
         new = bf16(kahan + cu)
         comp, kahan = bf16(cu + (kahan - new)), new
         hi, low = rounding.master_split(rounding.master_join(hi, low) + u)
+        y = rounding.master8_join(hi8, low8) + u
+        hi8, low8 = rounding.master8_split(y, rounding.random_bits(y, 2, 0, torch.tensor(t)))
     travel = (ref - x0).pow(2).mean().sqrt()
     exact = rounding.master_join(hi, low)
     print(f"{a.n} parameters, {a.steps} steps; float32 travelled {travel:.3e} RMS")
     for name, x in (("nearest", near), ("stochastic", sto), ("kahan", kahan), ("remainder (master)", exact),
-                    ("remainder, as the bf16 parameter", hi.float())):
+                    ("remainder, as the bf16 parameter", hi.float()),
+                    ("correction (24-bit master)", rounding.master8_join(hi8, low8)),
+                    ("correction, as the bf16 parameter", hi8.float())):
         err = x - ref
         print(f"  {name:34s} RMS error {err.pow(2).mean().sqrt() / travel:.2e}, mean error {err.mean() / travel:+.2e}"
               f" (of the distance travelled){'  bit for bit' if torch.equal(x, ref) else ''}")

@@ -17,21 +17,24 @@ constexpr int kThreads = 256;
 
 // What differs between the device and the host build of the code below (the host build runs the
 // same kernel body on CPU tables, one item after another: how CI tests this launcher without a GPU).
-// 16 bytes at v * 16 bytes from base, read and written once per step: streaming (evict-first) on the device.
-UF_HD uint4 load16(const void* base, int64_t v) {
+// A vector V (uint4: 16 bytes, or uint2: 8) at v * sizeof(V) bytes from base, read and written once per step:
+// streaming (evict-first) on the device.
+template <typename V>
+UF_HD V load_vector(const void* base, int64_t v) {
 #ifdef __CUDA_ARCH__
-  return __ldcs(static_cast<const uint4*>(base) + v);
+  return __ldcs(static_cast<const V*>(base) + v);
 #else
-  uint4 r;
-  memcpy(&r, static_cast<const char*>(base) + 16 * v, sizeof r);
+  V r;
+  memcpy(&r, static_cast<const char*>(base) + sizeof(V) * v, sizeof r);
   return r;
 #endif
 }
-UF_HD void store16(void* base, int64_t v, const uint4& x) {
+template <typename V>
+UF_HD void store_vector(void* base, int64_t v, const V& x) {
 #ifdef __CUDA_ARCH__
-  __stcs(static_cast<uint4*>(base) + v, x);
+  __stcs(static_cast<V*>(base) + v, x);
 #else
-  memcpy(static_cast<char*>(base) + 16 * v, &x, sizeof x);
+  memcpy(static_cast<char*>(base) + sizeof(V) * v, &x, sizeof x);
 #endif
 }
 UF_HD int fetch_add(int* p, int v) {
@@ -110,7 +113,7 @@ struct Io {
 #pragma unroll
     for (int q = 0; q < N / V; ++q) {
       float part[V];
-      unpack<T>(load16(base, v * (N / V) + q), part);
+      unpack<T>(load_vector<uint4>(base, v * (N / V) + q), part);
 #pragma unroll
       for (int j = 0; j < V; ++j) out[q * V + j] = part[j];
     }
@@ -123,7 +126,7 @@ struct Io {
       float part[V];
 #pragma unroll
       for (int j = 0; j < V; ++j) part[j] = in[q * V + j];
-      store16(base, v * (N / V) + q, pack<T>(part));
+      store_vector(base, v * (N / V) + q, pack<T>(part));
     }
   }
   static UF_HD float load(const T* base, int64_t i) { return to_float(base[i]); }
@@ -136,7 +139,7 @@ UF_HD void load_words(const void* base, int64_t v, uint16_t (&out)[N]) {
   static_assert(N % 8 == 0, "whole 16-byte vectors");
 #pragma unroll
   for (int q = 0; q < N / 8; ++q) {
-    const uint4 raw = load16(base, v * (N / 8) + q);
+    const uint4 raw = load_vector<uint4>(base, v * (N / 8) + q);
     const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[q * 8 + j] = static_cast<uint16_t>(w[j / 2] >> (16 * (j % 2)));
@@ -150,33 +153,17 @@ UF_HD void store_words(void* base, int64_t v, const uint16_t (&in)[N]) {
     unsigned w[4];
 #pragma unroll
     for (int i = 0; i < 4; ++i) w[i] = in[q * 8 + 2 * i] | (static_cast<unsigned>(in[q * 8 + 2 * i + 1]) << 16);
-    store16(base, v * (N / 8) + q, make_uint4(w[0], w[1], w[2], w[3]));
+    store_vector(base, v * (N / 8) + q, make_uint4(w[0], w[1], w[2], w[3]));
   }
 }
 
 // 8-bit values: N of them (whole 8-byte units) at index v in units of N, as raw bytes.
-UF_HD uint2 load8(const void* base, int64_t v) {
-#ifdef __CUDA_ARCH__
-  return __ldcs(static_cast<const uint2*>(base) + v);
-#else
-  uint2 r;
-  memcpy(&r, static_cast<const char*>(base) + 8 * v, sizeof r);
-  return r;
-#endif
-}
-UF_HD void store8(void* base, int64_t v, const uint2& x) {
-#ifdef __CUDA_ARCH__
-  __stcs(static_cast<uint2*>(base) + v, x);
-#else
-  memcpy(static_cast<char*>(base) + 8 * v, &x, sizeof x);
-#endif
-}
 template <int N>
 UF_HD void load_bytes(const void* base, int64_t v, int8_t (&out)[N]) {
   static_assert(N % 8 == 0, "whole 8-byte units");
 #pragma unroll
   for (int q = 0; q < N / 8; ++q) {
-    const uint2 raw = load8(base, v * (N / 8) + q);
+    const uint2 raw = load_vector<uint2>(base, v * (N / 8) + q);
 #pragma unroll
     for (int j = 0; j < 8; ++j) out[q * 8 + j] = static_cast<int8_t>((j < 4 ? raw.x : raw.y) >> (8 * (j % 4)));
   }
@@ -189,7 +176,7 @@ UF_HD void store_bytes(void* base, int64_t v, const int8_t (&in)[N]) {
     unsigned w[2] = {0u, 0u};
 #pragma unroll
     for (int j = 0; j < 8; ++j) w[j / 4] |= static_cast<unsigned>(static_cast<uint8_t>(in[q * 8 + j])) << (8 * (j % 4));
-    store8(base, v * (N / 8) + q, make_uint2(w[0], w[1]));
+    store_vector(base, v * (N / 8) + q, make_uint2(w[0], w[1]));
   }
 }
 

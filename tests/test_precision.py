@@ -408,6 +408,29 @@ def test_a_remainder_loads_as_an_8bit_correction_and_back():
 
 
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_a_group_switched_between_exact_and_8bit_masters_converts_its_master(backend):
+    """master_weights set on a param group between steps: the next step takes the master over in the new kind (as
+    a state-dict load converts it), never reads an int16 remainder as an int8 correction."""
+    gen = torch.Generator().manual_seed(33)
+    a = [torch.randn(5000, generator=gen).to(DEVICE, torch.bfloat16).requires_grad_()]
+    opt = uf.SGD(a, lr=1e-3, momentum=0.9, master_weights="exact", backend=backend)
+    for _ in range(3):
+        set_grads(a, random_grads(a, gen))
+        opt.step()
+    r16 = opt.state[a[0]]["master"].clone()
+    opt.param_groups[0]["master_weights"] = "8bit"
+    opt.param_groups[0]["lr"] = 0.0  # the step then changes no parameter: the master must be the converted one
+    set_grads(a, random_grads(a, gen))
+    opt.step()
+    c8 = opt.state[a[0]]["master"]
+    assert c8.dtype == torch.int8
+    assert torch.equal(c8, ((r16.to(torch.int32) + 128) >> 8).clamp(max=127).to(torch.int8))
+    opt.param_groups[0]["master_weights"] = "exact"
+    opt.step()
+    assert torch.equal(opt.state[a[0]]["master"], c8.to(torch.int16) * 256)
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 def test_a_parameter_written_by_someone_else_is_taken_as_written(backend):
     """A model state dict loaded in place: an fp16 parameter's copy follows what was written instead of overwriting
     it; a bf16 one's master restarts from it once its low bits are dropped (del opt.state[p]["master"]). At lr 0
@@ -459,8 +482,13 @@ def test_float16_masters_under_gradscaler_equal_a_float32_model(backend):
 
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-LAYOUTS = {"bf16-exact": (torch.bfloat16, "exact"), "fp16-exact": (torch.float16, "exact"),
-           "bf16-stochastic": (torch.bfloat16, "stochastic"), "fp16-stochastic": (torch.float16, "stochastic")}
+LAYOUTS = {"bf16-exact": (torch.bfloat16, {"master_weights": "exact"}),
+           "fp16-exact": (torch.float16, {"master_weights": "exact"}),
+           "bf16-stochastic": (torch.bfloat16, {"master_weights": "stochastic"}),
+           "fp16-stochastic": (torch.float16, {"master_weights": "stochastic"}),
+           "bf16-8bit": (torch.bfloat16, {"master_weights": "8bit", "state_dtype": torch.float32}),
+           "fp32-bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}),
+           "bf16-8bit-bf16-state": (torch.bfloat16, {"master_weights": "8bit", "state_dtype": torch.bfloat16})}
 
 
 @pytest.mark.gpu
@@ -468,16 +496,17 @@ LAYOUTS = {"bf16-exact": (torch.bfloat16, "exact"), "fp16-exact": (torch.float16
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_graph_replays_of_each_layout_equal_eager_steps(layout, backend):
-    """A captured step replays the layout's loads and stores, and stochastic rounding draws new bits at every replay
-    (the step counter t is read on the device): bit for bit the eager run."""
-    dtype, master_weights = LAYOUTS[layout]
+    """A captured step replays the layout's loads and stores, and stochastic rounding (of the parameter, its master or
+    its state) draws new bits at every replay (the step counter t is read on the device): bit for bit the eager run,
+    and no eager step or replay syncs."""
+    dtype, options = LAYOUTS[layout]
 
     def run(graph):
         ps = _params(dtype, seed=12)
         for p in ps:
             p.grad = torch.zeros_like(p)
-        opt = uf.Adan(ps, lr=1e-2, backend=backend, master_weights=master_weights, seed=5,
-                      schedule=uf.UBA(9, warmup_steps=2), max_grad_norm=1.0)
+        opt = uf.Adan(ps, lr=1e-2, backend=backend, seed=5, schedule=uf.UBA(9, warmup_steps=2), max_grad_norm=1.0,
+                      **options)
         gen = torch.Generator().manual_seed(13)
         grads = [random_grads(ps, gen) for _ in range(8)]
         static = [p.grad for p in ps]
@@ -495,16 +524,21 @@ def test_gpu_graph_replays_of_each_layout_equal_eager_steps(layout, backend):
             with torch.cuda.stream(side), torch.cuda.graph(g):
                 opt.step()
             torch.cuda.current_stream().wait_stream(side)
-        for gs in grads[1:]:
-            load(gs)
-            g.replay() if graph else opt.step()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for gs in grads[1:]:
+                load(gs)
+                g.replay() if graph else opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
         return ps, opt
 
     (a, opt_a), (b, opt_b) = run(False), run(True)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
-        if "master" in opt_a.state[p]:
-            assert torch.equal(opt_a.state[p]["master"], opt_b.state[q]["master"])
+        for name, s in opt_a.state[p].items():  # the step, the state and the master
+            assert torch.equal(s, opt_b.state[q][name]), name
 
 
 @pytest.mark.gpu

@@ -31,7 +31,7 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
 
 A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec) makes one
-launch per storage ("part"); only the last launch advances the group counters, so every launch reads the same
+launch per storage and state rounding ("part"); only the last launch advances the group counters, so every launch reads the same
 step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first runs a pre-pass
 (``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds them, and the
 optimizer hands the global norm to the update kernels as a pointer to a float64 on the device.

@@ -159,9 +159,7 @@ def encode(x: torch.Tensor, codec: str, dtype: torch.dtype, seed: int, slot: int
     if codec == "correction":
         return rounding.master8_split(x, rounding.random_bits(x, seed, slot, t))
     if codec == "stochastic":
-        r = rounding.random_bits(x, seed, slot, t)
-        rounded = rounding.round_stochastic_half(x, r) if dtype == torch.float16 else rounding.round_stochastic(x, r)
-        return rounded, None
+        return rounding.round_stochastic_to(x, rounding.random_bits(x, seed, slot, t), dtype), None
     return x, None
 
 
@@ -172,8 +170,7 @@ def encode_state(x: torch.Tensor, dtype: torch.dtype, how: str, seed: int, slot:
     buffer's copy rounds to nearest."""
     if how != "stochastic" or dtype not in (torch.bfloat16, torch.float16):
         return x
-    r = rounding.random_bits(x, seed, slot, t, stream)
-    return rounding.round_stochastic_half(x, r) if dtype == torch.float16 else rounding.round_stochastic(x, r)
+    return rounding.round_stochastic_to(x, rounding.random_bits(x, seed, slot, t, stream), dtype)
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:

@@ -131,3 +131,8 @@ def round_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     NaN, as in master_split."""
     b = bits(x)
     return _as_bfloat16(torch.where(torch.isnan(x), (b >> 16) | 0x40, (b + r) >> 16))
+
+
+def round_stochastic_to(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 ``x`` rounded stochastically by 16 random bits per element ``r`` to ``dtype`` (bfloat16 or float16)."""
+    return round_stochastic_half(x, r) if dtype == torch.float16 else round_stochastic(x, r)

@@ -274,6 +274,18 @@ def converted_master(saved: torch.Tensor, codec: str) -> torch.Tensor | None:
     return None
 
 
+def fitted_master(p: torch.Tensor, m: Any, codec: str) -> torch.Tensor | None:
+    """The master slot ``p`` keeps for ``codec``: ``m`` (its current one, or None) where it is of the codec's dtype and
+    laid out as ``p``, else ``m`` converted (converted_master) or, where it cannot be, made from ``p`` as it is; None
+    for a codec that keeps none."""
+    if codec not in registry.MASTER_DTYPE:
+        return None
+    if isinstance(m, torch.Tensor) and m.dtype == master_dtype(codec) and local(m).stride() == local(p).stride():
+        return m
+    kept = converted_master(m, codec) if isinstance(m, torch.Tensor) else None
+    return new_master(p, codec) if kept is None else _zeros_like(p, kept.dtype).copy_(kept)
+
+
 def master_dtype(codec: str | None) -> torch.dtype | None:
     name = registry.MASTER_DTYPE.get(codec)
     return None if name is None else getattr(torch, name)
@@ -808,9 +820,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                     f"{fresh} have no state yet. Run eager steps with the same parameters receiving gradients "
                     f"before capturing (PyTorch's recipe warms up on a side stream)")
         if hit is None:
-            if mask is not None:  # keep one partial selection per group: masks can be endless (MoE routing)
-                for k in [k for k in self._cache.selections if k[0] == gi and k[1] is not None]:
-                    del self._cache.selections[k]
+            # Keep one partial selection per group (masks can be endless: MoE routing), and none of another layout
+            # (state a changed option fits anew, a master converted, is not what those hold)
+            for k in [k for k in self._cache.selections if k[0] == gi and (
+                    mask is not None and k[1] is not None or k[2] != key[2])]:
+                del self._cache.selections[k]
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
             self._new_steps(params)
@@ -860,16 +874,17 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"master_weights={group['master_weights']!r} cannot keep: it changed dtype since "
                                      f"the optimizer was made; set the group's master_weights to None for it")
                 m = st.get(MASTER)
-                stale = isinstance(m, torch.Tensor) and (m.dtype != master_dtype(codec) or
-                                                         local(m).stride() != local(p).stride())
-                if stale and codec in registry.MASTER_DTYPE:  # the parameter changed dtype or layout: a new master
-                    st[MASTER] = new_master(p, codec)
-                    self._cache.fresh = True
+                if isinstance(m, torch.Tensor) and codec in registry.MASTER_DTYPE:  # the parameter changed dtype or
+                    fitted = fitted_master(p, m, codec)  # layout since: converted, or made anew
+                    if fitted is not m:
+                        st[MASTER] = fitted
+                        self._cache.fresh = True
                 for n in self._state_names(group):
                     v = st.get(n)
                     if not isinstance(v, torch.Tensor):
                         continue
-                    fits = v.dtype == p.dtype or v.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
+                    fits = v.dtype in (p.dtype, state_dtype_of(group, p)) or \
+                        v.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
                     if not fits or local(v).stride() != local(p).stride():
                         st[n] = _zeros_like(p, v.dtype if fits else state_dtype_of(group, p)).copy_(v)
                         self._cache.fresh = True
@@ -887,7 +902,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _state_for(self, p: torch.Tensor, names: tuple[str, ...], dtype: torch.dtype, codec: str) -> dict:
         """p's state, with every buffer its group keeps: the rule's (``names``, made as zeros of ``dtype``), and the
-        master of a codec that keeps one (made from p as it is; one a codec no longer keeps is dropped)."""
+        master of a codec that keeps one (fitted_master; one a codec no longer keeps is dropped)."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
@@ -896,12 +911,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             if n not in state:
                 state[n] = _zeros_like(p, dtype)
                 self._cache.fresh = True
-        keeps = codec in registry.MASTER_DTYPE
-        if keeps != (MASTER in state):
-            if keeps:
-                state[MASTER] = new_master(p, codec)
-            else:
+        m = state.get(MASTER)
+        fitted = fitted_master(p, m, codec)  # a master_weights changed between steps: converted, made or dropped
+        if fitted is not m:
+            if fitted is None:
                 del state[MASTER]
+            else:
+                state[MASTER] = fitted
             self._cache.fresh = True
         return state
 
