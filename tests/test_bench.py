@@ -126,6 +126,15 @@ def test_precision_study_trains_each_layout_in_its_dtype(tmp_path):
     assert model.model.weight.dtype == torch.bfloat16 and model(torch.ones(1, 3)).dtype == torch.float32
 
 
+def test_a_precision_study_without_float32_rows_plots(tmp_path):
+    """The layouts of this issue alone (no float32 row, so no UBA phi to plot): the run and its plot complete."""
+    out_png = tmp_path / "p.png"
+    assert train.main(["--tasks", "teacher-k10", "--budgets", "6", "--seeds", "1", "--lrs", "1e-2", "--schedules",
+                       "Constant", "--precisions", "fp32-bf16-state", "bf16-master8-bf16-state", "--device", "cpu",
+                       "--workers", "1", "--plot", str(out_png)]) == 0
+    assert out_png.stat().st_size > 10_000
+
+
 def test_training_study_gives_the_same_runs_in_worker_processes():
     args = ["--tasks", "teacher-k10", "--budgets", "6", "--seeds", "2", "--lrs", "1e-2", "--schedules", "REX"]
     a1, a2 = train.parse_args(args + ["--workers", "1"]), train.parse_args(args + ["--workers", "2"])

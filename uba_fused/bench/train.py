@@ -496,15 +496,18 @@ def plot(best: list[dict], phis: list[dict], budgets: dict[str, list[int]], path
                             marker="o", ms=3, capsize=2, lw=1.1, ls="-" if name.startswith("UBA") else "--")
         ax.set_xscale("log", base=2)
         ax.set(title=f"{task}: held-out loss at best lr", xlabel="step budget", ylabel="loss")
-    axes[0][-1].legend(fontsize=6)
+    axes[0][len(tasks) - 1].legend(fontsize=6)
     ax = axes[1][1]
-    for task in tasks:
-        pts = [(p["budget"], p["best_phi"]) for p in phis if p["task"] == task]
-        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=task)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ax.set(title="UBA's best phi", xlabel="step budget", ylabel="phi")
-    ax.legend(fontsize=6)
+    if phis:  # none without float32 rows (a precision study of 16-bit layouts only)
+        for task in tasks:
+            pts = [(p["budget"], p["best_phi"]) for p in phis if p["task"] == task]
+            ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=task)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ax.set(title="UBA's best phi", xlabel="step budget", ylabel="phi")
+        ax.legend(fontsize=6)
+    else:
+        ax.axis("off")
     for ax in axes[1][2:]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
