@@ -328,16 +328,17 @@ struct ParamIo<T, kStochastic> {  // rounded stochastically, element i from its 
   }
 };
 
-// How a state slot of dtype TS is written back: rounded to nearest (Io), or, for 16-bit state in a group whose
-// state_rounding is stochastic, stochastically from random stream 1 + j for slot j (rounding.cuh).
-template <typename TS>
+// How a state slot of dtype TS is written back: rounded to nearest (Io), or, with SR (16-bit state whose
+// state_rounding is stochastic), stochastically from random stream 1 + j for slot j (rounding.cuh). A template
+// argument, not a runtime flag: a branch on it took every kernel with 16-bit state to the registers of both (bf16
+// AdamW with a remainder: 64 to 117).
+template <typename TS, bool SR>
 struct StateIo {
   template <int N>
-  static UF_HD void store(TS* s, int64_t v, float (&in)[N], bool stochastic_state, const RandomKey& key,
-                          uint32_t stream) {
-    if constexpr (sizeof(TS) == 2) {
-      static_assert(N % 8 == 0, "whole blocks of random bits");
-      if (stochastic_state) {
+  static UF_HD void store(TS* s, int64_t v, float (&in)[N], const RandomKey& key, uint32_t stream) {
+    if constexpr (SR) {
+      static_assert(sizeof(TS) == 2 && N % 8 == 0, "16-bit state, whole blocks of random bits");
+      {
 #pragma unroll
         for (int q = 0; q < N / 8; ++q) {
           uint16_t r[8];
@@ -349,9 +350,9 @@ struct StateIo {
     }
     Io<TS>::store(s, v, in);
   }
-  static UF_HD void store(TS* s, int64_t i, float x, bool stochastic_state, const RandomKey& key, uint32_t stream) {
-    if constexpr (sizeof(TS) == 2) {
-      if (stochastic_state) {
+  static UF_HD void store(TS* s, int64_t i, float x, const RandomKey& key, uint32_t stream) {
+    if constexpr (SR) {
+      {
         uint16_t r[8];
         random_block(key, i >> 3, r, stream);
         x = stochastic(x, r[i & 7], static_cast<TS*>(nullptr));
@@ -363,13 +364,13 @@ struct StateIo {
 
 // One work item (one block on the device): a chunk of one tensor, with what its update needs. T is the
 // parameter's (and its gradient's) storage dtype, TS its state's, C the parameter's codec.
-template <typename T, typename TS, int C, class R>
+template <typename T, typename TS, int C, bool SR, class R>
 struct Item {
   static constexpr int S = R::Cols::kStates;
   using P = ParamIo<T, C>;
   T* p;
   typename P::M* m;  // the master slot (kRemainder, kCopy, kCorrection)
-  RandomKey key;     // the random bits' (kStochastic, kCorrection, stochastic_state)
+  RandomKey key;     // the random bits' (kStochastic, kCorrection, SR)
   const T* g;
   TS* s[S];
   float* step;
@@ -377,23 +378,22 @@ struct Item {
   bool vector;       // a full chunk, every tensor 16-byte aligned: 128-bit accesses, no bounds checks
   bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
   bool has_state;    // the group keeps state (SGD without momentum keeps none)
-  bool stochastic_state;  // the group's state_rounding is stochastic (StateIo: 16-bit state only)
   float k;           // this tensor's step count after this update
   float gscale;      // what each gradient is multiplied by: 1 / GradScaler's scale, times the group's clipping factor
   typename R::Scalars c;
 };
 
-template <typename T, typename TS, int C, class R>
-UF_HD Item<T, TS, C, R> open_item(const FusedStepArgs& args, int64_t item) {
-  Item<T, TS, C, R> it;
+template <typename T, typename TS, int C, bool SR, class R>
+UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
+  Item<T, TS, C, SR, R> it;
   it.slot = args.work[2 * item];
   it.start = args.work[2 * item + 1];
   const int64_t* row = args.tensors + it.slot * (kState0 + R::Cols::kStates);
   const int64_t grad = args.grads[row[kGradSlot]];
   it.p = reinterpret_cast<T*>(row[kParam]);
   it.g = reinterpret_cast<const T*>(grad);
-  it.m = reinterpret_cast<typename Item<T, TS, C, R>::P::M*>(row[kMaster]);
-  for (int j = 0; j < Item<T, TS, C, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
+  it.m = reinterpret_cast<typename Item<T, TS, C, SR, R>::P::M*>(row[kMaster]);
+  for (int j = 0; j < Item<T, TS, C, SR, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
   it.step = reinterpret_cast<float*>(row[kStep]);
   // A tensor without a gradient this step keeps its row, skipped; so is every tensor when GradScaler found an inf.
   const bool live = grad != kNoGrad && *args.found_inf == 0.0f;
@@ -406,7 +406,6 @@ UF_HD Item<T, TS, C, R> open_item(const FusedStepArgs& args, int64_t item) {
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
   it.k = *it.step + 1.0f;
   it.has_state = grow[kHasState] != 0.0;
-  it.stochastic_state = grow[kStateRounding] == kStateStochastic;
   it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
   it.c = R::scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
   const uint64_t seed = static_cast<uint64_t>(grow[kSeed]);
@@ -417,9 +416,9 @@ UF_HD Item<T, TS, C, R> open_item(const FusedStepArgs& args, int64_t item) {
 
 // The elements of an item that lane `lane` of LANES takes: every LANES-th vector (of the narrower of the parameter's
 // and the state's dtypes; the wider takes as many vectors as it needs for those elements) or element.
-template <typename T, typename TS, int C, class R, int LANES>
-UF_HD void update_elements(const Item<T, TS, C, R>& it, int lane) {
-  using I = Item<T, TS, C, R>;
+template <typename T, typename TS, int C, bool SR, class R, int LANES>
+UF_HD void update_elements(const Item<T, TS, C, SR, R>& it, int lane) {
+  using I = Item<T, TS, C, SR, R>;
   constexpr int S = I::S;
   if (it.vector) {
     constexpr int N = kVec<T> > kVec<TS> ? kVec<T> : kVec<TS>;
@@ -444,7 +443,7 @@ UF_HD void update_elements(const Item<T, TS, C, R>& it, int lane) {
       }
       I::P::store(it.p, it.m, v, pf, it.key);
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) StateIo<TS>::store(it.s[j], v, sf[j], it.stochastic_state, it.key, 1 + j);
+        for (int j = 0; j < S; ++j) StateIo<TS, SR>::store(it.s[j], v, sf[j], it.key, 1 + j);
       }
     }
   } else {
@@ -456,7 +455,7 @@ UF_HD void update_elements(const Item<T, TS, C, R>& it, int lane) {
       R::update(p, Io<T>::load(it.g, i) * it.gscale, s, it.c);
       I::P::store(it.p, it.m, i, p, it.key);
       if (it.has_state) {
-        for (int j = 0; j < S; ++j) StateIo<TS>::store(it.s[j], i, s[j], it.stochastic_state, it.key, 1 + j);
+        for (int j = 0; j < S; ++j) StateIo<TS, SR>::store(it.s[j], i, s[j], it.key, 1 + j);
       }
     }
   }
@@ -485,19 +484,19 @@ UF_HD void finish_item(const FusedStepArgs& args, int64_t slot, int64_t n_chunks
   }
 }
 
-template <typename T, typename TS, int C, class R>
+template <typename T, typename TS, int C, bool SR, class R>
 __global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args) {
-  const Item<T, TS, C, R> it = open_item<T, TS, C, R>(args, blockIdx.x);
-  update_elements<T, TS, C, R, kThreads>(it, threadIdx.x);
+  const Item<T, TS, C, SR, R> it = open_item<T, TS, C, SR, R>(args, blockIdx.x);
+  update_elements<T, TS, C, SR, R, kThreads>(it, threadIdx.x);
   __syncthreads();  // every thread's reads of this step's counters precede the release
   if (threadIdx.x == 0) finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
 }
 
-template <typename T, typename TS, int C, class R>
+template <typename T, typename TS, int C, bool SR, class R>
 void run_on_host(const FusedStepArgs& args) {
   for (int64_t item = 0; item < args.n_items; ++item) {
-    const Item<T, TS, C, R> it = open_item<T, TS, C, R>(args, item);
-    update_elements<T, TS, C, R, 1>(it, 0);
+    const Item<T, TS, C, SR, R> it = open_item<T, TS, C, SR, R>(args, item);
+    update_elements<T, TS, C, SR, R, 1>(it, 0);
     finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
   }
 }
@@ -561,20 +560,21 @@ template <int D> struct Type;  // the C++ type of a registry DType
 template <> struct Type<kFloat32> { using type = float; };
 template <> struct Type<kBfloat16> { using type = __nv_bfloat16; };
 template <> struct Type<kFloat16> { using type = __half; };
-template <typename T, typename TS, int C> struct Storage {
+template <typename T, typename TS, int C, int SR> struct Storage {
   using param = T;
   using state = TS;
   static constexpr int codec = C;
+  static constexpr bool stochastic_state = SR == kStateStochastic;
 };
 
-// f(Storage<T, TS, C>{}, Rule{}) for the runtime codes (a storage id: registry.py's STORAGES); false when a code
+// f(Storage<T, TS, C, SR>{}, Rule{}) for the runtime codes (a storage id: registry.py's STORAGES); false when a code
 // is unknown.
 template <typename F>
 bool with_types(int rule, int storage, F&& f) {
   auto with = [&](auto types) { return with_rule(rule, [&](auto r) { f(types, r); }); };
   switch (storage) {
-#define UF_CASE(id, P, S, C) \
-  case id: return with(Storage<typename Type<P>::type, typename Type<S>::type, C>{});
+#define UF_CASE(id, P, S, C, SR) \
+  case id: return with(Storage<typename Type<P>::type, typename Type<S>::type, C, SR>{});
     UF_STORAGES(UF_CASE)
 #undef UF_CASE
     default: return false;
@@ -595,7 +595,7 @@ cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, 
   if (args.n_items == 0) return cudaSuccess;
   const bool known = with_types(rule, storage, [&](auto types, auto r) {
     using D = decltype(types);
-    fused_step_kernel<typename D::param, typename D::state, D::codec, decltype(r)>
+    fused_step_kernel<typename D::param, typename D::state, D::codec, D::stochastic_state, decltype(r)>
         <<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
   });
   return known ? cudaGetLastError() : cudaErrorInvalidValue;
@@ -604,7 +604,7 @@ cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, 
 bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage) {
   return with_types(rule, storage, [&](auto types, auto r) {
     using D = decltype(types);
-    run_on_host<typename D::param, typename D::state, D::codec, decltype(r)>(args);
+    run_on_host<typename D::param, typename D::state, D::codec, D::stochastic_state, decltype(r)>(args);
   });
 }
 

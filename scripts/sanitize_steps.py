@@ -19,11 +19,9 @@ from uba_fused import backends, registry
 
 RULES = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
          "sgd-momentum": functools.partial(uf.SGD, momentum=0.9), "sgd": functools.partial(uf.SGD, momentum=0.0)}
-# registry.STORAGES as the options that choose them: (parameter dtype, state_dtype, master_weights); 16-bit state is
-# rounded stochastically (state_rounding), the path that draws random bits
-STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), registry.OPTION_OF_CODEC[c])
-            for p, s, c in registry.STORAGES]
-STATE_ROUNDING = "stochastic"
+# registry.STORAGES as the options that choose them: (parameter dtype, state_dtype, master_weights, state_rounding)
+STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), registry.OPTION_OF_CODEC[c], r)
+            for p, s, c, r in registry.STORAGES]
 
 
 def params(dtype, seed=0):
@@ -36,8 +34,8 @@ def params(dtype, seed=0):
 
 def mixed_groups():
     """One param group per storage: a step over them launches once per storage."""
-    return [{"params": params(dtype, seed=i), "state_dtype": sd, "master_weights": mw, "state_rounding": STATE_ROUNDING}
-            for i, (dtype, sd, mw) in enumerate(STORAGES)]
+    return [{"params": params(dtype, seed=i), "state_dtype": sd, "master_weights": mw, "state_rounding": sr}
+            for i, (dtype, sd, mw, sr) in enumerate(STORAGES)]
 
 
 def fill_grads(ps, gen):
@@ -53,10 +51,10 @@ def main() -> int:
     gen = torch.Generator(device="cuda").manual_seed(1)
     for backend in names:
         for rule, make in RULES.items():
-            for dtype, state_dtype, master_weights in STORAGES:  # each storage alone, clipping (the pre-pass) on
+            for dtype, state_dtype, master_weights, state_rounding in STORAGES:  # each storage alone, clipping on
                 ps = params(dtype)
                 opt = make(ps, backend=backend, schedule=uf.UBA(10, warmup_steps=2), state_dtype=state_dtype,
-                           master_weights=master_weights, state_rounding=STATE_ROUNDING, max_grad_norm=1.0)
+                           master_weights=master_weights, state_rounding=state_rounding, max_grad_norm=1.0)
                 for _ in range(2):
                     fill_grads(ps, gen)
                     opt.step()

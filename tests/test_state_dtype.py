@@ -143,6 +143,8 @@ def test_nearest_stalls_a_slow_average_and_stochastic_rounding_follows_float32(b
     (dict(state_dtype=BF16), [torch.zeros(2, dtype=torch.float64)],
      r"state_dtype=torch.bfloat16 would keep the state of the float64 parameters \[0\] .* less precision"),
     (dict(state_rounding="up"), None, "state_rounding must be None, 'nearest' or 'stochastic', got 'up'"),
+    (dict(state_rounding="stochastic"), [torch.zeros(3, dtype=BF16), torch.zeros(2, dtype=torch.float16)],
+     r"state_rounding='stochastic' rounds bfloat16 state, but the state of the float16 parameters \[1\]"),
 ])
 def test_bad_state_options_raise_at_construction(kwargs, params, match):
     with pytest.raises(ValueError, match=match):

@@ -24,10 +24,8 @@ from uba_fused import registry
 from uba_fused.backends import triton as backend
 
 RULES = ("adamw", "adabelief", "lion", "sgd", "adan")
-# Every storage the kernels are built for, (parameter dtype, state dtype, codec), with each state rounding its state
-# can take (registry.STATE_ROUNDINGS: a Triton launch specializes on it).
-CASES = [(r, d, sd, c, sr) for r in RULES for d, sd, c in registry.STORAGES
-         for sr in (registry.STATE_ROUNDINGS if sd != "float32" else ("nearest",))]
+# Every storage the kernels are built for: (parameter dtype, state dtype, codec, state rounding).
+CASES = [(r, *storage) for r in RULES for storage in registry.STORAGES]
 IDS = [f"{r}-{d}" + (f"-state-{sd}" if sd != d else "") + (f"-{c}" if c != "nearest" else "") +
        ("-state-stochastic" if sr == "stochastic" else "") for r, d, sd, c, sr in CASES]
 # Tensors each rule streams on a full chunk: (loaded, stored).

@@ -5,7 +5,8 @@
   by every backend, the readable reference included), and the tensors a step streams.
 - ``SCHEDULE_KINDS``: the schedule families, in the kernels' kind order (``schedules.py`` defines them).
 - The device tables' columns (``TENSOR_COLS``, ``GROUP_COLS``), the kernel dtypes, the parameter codecs and
-  the (parameter dtype, state dtype, codec) storages (``DTYPES``, ``CODECS``, ``STORAGES``), ``CHUNK`` and
+  the (parameter dtype, state dtype, codec, state rounding) storages (``DTYPES``, ``CODECS``, ``STATE_ROUNDINGS``,
+  ``STORAGES``), ``CHUNK`` and
   ``NO_GRAD`` (``backends/plan.py`` documents the tables).
 
 Numbers are positions in these tuples, never written anywhere by hand. ``csrc/registry.h`` is generated
@@ -32,8 +33,7 @@ TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info", "master")
 STATE_COL = len(TENSOR_COLS)
 # Per group, float64: what every rule reads (the lr and its schedule, gradient clipping), then the rule's own
 # (Rule.consts).
-GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps", "seed",
-              "state_rounding")
+GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps", "seed")
 DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they compute in float32)
 # How a parameter is read before its update and written after it (the master_weights option):
 # - "nearest": as it is, rounded to nearest on the way back (a 16-bit parameter loses every update smaller than
@@ -49,9 +49,9 @@ DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they comp
 #   master (15 mantissa bits), to which each update's float32 result is rounded stochastically (from the random bits
 #   of "stochastic"), then split as "remainder" splits (FlashOptim's 3-byte split; 1 byte less than "remainder").
 CODECS = ("nearest", "remainder", "copy", "stochastic", "correction")
-# How 16-bit state is written (the state_rounding option; the group column "state_rounding" holds the position here):
-# to nearest, or stochastically from the random bits of "stochastic" above, drawn from a stream of their own per state
-# slot (backends/rounding.py: random_bits). Float32 state is written as it is either way.
+# How 16-bit state is written (the state_rounding option): to nearest, or stochastically from the random bits of
+# "stochastic" above, drawn from a stream of their own per state slot (backends/rounding.py: random_bits). Float32 state
+# is written as it is ("nearest"); stochastic rounding is built for bfloat16 state.
 STATE_ROUNDINGS = ("nearest", "stochastic")
 MASTER_DTYPE = {"remainder": "int16", "copy": "float32", "correction": "int8"}  # the codecs that keep a "master"
 MASTER_WEIGHTS = (None, "exact", "stochastic", "8bit")  # the option's values
@@ -77,16 +77,18 @@ def state_rounding(option: str | None, state_dtype: str | None) -> str:
     return "stochastic" if state_dtype in ("bfloat16", "float16") else "nearest"
 
 
-# The (parameter dtype, state dtype, codec) triples the kernels are compiled for: one plan part (one launch) is one.
-# State is kept in its parameter's dtype (torch.optim's way), in float32 for a 16-bit parameter, or in bfloat16 for a
-# float32 one.
+# The (parameter dtype, state dtype, codec, state rounding) storages the kernels are compiled for: one plan part (one
+# launch) is one. State is kept in its parameter's dtype (torch.optim's way), in float32 for a 16-bit parameter, or in
+# bfloat16 for a float32 one; bfloat16 state is rounded to nearest or stochastically (each a kernel of its own: a
+# branch on it cost every kernel with 16-bit state the registers of both).
 _PAIRS = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32"),
           ("float16", "float32"), ("float32", "bfloat16"))
 # The master_weights value that chooses each codec (for a parameter of a dtype it can keep).
 OPTION_OF_CODEC = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic",
                    "correction": "8bit"}
-STORAGES = tuple((p, s, c) for c in CODECS for p, s in _PAIRS if codec(OPTION_OF_CODEC[c], p) == c)
-STORAGE_IDS = {triple: i for i, triple in enumerate(STORAGES)}
+STORAGES = tuple((p, s, c, r) for c in CODECS for p, s in _PAIRS if codec(OPTION_OF_CODEC[c], p) == c
+                 for r in STATE_ROUNDINGS if r == "nearest" or s == "bfloat16")
+STORAGE_IDS = {storage: i for i, storage in enumerate(STORAGES)}
 CHUNK = 4096     # elements per work item, in both kernels
 NO_GRAD = -1     # a gradient-table entry for a parameter without a gradient this step (an empty tensor's is 0)
 
@@ -207,7 +209,7 @@ def abi() -> dict:
     from (``_C.REGISTRY``), so that a stale build is named, not run."""
     return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "dtypes": list(DTYPES),
             "codecs": list(CODECS), "state_roundings": list(STATE_ROUNDINGS),
-            "storages": [list(triple) for triple in STORAGES],
+            "storages": [list(storage) for storage in STORAGES],
             "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS),
             "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts)}
                       for r in RULES.values()}}
@@ -234,9 +236,9 @@ def cpp_header() -> str:
         _enum("StateRounding", [(f"state_{c}", i) for i, c in enumerate(STATE_ROUNDINGS)]),
         _enum("ScheduleKind", [(k, i) for i, k in enumerate(SCHEDULE_KINDS)] + [("num_kinds", len(SCHEDULE_KINDS))]),
         _enum("RuleId", [(r, i) for i, r in enumerate(RULES)] + [("num_rules", len(RULES))]),
-        "// The storages the kernels are compiled for, by id: X(id, param DType, state DType, Codec).",
-        "#define UF_STORAGES(X) " + " ".join(f"X({i}, k{_camel(a)}, k{_camel(b)}, k{_camel(c)})"
-                                             for i, (a, b, c) in enumerate(STORAGES)),
+        "// The storages the kernels are compiled for, by id: X(id, param DType, state DType, Codec, StateRounding).",
+        "#define UF_STORAGES(X) " + " ".join(f"X({i}, k{_camel(a)}, k{_camel(b)}, k{_camel(c)}, kState{_camel(r)})"
+                                             for i, (a, b, c, r) in enumerate(STORAGES)),
         f"constexpr int kNumStorages = {len(STORAGES)};",
         f"constexpr int kChunk = {CHUNK};",
         f"constexpr long long kNoGrad = {NO_GRAD};",

@@ -36,12 +36,12 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
         def launch(part: Part, advance: bool) -> None:
             _C.fused_step(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
                           plan.scratch if norm is None else norm, grad_scale, found_inf, n_groups, advance, rule_id,
-                          STORAGE_ID[part.dtype, part.state_dtype, part.codec])
+                          STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding])
 
         plan.launch(launch)
 
     def sumsq(part: Part) -> None:
         _C.grad_sumsq(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, part.partials, n_groups,
-                      rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec])
+                      rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding])
 
     return Step(update, lambda: plan.grad_sumsq(sumsq))

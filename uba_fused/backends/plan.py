@@ -30,9 +30,9 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
   partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
 
-A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec) makes one
-launch per storage and state rounding ("part"); only the last launch advances the group counters, so every launch reads the same
-step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first runs a pre-pass
+A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec, its
+state's rounding) makes one launch per storage ("part"); only the last launch advances the group counters, so every
+launch reads the same step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first runs a pre-pass
 (``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds them, and the
 optimizer hands the global norm to the update kernels as a pointer to a float64 on the device.
 """
@@ -47,13 +47,13 @@ from typing import Any
 import torch
 
 from .. import _ext
-from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STATE_ROUNDINGS, STORAGE_IDS, group_cols
+from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
 from .work import (Amp, Capture, GradSource, GroupWork, StepCache, codec_of, dtensor_class, is_dtensor, local,
                    state_rounding_of)
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
-# registry.STORAGES with torch dtypes: (parameter dtype, state dtype, codec) -> the kernels' storage id
-STORAGE_ID = {(getattr(torch, a), getattr(torch, b), c): i for (a, b, c), i in STORAGE_IDS.items()}
+# registry.STORAGES with torch dtypes: (parameter dtype, state dtype, codec, state rounding) -> the kernels' storage id
+STORAGE_ID = {(getattr(torch, a), getattr(torch, b), c, r): i for (a, b, c, r), i in STORAGE_IDS.items()}
 _LR = GROUP_COLS.index("lr")
 
 
@@ -81,16 +81,19 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def storage(p: torch.Tensor, states: Sequence[torch.Tensor], codec: str | None) -> tuple[torch.dtype, torch.dtype, str]:
-    """(dtype of p, dtype of its state, its codec): which kernel walks it (a registry STORAGES triple). A parameter
-    without state is read as keeping it in its own dtype. Raises if the kernels are not built for it."""
+def storage(p: torch.Tensor, states: Sequence[torch.Tensor], codec: str | None,
+            rounding: str) -> tuple[torch.dtype, torch.dtype, str, str]:
+    """(dtype of p, dtype of its state, its codec, its state's rounding): which kernel walks it (a registry STORAGES
+    entry). A parameter without state is read as keeping it in its own dtype, and it and float32 state as rounded to
+    nearest (nothing is rounded). Raises if the kernels are not built for it."""
     dtypes = {s.dtype for s in states} or {p.dtype}
-    triple = (p.dtype, *dtypes, codec)
-    if len(dtypes) > 1 or triple not in STORAGE_ID:
-        raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}, kept as {codec!r}: "
-                           f"the kernels take a parameter's state in its own dtype, in float32 for a 16-bit "
-                           f"parameter or in bfloat16 for a float32 one, and master_weights for 16-bit parameters only")
-    return triple
+    key = (p.dtype, *dtypes, codec, rounding if states and dtypes != {torch.float32} else "nearest")
+    if len(dtypes) > 1 or key not in STORAGE_ID:
+        raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}, kept as "
+                           f"{codec!r}, its state rounded {key[-1]!r}: the kernels take a parameter's state in its own dtype, in "
+                           f"float32 for a 16-bit parameter or in bfloat16 for a float32 one, master_weights for 16-bit "
+                           f"parameters only, and round state stochastically only in bfloat16")
+    return key
 
 
 def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
@@ -102,7 +105,7 @@ def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
     max_grad_norm, clip_eps = RULES[rule].clipping(h)
     values = dict(lr=lr, kind=float(kind), warmup=warmup, total=total, min_ratio=min_ratio, phi=phi,
                   has_state=float(bool(w.state)), max_grad_norm=max_grad_norm, clip_eps=clip_eps,
-                  seed=float(h.get("seed", 0)), state_rounding=float(STATE_ROUNDINGS.index(state_rounding_of(h))))
+                  seed=float(h.get("seed", 0)))
     return tuple(values[c] for c in GROUP_COLS) + RULES[rule].row(h)
 
 
@@ -204,15 +207,12 @@ class Plan:
         by_storage: dict[tuple[torch.dtype, torch.dtype, str, str], list[tuple[int, int]]] = {}
         for wi, w in enumerate(work):
             for i, p in enumerate(w.params):
-                triple = storage(p, [w.state[n][i] for n in w.state], codec_of(w.hyper, p))
-                # Triton specializes on the state's rounding (a branch on it took 16-40 more registers in every
-                # kernel with 16-bit state); the CUDA kernel reads it from the group row
-                rounds = "nearest" if triple[1] == torch.float32 else state_rounding_of(w.hyper)
-                by_storage.setdefault((*triple, rounds), []).append((wi, i))
+                key = storage(p, [w.state[n][i] for n in w.state], codec_of(w.hyper, p), state_rounding_of(w.hyper))
+                by_storage.setdefault(key, []).append((wi, i))
         if not by_storage:
             by_storage[torch.float32, torch.float32, "nearest", "nearest"] = []
         specs = []  # per part: (storage, table rows, chunks per row)
-        for triple, members in by_storage.items():
+        for key, members in by_storage.items():
             rows, chunks = [], []
             for wi, i in members:
                 w = work[wi]
@@ -227,13 +227,13 @@ class Plan:
                              chunks[-1] << 1 | int(aligned), master, *states])
             s = scratch.data_ptr()
             rows.append([s, n_slots - 1, s, 0, 0, 1 << 1, s] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
-            specs.append((triple, rows, chunks + [1]))
+            specs.append((key, rows, chunks + [1]))
         items = [sum(chunks) for *_, chunks in specs]
         partials = torch.zeros(sum(items), dtype=torch.float64, device=device)
-        parts = [Part(*triple, _to_device(torch.tensor(rows, dtype=torch.int64), device),
+        parts = [Part(*key, _to_device(torch.tensor(rows, dtype=torch.int64), device),
                       _to_device(work_items(chunks, block), device),
                       torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view)
-                 for (triple, rows, chunks), view in zip(specs, partials.split(items))]
+                 for (key, rows, chunks), view in zip(specs, partials.split(items))]
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
         return cls(cls.key_of(rule, work), device, parts,
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),

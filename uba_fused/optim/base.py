@@ -315,11 +315,16 @@ def check_master_weights(group: dict) -> None:
 def check_state_dtype(group: dict) -> None:
     """``state_dtype`` is None, torch.float32 or torch.bfloat16, not narrower than float32 for a float64 parameter and
     not bfloat16 for a float16 one (the storages the kernels are built for: registry.STORAGES); ``state_rounding`` is
-    None or one of registry.STATE_ROUNDINGS."""
+    None or one of registry.STATE_ROUNDINGS, and stochastic only for bfloat16 state."""
     how = group.get("state_rounding")  # a group pickled before the option existed has none
     if how is not None and how not in registry.STATE_ROUNDINGS:
         raise ValueError(f"state_rounding must be None, 'nearest' or 'stochastic', got {how!r}")
     dtype = group.get("state_dtype")
+    half = [i for i, p in enumerate(group["params"]) if p.dtype == torch.float16]
+    if how == "stochastic" and dtype is None and half:
+        raise ValueError(f"state_rounding='stochastic' rounds bfloat16 state, but the state of the float16 parameters "
+                         f"{half} of this group is float16 (state_dtype=None): rounded to nearest only; use "
+                         f"state_dtype=torch.float32 for them")
     if dtype is None:
         return
     if not isinstance(dtype, torch.dtype):
