@@ -102,8 +102,8 @@ UF_HD uint4 pack(const float (&in)[kVec<T>]) {
 
 // The load/store policy of one storage dtype: N elements (a multiple of kVec<T>, so whole 16-byte vectors) at
 // index v in units of N, or one element at index i, converted to and from float32 (round to nearest).
-// Parameters, gradients and every state slot go through it, each slot in its own dtype (StateIo rounds 16-bit
-// state stochastically first where its group asks).
+// Parameters, gradients and every state slot go through it, each slot in its own dtype (StateIo rounds bfloat16
+// state stochastically first in the storages that say so).
 template <typename T>
 struct Io {
   static constexpr int V = kVec<T>;
@@ -328,8 +328,8 @@ struct ParamIo<T, kStochastic> {  // rounded stochastically, element i from its 
   }
 };
 
-// How a state slot of dtype TS is written back: rounded to nearest (Io), or, with SR (16-bit state whose
-// state_rounding is stochastic), stochastically from random stream 1 + j for slot j (rounding.cuh). A template
+// How a state slot of dtype TS is written back: rounded to nearest (Io), or, with SR (a storage whose bfloat16 state
+// is rounded stochastically), stochastically from random stream 1 + j for slot j (rounding.cuh). A template
 // argument, not a runtime flag: a branch on it took every kernel with 16-bit state to the registers of both (bf16
 // AdamW with a remainder: 64 to 117).
 template <typename TS, bool SR>
@@ -338,25 +338,21 @@ struct StateIo {
   static UF_HD void store(TS* s, int64_t v, float (&in)[N], const RandomKey& key, uint32_t stream) {
     if constexpr (SR) {
       static_assert(sizeof(TS) == 2 && N % 8 == 0, "16-bit state, whole blocks of random bits");
-      {
 #pragma unroll
-        for (int q = 0; q < N / 8; ++q) {
-          uint16_t r[8];
-          random_block(key, v * (N / 8) + q, r, stream);
+      for (int q = 0; q < N / 8; ++q) {
+        uint16_t r[8];
+        random_block(key, v * (N / 8) + q, r, stream);
 #pragma unroll
-          for (int e = 0; e < 8; ++e) in[8 * q + e] = stochastic(in[8 * q + e], r[e], static_cast<TS*>(nullptr));
-        }
+        for (int e = 0; e < 8; ++e) in[8 * q + e] = stochastic(in[8 * q + e], r[e], static_cast<TS*>(nullptr));
       }
     }
     Io<TS>::store(s, v, in);
   }
   static UF_HD void store(TS* s, int64_t i, float x, const RandomKey& key, uint32_t stream) {
     if constexpr (SR) {
-      {
-        uint16_t r[8];
-        random_block(key, i >> 3, r, stream);
-        x = stochastic(x, r[i & 7], static_cast<TS*>(nullptr));
-      }
+      uint16_t r[8];
+      random_block(key, i >> 3, r, stream);
+      x = stochastic(x, r[i & 7], static_cast<TS*>(nullptr));
     }
     Io<TS>::store(s, i, x);
   }

@@ -20,7 +20,7 @@ from uba_fused.backends import rounding
 from uba_fused.registry import RULES
 
 import oracle
-from harness import CASES, f64, random_grads, set_grads
+from harness import CASES, f64, random_grads, set_grads, step_together
 from test_kernels import DEVICE, EVERY_BACKEND
 from test_precision import _MARKS, _oracle_round, _params
 
@@ -92,13 +92,9 @@ def test_every_backend_writes_the_same_state_bits(backend, how):
     runs = []
     for name in ("torch", backend):
         params = _params(torch.float32, seed=22)
-        opt = uf.SGD(params, lr=0.05, momentum=0.9, dampening=0.1, backend=name, state_dtype=BF16, seed=4,
-                     state_rounding=how)
-        gen = torch.Generator().manual_seed(23)
-        for _ in range(4):
-            set_grads(params, random_grads(params, gen))
-            opt.step()
-        runs.append((params, opt))
+        runs.append((params, uf.SGD(params, lr=0.05, momentum=0.9, dampening=0.1, backend=name, state_dtype=BF16,
+                                    seed=4, state_rounding=how)))
+    step_together(runs, torch.Generator().manual_seed(23), steps=4)
     (a, opt_a), (b, opt_b) = runs
     for i, (p, q) in enumerate(zip(a, b)):
         if p.numel():

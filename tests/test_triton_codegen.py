@@ -44,8 +44,8 @@ MAX_REGISTERS_BY_RULE = {("adan", False): 96, ("adan", True): 120}
 # An 8-bit correction (a Philox call per 8 elements, and an int8 slot): AdamW 95 (bf16 state) and 72 (float32 state),
 # Adan 116-122, SGD 56, no spills.
 CODEC_REGISTERS = {"nearest": 0, "remainder": 16, "copy": 8, "stochastic": 40, "correction": 24}
-# 16-bit state rounded stochastically (registry.STATE_ROUNDINGS) draws one Philox call per 8 elements and state slot,
-# on top (triton 3.8, sm_90): AdamW and AdaBelief 80-92 (fp16 copy: 114), Adan 121-128, Lion 62, SGD 54.
+# bfloat16 state rounded stochastically (registry.STATE_ROUNDINGS) draws one Philox call per 8 elements and state
+# slot, on top (triton 3.8, sm_90): AdamW and AdaBelief 80-96, Adan 120-128, Lion 62-64, SGD 54.
 STATE_ROUNDING_REGISTERS = {"nearest": 0, "stochastic": 32}
 # ptxas's own choice, with no register cap: it spills a few bytes to stay at 64 or 80 registers (8 or 6 blocks of 128
 # threads per SM). Capped at 128 (Triton's maxnreg) it spills nothing: 87 and 108 registers. Which is faster is for a

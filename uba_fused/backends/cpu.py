@@ -9,6 +9,8 @@ kernels compute in float32 themselves, but take one dtype for a parameter and it
 with float32 state goes to them as a float32 copy); float64 parameters in float64. A parameter with master weights
 or stochastic rounding (registry.CODECS) is computed from its float32 master and written back by its codec
 (backends/reference.py's decode and encode), so that its update is bit for bit the one of a float32 parameter.
+State kept narrower than its parameter (bfloat16 state of float32 parameters), or rounded stochastically, is updated
+in float32 copies and written back by its rounding (reference.encode_state).
 
 It reads the gradients from ``GroupWork.grads`` (the parameters that have one), as backend "torch".
 """

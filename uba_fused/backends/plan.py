@@ -32,9 +32,9 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
 
 A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec, its
 state's rounding) makes one launch per storage ("part"); only the last launch advances the group counters, so every
-launch reads the same step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first runs a pre-pass
-(``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds them, and the
-optimizer hands the global norm to the update kernels as a pointer to a float64 on the device.
+launch reads the same step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first
+runs a pre-pass (``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds
+them, and the optimizer hands the global norm to the update kernels as a pointer to a float64 on the device.
 """
 
 from __future__ import annotations
@@ -90,9 +90,9 @@ def storage(p: torch.Tensor, states: Sequence[torch.Tensor], codec: str | None,
     key = (p.dtype, *dtypes, codec, rounding if states and dtypes != {torch.float32} else "nearest")
     if len(dtypes) > 1 or key not in STORAGE_ID:
         raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}, kept as "
-                           f"{codec!r}, its state rounded {key[-1]!r}: the kernels take a parameter's state in its own dtype, in "
-                           f"float32 for a 16-bit parameter or in bfloat16 for a float32 one, master_weights for 16-bit "
-                           f"parameters only, and round state stochastically only in bfloat16")
+                           f"{codec!r}, its state rounded {key[-1]!r}: the kernels take a parameter's state in its own "
+                           f"dtype, in float32 for a 16-bit parameter or in bfloat16 for a float32 one, master_weights "
+                           f"for 16-bit parameters only, and round state stochastically only in bfloat16")
     return key
 
 

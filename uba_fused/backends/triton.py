@@ -260,13 +260,11 @@ def _load_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_stat
 @triton.jit
 def _store_state(J: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr,
                  addr, offs, first, mask, has_state, s, STOCHASTIC: tl.constexpr, seed, slot, t):
-    """State slot J written back: rounded to nearest, or (16-bit state in a group whose state_rounding is stochastic)
-    stochastically, from random-bit stream 1 + J."""
+    """State slot J written back: rounded to nearest, or (bfloat16 state whose state_rounding is stochastic: the
+    storage's) stochastically, from random-bit stream 1 + J."""
     if J < STATES:
         if has_state:
-            if DTYPE == tl.float32:
-                _store_nearest(DTYPE, ALIGNED, addr, offs, mask, s)
-            elif STOCHASTIC:
+            if STOCHASTIC:
                 _store_stochastic(DTYPE, ALIGNED, addr, offs, mask, s, _random_bits(seed, slot, t, first, SUB, 1 + J))
             else:
                 _store_nearest(DTYPE, ALIGNED, addr, offs, mask, s)
