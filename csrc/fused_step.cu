@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "launch.h"
 #include "rounding.cuh"
@@ -369,6 +370,8 @@ struct Item {
   RandomKey key;     // the random bits' (kStochastic, kCorrection, SR)
   const T* g;
   TS* s[S];
+  float* absmax;     // 8-bit state's block scales: [S, n_blocks] (TS int8_t)
+  int64_t n_blocks;
   float* step;
   int64_t slot, start, end, n_chunks;
   bool vector;       // a full chunk, every tensor 16-byte aligned: 128-bit accesses, no bounds checks
@@ -391,6 +394,8 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.m = reinterpret_cast<typename Item<T, TS, C, SR, R>::P::M*>(row[kMaster]);
   for (int j = 0; j < Item<T, TS, C, SR, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
   it.step = reinterpret_cast<float*>(row[kStep]);
+  it.absmax = reinterpret_cast<float*>(row[kAbsmax]);
+  it.n_blocks = (row[kNumel] + kQBlock - 1) / kQBlock;
   // A tensor without a gradient this step keeps its row, skipped; so is every tensor when GradScaler found an inf.
   const bool live = grad != kNoGrad && *args.found_inf == 0.0f;
   const int64_t numel = live ? row[kNumel] : 0, info = row[kInfo];
@@ -410,13 +415,163 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   return it;
 }
 
+// 8-bit state (TS int8_t): a block of kQBlock elements is a warp's, each lane holding kPerLane of its elements: on the
+// vector path lane l's are first + 8 l ... + 7 (one 8-byte vector of codes), elsewhere first + l + 32 k, k < 8. A
+// lane loads, decodes and updates its elements (load_lane), the block's largest companded magnitude per slot is
+// reduced over its lanes (a warp's shuffles on the device; on the host, the block's 32 lanes one after another, all
+// loaded before any is stored), then each lane stores its parameters and codes, and lane 0 the block's scales.
+constexpr int kBlockLanes = 32;
+constexpr int kPerLane = kQBlock / kBlockLanes;
+static_assert(kPerLane == 8 && kChunk % kQBlock == 0, "a lane's elements are one 8-byte vector of codes");
+
+template <class I>
+struct Lane {  // one lane's elements of a block: their values after the update, and which exist
+  float p[kPerLane], s[I::S][kPerLane];
+  bool live[kPerLane];
+};
+
+template <class R, class I>
+UF_HD void load_lane(const I& it, int64_t first, int l, Lane<I>& x) {
+  using T = std::remove_const_t<std::remove_pointer_t<decltype(it.g)>>;
+  constexpr int S = I::S;
+  float g[kPerLane];
+  if (it.vector) {
+    const int64_t v = first / kPerLane + l;  // in units of 8 elements
+    I::P::load(it.p, it.m, v, x.p);
+    Io<T>::load(it.g, v, g);
+    for (int j = 0; j < S; ++j) {
+      const uint2 raw = load_vector<uint2>(it.s[j], v);
+      const float absmax = it.absmax[j * it.n_blocks + first / kQBlock];
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        x.s[j][e] = decode8(static_cast<int8_t>((e < 4 ? raw.x : raw.y) >> (8 * (e % 4))), absmax,
+                            (R::Cols::kPositive >> j) & 1);
+      }
+    }
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) x.live[e] = true;
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      const int64_t i = first + l + kBlockLanes * e;
+      x.live[e] = i < it.end;
+      x.p[e] = g[e] = 0.0f;
+      for (int j = 0; j < S; ++j) x.s[j][e] = 0.0f;
+      if (!x.live[e]) continue;
+      x.p[e] = I::P::load(it.p, it.m, i);
+      g[e] = Io<T>::load(it.g, i);
+      for (int j = 0; j < S; ++j) {
+        x.s[j][e] = decode8(it.s[j][i], it.absmax[j * it.n_blocks + first / kQBlock], (R::Cols::kPositive >> j) & 1);
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+    float st[S];
+    for (int j = 0; j < S; ++j) st[j] = x.s[j][e];
+    R::update(x.p[e], g[e] * it.gscale, st, it.c);
+    for (int j = 0; j < S; ++j) x.s[j][e] = st[j];
+  }
+}
+
+// The largest companded magnitude of slot j among a lane's live elements.
+template <class R, class I>
+UF_HD float lane_absmax(const Lane<I>& x, int j) {
+  float m = 0.0f;
+#pragma unroll
+  for (int e = 0; e < kPerLane; ++e) {
+    if (x.live[e]) m = fmaxf(m, companded(x.s[j][e], (R::Cols::kPositive >> j) & 1));
+  }
+  return m;
+}
+
+template <class R, bool SR, class I>
+UF_HD void store_lane(const I& it, int64_t first, int l, Lane<I>& x, const float (&absmax)[I::S]) {
+  constexpr int S = I::S;
+  if (it.vector) {
+    const int64_t v = first / kPerLane + l;
+    I::P::store(it.p, it.m, v, x.p, it.key);
+    for (int j = 0; j < S; ++j) {
+      const bool positive = (R::Cols::kPositive >> j) & 1;
+      const float inv = code_scale(absmax[j], positive);
+      uint16_t r[8] = {};
+      if (SR) random_block(it.key, v, r, 1 + j);
+      unsigned w[2] = {0u, 0u};
+#pragma unroll
+      for (int e = 0; e < kPerLane; ++e) {
+        const int8_t q = encode8(x.s[j][e], inv, positive, SR ? static_cast<int32_t>(r[e]) : -1);
+        w[e / 4] |= static_cast<unsigned>(static_cast<uint8_t>(q)) << (8 * (e % 4));
+      }
+      store_vector(it.s[j], v, make_uint2(w[0], w[1]));
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < kPerLane; ++e) {
+      if (!x.live[e]) continue;
+      const int64_t i = first + l + kBlockLanes * e;
+      I::P::store(it.p, it.m, i, x.p[e], it.key);
+      for (int j = 0; j < S; ++j) {
+        const bool positive = (R::Cols::kPositive >> j) & 1;
+        int32_t r = -1;
+        if (SR) {
+          uint16_t bits[8];
+          random_block(it.key, i >> 3, bits, 1 + j);
+          r = bits[i & 7];
+        }
+        it.s[j][i] = encode8(x.s[j][e], code_scale(absmax[j], positive), positive, r);
+      }
+    }
+  }
+  if (l == 0) {
+    for (int j = 0; j < S; ++j) it.absmax[j * it.n_blocks + first / kQBlock] = absmax[j];
+  }
+}
+
+template <class R, bool SR, class I, int LANES>
+UF_HD void update_quantized(const I& it, int lane) {
+  constexpr int S = I::S;
+  if (!it.has_state) return;  // (a storage with 8-bit state keeps state)
+  if constexpr (LANES == 1) {  // the host: each block's 32 lanes one after another
+    for (int64_t first = it.start; first < it.end; first += kQBlock) {
+      Lane<I> x[kBlockLanes];
+      float absmax[S] = {};
+      for (int l = 0; l < kBlockLanes; ++l) {
+        load_lane<R>(it, first, l, x[l]);
+        for (int j = 0; j < S; ++j) absmax[j] = fmaxf(absmax[j], lane_absmax<R>(x[l], j));
+      }
+      for (int l = 0; l < kBlockLanes; ++l) store_lane<R, SR>(it, first, l, x[l], absmax);
+    }
+  } else {
+#ifdef __CUDA_ARCH__
+    static_assert(LANES % kBlockLanes == 0, "whole warps");
+    const int l = lane % kBlockLanes;
+    // every lane of a warp runs the same blocks: the shuffles see all 32
+    for (int64_t first = it.start + (lane / kBlockLanes) * kQBlock; first < it.end;
+         first += (LANES / kBlockLanes) * kQBlock) {
+      Lane<I> x;
+      load_lane<R>(it, first, l, x);
+      float absmax[S];
+      for (int j = 0; j < S; ++j) {
+        float m = lane_absmax<R>(x, j);
+#pragma unroll
+        for (int d = kBlockLanes / 2; d > 0; d /= 2) m = fmaxf(m, __shfl_xor_sync(0xFFFFFFFFu, m, d));
+        absmax[j] = m;
+      }
+      store_lane<R, SR>(it, first, l, x, absmax);
+    }
+#endif
+  }
+}
+
 // The elements of an item that lane `lane` of LANES takes: every LANES-th vector (of the narrower of the parameter's
 // and the state's dtypes; the wider takes as many vectors as it needs for those elements) or element.
 template <typename T, typename TS, int C, bool SR, class R, int LANES>
 UF_HD void update_elements(const Item<T, TS, C, SR, R>& it, int lane) {
   using I = Item<T, TS, C, SR, R>;
   constexpr int S = I::S;
-  if (it.vector) {
+  if constexpr (std::is_same_v<TS, int8_t>) {
+    update_quantized<R, SR, I, LANES>(it, lane);
+  } else if (it.vector) {
     constexpr int N = kVec<T> > kVec<TS> ? kVec<T> : kVec<TS>;
     const int64_t v0 = it.start / N;
 #pragma unroll
@@ -556,6 +711,7 @@ template <int D> struct Type;  // the C++ type of a registry DType
 template <> struct Type<kFloat32> { using type = float; };
 template <> struct Type<kBfloat16> { using type = __nv_bfloat16; };
 template <> struct Type<kFloat16> { using type = __half; };
+template <> struct Type<kInt8> { using type = int8_t; };  // 8-bit state: codes (update_quantized)
 template <typename T, typename TS, int C, int SR> struct Storage {
   using param = T;
   using state = TS;

@@ -128,4 +128,38 @@ UF_HD float round_stochastic_half(float x, uint32_t r) {
   return (b >> 31) ? -y : y;
 }
 
+// 8-bit state (registry.QUANTIZED): int8 codes linear in sign(x) |x|^1/2 (a signed slot: -127..127) or x^1/4 (a slot
+// that is never negative: 0..255 in the int8's bits), scaled per block by the block's largest companded magnitude,
+// `absmax`. backends/rounding.py: quantize and dequantize, bit for bit (IEEE square roots and divisions, as nvcc's
+// defaults compile them; no sum follows a product that a fused multiply-add could round otherwise).
+UF_HD float companded(float x, bool positive) {
+  const float z = sqrtf(fabsf(x));
+  return positive ? sqrtf(z) : z;
+}
+
+UF_HD float levels(bool positive) { return positive ? 255.0f : 127.0f; }
+
+// What `code` holds, in a block whose largest companded magnitude is `absmax`: w = |code| (absmax / levels), then
+// w^2 with the code's sign, or (w^2)^2.
+UF_HD float decode8(int8_t code, float absmax, bool positive) {
+  const int q = positive ? static_cast<int>(static_cast<uint8_t>(code)) : (code < 0 ? -code : code);
+  const float w = static_cast<float>(q) * (absmax / levels(positive));
+  const float w2 = w * w;
+  return positive ? w2 * w2 : (code < 0 ? -w2 : w2);
+}
+
+// levels / absmax, what a block's companded values are multiplied by (0 for a block of zeros).
+UF_HD float code_scale(float absmax, bool positive) { return absmax > 0.0f ? levels(positive) / absmax : 0.0f; }
+
+// x's code in a block of scale `inv` (code_scale): y = companded(x) inv, floor(y) + 1 where y's fraction is at least
+// 1/2 (r < 0: to nearest) or above r 2^-16 (16 random bits: stochastically), at most levels, with x's sign if signed.
+UF_HD int8_t encode8(float x, float inv, bool positive, int32_t r) {
+  const float y = companded(x, positive) * inv;
+  const float fl = floorf(y);
+  const bool up = r < 0 ? y >= fl + 0.5f : y > fl + static_cast<float>(r) * 1.52587890625e-05f;  // exact sums
+  int q = static_cast<int>(fminf(fl + (up ? 1.0f : 0.0f), levels(positive)));
+  if (!positive && x < 0.0f) q = -q;
+  return static_cast<int8_t>(static_cast<uint8_t>(q & 0xFF));
+}
+
 }  // namespace uf

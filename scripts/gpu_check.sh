@@ -73,7 +73,7 @@ PY
   XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8")
   timeout 200 python3 -m pytest -q -rs -p no:cacheprovider $XDIST --junitxml="$OUT/quick-tests.xml" \
     tests/test_gpu_loops.py tests/test_capture.py tests/test_moved.py tests/test_kernels.py tests/test_precision.py \
-    tests/test_amp.py tests/test_state_dtype.py \
+    tests/test_amp.py tests/test_state_dtype.py tests/test_state_8bit.py \
     > "$OUT/quick-tests.log" 2>&1
   RC=$?
   grep -E "passed|failed" "$OUT/quick-tests.log" | tail -1

@@ -39,10 +39,27 @@ def test_each_precision_layout_reports_the_bytes_its_real_tensors_hold(dtype, mo
     """AdamW per parameter: p read and written, g read, each state buffer (masters included) read and written; kept:
     the state (a bf16 master is its 2-byte remainder, an fp16 one a 4-byte copy)."""
     preset = Preset("tiny", ((33, 7), (5,)))
-    cands = throughput.candidates(torch.device("cpu"), ["adamw"], ["torch"], False, throughput.layouts_for(dtype))
+    cands = throughput.candidates(torch.device("cpu"), ["adamw"], ["torch"], False,
+                                  throughput.layouts_for(dtype, list(moved)))  # (8-bit: the next test)
     rows = throughput.measure(preset, dtype, torch.device("cpu"), cands, steps=1, warmup=1, copy_gbps=1.0)
     assert {r.layout: r.bytes_per_param for r in rows} == moved
     assert {r.layout: r.state_bytes_per_param for r in rows} == kept
+
+
+def test_8bit_layouts_report_the_bytes_of_codes_and_block_scales():
+    """AdamW on one 64 x 128 tensor (over registry.QUANTIZE_MIN: 8-bit state): each moment 1 byte per parameter and a
+    float32 scale per 256 (0.015625 per moment); the 8-bit master 1 byte more."""
+    preset = Preset("8bit", ((64, 128),))
+    scales = 2 * 4 / 256
+    for dtype, moved, kept in ((torch.float32, {"8bit-state": 12 + 2 * (2 + scales)}, {"8bit-state": 2 + scales}),
+                               (torch.bfloat16, {"8bit-state": 6 + 2 * (2 + scales),
+                                                 "master8-8bit-state": 6 + 2 * (3 + scales)},
+                                {"8bit-state": 2 + scales, "master8-8bit-state": 3 + scales})):
+        cands = throughput.candidates(torch.device("cpu"), ["adamw"], ["torch"], False,
+                                      throughput.layouts_for(dtype, list(moved)))
+        rows = throughput.measure(preset, dtype, torch.device("cpu"), cands, steps=1, warmup=1, copy_gbps=1.0)
+        assert {r.layout: r.bytes_per_param for r in rows} == moved
+        assert {r.layout: r.state_bytes_per_param for r in rows} == kept
 
 
 def test_throughput_cli_on_cpu(tmp_path, capsys):

@@ -1,13 +1,13 @@
 """The one registry: every name that Python, Triton and C++ share, with the number each side knows it by.
 
-- ``RULES``: one ``Rule`` per update rule. It gives the state buffers in the kernels' slot order, the
-  rule's columns of the group table with their host values (computed here once, in float64, and read
-  by every backend, the readable reference included), and the tensors a step streams.
+- ``RULES``: one ``Rule`` per update rule. It gives the state buffers in the kernels' slot order (and which of them
+  are never negative), the rule's columns of the group table with their host values (computed here once, in float64,
+  and read by every backend, the readable reference included), and the tensors a step streams.
 - ``SCHEDULE_KINDS``: the schedule families, in the kernels' kind order (``schedules.py`` defines them).
 - The device tables' columns (``TENSOR_COLS``, ``GROUP_COLS``), the kernel dtypes, the parameter codecs and
   the (parameter dtype, state dtype, codec, state rounding) storages (``DTYPES``, ``CODECS``, ``STATE_ROUNDINGS``,
-  ``STORAGES``), ``CHUNK`` and
-  ``NO_GRAD`` (``backends/plan.py`` documents the tables).
+  ``STORAGES``), 8-bit state's blocks (``QBLOCK``, ``QUANTIZE_MIN``), ``CHUNK`` and ``NO_GRAD`` (``backends/plan.py``
+  documents the tables).
 
 Numbers are positions in these tuples, never written anywhere by hand. ``csrc/registry.h`` is generated
 from this file (``python uba_fused/registry.py``; setup.py does it before each build, and a test keeps the
@@ -28,13 +28,14 @@ from dataclasses import dataclass, field
 
 # -- the device tables (backends/plan.py) ---------------------------------------------------------------
 # Per tensor, int64: addresses of the parameter, its gradient's slot in the gradient table, the step count's
-# address, sizes, the address of its master slot (CODECS); then one address per state slot of the rule (STATE_COL + i).
-TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info", "master")
+# address, sizes, the address of its master slot (CODECS), the address of its 8-bit state's block scales (QUANTIZED);
+# then one address per state slot of the rule (STATE_COL + i).
+TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info", "master", "absmax")
 STATE_COL = len(TENSOR_COLS)
 # Per group, float64: what every rule reads (the lr and its schedule, gradient clipping), then the rule's own
 # (Rule.consts).
 GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps", "seed")
-DTYPES = ("float32", "bfloat16", "float16")  # what the kernels store (they compute in float32)
+DTYPES = ("float32", "bfloat16", "float16", "int8")  # what the kernels store (they compute in float32; int8: QUANTIZED)
 # How a parameter is read before its update and written after it (the master_weights option):
 # - "nearest": as it is, rounded to nearest on the way back (a 16-bit parameter loses every update smaller than
 #   half its last bit);
@@ -53,6 +54,13 @@ CODECS = ("nearest", "remainder", "copy", "stochastic", "correction")
 # "stochastic" above, drawn from a stream of their own per state slot (backends/rounding.py: random_bits). Float32 state
 # is written as it is ("nearest"); stochastic rounding is built for bfloat16 state.
 STATE_ROUNDINGS = ("nearest", "stochastic")
+# 8-bit state (state_dtype=torch.int8; backends/rounding.py: quantize is the spec): each state slot of a parameter of at
+# least QUANTIZE_MIN elements is kept as int8 codes, one per element, and one float32 scale per block of QBLOCK elements
+# (element i in block i // QBLOCK of the tensor's memory, whatever the launch) in the parameter's state "absmax"
+# (float32 [slots, blocks]). A smaller parameter keeps float32 state (as bitsandbytes and torchao do below 4096).
+QBLOCK = 256
+QUANTIZE_MIN = 4096
+QUANTIZED = "int8"
 MASTER_DTYPE = {"remainder": "int16", "copy": "float32", "correction": "int8"}  # the codecs that keep a "master"
 MASTER_WEIGHTS = (None, "exact", "stochastic", "8bit")  # the option's values
 
@@ -69,12 +77,13 @@ def codec(master_weights: str | None, dtype: str) -> str | None:
 
 
 def state_rounding(option: str | None, state_dtype: str | None) -> str:
-    """How a group rounds its 16-bit state (STATE_ROUNDINGS), from its ``state_rounding`` and ``state_dtype`` options:
-    None chooses stochastic for a 16-bit ``state_dtype`` asked for (rounding a moving average to nearest in 16 bits
-    stalls it: 0.999 v rounds back to v), and nearest for state kept in its parameter's dtype (torch.optim's)."""
+    """How a group rounds its 16-bit or 8-bit state (STATE_ROUNDINGS), from its ``state_rounding`` and ``state_dtype``
+    options: None chooses stochastic for a 16-bit or 8-bit ``state_dtype`` asked for (rounding a moving average to
+    nearest in 16 bits stalls it: 0.999 v rounds back to v), and nearest for state kept in its parameter's dtype
+    (torch.optim's)."""
     if option is not None:
         return option
-    return "stochastic" if state_dtype in ("bfloat16", "float16") else "nearest"
+    return "stochastic" if state_dtype in ("bfloat16", "float16", QUANTIZED) else "nearest"
 
 
 # The (parameter dtype, state dtype, codec, state rounding) storages the kernels are compiled for: one plan part (one
@@ -82,12 +91,12 @@ def state_rounding(option: str | None, state_dtype: str | None) -> str:
 # bfloat16 for a float32 one; bfloat16 state is rounded to nearest or stochastically (each a kernel of its own: a
 # branch on it cost every kernel with 16-bit state the registers of both).
 _PAIRS = (("float32", "float32"), ("bfloat16", "bfloat16"), ("float16", "float16"), ("bfloat16", "float32"),
-          ("float16", "float32"), ("float32", "bfloat16"))
+          ("float16", "float32"), ("float32", "bfloat16"), ("float32", QUANTIZED), ("bfloat16", QUANTIZED))
 # The master_weights value that chooses each codec (for a parameter of a dtype it can keep).
 OPTION_OF_CODEC = {"nearest": None, "remainder": "exact", "copy": "exact", "stochastic": "stochastic",
                    "correction": "8bit"}
 STORAGES = tuple((p, s, c, r) for c in CODECS for p, s in _PAIRS if codec(OPTION_OF_CODEC[c], p) == c
-                 for r in STATE_ROUNDINGS if r == "nearest" or s == "bfloat16")
+                 for r in STATE_ROUNDINGS if r == "nearest" or s in ("bfloat16", QUANTIZED))
 STORAGE_IDS = {storage: i for i, storage in enumerate(STORAGES)}
 CHUNK = 4096     # elements per work item, in both kernels
 NO_GRAD = -1     # a gradient-table entry for a parameter without a gradient this step (an empty tensor's is 0)
@@ -155,6 +164,8 @@ class Rule:
     consts: tuple[str, ...]              # the rule's group-table columns, after GROUP_COLS
     constants: Callable[[Mapping], dict[str, float]]  # their values for a param group (float64, host side)
     streams: tuple[int, int]             # tensors loaded and stored per element on a step: the bytes it moves
+    positive: tuple[str, ...] = ()       # the state slots that are never negative (averages of squares): their
+                                         # 8-bit codes take the map for non-negative values (rounding.quantize)
     keeps_state: Callable[[Mapping], bool] = field(default=_always)  # SGD without momentum keeps none
     clip_eps: Callable[[Mapping], float] = field(default=_torch_clip_eps)  # see clipping()
 
@@ -185,15 +196,16 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {r.name: r for r in (
-    Rule("adamw", ("exp_avg", "exp_avg_sq"), _ADAM, _adam, (4, 3)),
-    Rule("adabelief", ("exp_avg", "exp_avg_var"), _ADAM, _adam, (4, 3)),
+    Rule("adamw", ("exp_avg", "exp_avg_sq"), _ADAM, _adam, (4, 3), positive=("exp_avg_sq",)),
+    Rule("adabelief", ("exp_avg", "exp_avg_var"), _ADAM, _adam, (4, 3), positive=("exp_avg_var",)),
     Rule("lion", ("exp_avg",), ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "weight_decay"), _lion,
          (3, 2)),
     Rule("sgd", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay"), _sgd, (3, 2),
          keeps_state=lambda group: group["momentum"] != 0),
     Rule("adan", ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
          ("beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
-          "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5), clip_eps=_own_eps),
+          "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5), positive=("exp_avg_sq",),
+         clip_eps=_own_eps),
 )}
 RULE_IDS = {name: i for i, name in enumerate(RULES)}
 MAX_STATES = max(len(r.states) for r in RULES.values())
@@ -210,8 +222,9 @@ def abi() -> dict:
     return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "dtypes": list(DTYPES),
             "codecs": list(CODECS), "state_roundings": list(STATE_ROUNDINGS),
             "storages": [list(storage) for storage in STORAGES],
-            "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS),
-            "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts)}
+            "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS), "qblock": QBLOCK,
+            "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts),
+                               "positive": list(r.positive)}
                       for r in RULES.values()}}
 
 
@@ -243,13 +256,16 @@ def cpp_header() -> str:
         f"constexpr int kChunk = {CHUNK};",
         f"constexpr long long kNoGrad = {NO_GRAD};",
         f"constexpr int kMaxStates = {MAX_STATES};",
+        f"constexpr int kQBlock = {QBLOCK};",
         "",
-        "// Each rule's group-table columns (after GroupCol) and its id and number of state slots: a struct, so that a",
-        "// template can take it (csrc/updates.cuh).",
+        "// Each rule's group-table columns (after GroupCol), its id, its number of state slots and which of them are never",
+        "// negative (Rule.positive, bit j for slot j): a struct, so that a template can take it (csrc/updates.cuh).",
     ]
     for r in RULES.values():
         cols = [(c, len(GROUP_COLS) + i) for i, c in enumerate(r.consts)] + [("cols", len(GROUP_COLS) + len(r.consts))]
-        lines.append(f"struct {r.name} {{ static constexpr int kId = {r.id}, kStates = {len(r.states)}; {_enum('Col', cols)} }};")
+        positive = sum(1 << j for j, n in enumerate(r.states) if n in r.positive)  # bit j: slot j is never negative
+        lines.append(f"struct {r.name} {{ static constexpr int kId = {r.id}, kStates = {len(r.states)}, "
+                     f"kPositive = {positive}; {_enum('Col', cols)} }};")
     text = json.dumps(abi(), sort_keys=True, separators=(",", ":"))
     lines += ["", "// abi() of registry.py, which uba_fused._C exports as REGISTRY.",
               f"constexpr const char* kRegistry = R\"json({text})json\";", "", "}  // namespace uf", ""]

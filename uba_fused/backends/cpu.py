@@ -9,8 +9,8 @@ kernels compute in float32 themselves, but take one dtype for a parameter and it
 with float32 state goes to them as a float32 copy); float64 parameters in float64. A parameter with master weights
 or stochastic rounding (registry.CODECS) is computed from its float32 master and written back by its codec
 (backends/reference.py's decode and encode), so that its update is bit for bit the one of a float32 parameter.
-State kept narrower than its parameter (bfloat16 state of float32 parameters), or rounded stochastically, is updated
-in float32 copies and written back by its rounding (reference.encode_state).
+State kept narrower than its parameter (bfloat16 or 8-bit state of float32 parameters), or rounded stochastically, is
+updated in float32 copies and written back by its rounding (reference.decode_state and encode_state).
 
 It reads the gradients from ``GroupWork.grads`` (the parameters that have one), as backend "torch".
 """
@@ -24,10 +24,11 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
-from .reference import FOREACH, decode, encode, encode_state, grad_scale, grad_sumsq, skipped
+from .reference import FOREACH, decode, decode_state, encode, encode_state, grad_scale, grad_sumsq, skipped
 from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
 
 _LOW = (torch.bfloat16, torch.float16)
+_NARROW = (*_LOW, torch.int8)  # state kept in fewer bits than the update computes in
 _FUSED = ("adamw", "sgd")  # the rules torch has fused CPU kernels for
 
 
@@ -71,8 +72,8 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | 
                 walkable = part.walkable if w.grads_like_params else [
                     a and gi.stride() == pi.stride() for a, pi, gi in zip(part.walkable, p, g)]
                 key = (int(w.hyper.get("seed", 0)), pick(w.slots), w.schedule_step, state_rounding_of(w.hyper))
-                _update(rule, part, p, pick(w.masters), g, {n: pick(ts) for n, ts in w.state.items()}, pick(w.steps),
-                        lr, c, walkable, scale, key)
+                _update(rule, part, p, (pick(w.masters), pick(w.scales)), g, {n: pick(ts) for n, ts in w.state.items()},
+                        pick(w.steps), lr, c, walkable, scale, key)
         w.schedule_step.add_(1)
 
 
@@ -132,15 +133,16 @@ def _walked_as_memory(p: list, g: list, s: dict[str, list], walkable: list[bool]
     return p2, g2, s2, done
 
 
-def _update(rule: str, part: _Part, p: list, masters: list, g: list, s: dict[str, list], steps: list, lr: float,
-            c: dict, walkable: list[bool], scale: float, key: tuple) -> None:
+def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s: dict[str, list], steps: list,
+            lr: float, c: dict, walkable: list[bool], scale: float, key: tuple) -> None:
     """One part's update, each gradient scaled by ``scale`` first (1 / GradScaler's scale times its group's clipping
-    factor; 1: none). ``masters`` are the parameters' master slots (registry.CODECS), ``key`` (seed, slots, t, state
-    rounding) what keys stochastic rounding's random bits."""
+    factor; 1: none). ``kept`` holds the parameters' master slots (registry.CODECS) and their 8-bit state's block
+    scales (registry.QUANTIZED), ``key`` (seed, slots, t, state rounding) what keys stochastic rounding's random bits."""
     seed, slots, t, rounds = key
+    masters, scales = kept
     own_state = part.state_dtype == part.dtype
-    narrow_state = part.state_dtype.itemsize < part.dtype.itemsize  # bfloat16 state of float32 parameters
-    rounded_state = part.state_dtype in _LOW and rounds == "stochastic"
+    narrow_state = part.state_dtype.itemsize < part.dtype.itemsize  # bfloat16 or 8-bit state of wider parameters
+    rounded_state = part.state_dtype in _NARROW and rounds == "stochastic"
     if part.codec != "nearest" or narrow_state or rounded_state or part.dtype in _LOW and (
             rule not in _FUSED or not own_state or scale != 1.0):
         # compute in float32 (from the master where one is kept), round once on the way back (float32 state is
@@ -150,7 +152,7 @@ def _update(rule: str, part: _Part, p: list, masters: list, g: list, s: dict[str
         g32 = [t.float() for t in g]
         if scale != 1.0:
             torch._foreach_mul_(g32, scale)
-        s32 = {n: [t.float() for t in ts] for n, ts in s.items()}
+        s32 = {n: [decode_state(t, a, rule, n) for t, a in zip(ts, scales)] for n, ts in s.items()}
         _compute(rule, part, p32, g32, s32, steps, lr, c, walkable)
         if part.codec == "nearest":
             torch._foreach_copy_(p, p32)
@@ -160,12 +162,15 @@ def _update(rule: str, part: _Part, p: list, masters: list, g: list, s: dict[str
                 dst.copy_(new_p)
                 if new_master is not None:
                     master.copy_(new_master)
-        if part.state_dtype in _LOW:  # 16-bit state was updated in float32 copies: written back by its rounding
+        if part.state_dtype in _NARROW:  # narrow state was updated in float32 copies: written back by its rounding
             for n, ts in s.items():
-                if rounded_state:
-                    stream = 1 + RULES[rule].states.index(n)
-                    for dst, x, slot in zip(ts, s32[n], slots):
-                        dst.copy_(encode_state(x, part.state_dtype, rounds, seed, slot, stream, t))
+                if rounded_state or part.state_dtype == torch.int8:
+                    j = RULES[rule].states.index(n)
+                    for dst, absmax, x, slot in zip(ts, scales, s32[n], slots):
+                        new_v, new_absmax = encode_state(x, rule, n, part.state_dtype, rounds, seed, slot, t)
+                        dst.copy_(new_v)
+                        if new_absmax is not None:
+                            absmax[j].copy_(new_absmax)
                 else:
                     torch._foreach_copy_(ts, s32[n])
     else:

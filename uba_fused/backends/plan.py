@@ -16,9 +16,10 @@ optimizer), and a step on another CUDA stream than the last waits for it (``stre
 
 Tables, all on the parameters' device; their columns are registry.py's (TENSOR_COLS, GROUP_COLS and the
 rule's consts), which names them for Triton and generates csrc/registry.h for C++:
-  tensors  int64 [n + 1, 7 + S] per tensor: address of p; its gradient's slot in ``grads``; address of
+  tensors  int64 [n + 1, 8 + S] per tensor: address of p; its gradient's slot in ``grads``; address of
                              its step; numel; group; info (= n_chunks << 1 | p and state 16-byte aligned);
-                             the address of its master slot (registry.CODECS; scratch without one);
+                             the address of its master slot (registry.CODECS; scratch without one); the
+                             address of its 8-bit state's block scales (registry.QUANTIZED; scratch without);
                              then the address of each of the rule's S state slots. Row n is a sentinel
                              with no elements, so a launch always has a program that advances the group
                              counters.
@@ -91,8 +92,9 @@ def storage(p: torch.Tensor, states: Sequence[torch.Tensor], codec: str | None,
     if len(dtypes) > 1 or key not in STORAGE_ID:
         raise RuntimeError(f"a {p.dtype} parameter with state of dtypes {sorted(map(str, dtypes))}, kept as "
                            f"{codec!r}, its state rounded {key[-1]!r}: the kernels take a parameter's state in its own "
-                           f"dtype, in float32 for a 16-bit parameter or in bfloat16 for a float32 one, master_weights "
-                           f"for 16-bit parameters only, and round state stochastically only in bfloat16")
+                           f"dtype, in float32 for a 16-bit parameter, in bfloat16 for a float32 one or in 8 bits for "
+                           f"a float32 or bfloat16 one, master_weights for 16-bit parameters only, and round state "
+                           f"stochastically only in bfloat16 or 8 bits")
     return key
 
 
@@ -219,14 +221,14 @@ class Plan:
                 p = w.params[i]
                 # a group that keeps no state (SGD without momentum) points its slots at scratch: never read
                 states = [w.state[n][i].data_ptr() for n in w.state] or [scratch.data_ptr()] * n_states
-                master = scratch.data_ptr() if w.masters[i] is None else w.masters[i].data_ptr()
+                master, absmax = (scratch.data_ptr() if t is None else t.data_ptr() for t in (w.masters[i], w.scales[i]))
                 # the gradient's alignment is checked each step
                 aligned = all(x % ALIGN == 0 for x in [p.data_ptr(), master, *states] if x)
                 chunks.append(max(1, -(-p.numel() // block)))
                 rows.append([p.data_ptr(), w.slots[i], w.steps[i].data_ptr(), p.numel(), wi,
-                             chunks[-1] << 1 | int(aligned), master, *states])
+                             chunks[-1] << 1 | int(aligned), master, absmax, *states])
             s = scratch.data_ptr()
-            rows.append([s, n_slots - 1, s, 0, 0, 1 << 1, s] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
+            rows.append([s, n_slots - 1, s, 0, 0, 1 << 1, s, s] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
             specs.append((key, rows, chunks + [1]))
         items = [sum(chunks) for *_, chunks in specs]
         partials = torch.zeros(sum(items), dtype=torch.float64, device=device)
@@ -285,7 +287,7 @@ class Plan:
         for part in self.parts:
             out += [part.tensors, part.work, part.done]
         for w in work:
-            out += [w.schedule_step, w.lr_out, *w.steps, *(m for m in w.masters if m is not None)]
+            out += [w.schedule_step, w.lr_out, *w.steps, *(m for m in w.masters + w.scales if m is not None)]
             for ts in w.state.values():
                 out += ts
         return out

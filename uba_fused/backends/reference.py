@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from ..registry import RULES
+from ..registry import QBLOCK, RULES
 from . import rounding
 from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
 
@@ -163,14 +163,32 @@ def encode(x: torch.Tensor, codec: str, dtype: torch.dtype, seed: int, slot: int
     return x, None
 
 
-def encode_state(x: torch.Tensor, dtype: torch.dtype, how: str, seed: int, slot: int, stream: int,
-                 t: torch.Tensor) -> torch.Tensor:
-    """What state ``x`` (float32) writes into a ``dtype`` state buffer: a 16-bit one rounded by ``how``
-    (registry.STATE_ROUNDINGS) from random-bit stream ``stream`` (rounding.random_bits); otherwise ``x``, which the
-    buffer's copy rounds to nearest."""
-    if how != "stochastic" or dtype not in (torch.bfloat16, torch.float16):
-        return x
-    return rounding.round_stochastic_to(x, rounding.random_bits(x, seed, slot, t, stream), dtype)
+def _slot(rule: str, name: str) -> tuple[int, bool]:
+    """State ``name``'s slot j in ``rule`` and whether it is never negative (registry.Rule.positive)."""
+    return RULES[rule].states.index(name), name in RULES[rule].positive
+
+
+def decode_state(v: torch.Tensor, absmax: torch.Tensor | None, rule: str, name: str) -> torch.Tensor:
+    """State buffer ``v`` (slot ``name`` of ``rule``) as the update reads it: in float32 (float64 for float64), from
+    its 8-bit codes and the parameter's block scales ``absmax`` (rounding.dequantize) where it is int8."""
+    if v.dtype == torch.int8:
+        j, positive = _slot(rule, name)
+        return rounding.dequantize(v, absmax[j], positive, QBLOCK)
+    return _compute(v)
+
+
+def encode_state(x: torch.Tensor, rule: str, name: str, dtype: torch.dtype, how: str, seed: int, slot: int,
+                 t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What state ``x`` (float32; slot ``name`` of ``rule``) writes into a ``dtype`` state buffer, with the block scales
+    of 8-bit state (else None): 8-bit codes (rounding.quantize), 16 bits rounded stochastically, or ``x`` itself, which
+    the buffer's copy rounds to nearest. ``how`` is the group's rounding (registry.STATE_ROUNDINGS); stochastic draws
+    from random-bit stream 1 + j for slot j (rounding.random_bits)."""
+    j, positive = _slot(rule, name)
+    narrow = dtype in (torch.bfloat16, torch.float16, torch.int8)
+    r = rounding.random_bits(x, seed, slot, t, 1 + j) if how == "stochastic" and narrow else None
+    if dtype == torch.int8:
+        return rounding.quantize(x, positive, r, QBLOCK)
+    return (x if r is None else rounding.round_stochastic_to(x, r, dtype)), None
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
@@ -191,10 +209,10 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
     ``scale`` (None: 1), none of it written when ``skip`` holds (None: never)."""
     update, c, rounds = UPDATES[rule], RULES[rule].constants(w.hyper), state_rounding_of(w.hyper)
     for i in range(len(w.params)):
-        p, g, step_t, master = w.params[i], w.grads[i], w.steps[i], w.masters[i]
+        p, g, step_t, master, absmax = w.params[i], w.grads[i], w.steps[i], w.masters[i], w.scales[i]
         stored = {name: tensors[i] for name, tensors in w.state.items()}
         codec = codec_of(w.hyper, p)
-        x, s32 = decode(p, master, codec), {n: _compute(v) for n, v in stored.items()}
+        x, s32 = decode(p, master, codec), {n: decode_state(v, absmax, rule, n) for n, v in stored.items()}
         if skip is not None:  # computed in copies, written back unless the step is skipped
             x = x.clone() if x is p else x
             s32 = {n: t.clone() if t is stored[n] else t for n, t in s32.items()}
@@ -205,9 +223,10 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
         update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
         seed = int(w.hyper.get("seed", 0))
         new_p, new_master = encode(x, codec, p.dtype, seed, w.slots[i], w.schedule_step)
-        writes = [(step_t, k), (p, new_p), (master, new_master)] + [
-            (v, encode_state(s32[n], v.dtype, rounds, seed, w.slots[i], 1 + RULES[rule].states.index(n),
-                             w.schedule_step)) for n, v in stored.items()]
+        writes = [(step_t, k), (p, new_p), (master, new_master)]
+        for n, v in stored.items():
+            new_v, new_absmax = encode_state(s32[n], rule, n, v.dtype, rounds, seed, w.slots[i], w.schedule_step)
+            writes += [(v, new_v), (None if new_absmax is None else absmax[_slot(rule, n)[0]], new_absmax)]
         for dst, src in writes:
             if src is not None and src is not dst:
                 dst.copy_(src if skip is None else torch.where(skip, dst, src))

@@ -20,6 +20,14 @@ backends/triton.py compute bit for bit.
   rounded stochastically (registry.STATE_ROUNDINGS) draws the same way from a stream of its own: state slot j is
   stream 1 + j, the parameter stream 0, in the top 8 bits of the counter's second word.
 
+8-bit state (registry.QUANTIZED; ``quantize`` and ``dequantize``): each state slot keeps one int8 code per element and
+one float32 scale per block of registry.QBLOCK elements of the tensor's memory. Codes are linear in a companded value:
+sign(x) |x|^1/2 for a signed slot (code -127..127), x^1/4 for a slot that is never negative (Rule.positive; code
+0..255, held in the int8's bits). The block's scale ("absmax") is the largest companded magnitude in it. Both maps
+decode with products only and encode with square roots, which every backend rounds alike (IEEE), so the codes are the
+same bits everywhere. Measured against linear codes and FlashOptim's companders on AdamW's moments
+(benchmarks/state_maps.py): linear codes for v round small v to 0, and u = m / sqrt(v) then explodes.
+
 Bits are handled as int64 tensors holding unsigned 32-bit values (torch has no uint32 arithmetic on every device).
 """
 
@@ -136,3 +144,72 @@ def round_stochastic(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
 def round_stochastic_to(x: torch.Tensor, r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Float32 ``x`` rounded stochastically by 16 random bits per element ``r`` to ``dtype`` (bfloat16 or float16)."""
     return round_stochastic_half(x, r) if dtype == torch.float16 else round_stochastic(x, r)
+
+
+# -- 8-bit state ----------------------------------------------------------------------------------------------------
+def _levels(positive: bool) -> float:
+    return 255.0 if positive else 127.0
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A dense tensor's elements in memory order (the order the kernels walk)."""
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _sqrt(x: torch.Tensor) -> torch.Tensor:
+    """The float32 square root of float32 ``x``, correctly rounded (IEEE's, as the kernels' sqrt.rn): through float64,
+    which holds it to far more than the rounding needs. (torch's own float32 sqrt on a CPU is off by one unit in the
+    last place now and then: Sleef's, within 0.5001 of one.)"""
+    return x.double().sqrt().float()
+
+
+def _blocked(flat: torch.Tensor, block: int) -> torch.Tensor:
+    """[n] as [blocks, block], the last block padded with zeros (which no largest magnitude can exceed)."""
+    pad = -flat.numel() % block
+    return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, block)
+
+
+def quantize(x: torch.Tensor, positive: bool, r: torch.Tensor | None, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float32 state ``x`` (dense) as (int8 codes laid out as ``x``, float32 absmax [blocks]): z = |x|^1/2 (signed) or
+    x^1/4 (positive: x >= 0), absmax = the block's largest z, y = z (levels / absmax) in float32 (levels 127 or 255;
+    a block of zeros: 0); the code is floor(y) + 1 when the fraction y - floor(y) is at least 1/2 (``r`` None: to
+    nearest, ties up) or above r 2^-16, r 16 random bits per element (stochastically: unbiased to 2^-16 of a code), at
+    most ``levels``; with x's sign for a signed slot."""
+    levels = _levels(positive)
+    flat = _flat(x)
+    z = _sqrt(flat.abs())
+    if positive:
+        z = _sqrt(z)
+    zb = _blocked(z, block)
+    absmax = zb.amax(1)
+    # tensor by tensor: torch divides a scalar by a tensor (and a CPU tensor by a scalar) through a reciprocal, which
+    # rounds twice; the kernels divide once (div.rn)
+    inv = torch.where(absmax > 0, torch.full_like(absmax, levels) / absmax, torch.zeros_like(absmax))
+    y = (zb * inv[:, None]).reshape(-1)[:flat.numel()]
+    fl = y.floor()
+    # y's fraction against 1/2 or r 2^-16, as y against fl + that: a sum float32 holds exactly (8 + 16 bits), so no
+    # backend's fused multiply-add can round it otherwise
+    up = y >= fl + 0.5 if r is None else y > fl + _flat(r).float() * 2.0**-16
+    q = torch.clamp(fl + up.float(), max=levels).to(torch.int64)
+    if positive:
+        q = torch.where(q > 127, q - 256, q)  # 0..255 in the int8's bits
+    else:
+        q = torch.where(flat < 0, -q, q)
+    codes = torch.empty_like(x, dtype=torch.int8)
+    _flat(codes).copy_(q)
+    return codes, absmax
+
+
+def dequantize(codes: torch.Tensor, absmax: torch.Tensor, positive: bool, block: int) -> torch.Tensor:
+    """The float32 state that int8 ``codes`` (dense) and their blocks' ``absmax`` hold, laid out as ``codes``:
+    w = |code| (absmax / levels), then w^2 with the code's sign (signed) or (w^2)^2 (positive)."""
+    q = _flat(codes).to(torch.int64)
+    if positive:
+        q = q & 0xFF
+    step = (absmax / torch.full_like(absmax, _levels(positive))).repeat_interleave(block)[:q.numel()]
+    w = q.abs().float() * step
+    w2 = w * w
+    x = w2 * w2 if positive else torch.where(q < 0, -w2, w2)
+    out = torch.empty_like(codes, dtype=torch.float32)
+    _flat(out).copy_(x)
+    return out

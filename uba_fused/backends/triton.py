@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..registry import CHUNK, CODECS, GROUP_COLS, KIND, NO_GRAD, RULES, STATE_COL, TENSOR_COLS, group_cols
+from ..registry import CHUNK, CODECS, GROUP_COLS, KIND, NO_GRAD, QBLOCK, RULES, STATE_COL, TENSOR_COLS, group_cols
 from .plan import Part, Plan
 from .work import Amp, GradSource, GroupWork, Step, StepCache
 
@@ -43,13 +43,16 @@ NUM_WARPS = 4
 # now 40-56 registers in every rule and dtype, no spills. tests/test_triton_codegen.py keeps the bound.
 VECTOR_BYTES = 16
 _SCALAR_SUB = tl.constexpr(4 * 32 * NUM_WARPS)
-_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int8: tl.int8}
 
 # The registry's numbers as compile-time constants, looked up by name (a name it lacks raises here).
 _NO_GRAD = tl.constexpr(NO_GRAD)
+_QBLOCK = tl.constexpr(QBLOCK)
+assert (4 * 32 * NUM_WARPS) % QBLOCK == 0 == VECTOR_BYTES * 32 * NUM_WARPS // 4 % QBLOCK, "whole blocks per sub-tile"
 _STATE0 = tl.constexpr(STATE_COL)
-_PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO, _MASTER = (
-    tl.constexpr(TENSOR_COLS.index(c)) for c in ("param", "grad_slot", "step", "numel", "group", "info", "master"))
+_PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO, _MASTER, _ABSMAX = (
+    tl.constexpr(TENSOR_COLS.index(c)) for c in ("param", "grad_slot", "step", "numel", "group", "info", "master",
+                                                 "absmax"))
 _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS, _SEED = (
     tl.constexpr(GROUP_COLS.index(c)) for c in ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state",
                                                  "max_grad_norm", "clip_eps", "seed"))
@@ -245,11 +248,25 @@ def _ptr(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
-def _load_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_state, g):
-    """State slot J, or g standing in where the rule has no slot J or the group keeps no state (unused)."""
+def _load_state(J: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, ptr, offs, mask, has_state, g, scales,
+                n_blocks, POSITIVE: tl.constexpr):
+    """State slot J, or g standing in where the rule has no slot J or the group keeps no state (unused). 8-bit state
+    (int8 codes) is decoded with its block's scale (rounding.dequantize): w = |code| (absmax / levels), then w^2 with
+    the code's sign, or (w^2)^2 for a slot that is never negative (bit J of POSITIVE)."""
     if J < STATES:
         if has_state:
-            s = tl.load(ptr + offs, mask=mask).to(tl.float32)
+            if DTYPE == tl.int8:
+                code = tl.load(ptr + offs, mask=mask).to(tl.int32)
+                absmax = tl.load(scales + J * n_blocks + offs // _QBLOCK, mask=mask)
+                if (POSITIVE >> J) & 1:
+                    w = (code & 0xFF).to(tl.float32) * tl.math.div_rn(absmax, tl.full(absmax.shape, 255.0, tl.float32))
+                    w2 = w * w
+                    s = w2 * w2
+                else:
+                    w = tl.abs(code).to(tl.float32) * tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))
+                    s = tl.where(code < 0, -(w * w), w * w)
+            else:
+                s = tl.load(ptr + offs, mask=mask).to(tl.float32)
         else:
             s = g
     else:
@@ -259,15 +276,52 @@ def _load_state(J: tl.constexpr, STATES: tl.constexpr, ptr, offs, mask, has_stat
 
 @triton.jit
 def _store_state(J: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr, SUB: tl.constexpr,
-                 addr, offs, first, mask, has_state, s, STOCHASTIC: tl.constexpr, seed, slot, t):
-    """State slot J written back: rounded to nearest, or (bfloat16 state whose state_rounding is stochastic: the
-    storage's) stochastically, from random-bit stream 1 + J."""
+                 addr, offs, first, mask, has_state, s, STOCHASTIC: tl.constexpr, seed, slot, t, scales, n_blocks,
+                 POSITIVE: tl.constexpr):
+    """State slot J written back: rounded to nearest, or (bfloat16 or 8-bit state whose state_rounding is stochastic:
+    the storage's) stochastically, from random-bit stream 1 + J; 8-bit state as codes and block scales (_store_codes)."""
     if J < STATES:
         if has_state:
-            if STOCHASTIC:
+            if DTYPE == tl.int8:
+                if STOCHASTIC:
+                    r = _random_bits(seed, slot, t, first, SUB, 1 + J).to(tl.float32)
+                else:
+                    r = tl.full((SUB,), -1.0, tl.float32)  # to nearest
+                _store_codes(ALIGNED, SUB, addr, offs, first, mask, s, r, scales + J * n_blocks, n_blocks,
+                             (POSITIVE >> J) & 1)
+            elif STOCHASTIC:
                 _store_stochastic(DTYPE, ALIGNED, addr, offs, mask, s, _random_bits(seed, slot, t, first, SUB, 1 + J))
             else:
                 _store_nearest(DTYPE, ALIGNED, addr, offs, mask, s)
+
+
+@triton.jit
+def _store_codes(ALIGNED: tl.constexpr, SUB: tl.constexpr, addr, offs, first, mask, x, r, scales, n_blocks,
+                 POSITIVE: tl.constexpr):
+    """x as 8-bit codes and the scales of its SUB // QBLOCK blocks (first a multiple of QBLOCK; rounding.quantize):
+    z = |x|^1/2 (or x^1/4, POSITIVE), absmax the block's largest z, y = z (levels / absmax), the code floor(y) + 1
+    where the fraction y - floor(y) is at least 1/2 (r < 0: to nearest) or above r 2^-16 (r 16 random bits, as a float:
+    stochastically), at most levels."""
+    z = tl.sqrt_rn(tl.abs(x))
+    if POSITIVE:
+        z = tl.sqrt_rn(z)
+        levels = 255.0
+    else:
+        levels = 127.0
+    if mask is not None:
+        z = tl.where(mask, z, 0.0)
+    absmax = tl.max(tl.reshape(z, (SUB // _QBLOCK, _QBLOCK)), axis=1)
+    blocks = first // _QBLOCK + tl.arange(0, SUB // _QBLOCK)
+    tl.store(scales + blocks, absmax, mask=blocks < n_blocks)
+    some = absmax > 0.0  # a block of zeros codes 0
+    inv = tl.where(some, tl.math.div_rn(tl.full(absmax.shape, levels, tl.float32), tl.where(some, absmax, 1.0)), 0.0)
+    y = z * tl.reshape(tl.broadcast_to(tl.expand_dims(inv, 1), (SUB // _QBLOCK, _QBLOCK)), (SUB,))
+    fl = tl.floor(y)
+    up = tl.where(r < 0.0, y >= fl + 0.5, y > fl + r * 1.52587890625e-05)  # r 2^-16: sums float32 holds exactly
+    q = tl.minimum(fl + tl.where(up, 1.0, 0.0), levels).to(tl.int32)
+    if POSITIVE == 0:
+        q = tl.where(x < 0.0, -q, q)
+    tl.store(_ptr(addr, tl.int8, ALIGNED) + offs, q.to(tl.int8), mask=mask)
 
 
 # How a parameter is read before its update and written after it (registry.CODECS; backends/rounding.py is the spec,
@@ -376,8 +430,8 @@ def _store_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
 @triton.jit
 def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
            CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
-           p_addr, g_addr, a0, a1, a2, a3, m_addr, start, numel, c, has_state, gscale, seed, slot, t,
-           STOCHASTIC_STATE: tl.constexpr):
+           p_addr, g_addr, a0, a1, a2, a3, m_addr, scales, n_blocks, start, numel, c, has_state, gscale, seed, slot,
+           t, STOCHASTIC_STATE: tl.constexpr, POSITIVE: tl.constexpr):
     """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time, the gradient
     multiplied by gscale (1 / GradScaler's scale, times its group's clipping factor). The parameter is read and
     written by its CODEC (_load_param, _store_param); the gradient and the state slots are loaded to float32 from
@@ -398,21 +452,21 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
             mask = None
         p = _load_param(CODEC, DTYPE, ALIGNED, p_addr, m_addr, offs, mask)
         g = tl.load(gp + offs, mask=mask).to(tl.float32) * gscale
-        s0 = _load_state(0, STATES, q0, offs, mask, has_state, g)
-        s1 = _load_state(1, STATES, q1, offs, mask, has_state, g)
-        s2 = _load_state(2, STATES, q2, offs, mask, has_state, g)
-        s3 = _load_state(3, STATES, q3, offs, mask, has_state, g)
+        s0 = _load_state(0, STATES, STATE_DTYPE, q0, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
+        s1 = _load_state(1, STATES, STATE_DTYPE, q1, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
+        s2 = _load_state(2, STATES, STATE_DTYPE, q2, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
+        s3 = _load_state(3, STATES, STATE_DTYPE, q3, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
         p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
         _store_param(CODEC, DTYPE, ALIGNED, SUB, p_addr, m_addr, offs, start + sub, mask, p, seed, slot, t)
         # (mask may be None, which a tuple cannot carry into a call: the arguments are written out)
         _store_state(0, STATES, STATE_DTYPE, ALIGNED, SUB, a0, offs, start + sub, mask, has_state, s0,
-                     STOCHASTIC_STATE, seed, slot, t)
+                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
         _store_state(1, STATES, STATE_DTYPE, ALIGNED, SUB, a1, offs, start + sub, mask, has_state, s1,
-                     STOCHASTIC_STATE, seed, slot, t)
+                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
         _store_state(2, STATES, STATE_DTYPE, ALIGNED, SUB, a2, offs, start + sub, mask, has_state, s2,
-                     STOCHASTIC_STATE, seed, slot, t)
+                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
         _store_state(3, STATES, STATE_DTYPE, ALIGNED, SUB, a3, offs, start + sub, mask, has_state, s3,
-                     STOCHASTIC_STATE, seed, slot, t)
+                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
 
 
 @triton.jit
@@ -469,7 +523,7 @@ def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
 def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, found_inf, n_rows, n_groups, advance,
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, STOCHASTIC_STATE: tl.constexpr, BLOCK: tl.constexpr,
-                 SUB: tl.constexpr, GROUPS: tl.constexpr):
+                 SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr):
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
@@ -494,13 +548,18 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, fo
         m_addr = tl.load(trow + _MASTER)
     else:
         m_addr = p_addr  # never read nor written
+    if STATE_DTYPE == tl.int8:  # the block scales of 8-bit state: [STATES, n_blocks] float32
+        scales = tl.load(trow + _ABSMAX).to(tl.pointer_type(tl.float32))
+        n_blocks = (tl.load(trow + _NUMEL) + _QBLOCK - 1) // _QBLOCK
+    else:
+        scales, n_blocks = step_ptr, 0  # never read nor written
     if CODEC == _STOCHASTIC or CODEC == _CORRECTION or STOCHASTIC_STATE:  # the random bits' key: seed, tensor, t
         seed, t = tl.load(row + _SEED).to(tl.int64), tl.load(counter)
     else:
         seed, t = 0, 0
     addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
-             _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr), m_addr)
-    rest = (c, has_state, gscale, seed, tensor_slot, t, STOCHASTIC_STATE)
+             _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr), m_addr, scales, n_blocks)
+    rest = (c, has_state, gscale, seed, tensor_slot, t, STOCHASTIC_STATE, POSITIVE)
     if start + BLOCK <= numel:
         if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
             _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, SUB, False, True, *addrs, start, numel, *rest)
@@ -534,13 +593,16 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, grad_scale, fo
 
 def sub_tile(*dtypes: torch.dtype) -> int:
     """Elements per sub-tile: one VECTOR_BYTES access per thread and tensor of the narrowest of ``dtypes`` (a wider
-    one takes several; a narrower one would take a fraction of a vector, which loses the 128-bit accesses)."""
-    return VECTOR_BYTES * 32 * NUM_WARPS // min(d.itemsize for d in dtypes)
+    one takes several; a narrower one would take a fraction of a vector, which loses the 128-bit accesses). 8-bit
+    state counts as 16-bit: 8 of its codes per thread (8-byte accesses), which keeps a sub-tile's float32 values per
+    thread those of 16-bit state."""
+    return VECTOR_BYTES * 32 * NUM_WARPS // min(max(d.itemsize, 2) for d in dtypes)
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Step:
     plan, table = Plan.for_step(cache, "triton", rule, work, BLOCK, grads)
     spec, n_groups = RULES[rule], len(work)
+    positive = sum(1 << j for j, n in enumerate(spec.states) if n in spec.positive)  # bit j: slot j never negative
     ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)
 
     def update(norm: torch.Tensor | None, amp: Amp | None) -> None:
@@ -553,7 +615,7 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                 int(advance), RULE=spec.id,
                 STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
                 CODEC=CODECS.index(part.codec), STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
-                SUB=sub_tile(part.dtype, part.state_dtype), GROUPS=groups, num_warps=NUM_WARPS)
+                SUB=sub_tile(part.dtype, part.state_dtype), GROUPS=groups, POSITIVE=positive, num_warps=NUM_WARPS)
 
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
             plan.launch(launch)

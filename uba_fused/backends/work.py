@@ -58,6 +58,7 @@ class GroupWork:
     signature: tuple               # signature(hyper) for this step, computed once by the optimizer
     slots: list[int]               # each param's position in the optimizer's flat parameter order
     masters: list[torch.Tensor | None]  # each param's state "master" (registry.CODECS), None for a codec without
+    scales: list[torch.Tensor | None]   # each param's state "absmax" (registry.QUANTIZED), None for other state
     grads_like_params: bool = False  # every gradient in grads is laid out as its parameter (the optimizer's
                                    # C++ pass found it so; False: not known)
 
@@ -93,6 +94,7 @@ class Selection:
     index: list[int] | None               # their positions in the group (None: every parameter)
     slots: list[int]                      # as GroupWork.slots
     masters: list[torch.Tensor | None]    # as GroupWork.masters
+    scales: list[torch.Tensor | None]     # as GroupWork.scales
 
 
 @dataclass

@@ -44,6 +44,9 @@ LAYOUTS: dict[str, tuple[tuple[torch.dtype, ...], dict]] = {
     "master8": ((torch.bfloat16,), {"master_weights": "8bit", "state_dtype": torch.float32}),
     "master8-bf16-state": ((torch.bfloat16,), {"master_weights": "8bit", "state_dtype": torch.bfloat16}),
     "stochastic": (_LOW, {"master_weights": "stochastic", "state_dtype": torch.float32}),
+    # 8-bit moments (blockwise, parameters of 4096 elements and more; stochastic rounding), and with the 8-bit master
+    "8bit-state": ((torch.float32, torch.bfloat16), {"state_dtype": torch.int8}),
+    "master8-8bit-state": ((torch.bfloat16,), {"master_weights": "8bit", "state_dtype": torch.int8}),
 }
 
 

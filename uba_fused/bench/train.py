@@ -86,6 +86,10 @@ PRECISIONS: dict[str, tuple[torch.dtype, dict]] = {
     # the 24-bit master (an 8-bit correction), with float32 and with bf16 moments
     "bf16-master8": (torch.bfloat16, {"state_dtype": torch.float32, "master_weights": "8bit"}),
     "bf16-master8-bf16-state": (torch.bfloat16, {"state_dtype": torch.bfloat16, "master_weights": "8bit"}),
+    # 8-bit moments (parameters of 4096 elements and more): codes rounded stochastically, and to nearest (the control)
+    "fp32-8bit-state": (torch.float32, {"state_dtype": torch.int8}),
+    "fp32-8bit-state-nearest": (torch.float32, {"state_dtype": torch.int8, "state_rounding": "nearest"}),
+    "bf16-master8-8bit-state": (torch.bfloat16, {"state_dtype": torch.int8, "master_weights": "8bit"}),
 }
 
 

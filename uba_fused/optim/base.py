@@ -31,6 +31,8 @@ import torch
 from .. import backends, registry
 from ..backends.work import codec_of, is_dtensor, local
 from ..schedules import SCHEDULE_CLASSES, Schedule, schedule_from_dict
+from . import blockwise
+from .blockwise import ABSMAX, state_dtype_of
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -242,11 +244,6 @@ def _shared_layout(groups: list[dict]) -> Any:
     return layouts[0]
 
 
-def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
-    """The dtype of ``p``'s state buffers in ``group``."""
-    return group.get("state_dtype") or p.dtype
-
-
 # The state buffer that holds a 16-bit parameter's share of its master weight (registry.CODECS: the low 16 bits of a
 # bfloat16 parameter's float32 master, as int16, or its next 8 bits, as int8; a float16 parameter's float32 copy).
 MASTER = "master"
@@ -328,14 +325,23 @@ def check_state_dtype(group: dict) -> None:
     if dtype is None:
         return
     if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"state_dtype must be None or a torch.dtype (torch.float32, torch.bfloat16), got "
+        raise TypeError(f"state_dtype must be None or a torch.dtype (torch.float32, torch.bfloat16, torch.int8), got "
                         f"{type(dtype).__name__} {dtype!r}")
     if dtype == torch.float16:
         raise ValueError("state_dtype=torch.float16 is not supported: float16 cannot hold a second moment's range (a "
                          "squared gradient under 6e-8 flushes to 0, one over 65504 overflows); use torch.bfloat16")
-    if dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"state_dtype must be None (each state in its parameter's dtype), torch.float32 or "
-                         f"torch.bfloat16, got {dtype}")
+    if dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ValueError(f"state_dtype must be None (each state in its parameter's dtype), torch.float32, "
+                         f"torch.bfloat16 or torch.int8 (8-bit), got {dtype}")
+    if dtype == torch.int8:
+        for i, p in enumerate(group["params"]):
+            if p.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"state_dtype=torch.int8 (8-bit state) is built for float32 and bfloat16 parameters, "
+                                 f"but params[{i}] is {p.dtype}: put it in a param group with another state_dtype")
+            if is_dtensor(p):
+                raise ValueError(f"state_dtype=torch.int8 (8-bit state) is not built for DTensor parameters (FSDP2) "
+                                 f"yet, and params[{i}] is one: its block scales do not follow a shard's boundaries; "
+                                 f"use torch.bfloat16 state for them")
     refused = {torch.float64: "in less precision than the parameters themselves; use None for them",
                torch.float16: "in bfloat16, which the kernels are not built for; use None (float16 state) or "
                               "torch.float32 for them"}
@@ -623,7 +629,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             entries.append((group, "schedule_step", group["schedule_step"]))
             entry_labels.append(f"{where}['schedule_step'] (replaced)")
             storages.append(group["schedule_step"].untyped_storage())
-            names = ("step", *self._state_names(group), MASTER)
+            names = ("step", *self._state_names(group), MASTER, ABSMAX)
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
                 if not st or "step" not in st:
@@ -794,7 +800,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         return backends.GroupWork(
             index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
             lr_out=self._last_lr[gi], params=selection.params, grads=grads, steps=selection.steps,
-            state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters,
+            state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters, scales=selection.scales,
             grads_like_params=grads_like_params)
 
     def _selection(self, gi: int, group: dict, grads: list,
@@ -838,7 +844,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             slots = [first + i for i in (range(len(params)) if index is None else index)]
             hit = self._cache.selections[key] = backends.Selection(
                 [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
-                index, slots, [local(s.get(MASTER)) for s in st])
+                index, slots, [local(s.get(MASTER)) for s in st], [local(s.get(ABSMAX)) for s in st])
         return hit
 
     def _layout(self, group: dict) -> tuple:
@@ -863,7 +869,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"parameters moved since the optimizer was made; build the optimizer after "
                                      f"moving the model (or load its state dict into a new one)")
                 for n, v in self.state.get(p, {}).items():
-                    if n == "step" or not isinstance(v, torch.Tensor):
+                    if n in ("step", ABSMAX) or not isinstance(v, torch.Tensor):
                         continue
                     if v.device != p.device or v.shape != p.shape:
                         raise ValueError(f"{where} is {tuple(p.shape)} on {p.device}, but its state {n!r} is "
@@ -884,9 +890,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     if fitted is not m:
                         st[MASTER] = fitted
                         self._cache.fresh = True
-                for n in self._state_names(group):
+                names = self._state_names(group)
+                if blockwise.fit(p, st, self.rule, names, state_dtype_of(group, p), _zeros_like,
+                                 f"param_groups[{gi}]['params'][{i}]"):
+                    self._cache.fresh = True
+                for n in names:
                     v = st.get(n)
-                    if not isinstance(v, torch.Tensor):
+                    if not isinstance(v, torch.Tensor) or v.dtype == torch.int8:  # 8-bit: fitted above
                         continue
                     fits = v.dtype in (p.dtype, state_dtype_of(group, p)) or \
                         v.dtype == torch.float32 and p.dtype in (torch.bfloat16, torch.float16)
@@ -916,6 +926,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             if n not in state:
                 state[n] = _zeros_like(p, dtype)
                 self._cache.fresh = True
+        if any(state[n].dtype == torch.int8 for n in names) and not blockwise.scales_fit(state, self.rule, p):
+            state[ABSMAX] = blockwise.new_absmax(p, len(registry.RULES[self.rule].states))
+            self._cache.fresh = True
         m = state.get(MASTER)
         fitted = fitted_master(p, m, codec)  # a master_weights changed between steps: converted, made or dropped
         if fitted is not m:
@@ -961,9 +974,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                 default = 1.0 if any(isinstance(st.get(n), torch.Tensor) for n in self._state_names(group)) else 0.0
                 st["step"] = torch.as_tensor(st.get("step", default)).to(p.device, torch.float32).reshape(())
                 dtype = state_dtype_of(group, p)
-                for n in self._state_names(group):  # the kernels walk state in the parameter's layout
+                names = self._state_names(group)
+                # 8-bit state saved or kept: through its values (torch.optim's load cast codes and scales)
+                coded = blockwise.load(p, st, state_dict["state"][pid], self.rule, names, dtype, _zeros_like)
+                for n in names:  # the kernels walk state in the parameter's layout
                     v = st.get(n)
-                    if not isinstance(v, torch.Tensor):
+                    if not isinstance(v, torch.Tensor) or n in coded:
                         continue
                     recast = v.dtype != dtype  # torch.optim cast it to the parameter's dtype: take the saved value
                     if recast or local(v).stride() != local(p).stride():
@@ -1037,7 +1053,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         names = self._state_names(group)
         if not isinstance(st, dict):
             raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
-        foreign = [k for k in st if k not in ("step", MASTER, *names)]
+        foreign = [k for k in st if k not in ("step", MASTER, ABSMAX, *names)]
         if foreign:
             raise ValueError(f"{where} holds {', '.join(map(repr, foreign))}, which {name} does not keep (it keeps "
                              f"{['step', *names]}): the state dict of another optimizer?")
@@ -1056,6 +1072,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"they must be placed alike. Load a sharded (FSDP2) optimizer with "
                                  f"torch.distributed.checkpoint's set_optimizer_state_dict, which reshards the "
                                  f"saved state onto the parameters")
+        coded = [k for k in names if st[k].dtype == torch.int8]
+        if coded and not blockwise.scales_fit(st, self.rule, p):
+            raise ValueError(f"{where} holds 8-bit state {coded} without its block scales [{ABSMAX!r}] (float32 "
+                             f"[{len(registry.RULES[self.rule].states)}, {blockwise.blocks(p)}]): the codes mean "
+                             f"nothing without them")
         if "step" in st:
             step = torch.as_tensor(st["step"])
             if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:
