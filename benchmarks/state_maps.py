@@ -37,7 +37,8 @@ def blocks(x: torch.Tensor, b: int) -> tuple[torch.Tensor, int]:
 
 
 def quantize(x: torch.Tensor, signed: bool, kind: str, b: int) -> torch.Tensor:
-    """x quantized by map ``kind`` per block of b elements and decoded (float64 math: the map's error, not float32's)."""
+    """x quantized by map ``kind`` per block of b elements and decoded (float64 math: the map's error, not
+    float32's)."""
     xb, n = blocks(x.double(), b)
     levels = 127 if signed else 255
     if kind == "log":

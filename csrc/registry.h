@@ -18,8 +18,9 @@ constexpr long long kNoGrad = -1;
 constexpr int kMaxStates = 4;
 constexpr int kQBlock = 256;
 
-// Each rule's group-table columns (after GroupCol), its id, its number of state slots and which of them are never
-// negative (Rule.positive, bit j for slot j): a struct, so that a template can take it (csrc/updates.cuh).
+// Each rule's group-table columns (after GroupCol), its id, its number of state slots and which of them
+// are never negative (Rule.positive, bit j for slot j): a struct, so that a template can take it
+// (csrc/updates.cuh).
 struct adamw { static constexpr int kId = 0, kStates = 2, kPositive = 2; enum Col : int { kBeta1 = 10, kBeta2 = 11, kOneMinusBeta1 = 12, kOneMinusBeta2 = 13, kLogBeta1 = 14, kLogBeta2 = 15, kEps = 16, kWeightDecay = 17, kCols = 18 }; };
 struct adabelief { static constexpr int kId = 1, kStates = 2, kPositive = 2; enum Col : int { kBeta1 = 10, kBeta2 = 11, kOneMinusBeta1 = 12, kOneMinusBeta2 = 13, kLogBeta1 = 14, kLogBeta2 = 15, kEps = 16, kWeightDecay = 17, kCols = 18 }; };
 struct lion { static constexpr int kId = 2, kStates = 1, kPositive = 0; enum Col : int { kBeta1 = 10, kBeta2 = 11, kOneMinusBeta1 = 12, kOneMinusBeta2 = 13, kWeightDecay = 14, kCols = 15 }; };

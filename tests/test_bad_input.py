@@ -68,8 +68,8 @@ def test_bad_hyperparameters_raise_at_construction(cls, kwargs, match):
 
 @pytest.mark.parametrize("cls,state_dtype,params,error,match", [
     (uf.Lion, torch.float16, None, ValueError, "state_dtype=torch.float16 is not supported"),
-    (uf.SGD, torch.float64, None, ValueError, "state_dtype must be None .*, torch.float32, torch.bfloat16 or torch.int8 .8-bit., got "
-                                              "torch.float64"),
+    (uf.SGD, torch.float64, None, ValueError,
+     "state_dtype must be None .*, torch.float32, torch.bfloat16 or torch.int8 .8-bit., got torch.float64"),
     (uf.Adan, "float32", None, TypeError, "state_dtype must be None or a torch.dtype .*got str 'float32'"),
     (uf.AdaBelief, torch.float32, [torch.zeros(3), torch.zeros(2, dtype=torch.float64)], ValueError,
      r"would keep the state of the float64 parameters \[1\] of this group in less precision"),

@@ -488,7 +488,9 @@ LAYOUTS = {"bf16-exact": (torch.bfloat16, {"master_weights": "exact"}),
            "fp16-stochastic": (torch.float16, {"master_weights": "stochastic"}),
            "bf16-8bit": (torch.bfloat16, {"master_weights": "8bit", "state_dtype": torch.float32}),
            "fp32-bf16-state": (torch.float32, {"state_dtype": torch.bfloat16}),
-           "bf16-8bit-bf16-state": (torch.bfloat16, {"master_weights": "8bit", "state_dtype": torch.bfloat16})}
+           "bf16-8bit-bf16-state": (torch.bfloat16, {"master_weights": "8bit", "state_dtype": torch.bfloat16}),
+           "fp32-8bit-state": (torch.float32, {"state_dtype": torch.int8}),
+           "bf16-8bit-8bit-state": (torch.bfloat16, {"master_weights": "8bit", "state_dtype": torch.int8})}
 
 
 @pytest.mark.gpu

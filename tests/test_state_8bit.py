@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import uba_fused as uf
-from uba_fused import backends, registry
+from uba_fused import registry
 from uba_fused.backends import rounding
 
 from test_kernels import DEVICE

@@ -258,8 +258,9 @@ def cpp_header() -> str:
         f"constexpr int kMaxStates = {MAX_STATES};",
         f"constexpr int kQBlock = {QBLOCK};",
         "",
-        "// Each rule's group-table columns (after GroupCol), its id, its number of state slots and which of them are never",
-        "// negative (Rule.positive, bit j for slot j): a struct, so that a template can take it (csrc/updates.cuh).",
+        "// Each rule's group-table columns (after GroupCol), its id, its number of state slots and which of them",
+        "// are never negative (Rule.positive, bit j for slot j): a struct, so that a template can take it",
+        "// (csrc/updates.cuh).",
     ]
     for r in RULES.values():
         cols = [(c, len(GROUP_COLS) + i) for i, c in enumerate(r.consts)] + [("cols", len(GROUP_COLS) + len(r.consts))]

@@ -137,7 +137,8 @@ def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s
             lr: float, c: dict, walkable: list[bool], scale: float, key: tuple) -> None:
     """One part's update, each gradient scaled by ``scale`` first (1 / GradScaler's scale times its group's clipping
     factor; 1: none). ``kept`` holds the parameters' master slots (registry.CODECS) and their 8-bit state's block
-    scales (registry.QUANTIZED), ``key`` (seed, slots, t, state rounding) what keys stochastic rounding's random bits."""
+    scales (registry.QUANTIZED), ``key`` (seed, slots, t, state rounding) what keys stochastic rounding's random
+    bits."""
     seed, slots, t, rounds = key
     masters, scales = kept
     own_state = part.state_dtype == part.dtype

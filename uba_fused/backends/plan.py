@@ -221,7 +221,8 @@ class Plan:
                 p = w.params[i]
                 # a group that keeps no state (SGD without momentum) points its slots at scratch: never read
                 states = [w.state[n][i].data_ptr() for n in w.state] or [scratch.data_ptr()] * n_states
-                master, absmax = (scratch.data_ptr() if t is None else t.data_ptr() for t in (w.masters[i], w.scales[i]))
+                master, absmax = (scratch.data_ptr() if t is None else t.data_ptr()
+                                  for t in (w.masters[i], w.scales[i]))
                 # the gradient's alignment is checked each step
                 aligned = all(x % ALIGN == 0 for x in [p.data_ptr(), master, *states] if x)
                 chunks.append(max(1, -(-p.numel() // block)))

@@ -279,7 +279,8 @@ def _store_state(J: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, ALI
                  addr, offs, first, mask, has_state, s, STOCHASTIC: tl.constexpr, seed, slot, t, scales, n_blocks,
                  POSITIVE: tl.constexpr):
     """State slot J written back: rounded to nearest, or (bfloat16 or 8-bit state whose state_rounding is stochastic:
-    the storage's) stochastically, from random-bit stream 1 + J; 8-bit state as codes and block scales (_store_codes)."""
+    the storage's) stochastically, from random-bit stream 1 + J; 8-bit state as codes and block scales
+    (_store_codes)."""
     if J < STATES:
         if has_state:
             if DTYPE == tl.int8:

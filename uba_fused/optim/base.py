@@ -159,12 +159,16 @@ COMMON_ARGS = f"""
             torch.float32 keeps it in float32, so that the moving averages of bfloat16 or float16 parameters are
             not rounded to 8 or 11 bits at every step (it takes 2x their memory); torch.bfloat16 keeps the state of
             float32 (or bfloat16) parameters in bfloat16, half the bytes, rounded stochastically (state_rounding).
-            The update computes in float32 either way. It applies to state made after it is set; a state-dict load
-            converts the loaded state (to a narrower dtype: rounded to nearest).
-        state_rounding: how 16-bit state is written after each update: "stochastic" (unbiased, from the random bits
-            keyed by ``seed``; each state slot draws its own) or "nearest". None (the default) chooses "stochastic"
-            for a 16-bit state_dtype asked for, and "nearest" for state kept in its parameter's dtype (torch.optim's
-            rounding). Rounding a moving average to nearest in bfloat16 stalls it: 0.999 v rounds back to v.
+            torch.int8 keeps 8-bit state for float32 and bfloat16 parameters of at least 4096 elements (smaller ones
+            keep float32): int8 codes per element and a float32 scale per block of 256 elements in
+            ``state["absmax"]``, rounded stochastically too (README: Precision layouts). The update computes in
+            float32 either way. It applies to state made after it is set; a state-dict load converts the loaded
+            state (to a narrower dtype: rounded to nearest; 8-bit codes through their values).
+        state_rounding: how 16-bit or 8-bit state is written after each update: "stochastic" (unbiased, from the
+            random bits keyed by ``seed``; each state slot draws its own) or "nearest". None (the default) chooses
+            "stochastic" for a 16-bit or 8-bit state_dtype asked for, and "nearest" for state kept in its
+            parameter's dtype (torch.optim's rounding). Rounding a moving average to nearest in bfloat16 stalls it:
+            0.999 v rounds back to v.
         master_weights: how a 16-bit parameter keeps the precision of its updates (README: Precision layouts).
             None (the default) rounds it to nearest at every step, as torch.optim does. "exact" keeps its float32
             master in ``state["master"]``: for bfloat16 the 16 low bits (int16; the parameter is the high half), for
@@ -310,9 +314,10 @@ def check_master_weights(group: dict) -> None:
 
 
 def check_state_dtype(group: dict) -> None:
-    """``state_dtype`` is None, torch.float32 or torch.bfloat16, not narrower than float32 for a float64 parameter and
-    not bfloat16 for a float16 one (the storages the kernels are built for: registry.STORAGES); ``state_rounding`` is
-    None or one of registry.STATE_ROUNDINGS, and stochastic only for bfloat16 state."""
+    """``state_dtype`` is None, torch.float32, torch.bfloat16 or torch.int8 (8-bit), not narrower than float32 for a
+    float64 parameter, not bfloat16 for a float16 one, and 8-bit for float32 and bfloat16 parameters that are not
+    DTensors only (the storages the kernels are built for: registry.STORAGES); ``state_rounding`` is None or one of
+    registry.STATE_ROUNDINGS, and stochastic not for float16 state."""
     how = group.get("state_rounding")  # a group pickled before the option existed has none
     if how is not None and how not in registry.STATE_ROUNDINGS:
         raise ValueError(f"state_rounding must be None, 'nearest' or 'stochastic', got {how!r}")
@@ -800,7 +805,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         return backends.GroupWork(
             index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
             lr_out=self._last_lr[gi], params=selection.params, grads=grads, steps=selection.steps,
-            state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters, scales=selection.scales,
+            state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters,
+            scales=selection.scales,
             grads_like_params=grads_like_params)
 
     def _selection(self, gi: int, group: dict, grads: list,
