@@ -440,13 +440,11 @@ UF_HD void load_lane(const I& it, int64_t first, int l, Lane<I>& x) {
     I::P::load(it.p, it.m, v, x.p);
     Io<T>::load(it.g, v, g);
     for (int j = 0; j < S; ++j) {
-      const uint2 raw = load_vector<uint2>(it.s[j], v);
+      int8_t codes[kPerLane];
+      load_bytes(it.s[j], v, codes);
       const float absmax = it.absmax[j * it.n_blocks + first / kQBlock];
 #pragma unroll
-      for (int e = 0; e < kPerLane; ++e) {
-        x.s[j][e] = decode8(static_cast<int8_t>((e < 4 ? raw.x : raw.y) >> (8 * (e % 4))), absmax,
-                            (R::Cols::kPositive >> j) & 1);
-      }
+      for (int e = 0; e < kPerLane; ++e) x.s[j][e] = decode8(codes[e], absmax, (R::Cols::kPositive >> j) & 1);
     }
 #pragma unroll
     for (int e = 0; e < kPerLane; ++e) x.live[e] = true;
@@ -496,13 +494,12 @@ UF_HD void store_lane(const I& it, int64_t first, int l, Lane<I>& x, const float
       const float inv = code_scale(absmax[j], positive);
       uint16_t r[8] = {};
       if (SR) random_block(it.key, v, r, 1 + j);
-      unsigned w[2] = {0u, 0u};
+      int8_t codes[kPerLane];
 #pragma unroll
       for (int e = 0; e < kPerLane; ++e) {
-        const int8_t q = encode8(x.s[j][e], inv, positive, SR ? static_cast<int32_t>(r[e]) : -1);
-        w[e / 4] |= static_cast<unsigned>(static_cast<uint8_t>(q)) << (8 * (e % 4));
+        codes[e] = encode8(x.s[j][e], inv, positive, SR ? static_cast<int32_t>(r[e]) : -1);
       }
-      store_vector(it.s[j], v, make_uint2(w[0], w[1]));
+      store_bytes(it.s[j], v, codes);
     }
   } else {
 #pragma unroll

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 import warnings
 
 import torch
@@ -192,6 +193,11 @@ def main() -> None:
                 results[f"ddp/{name}"] = distance(model.module, opt, ref_model, ref_opt)
     (args.out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
+    # Leave without the interpreter's teardown: there torch's has aborted a rank whose results were written
+    # ("terminate called without an active exception", a joinable thread destroyed; once in five CI runs,
+    # 2026-12-04), a known hazard of gloo's threads at exit (pytorch#179291).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

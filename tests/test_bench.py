@@ -64,8 +64,10 @@ def test_8bit_layouts_report_the_bytes_of_codes_and_block_scales():
 
 def test_throughput_cli_on_cpu(tmp_path, capsys):
     out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    # (the 8-bit layouts' bytes: test_8bit_layouts_report_the_bytes_of_codes_and_block_scales; on a CPU their steps
+    # run the spec, 1 s each here)
     assert bench_main.main(["--device", "cpu", "--presets", "cpu-small", "--steps", "2", "--warmup", "1",
-                            "--json", str(out_json), "--plot", str(out_png)]) == 0
+                            "--layouts", "plain", "bf16-state", "--json", str(out_json), "--plot", str(out_png)]) == 0
     data = json.loads(out_json.read_text())
     assert data["environment"]["copy_GBps"] > 0 and data["environment"]["torch"] == torch.__version__
     # On the CPU the baseline is a copy in host memory, and the device is the CPU's model, not "x86_64".

@@ -58,7 +58,7 @@ QUANTIZED_REGISTERS = 40
 # GPU to say; these are the only spills allowed, in bytes of spill stores.
 KNOWN_SPILLS = {("adamw", "float32", "bfloat16", "nearest", "nearest"): 4,
                 ("adamw", "float32", "int8", "nearest", "nearest"): 12,
-                ("adabelief", "float32", "int8", "nearest", "stochastic"): 4,
+                ("adabelief", "float32", "int8", "nearest", "stochastic"): 12,
                 ("lion", "bfloat16", "int8", "nearest", "nearest"): 4,
                 ("adamw", "bfloat16", "int8", "stochastic", "nearest"): 12,
                 ("adabelief", "float32", "bfloat16", "nearest", "nearest"): 4,
