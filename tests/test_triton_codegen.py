@@ -89,7 +89,7 @@ for rule, dtype, state_dtype, codec, state_rounding in json.loads(sys.argv[1]):
         "CODEC": registry.CODECS.index(codec), "STOCHASTIC_STATE": state_rounding == "stochastic",
         "BLOCK": backend.BLOCK,
         "SUB": backend.sub_tile(dt, getattr(torch, state_dtype)), "GROUPS": 4,
-        "POSITIVE": sum(1 << j for j, n in enumerate(spec.states) if n in spec.positive)})
+        "POSITIVE": spec.positive_bits})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS}).asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)

@@ -174,6 +174,16 @@ class Rule:
         """The rule's number in the kernels (its position in RULES)."""
         return RULE_IDS[self.name]
 
+    def slot(self, name: str) -> tuple[int, bool]:
+        """State ``name``'s slot j in the kernels' order, and whether it is never negative (its 8-bit map:
+        backends/rounding.py, quantize)."""
+        return self.states.index(name), name in self.positive
+
+    @property
+    def positive_bits(self) -> int:
+        """Which slots are never negative, as bits (bit j: slot j): what the kernels take."""
+        return sum(1 << j for j, n in enumerate(self.states) if n in self.positive)
+
     def state_names(self, group: Mapping) -> tuple[str, ...]:
         """The state a param group of this rule keeps per parameter (besides its step count)."""
         return self.states if self.keeps_state(group) else ()
@@ -264,9 +274,8 @@ def cpp_header() -> str:
     ]
     for r in RULES.values():
         cols = [(c, len(GROUP_COLS) + i) for i, c in enumerate(r.consts)] + [("cols", len(GROUP_COLS) + len(r.consts))]
-        positive = sum(1 << j for j, n in enumerate(r.states) if n in r.positive)  # bit j: slot j is never negative
         lines.append(f"struct {r.name} {{ static constexpr int kId = {r.id}, kStates = {len(r.states)}, "
-                     f"kPositive = {positive}; {_enum('Col', cols)} }};")
+                     f"kPositive = {r.positive_bits}; {_enum('Col', cols)} }};")
     text = json.dumps(abi(), sort_keys=True, separators=(",", ":"))
     lines += ["", "// abi() of registry.py, which uba_fused._C exports as REGISTRY.",
               f"constexpr const char* kRegistry = R\"json({text})json\";", "", "}  // namespace uf", ""]

@@ -166,7 +166,7 @@ def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s
         if part.state_dtype in _NARROW:  # narrow state was updated in float32 copies: written back by its rounding
             for n, ts in s.items():
                 if rounded_state or part.state_dtype == torch.int8:
-                    j = RULES[rule].states.index(n)
+                    j = RULES[rule].slot(n)[0]
                     for dst, absmax, x, slot in zip(ts, scales, s32[n], slots):
                         new_v, new_absmax = encode_state(x, rule, n, part.state_dtype, rounds, seed, slot, t)
                         dst.copy_(new_v)

@@ -163,16 +163,11 @@ def encode(x: torch.Tensor, codec: str, dtype: torch.dtype, seed: int, slot: int
     return x, None
 
 
-def _slot(rule: str, name: str) -> tuple[int, bool]:
-    """State ``name``'s slot j in ``rule`` and whether it is never negative (registry.Rule.positive)."""
-    return RULES[rule].states.index(name), name in RULES[rule].positive
-
-
 def decode_state(v: torch.Tensor, absmax: torch.Tensor | None, rule: str, name: str) -> torch.Tensor:
     """State buffer ``v`` (slot ``name`` of ``rule``) as the update reads it: in float32 (float64 for float64), from
     its 8-bit codes and the parameter's block scales ``absmax`` (rounding.dequantize) where it is int8."""
     if v.dtype == torch.int8:
-        j, positive = _slot(rule, name)
+        j, positive = RULES[rule].slot(name)
         return rounding.dequantize(v, absmax[j], positive, QBLOCK)
     return _compute(v)
 
@@ -183,7 +178,7 @@ def encode_state(x: torch.Tensor, rule: str, name: str, dtype: torch.dtype, how:
     of 8-bit state (else None): 8-bit codes (rounding.quantize), 16 bits rounded stochastically, or ``x`` itself, which
     the buffer's copy rounds to nearest. ``how`` is the group's rounding (registry.STATE_ROUNDINGS); stochastic draws
     from random-bit stream 1 + j for slot j (rounding.random_bits)."""
-    j, positive = _slot(rule, name)
+    j, positive = RULES[rule].slot(name)
     narrow = dtype in (torch.bfloat16, torch.float16, torch.int8)
     r = rounding.random_bits(x, seed, slot, t, 1 + j) if how == "stochastic" and narrow else None
     if dtype == torch.int8:
@@ -226,7 +221,7 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
         writes = [(step_t, k), (p, new_p), (master, new_master)]
         for n, v in stored.items():
             new_v, new_absmax = encode_state(s32[n], rule, n, v.dtype, rounds, seed, w.slots[i], w.schedule_step)
-            writes += [(v, new_v), (None if new_absmax is None else absmax[_slot(rule, n)[0]], new_absmax)]
+            writes += [(v, new_v), (None if new_absmax is None else absmax[RULES[rule].slot(n)[0]], new_absmax)]
         for dst, src in writes:
             if src is not None and src is not dst:
                 dst.copy_(src if skip is None else torch.where(skip, dst, src))

@@ -603,7 +603,6 @@ def sub_tile(*dtypes: torch.dtype) -> int:
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Step:
     plan, table = Plan.for_step(cache, "triton", rule, work, BLOCK, grads)
     spec, n_groups = RULES[rule], len(work)
-    positive = sum(1 << j for j, n in enumerate(spec.states) if n in spec.positive)  # bit j: slot j never negative
     ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)
 
     def update(norm: torch.Tensor | None, amp: Amp | None) -> None:
@@ -616,7 +615,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                 int(advance), RULE=spec.id,
                 STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
                 CODEC=CODECS.index(part.codec), STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
-                SUB=sub_tile(part.dtype, part.state_dtype), GROUPS=groups, POSITIVE=positive, num_warps=NUM_WARPS)
+                SUB=sub_tile(part.dtype, part.state_dtype), GROUPS=groups, POSITIVE=spec.positive_bits,
+                num_warps=NUM_WARPS)
 
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
             plan.launch(launch)

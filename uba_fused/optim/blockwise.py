@@ -37,16 +37,12 @@ def new_absmax(p: torch.Tensor, slots: int) -> torch.Tensor:
     return torch.zeros(slots, blocks(p), dtype=torch.float32, device=p.device)
 
 
-def _slot(rule: str, name: str) -> tuple[int, bool]:
-    return registry.RULES[rule].states.index(name), name in registry.RULES[rule].positive
-
-
 def value(st: dict, rule: str, name: str) -> torch.Tensor:
     """State slot ``name`` of a parameter's state ``st`` as its values: 8-bit codes decoded (float32), else itself."""
     v = st[name]
     if v.dtype != torch.int8:
         return v
-    j, positive = _slot(rule, name)
+    j, positive = registry.RULES[rule].slot(name)
     return rounding.dequantize(v, st[ABSMAX][j], positive, registry.QBLOCK)
 
 
@@ -89,7 +85,7 @@ def put(st: dict, rule: str, name: str, x: torch.Tensor) -> None:
     scales made, all 0, if ``st`` has none)."""
     if ABSMAX not in st:
         st[ABSMAX] = new_absmax(x, len(registry.RULES[rule].states))
-    j, positive = _slot(rule, name)
+    j, positive = registry.RULES[rule].slot(name)
     codes, absmax = rounding.quantize(x.float(), positive, None, registry.QBLOCK)
     st[name].copy_(codes)
     st[ABSMAX][j].copy_(absmax)
@@ -111,7 +107,7 @@ def load(p: torch.Tensor, st: dict, saved: dict, rule: str, names: tuple[str, ..
             st[n] = zeros_like(p, torch.int8).copy_(v)
             if ABSMAX not in st:
                 st[ABSMAX] = new_absmax(p, len(registry.RULES[rule].states))
-            j = _slot(rule, n)[0]
+            j = registry.RULES[rule].slot(n)[0]
             st[ABSMAX][j].copy_(saved[ABSMAX][j])
         else:
             x = value(saved, rule, n)
