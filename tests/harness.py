@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass, field
 
@@ -195,3 +196,19 @@ def assert_same_runs(a, b, opt_a, opt_b, where=""):
 
 def snapshot(opt, params):
     return copy.deepcopy(([p.detach().clone() for p in params], opt.state_dict()))
+
+
+@contextlib.contextmanager
+def one_rank_mesh():
+    """A CPU device mesh of one rank over gloo, for DTensor parameters in this process (a process group of its own
+    unless one is up already, destroyed after)."""
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.device_mesh import init_device_mesh
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        if ours:
+            dist.destroy_process_group()

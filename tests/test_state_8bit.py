@@ -21,6 +21,7 @@ import uba_fused as uf
 from uba_fused import registry
 from uba_fused.backends import rounding
 
+from harness import one_rank_mesh
 from test_kernels import DEVICE
 from test_precision import _MARKS
 
@@ -281,19 +282,10 @@ def test_8bit_state_codes_without_their_scales_are_refused():
 
 
 def test_8bit_state_of_dtensor_parameters_is_refused_naming_them():
-    dist = pytest.importorskip("torch.distributed")
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
-    ours = not dist.is_initialized()
-    if ours:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
+    with one_rank_mesh() as mesh:
         gen = torch.Generator().manual_seed(14)
         p = torch.nn.Parameter(DTensor.from_local(torch.randn(64, 64, generator=gen), mesh, [Shard(0)]))
         with pytest.raises(ValueError, match=r"not built for DTensor parameters .*params\[0\]"):
             uf.AdamW([p], lr=1e-3, state_dtype=INT8)
         uf.AdamW([p], lr=1e-3, state_dtype=torch.bfloat16)  # the advice given works
-    finally:
-        if ours:
-            dist.destroy_process_group()

@@ -20,7 +20,7 @@ from uba_fused.backends import rounding
 from uba_fused.registry import RULES
 
 import oracle
-from harness import CASES, f64, random_grads, set_grads, step_together
+from harness import CASES, f64, one_rank_mesh, random_grads, set_grads, step_together
 from test_kernels import DEVICE, EVERY_BACKEND
 from test_precision import _MARKS, _oracle_round, _params
 
@@ -205,15 +205,9 @@ def test_bfloat16_state_dicts_resume_and_convert(backend):
 def test_dcp_checkpoint_of_bfloat16_state_on_a_dtensor_mesh_resumes_bit_for_bit(tmp_path):
     """FSDP2's state: bfloat16 DTensors placed as their parameters, saved by torch.distributed.checkpoint and
     loaded into a fresh optimizer (one rank over gloo), continuing as the uninterrupted run."""
-    dist = pytest.importorskip("torch.distributed")
     dcp = pytest.importorskip("torch.distributed.checkpoint")
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
-    ours = not dist.is_initialized()
-    if ours:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        mesh = init_device_mesh("cpu", (1,))
+    with one_rank_mesh() as mesh:
         gen = torch.Generator().manual_seed(25)
         start = [torch.randn(6, 5, generator=gen), torch.randn(11, generator=gen)]
         grads = [[torch.randn(s.shape, generator=gen) for s in start] for _ in range(5)]
@@ -249,7 +243,4 @@ def test_dcp_checkpoint_of_bfloat16_state_on_a_dtensor_mesh_resumes_bit_for_bit(
                 s = again.state[q][n]
                 assert isinstance(s, DTensor) and s.to_local().dtype == BF16
                 assert torch.equal(opt.state[p][n].to_local(), s.to_local())
-    finally:
-        if ours:
-            dist.destroy_process_group()
 
