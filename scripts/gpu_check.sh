@@ -89,7 +89,7 @@ PY
   done
   # Alone on the GPU: throughput against a device-to-device copy measured in the same run.
   timeout 90 python3 -m uba_fused.bench --presets gpt2-medium --optimizers adamw --dtypes float32 bfloat16 \
-    --steps 30 --no-torch --json "$OUT/quick-bench.json" > "$OUT/quick-bench.txt" 2>&1
+    --layouts plain --steps 30 --no-torch --json "$OUT/quick-bench.json" > "$OUT/quick-bench.txt" 2>&1
   RC=$?
   cat "$OUT/quick-bench.txt"
   verdict "AdamW throughput on the GPT-2-medium list (fp32, bf16) against a same-run copy" $RC "exit $RC"
