@@ -65,19 +65,23 @@ def fit(p: torch.Tensor, st: dict, rule: str, names: tuple[str, ...], dtype: tor
                          f"Drop the parameter's state (del opt.state[p]) to start it afresh")
     changed = False
     for n in coded:
-        if dtype != torch.int8:
-            st[n] = zeros_like(p, dtype).copy_(value(st, rule, n))
-        elif local(st[n]).stride() != local(p).stride():
-            x = value(st, rule, n)
-            st[n] = zeros_like(p, torch.int8)
-            put(st, rule, n, zeros_like(p, torch.float32).copy_(x))
-        else:
-            continue
-        changed = True
+        if dtype != torch.int8 or local(st[n]).stride() != local(p).stride():
+            remake(p, st, rule, n, value(st, rule, n), dtype, zeros_like)
+            changed = True
     if ABSMAX in st and not any(isinstance(st.get(n), torch.Tensor) and st[n].dtype == torch.int8 for n in names):
         del st[ABSMAX]
         changed = True
     return changed
+
+
+def remake(p: torch.Tensor, st: dict, rule: str, name: str, x: torch.Tensor, dtype: torch.dtype, zeros_like) -> None:
+    """Slot ``name`` of ``p``'s state ``st`` made anew in ``dtype``, laid out as ``p``, holding the values ``x``: coded
+    to nearest (put) when 8-bit."""
+    if dtype != torch.int8:
+        st[name] = zeros_like(p, dtype).copy_(x)
+        return
+    st[name] = zeros_like(p, torch.int8)
+    put(st, rule, name, zeros_like(p, torch.float32).copy_(x))
 
 
 def put(st: dict, rule: str, name: str, x: torch.Tensor) -> None:
@@ -110,11 +114,6 @@ def load(p: torch.Tensor, st: dict, saved: dict, rule: str, names: tuple[str, ..
             j = registry.RULES[rule].slot(n)[0]
             st[ABSMAX][j].copy_(saved[ABSMAX][j])
         else:
-            x = value(saved, rule, n)
-            st[n] = zeros_like(p, dtype)
-            if dtype == torch.int8:
-                put(st, rule, n, zeros_like(p, torch.float32).copy_(x))
-            else:
-                st[n].copy_(x)
+            remake(p, st, rule, n, value(saved, rule, n), dtype, zeros_like)
         done.append(n)
     return done
