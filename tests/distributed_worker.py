@@ -2,14 +2,14 @@
 
     python tests/distributed_worker.py OUT STORE [--fsdp2 [--save DIR]] [--load DIR] [--ddp]
 
-For every case x backend, a small MLP trains for ``STEPS`` steps: under FSDP2 with ``--fsdp2``
+For every case x backend (BACKENDS), a small MLP trains for ``STEPS`` steps: under FSDP2 with ``--fsdp2``
 (``fully_shard`` on a mesh of all ranks; its layers of 5, 3 and 1 rows shard unevenly, and on 2 ranks
 the last is empty on rank 1), saving a torch.distributed.checkpoint after ``SAVE_AT`` steps with
 ``--save``, and for AdamW also as HSDP (a 1 x ranks mesh) and through a full state dict; under FSDP2
 from such a checkpoint, written on another number of ranks, with ``--load``; and under DDP with
 ``--ddp`` (with ``gradient_as_bucket_view`` for one rule). Every rank draws the same full batch each
-step and trains on its slice. Each rank also trains the model unsharded, in one process on the full
-batch, and writes to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer
+step and trains on its slice (8-bit state: on all of it, and its model's first weight is 17 rows of 256,
+sharded 9 and 8). Each rank also trains the model unsharded, in one process on the full batch, and writes to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer
 state), its schedule counter and applied lr. The test compares.
 
 Backends "triton" and "cuda" run in their CPU test modes (TRITON_INTERPRET=1, UBA_FUSED_CUDA_ON_CPU=1,
@@ -51,31 +51,43 @@ CASES = {
                                                    max_grad_norm=2.5),
     "sgd": lambda params, backend: uf.SGD(params, lr=5e-2, momentum=0.9, nesterov=True, weight_decay=0.01,
                                           schedule=uf.UBA(STEPS, phi=2.0, min_lr_ratio=0.1), backend=backend),
+    # 8-bit state, rounded to nearest, of a wider model whose first weight (17 rows of 256: one block a row) keeps
+    # it; every rank trains on the full batch, so that the gradients are exact and a run equals one process bit for
+    # bit (8-bit codes amplify the last-bit differences of averaging other slices)
+    "adamw-8bit": lambda params, backend: uf.AdamW(params, lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1,
+                                                   schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend,
+                                                   state_dtype=torch.int8, state_rounding="nearest"),
 }
-BACKENDS = ("torch", "triton", "cuda")
+WIDTHS = {"adamw-8bit": (256, 17, 1)}  # the layers' widths of a case's model: (6, 5, 3, 1) where not listed
+# The backends each case runs on. 8-bit state on Triton's interpreter took the three runs from about 100 to 200 s;
+# what DTensors change (the state's placements, the scales' rows) is the same Python for every backend.
+BACKENDS = {case: ("torch", "cuda") if case == "adamw-8bit" else ("torch", "triton", "cuda") for case in CASES}
 
 
-def make_model(device: torch.device) -> torch.nn.Sequential:
+def make_model(device: torch.device, widths: tuple[int, ...] = (6, 5, 3, 1)) -> torch.nn.Sequential:
     gen = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.Tanh(),
-                                torch.nn.Linear(3, 1))
+    layers = [m for a, b in zip(widths, widths[1:]) for m in (torch.nn.Linear(a, b), torch.nn.Tanh())]
+    model = torch.nn.Sequential(*layers[:-1])
     with torch.no_grad():
         for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 * min(1.0, (6 / p.shape[-1]) ** 0.5))  # tanh unsaturated
     return model.to(device)
 
 
-def batch(t: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(t: int, device: torch.device, width: int = 6) -> tuple[torch.Tensor, torch.Tensor]:
     """The full batch of step t, the same on every rank."""
     gen = torch.Generator().manual_seed(1000 + t)
-    x = torch.randn(BATCH, 6, generator=gen)
+    x = torch.randn(BATCH, width, generator=gen)
     return x.to(device), (x[:, :1] * x[:, 1:2] + 0.1 * torch.randn(BATCH, 1, generator=gen)).to(device)
 
 
-def train(model, opt, steps: range, rank: int, world: int, device: torch.device, save: pathlib.Path | None = None):
-    share = BATCH // world
+def train(model, opt, steps: range, rank: int, world: int, device: torch.device, save: pathlib.Path | None = None,
+          whole: bool = False):
+    """``whole``: every rank trains on the full batch, not its slice of it."""
+    share = BATCH if whole else BATCH // world
+    rank = 0 if whole else rank
     for t in steps:
-        x, y = batch(t, device)
+        x, y = batch(t, device, next(iter(model.parameters())).shape[-1])  # the first weight: [out, in]
         x, y = x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]
         torch.nn.functional.mse_loss(model(x), y).backward()
         opt.step()
@@ -86,9 +98,9 @@ def train(model, opt, steps: range, rank: int, world: int, device: torch.device,
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=save)
 
 
-def sharded(make, backend: str, mesh, device: torch.device):
+def sharded(make, backend: str, mesh, device: torch.device, widths: tuple[int, ...]):
     """The model under FSDP2, each Linear its own unit, and its optimizer."""
-    model = make_model(device)
+    model = make_model(device, widths)
     for layer in model:
         if isinstance(layer, torch.nn.Linear):
             fully_shard(layer, mesh=mesh)
@@ -102,16 +114,18 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 def distance(model, opt, ref_model, ref_opt) -> dict:
     """How far a run ends from the unsharded one: the largest difference of a parameter or state buffer
-    relative to the largest magnitude of that tensor, whether every per-parameter step count is the same,
-    and the counters this rank keeps."""
-    rel, steps_equal = 0.0, True
+    relative to the largest magnitude of that tensor, whether every one is equal bit for bit (8-bit codes and
+    their scales included) and every per-parameter step count the same, and the counters this rank keeps."""
+    rel, equal, steps_equal = 0.0, True, True
     for p, q in zip(model.parameters(), ref_model.parameters()):
         pairs = [(full(p.detach()), q.detach())]
         pairs += [(full(v), ref_opt.state[q][k]) for k, v in opt.state[p].items() if k != "step"]
         for a, b in pairs:
-            rel = max(rel, ((a.cpu() - b.cpu()).abs().max() / b.abs().max()).item())
+            a, b = a.cpu(), b.cpu()
+            equal &= a.dtype == b.dtype and torch.equal(a, b)
+            rel = max(rel, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item())
         steps_equal &= bool(opt.state[p]["step"].cpu() == ref_opt.state[q]["step"].cpu())
-    return dict(rel=rel, steps_equal=steps_equal, schedule_step=[int(g["schedule_step"]) for g in opt.param_groups],
+    return dict(rel=rel, equal=equal, steps_equal=steps_equal, schedule_step=[int(g["schedule_step"]) for g in opt.param_groups],
                 ref_schedule_step=[int(g["schedule_step"]) for g in ref_opt.param_groups],
                 lr=[float(x) for x in opt.get_last_lr()], ref_lr=[float(x) for x in ref_opt.get_last_lr()],
                 backends=opt.backends)
@@ -140,7 +154,7 @@ def main() -> None:
     hsdp_mesh = init_device_mesh(kind, (1, world), mesh_dim_names=("replicate", "shard"))
     results = {}
     if args.fsdp2:  # clipping sums the norm over the mesh: every parameter must be a DTensor placed alike
-        model, _ = sharded(CASES["adamw"], "torch", mesh, device)
+        model, _ = sharded(CASES["adamw"], "torch", mesh, device, (6, 5, 3, 1))
         plain = torch.nn.Parameter(torch.ones(3, device=device))
         opt = uf.AdamW([*model.parameters(), plain], max_grad_norm=1.0, backend="torch")
         torch.nn.functional.mse_loss(model(batch(0, device)[0]), batch(0, device)[1]).backward()
@@ -152,40 +166,41 @@ def main() -> None:
             results["fsdp2/clip-mixed"] = str(exc)
         results["fsdp2/clip-mixed-left-no-state"] = not opt.state
     for case, make in CASES.items():
-        for backend in BACKENDS:
+        for backend in BACKENDS[case]:
             name = f"{case}-{backend}"
-            ref_model = make_model(device)
+            widths, whole = WIDTHS.get(case, (6, 5, 3, 1)), case in WIDTHS
+            ref_model = make_model(device, widths)
             ref_opt = make(ref_model.parameters(), backend)
             train(ref_model, ref_opt, range(STEPS), 0, 1, device)
 
             if args.fsdp2:
-                model, opt = sharded(make, backend, mesh, device)
+                model, opt = sharded(make, backend, mesh, device, widths)
                 save = None if args.save is None else args.save / name
-                train(model, opt, range(STEPS), rank, world, device, save=save)
+                train(model, opt, range(STEPS), rank, world, device, save=save, whole=whole)
                 results[f"fsdp2/{name}"] = distance(model, opt, ref_model, ref_opt)
                 if case.startswith("adamw"):  # HSDP: a 2-D mesh, parameters placed (Replicate(), Shard(0))
-                    model, opt = sharded(make, backend, hsdp_mesh, device)
+                    model, opt = sharded(make, backend, hsdp_mesh, device, widths)
                     assert all(p.placements == (Replicate(), Shard(0)) for p in model.parameters())
-                    train(model, opt, range(STEPS), rank, world, device)
+                    train(model, opt, range(STEPS), rank, world, device, whole=whole)
                     results[f"hsdp/{name}"] = distance(model, opt, ref_model, ref_opt)
                     # a full (unsharded, plain-tensor) state dict on every rank, loaded into a fresh run
-                    model, opt = sharded(make, backend, mesh, device)
-                    train(model, opt, range(SAVE_AT), rank, world, device)
+                    model, opt = sharded(make, backend, mesh, device, widths)
+                    train(model, opt, range(SAVE_AT), rank, world, device, whole=whole)
                     full_sd = get_state_dict(model, opt, options=StateDictOptions(full_state_dict=True))
-                    model, opt = sharded(make, backend, mesh, device)
+                    model, opt = sharded(make, backend, mesh, device, widths)
                     set_state_dict(model, opt, model_state_dict=full_sd[0], optim_state_dict=full_sd[1],
                                    options=StateDictOptions(full_state_dict=True))
-                    train(model, opt, range(SAVE_AT, STEPS), rank, world, device)
+                    train(model, opt, range(SAVE_AT, STEPS), rank, world, device, whole=whole)
                     results[f"full/{name}"] = distance(model, opt, ref_model, ref_opt)
             if args.load is not None:  # continue from a checkpoint written on another number of ranks
-                model, opt = sharded(make, backend, mesh, device)
+                model, opt = sharded(make, backend, mesh, device, widths)
                 model_sd, optim_sd = get_state_dict(model, opt)
                 loaded = {"model": model_sd, "optim": optim_sd}
                 dcp.load(loaded, checkpoint_id=args.load / name)
                 set_state_dict(model, opt, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-                train(model, opt, range(SAVE_AT, STEPS), rank, world, device)
+                train(model, opt, range(SAVE_AT, STEPS), rank, world, device, whole=whole)
                 results[f"dcp/{name}"] = distance(model, opt, ref_model, ref_opt)
-            if args.ddp:
+            if args.ddp and not whole:
                 # gradients in DDP's buckets (one flat tensor, stable addresses) for one rule, its own for the other
                 model = DistributedDataParallel(make_model(device), gradient_as_bucket_view=case == "sgd")
                 opt = make(model.parameters(), backend)

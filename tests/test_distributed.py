@@ -33,7 +33,7 @@ WORKER = pathlib.Path(worker.__file__)
 # kernel); on a loaded machine that took every run past a fixed 300 s limit, they still write a line every
 # few seconds.
 STALL_S = 180
-NAMES = [f"{case}-{backend}" for case in worker.CASES for backend in worker.BACKENDS]
+NAMES = [f"{case}-{backend}" for case in worker.CASES for backend in worker.BACKENDS[case]]
 # How far a multi-rank run may end from the one-process run, relative to each tensor's largest value.
 # The collective averages the ranks' gradients in another order than one process's batch mean, a few
 # fp32 ulps per step, which 12 steps of momentum carry (measured: at most 2.3e-6). A wrong shard or a lost
@@ -111,10 +111,13 @@ def runs(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 def assert_like_one_process(ranks: list[dict], key: str) -> None:
+    """As the one-process run within REL; bit for bit for 8-bit state, where every rank trains on the full batch."""
     for r, res in enumerate(ranks):
         got = res[key]
         where = f"{key} on rank {r} of {len(ranks)}"
         assert got["rel"] <= REL, f"{where}: ends {got['rel']:.2e} (relative) from the one-process run"
+        if "8bit" in key:
+            assert got["equal"], f"{where}: not bit for bit the one-process run (within {got['rel']:.2e})"
         assert got["steps_equal"], f"{where}: a parameter's step count differs from the one-process run"
         assert got["schedule_step"] == got["ref_schedule_step"] == [worker.STEPS], where
         assert got["lr"] == got["ref_lr"], f"{where}: applied lr {got['lr']}, one process {got['ref_lr']}"
@@ -130,7 +133,7 @@ def test_clipping_refuses_dtensor_parameters_beside_plain_ones(runs, world):
         assert res["fsdp2/clip-mixed-left-no-state"]
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if "8bit" not in n])
 def test_ddp_matches_one_process_on_the_full_batch(runs, name):
     assert_like_one_process(runs["2 ranks"], f"ddp/{name}")
 
@@ -168,7 +171,8 @@ def test_fsdp2_on_one_gpu_over_nccl(tmp_path):
     (res,) = launch(tmp_path, 1, "--fsdp2", "--ddp", device="cuda")
     for name in NAMES:
         assert_like_one_process([res], f"fsdp2/{name}")
-        assert_like_one_process([res], f"ddp/{name}")
+        if "8bit" not in name:  # (the worker runs 8-bit state under FSDP2 only)
+            assert_like_one_process([res], f"ddp/{name}")
 
 
 # -- one rank, in this process --------------------------------------------------------------------------

@@ -8,6 +8,7 @@ negative), rounded stochastically by default and to nearest as the control.
   several steps in every 8-bit storage (vector and element paths).
 - A run with 8-bit state follows a run with float32 state; small parameters keep float32 state.
 - State dicts: a resumed run equals an uninterrupted one bit for bit; 8-bit and float state convert both ways.
+- DTensor parameters: 8-bit state where each shard is whole rows of whole blocks, float32 state elsewhere.
 - Errors: parameters it is not built for, codes without their scales.
 """
 
@@ -281,11 +282,31 @@ def test_8bit_state_codes_without_their_scales_are_refused():
         uf.AdamW([p], lr=1e-3, state_dtype=INT8).load_state_dict(sd)
 
 
-def test_8bit_state_of_dtensor_parameters_is_refused_naming_them():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dtensor_parameters_keep_8bit_state_where_shards_are_whole_rows_of_blocks(backend):
+    """On a one-rank mesh a row-blocked DTensor parameter keeps 8-bit state bit for bit as its plain twin does (the
+    local shard is the whole tensor, so even the random bits agree), with its scales a DTensor placed as its rows;
+    a 1-D one and one whose rows split blocks keep float32 state."""
     from torch.distributed.tensor import DTensor, Shard
     with one_rank_mesh() as mesh:
         gen = torch.Generator().manual_seed(14)
-        p = torch.nn.Parameter(DTensor.from_local(torch.randn(64, 64, generator=gen), mesh, [Shard(0)]))
-        with pytest.raises(ValueError, match=r"not built for DTensor parameters .*params\[0\]"):
-            uf.AdamW([p], lr=1e-3, state_dtype=INT8)
-        uf.AdamW([p], lr=1e-3, state_dtype=torch.bfloat16)  # the advice given works
+        shapes = [(24, 512), (5000,), (40, 300)]
+        values = [torch.randn(s, generator=gen) for s in shapes]
+        plain = [v.clone().requires_grad_() for v in values]
+        placed = [torch.nn.Parameter(DTensor.from_local(v.clone(), mesh, [Shard(0)])) for v in values]
+        make = lambda ps: uf.AdamW(ps, lr=1e-2, weight_decay=0.1, state_dtype=INT8, backend=backend)  # noqa: E731
+        ref, opt = make(plain), make(placed)
+        for _ in range(3):
+            grads = [torch.randn(s, generator=gen) for s in shapes]
+            for p, q, g in zip(plain, placed, grads):
+                p.grad, q.grad = g.clone(), DTensor.from_local(g.clone(), mesh, [Shard(0)])
+            ref.step()
+            opt.step()
+        st, want = opt.state[placed[0]], ref.state[plain[0]]
+        assert isinstance(st["absmax"], DTensor) and st["absmax"].placements == (Shard(1),)
+        assert st["absmax"].shape == want["absmax"].shape == (2, 24, 2)
+        for n in ("exp_avg", "exp_avg_sq", "absmax"):
+            assert st[n].dtype == want[n].dtype and torch.equal(st[n].full_tensor(), want[n]), n
+        assert torch.equal(placed[0].full_tensor(), plain[0].detach())
+        for q in placed[1:]:
+            assert opt.state[q]["exp_avg"].dtype == torch.float32 and "absmax" not in opt.state[q]

@@ -113,6 +113,25 @@ def test_float32_state_of_bf16_parameters_survives_a_round_trip_unrounded(backen
         assert q["exp_avg"].dtype == torch.bfloat16 and q["step"].dtype == torch.float32
 
 
+def test_state_dtype_is_saved_by_name_which_torch_distributed_state_dicts_walk():
+    """A torch.dtype in a saved group made FSDP2's full state dict (torch.distributed's _iterate_state_dict) raise
+    "Unexpected value type <class 'torch.dtype'>": state_dict() writes its name, and a load reads it back."""
+    p = torch.randn(64, 64, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    opt = uf.AdamW([p], lr=1e-2, state_dtype=torch.int8, schedule=uf.UBA(10))
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["state_dtype"] == "int8"
+    plain = (int, float, bool, str, type(None), torch.Tensor)  # what that walker takes, besides dicts and lists
+    leaves = [v for g in sd["param_groups"] for v in g.values() if not isinstance(v, (dict, list, tuple))]
+    leaves += [v for g in sd["param_groups"] for v in g["schedule"].values()]
+    assert all(isinstance(v, plain) for v in leaves), [type(v) for v in leaves]
+    again = uf.AdamW([p], lr=1e-2)
+    again.load_state_dict(sd)
+    assert again.param_groups[0]["state_dtype"] == torch.int8
+    sd["param_groups"][0]["state_dtype"] = "int9"
+    with pytest.raises(ValueError, match=r"param_groups\[0\]\['state_dtype'\] must name a torch dtype"):
+        again.load_state_dict(sd)
+
+
 def test_torch_optim_state_dict_of_bf16_parameters_loads_into_float32_state():
     a = _bf16_params()
     torch_opt = torch.optim.AdamW(a, lr=1e-2)

@@ -161,7 +161,9 @@ COMMON_ARGS = f"""
             float32 (or bfloat16) parameters in bfloat16, half the bytes, rounded stochastically (state_rounding).
             torch.int8 keeps 8-bit state for float32 and bfloat16 parameters of at least 4096 elements (smaller ones
             keep float32): int8 codes per element and a float32 scale per block of 256 elements in
-            ``state["absmax"]``, rounded stochastically too (README: Precision layouts). The update computes in
+            ``state["absmax"]``, rounded stochastically too (README: Precision layouts). A DTensor parameter (FSDP2)
+            keeps it where its shards are whole rows of whole blocks (sharded on dim 0 only, and the elements of a
+            row a multiple of 256), else float32. The update computes in
             float32 either way. It applies to state made after it is set; a state-dict load converts the loaded
             state (to a narrower dtype: rounded to nearest; 8-bit codes through their values).
         state_rounding: how 16-bit or 8-bit state is written after each update: "stochastic" (unbiased, from the
@@ -315,8 +317,8 @@ def check_master_weights(group: dict) -> None:
 
 def check_state_dtype(group: dict) -> None:
     """``state_dtype`` is None, torch.float32, torch.bfloat16 or torch.int8 (8-bit), not narrower than float32 for a
-    float64 parameter, not bfloat16 for a float16 one, and 8-bit for float32 and bfloat16 parameters that are not
-    DTensors only (the storages the kernels are built for: registry.STORAGES); ``state_rounding`` is None or one of
+    float64 parameter, not bfloat16 for a float16 one, and 8-bit for float32 and bfloat16 parameters only (the
+    storages the kernels are built for: registry.STORAGES); ``state_rounding`` is None or one of
     registry.STATE_ROUNDINGS, and stochastic not for float16 state."""
     how = group.get("state_rounding")  # a group pickled before the option existed has none
     if how is not None and how not in registry.STATE_ROUNDINGS:
@@ -343,10 +345,6 @@ def check_state_dtype(group: dict) -> None:
             if p.dtype not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"state_dtype=torch.int8 (8-bit state) is built for float32 and bfloat16 parameters, "
                                  f"but params[{i}] is {p.dtype}: put it in a param group with another state_dtype")
-            if is_dtensor(p):
-                raise ValueError(f"state_dtype=torch.int8 (8-bit state) is not built for DTensor parameters (FSDP2) "
-                                 f"yet, and params[{i}] is one: its block scales do not follow a shard's boundaries; "
-                                 f"use torch.bfloat16 state for them")
     refused = {torch.float64: "in less precision than the parameters themselves; use None for them",
                torch.float16: "in bfloat16, which the kernels are not built for; use None (float16 state) or "
                               "torch.float32 for them"}
@@ -850,7 +848,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             slots = [first + i for i in (range(len(params)) if index is None else index)]
             hit = self._cache.selections[key] = backends.Selection(
                 [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
-                index, slots, [local(s.get(MASTER)) for s in st], [local(s.get(ABSMAX)) for s in st])
+                index, slots, [local(s.get(MASTER)) for s in st], [blockwise.flat(s) for s in st])
         return hit
 
     def _layout(self, group: dict) -> tuple:
@@ -947,10 +945,15 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- state dicts -------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """torch.optim's, with each group's schedule as a dict and its state_dtype as the dtype's name ("int8"):
+        plain values, which torch.distributed's state-dict utilities (a full state dict of FSDP2) walk, and
+        ``torch.load(weights_only=True)`` reads."""
         sd = super().state_dict()
         for g in sd["param_groups"]:
             if isinstance(g.get("schedule"), Schedule):
                 g["schedule"] = g["schedule"].to_dict()
+            if isinstance(g.get("state_dtype"), torch.dtype):
+                g["state_dtype"] = str(g["state_dtype"]).removeprefix("torch.")
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -1035,6 +1038,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                     saved["schedule"] = schedule_from_dict(saved["schedule"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{where}['schedule']: {exc}") from None
+            if isinstance(saved.get("state_dtype"), str):  # state_dict() writes a dtype's name
+                dtype = getattr(torch, saved["state_dtype"], None)
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"{where}['state_dtype'] must name a torch dtype ('int8', 'bfloat16', "
+                                     f"'float32'), got {saved['state_dtype']!r}")
+                saved["state_dtype"] = dtype
             if "schedule_step" in saved:
                 t = torch.as_tensor(saved["schedule_step"])
                 if t.numel() != 1 or t.is_floating_point() or t.is_complex() or int(t) < 0:
@@ -1080,9 +1089,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"saved state onto the parameters")
         coded = [k for k in names if st[k].dtype == torch.int8]
         if coded and not blockwise.scales_fit(st, self.rule, p):
-            raise ValueError(f"{where} holds 8-bit state {coded} without its block scales [{ABSMAX!r}] (float32 "
-                             f"[{len(registry.RULES[self.rule].states)}, {blockwise.blocks(p)}]): the codes mean "
-                             f"nothing without them")
+            raise ValueError(f"{where} holds 8-bit state {coded} without its {blockwise.missing(self.rule, p)}"
+                             f"{', placed as its rows' if is_dtensor(p) else ''}: the codes mean nothing without them")
         if "step" in st:
             step = torch.as_tensor(st["step"])
             if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:

@@ -1,10 +1,18 @@
 """8-bit optimizer state (``state_dtype=torch.int8``): which parameters keep it, and how it is made and converted.
 
-A parameter of at least registry.QUANTIZE_MIN elements keeps each state slot as int8 codes laid out as the parameter,
-and the float32 scales of every slot's blocks in its state ``"absmax"`` ([slots, blocks]; backends/rounding.py:
-quantize defines both). A smaller one keeps float32 state. The codes mean nothing without their scales, and a block is
-a run of the parameter's memory: converting (a state-dict load, a changed ``state_dtype`` or layout) always goes
-through the float32 values, rounded to nearest on the way back into codes.
+A parameter that keeps 8-bit state (``quantized``) keeps each state slot as int8 codes laid out as the parameter, and
+the float32 scales of every slot's blocks in its state ``"absmax"`` (backends/rounding.py: quantize defines both). A
+block is a run of registry.QBLOCK elements of the parameter's memory. Where each row (a slice along dim 0) holds whole
+blocks, the scales are shaped [slots, rows, blocks per row], else [slots, blocks]: the same memory either way, which
+the kernels walk as [slots, blocks].
+
+DTensor parameters (FSDP2, HSDP) keep 8-bit state where that row shape exists and every shard is a set of whole rows
+(each ``Shard`` placement on dim 0): a shard boundary is then a block boundary, each rank quantizes the blocks of its
+own rows, and the scales are a DTensor placed as the rows are (Shard(0) of the parameter is Shard(1) of the scales),
+which torch.distributed.checkpoint saves and reshards with the codes. Any other DTensor parameter keeps float32
+state, as does a parameter under registry.QUANTIZE_MIN elements. The codes mean nothing without their scales:
+converting (a state-dict load, a changed ``state_dtype`` or layout) always goes through the float32 values, rounded
+to nearest on the way back into codes.
 """
 
 from __future__ import annotations
@@ -13,16 +21,38 @@ import torch
 
 from .. import registry
 from ..backends import rounding
-from ..backends.work import local
+from ..backends.work import dtensor_class, is_dtensor, local
 
 ABSMAX = "absmax"
 
 
+def _row_blocks(p: torch.Tensor) -> int | None:
+    """Blocks per row of ``p`` where every row (a slice along dim 0) holds whole blocks of registry.QBLOCK, else
+    None."""
+    if p.dim() < 2 or p.shape[0] == 0 or p.numel() // p.shape[0] % registry.QBLOCK:
+        return None
+    return p.numel() // p.shape[0] // registry.QBLOCK
+
+
+def _by_rows(p: torch.Tensor) -> bool:
+    """Whether DTensor ``p``'s local shard is whole rows, in blocks: row-blocked, contiguous, each placement
+    Replicate() or Shard(0) (FSDP2's and HSDP's)."""
+    from torch.distributed.tensor import Shard  # loaded: p is a DTensor
+    return _row_blocks(p) is not None and local(p).is_contiguous() and \
+        all(pl.is_replicate() or pl == Shard(0) for pl in p.placements)
+
+
+def quantized(p: torch.Tensor) -> bool:
+    """Whether ``p`` keeps 8-bit state in a group that asks for it: at least registry.QUANTIZE_MIN elements, and for a
+    DTensor, a shard of whole rows in whole blocks (module docstring)."""
+    return p.numel() >= registry.QUANTIZE_MIN and (not is_dtensor(p) or _by_rows(p))
+
+
 def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
     """The dtype of ``p``'s state buffers in ``group``: its ``state_dtype`` (None: the parameter's own), float32 for
-    8-bit state of a parameter under registry.QUANTIZE_MIN elements."""
+    8-bit state of a parameter that cannot keep it (``quantized``)."""
     dtype = group.get("state_dtype") or p.dtype
-    if dtype == torch.int8 and p.numel() < registry.QUANTIZE_MIN:
+    if dtype == torch.int8 and not quantized(p):
         return torch.float32
     return dtype
 
@@ -32,25 +62,59 @@ def blocks(p: torch.Tensor) -> int:
     return -(-local(p).numel() // registry.QBLOCK)
 
 
+def scales_shape(p: torch.Tensor, slots: int) -> tuple[int, ...]:
+    """The (global) shape of the block scales of ``slots`` state slots of ``p``."""
+    per_row = _row_blocks(p)
+    return (slots, -(-p.numel() // registry.QBLOCK)) if per_row is None else (slots, p.shape[0], per_row)
+
+
 def new_absmax(p: torch.Tensor, slots: int) -> torch.Tensor:
-    """The block scales of ``slots`` state slots of 8-bit state for ``p``, all 0 (codes of 0 then hold 0)."""
-    return torch.zeros(slots, blocks(p), dtype=torch.float32, device=p.device)
+    """The block scales of ``slots`` state slots of 8-bit state for ``p``, all 0 (codes of 0 then hold 0): for a
+    DTensor, a DTensor placed as its rows."""
+    shape = scales_shape(p, slots)
+    if not is_dtensor(p):
+        return torch.zeros(shape, dtype=torch.float32, device=p.device)
+    mine = torch.zeros(slots, local(p).shape[0], *shape[2:], dtype=torch.float32, device=p.device)
+    from torch.distributed.tensor import Shard
+    placements = [Shard(1) if pl == Shard(0) else pl for pl in p.placements]  # any other: Replicate() (_by_rows)
+    return dtensor_class().from_local(mine, p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
+                                      stride=torch.empty(shape, device="meta").stride())
+
+
+def flat(st: dict) -> torch.Tensor | None:
+    """The local block scales of a parameter's state ``st`` as the kernels walk them, [slots, blocks] (a view); None
+    without 8-bit state."""
+    scales = st.get(ABSMAX)
+    return None if scales is None else local(scales).flatten(1)
 
 
 def value(st: dict, rule: str, name: str) -> torch.Tensor:
-    """State slot ``name`` of a parameter's state ``st`` as its values: 8-bit codes decoded (float32), else itself."""
+    """State slot ``name`` of a parameter's state ``st`` as its values: 8-bit codes decoded (float32, placed as the
+    codes), else itself."""
     v = st[name]
     if v.dtype != torch.int8:
         return v
     j, positive = registry.RULES[rule].slot(name)
-    return rounding.dequantize(v, st[ABSMAX][j], positive, registry.QBLOCK)
+    x = rounding.dequantize(local(v), flat(st)[j], positive, registry.QBLOCK)
+    if is_dtensor(v):
+        return dtensor_class().from_local(x, v.device_mesh, v.placements, run_check=False, shape=v.shape,
+                                          stride=v.stride())
+    return x
 
 
 def scales_fit(st: dict, rule: str, p: torch.Tensor) -> bool:
-    """Whether ``st`` holds block scales of ``rule``'s slots for ``p``."""
+    """Whether ``st`` holds block scales of ``rule``'s slots for ``p``, placed as ``new_absmax`` places them."""
     scales = st.get(ABSMAX)
-    return isinstance(scales, torch.Tensor) and scales.dtype == torch.float32 and \
-        tuple(scales.shape) == (len(registry.RULES[rule].states), blocks(p))
+    if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
+        return False
+    like = new_absmax(p, len(registry.RULES[rule].states)) if is_dtensor(p) else None
+    return tuple(scales.shape) == scales_shape(p, len(registry.RULES[rule].states)) and \
+        is_dtensor(scales) == is_dtensor(p) and (like is None or scales.placements == like.placements)
+
+
+def missing(rule: str, p: torch.Tensor) -> str:
+    """How an error names the block scales ``p``'s 8-bit state lacks."""
+    return f"block scales [{ABSMAX!r}] (float32 {list(scales_shape(p, len(registry.RULES[rule].states)))})"
 
 
 def fit(p: torch.Tensor, st: dict, rule: str, names: tuple[str, ...], dtype: torch.dtype, zeros_like,
@@ -60,9 +124,8 @@ def fit(p: torch.Tensor, st: dict, rule: str, names: tuple[str, ...], dtype: tor
     beside codes. Whether anything changed; raises (naming ``where``) for codes without their scales."""
     coded = [n for n in names if isinstance(st.get(n), torch.Tensor) and st[n].dtype == torch.int8]
     if coded and not scales_fit(st, rule, p):
-        raise ValueError(f"{where} keeps 8-bit state {coded} without its block scales state[{ABSMAX!r}] (float32 "
-                         f"[{len(registry.RULES[rule].states)}, {blocks(p)}]): the codes mean nothing without them. "
-                         f"Drop the parameter's state (del opt.state[p]) to start it afresh")
+        raise ValueError(f"{where} keeps 8-bit state {coded} without its {missing(rule, p)}: the codes mean nothing "
+                         f"without them. Drop the parameter's state (del opt.state[p]) to start it afresh")
     changed = False
     for n in coded:
         if dtype != torch.int8 or local(st[n]).stride() != local(p).stride():
@@ -90,9 +153,9 @@ def put(st: dict, rule: str, name: str, x: torch.Tensor) -> None:
     if ABSMAX not in st:
         st[ABSMAX] = new_absmax(x, len(registry.RULES[rule].states))
     j, positive = registry.RULES[rule].slot(name)
-    codes, absmax = rounding.quantize(x.float(), positive, None, registry.QBLOCK)
-    st[name].copy_(codes)
-    st[ABSMAX][j].copy_(absmax)
+    codes, absmax = rounding.quantize(local(x).float(), positive, None, registry.QBLOCK)
+    local(st[name]).copy_(codes)
+    flat(st)[j].copy_(absmax)
 
 
 def load(p: torch.Tensor, st: dict, saved: dict, rule: str, names: tuple[str, ...], dtype: torch.dtype,
@@ -112,7 +175,7 @@ def load(p: torch.Tensor, st: dict, saved: dict, rule: str, names: tuple[str, ..
             if ABSMAX not in st:
                 st[ABSMAX] = new_absmax(p, len(registry.RULES[rule].states))
             j = registry.RULES[rule].slot(n)[0]
-            st[ABSMAX][j].copy_(saved[ABSMAX][j])
+            flat(st)[j].copy_(flat(saved)[j])
         else:
             remake(p, st, rule, n, value(saved, rule, n), dtype, zeros_like)
         done.append(n)
