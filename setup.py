@@ -110,7 +110,9 @@ def extensions() -> tuple[list, dict]:
         name="uba_fused._C",
         sources=sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/*.cu")),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},  # torch picks the C++ standard
+        # -fmad=false: each product and sum rounded on its own, as the Triton kernel's (triton.FP_FUSION) and the
+        # host build's, so that the kernels write the same bits on a GPU; torch picks the C++ standard
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo", "-fmad=false"]},
     )
     # Searched last, after torch's and the toolkit's own: they only fill the toolkit's gaps. First, pip's
     # copies of cuda_runtime.h & co. would shadow those of the nvcc that compiles, whatever its version.

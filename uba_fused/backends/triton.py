@@ -40,8 +40,13 @@ NUM_WARPS = 4
 # thread live: ptxas (sm_90) gave 255 registers and spilled 532 bytes per thread (AdamW fp32; 688 in
 # bf16), and on an H100 bf16 reached only 0.70-0.74 of copy bandwidth. Sub-tiles of one vector on every
 # path still took 95 registers in bf16 (128 with triton 3.6's ptxas), all of it on the scalar paths;
-# now 40-56 registers in every rule and dtype, no spills. tests/test_triton_codegen.py keeps the bound.
+# now 40-64 registers in AdamW, Lion and SGD. tests/test_triton_codegen.py keeps the bounds.
 VECTOR_BYTES = 16
+# Float32 math rounds each product and each sum on its own, as the CUDA kernel's (built with -fmad=false) and the
+# host build's: contracting a * b + c into one FMA, which Triton and nvcc each do where they choose, made the two
+# kernels' parameters differ in the last bit on a GPU (645 of 12,288 in fp32 AdamW, H200, 2026-12-04), and 8-bit
+# codes then flip. Divisions are IEEE's (_div) for the same reason.
+FP_FUSION = False
 _SCALAR_SUB = tl.constexpr(4 * 32 * NUM_WARPS)
 _TL_DTYPE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.int8: tl.int8}
 
@@ -79,16 +84,29 @@ _S_MOM, _S_OMDAMP, _S_NESTEROV, _S_WD = _cols("sgd", "momentum", "one_minus_damp
 
 
 @triton.jit
+def _div(a, b):
+    """a / b in float32, rounded as IEEE divides (CUDA's ``/``); Triton's ``/`` is an approximate division, off by up
+    to 2 units in the last place, which made the two kernels' bits differ on a GPU."""
+    return tl.math.div_rn(a, b)
+
+
+@triton.jit
+def _neg(x):
+    """-x by its sign bit, as CUDA's: -0.0 for 0.0 (some Triton versions compile -x as 0 - x, which gives 0.0)."""
+    return (x.to(tl.uint32, bitcast=True) ^ 0x80000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _schedule_factor(t, kind, warmup, total, min_ratio, phi):
     """factor(t) of schedules.py in float32 (csrc/schedules.cuh is the same function; an unknown kind: NaN)."""
-    p = tl.minimum(tl.maximum((t - warmup) / tl.maximum(total - warmup, 1.0), 0.0), 1.0)  # T - W >= 1
+    p = tl.minimum(tl.maximum(_div(t - warmup, tl.maximum(total - warmup, 1.0)), 0.0), 1.0)  # T - W >= 1
     c = 1.0 + tl.cos(3.141592653589793 * p)
-    shape = tl.where(kind == _UBA, 2.0 * c / (2.0 * phi + (2.0 - phi) * c),
+    shape = tl.where(kind == _UBA, _div(2.0 * c, 2.0 * phi + (2.0 - phi) * c),
                      tl.where(kind == _COSINE, 0.5 * c,
                               tl.where(kind == _LINEAR, 1.0 - p,
-                                       tl.where(kind == _REX, (1.0 - p) / (1.0 - 0.5 * p), float("nan")))))
+                                       tl.where(kind == _REX, _div(1.0 - p, 1.0 - 0.5 * p), float("nan")))))
     decay = tl.where(kind == _CONSTANT, 1.0, min_ratio + (1.0 - min_ratio) * shape)
-    return tl.where(t < warmup, (t + 1.0) / tl.maximum(warmup, 1.0), decay)
+    return tl.where(t < warmup, _div(t + 1.0, tl.maximum(warmup, 1.0)), decay)
 
 
 @triton.jit
@@ -132,7 +150,7 @@ def _adamw(p, g, m, v, c):
     p = p * decay
     m = m * b1 + g * omb1
     v = v * b2 + g * g * omb2
-    p = p - m / (tl.sqrt_rn(v) / sqrt_bc2 + eps) * step_size
+    p = p - _div(m, _div(tl.sqrt_rn(v), sqrt_bc2) + eps) * step_size
     return p, m, v
 
 
@@ -143,7 +161,7 @@ def _adabelief(p, g, m, v, c):
     m = m * b1 + g * omb1
     r = g - m
     v = v * b2 + r * r * omb2 + eps
-    p = p - m / (tl.sqrt_rn(v) / sqrt_bc2 + eps) * step_size
+    p = p - _div(m, _div(tl.sqrt_rn(v), sqrt_bc2) + eps) * step_size
     return p, m, v
 
 
@@ -202,12 +220,12 @@ def _adan(p, g, m, n, d, neg_prev, c):
     d = d * b2 + diff * omb2
     u = g + b2 * diff
     n = n * b3 + u * u * omb3
-    denom = tl.sqrt_rn(n) / sqrt_bc3 + eps
+    denom = _div(tl.sqrt_rn(n), sqrt_bc3) + eps
     if no_prox:
-        p = p * (1.0 - lr * wd) - m / denom * step_size - d / denom * step_size_diff
+        p = p * (1.0 - lr * wd) - _div(m, denom) * step_size - _div(d, denom) * step_size_diff
     else:
-        p = (p - m / denom * step_size - d / denom * step_size_diff) / (1.0 + lr * wd)
-    return p, m, n, d, -g
+        p = _div(p - _div(m, denom) * step_size - _div(d, denom) * step_size_diff, 1.0 + lr * wd)
+    return p, m, n, d, _neg(g)
 
 
 @triton.jit
@@ -264,7 +282,7 @@ def _load_state(J: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, ptr,
                     s = w2 * w2
                 else:
                     w = tl.abs(code).to(tl.float32) * tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))
-                    s = tl.where(code < 0, -(w * w), w * w)
+                    s = tl.where(code < 0, _neg(w * w), w * w)
             else:
                 s = tl.load(ptr + offs, mask=mask).to(tl.float32)
         else:
@@ -372,7 +390,7 @@ def _round_stochastic_half(x, r):
     frac16 = ((m - n) * 65536.0).to(tl.uint32)  # truncated: floor
     tiny = (n + tl.where(r + frac16 >= 65536, 1.0, 0.0)) * 5.9604644775390625e-8  # 2^-24
     y = tl.where(a >= 0x38800000, normal, tiny)
-    y = tl.where(b >= 0x80000000, -y, y)
+    y = (y.to(tl.uint32, bitcast=True) | (b & 0x80000000)).to(tl.float32, bitcast=True)  # y >= 0: -0.0 kept
     return tl.where(x != x, x, y)
 
 
@@ -477,7 +495,7 @@ def _grad_scale(row, norm, amp_scale):
     unscaled gradients, in float64 (Rule.clipping), as a float32; the clipping factor is 1 for a group that does not
     clip (norm then points at zeros). A NaN norm gives NaN, as clip_grad_norm_ does (tl.minimum would give 1: the
     gradients applied unclipped); an infinite one 0."""
-    inv = (1.0 / amp_scale).to(tl.float64)  # in float32, as every backend (exact for GradScaler's powers of two)
+    inv = _div(tl.full(amp_scale.shape, 1.0, tl.float32), amp_scale).to(tl.float64)  # in float32, as every backend (exact for GradScaler's powers of two)
     max_norm = tl.load(row + _MAX_GRAD_NORM)
     scale = max_norm / (tl.load(norm) * inv + tl.load(row + _CLIP_EPS))
     scale = tl.where(scale >= 1.0, 1.0, scale)
@@ -616,7 +634,7 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                 STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
                 CODEC=CODECS.index(part.codec), STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
                 SUB=sub_tile(part.dtype, part.state_dtype), GROUPS=groups, POSITIVE=spec.positive_bits,
-                num_warps=NUM_WARPS)
+                num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
             plan.launch(launch)
@@ -624,7 +642,7 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     def sumsq(part: Part) -> None:
         _sumsq_kernel[(part.work.shape[0],)](part.work, part.tensors, table, part.partials, STATES=len(spec.states),
                                              DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, SUB=sub_tile(part.dtype),
-                                             num_warps=NUM_WARPS)
+                                             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def grad_sumsq() -> torch.Tensor:
         with plan.on_device():
