@@ -183,10 +183,11 @@ def test_captures_in_a_row_take_rows_set_aside_before_and_share_equal_ones(backe
         raise RuntimeError("pinned memory asked for during a capture")
 
     monkeypatch.setattr(torch.Tensor, "pin_memory", refuse)
-    rows, grads = [], []
+    rows, grads, held = [], [], []
     for i in range(4):
         if i < 3:  # laid out as their parameters: nothing copied, so the 4th capture finds the 3rd's addresses
             grads = [torch.empty_like(p).copy_(g) for p, g in zip(params, _grads(params, gen))]
+            held.append(grads)  # alive, so no later set takes their addresses (CUDA's caching allocator would)
         for p, g in zip(params, grads):
             p.grad = g
         _capturing(monkeypatch, True)
@@ -286,8 +287,10 @@ def test_the_rules_of_capture_raise_naming_the_rule(backend, monkeypatch):
 
 
 def test_a_tensor_lr_must_live_on_the_parameters_device():
-    with pytest.raises(ValueError, match=r"lr as a tensor must be on the parameters' device \(cpu\), got meta"):
-        uf.AdamW(make_params(), lr=torch.tensor(0.1, device="meta"))
+    params = make_params()  # on the GPU where there is one
+    with pytest.raises(ValueError, match=rf"lr as a tensor must be on the parameters' device \({params[0].device}\), "
+                                         rf"got meta"):
+        uf.AdamW(params, lr=torch.tensor(0.1, device="meta"))
 
 
 @pytest.mark.parametrize("backend", KERNELS)

@@ -163,7 +163,7 @@ def test_8bit_master_stays_within_its_roundings_of_a_float32_model(case_id, back
     ours = case.make(low, backend=backend, schedule=SCHEDULE, master_weights="8bit", seed=9, state_dtype=torch.float32)
     twin = case.make(ref, backend=backend, schedule=SCHEDULE)
     gen = torch.Generator().manual_seed(31)
-    worst, bounds = 0.0, [torch.zeros(p.shape, dtype=torch.float64) for p in low]
+    worst, bounds = 0.0, [torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in low]
     for t in range(6):
         grads = random_grads(low, gen)
         set_grads(low, grads)
