@@ -9,8 +9,9 @@ the last is empty on rank 1), saving a torch.distributed.checkpoint after ``SAVE
 from such a checkpoint, written on another number of ranks, with ``--load``; and under DDP with
 ``--ddp`` (with ``gradient_as_bucket_view`` for one rule). Every rank draws the same full batch each
 step and trains on its slice (8-bit state: on all of it, and its model's first weight is 17 rows of 256,
-sharded 9 and 8). Each rank also trains the model unsharded, in one process on the full batch, and writes to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer
-state), its schedule counter and applied lr. The test compares.
+sharded 9 and 8). Each rank also trains the model unsharded, in one process on the full batch, and
+writes to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer state), its
+schedule counter and applied lr. The test compares.
 
 Backends "triton" and "cuda" run in their CPU test modes (TRITON_INTERPRET=1, UBA_FUSED_CUDA_ON_CPU=1,
 set by the test), over gloo; ``UBA_FUSED_DIST_DEVICE=cuda`` runs on this rank's GPU over NCCL.
@@ -125,7 +126,8 @@ def distance(model, opt, ref_model, ref_opt) -> dict:
             equal &= a.dtype == b.dtype and torch.equal(a, b)
             rel = max(rel, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item())
         steps_equal &= bool(opt.state[p]["step"].cpu() == ref_opt.state[q]["step"].cpu())
-    return dict(rel=rel, equal=equal, steps_equal=steps_equal, schedule_step=[int(g["schedule_step"]) for g in opt.param_groups],
+    return dict(rel=rel, equal=equal, steps_equal=steps_equal,
+                schedule_step=[int(g["schedule_step"]) for g in opt.param_groups],
                 ref_schedule_step=[int(g["schedule_step"]) for g in ref_opt.param_groups],
                 lr=[float(x) for x in opt.get_last_lr()], ref_lr=[float(x) for x in ref_opt.get_last_lr()],
                 backends=opt.backends)

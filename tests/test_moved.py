@@ -184,3 +184,29 @@ def test_a_moved_parameter_before_its_first_gradient_and_unchanged_steps_rebuild
     set_grads(params, grads)
     opt.step()
     assert opt._cache.held is held and opt._cache.selections == selections
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_replaced_8bit_scales_are_seen_by_the_next_step(backend):
+    """The block scales of 8-bit state (``state["absmax"]``) are written through the tables too: replaced by a copy
+    between steps, the next step must write the copy, and the run go on bit for bit as one that replaced nothing."""
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(80, 64, generator=gen)  # 5120 elements: 8-bit state, 20 blocks
+    runs = [[start.clone().to(DEVICE).requires_grad_()] for _ in range(2)]
+    opts = [uf.AdamW(ps, lr=0.05, weight_decay=0.1, schedule=SCHEDULE, backend=backend, state_dtype=torch.int8)
+            for ps in runs]
+    kept = []
+    for t in range(4):
+        if t == 2:
+            st = opts[1].state[runs[1][0]]
+            kept.append(st["absmax"])
+            st["absmax"] = st["absmax"].clone()
+        g = torch.randn(80, 64, generator=gen).to(DEVICE)
+        for ps in runs:
+            ps[0].grad = g.clone()
+        for opt in opts:
+            opt.step()
+        (p,), (q,) = runs
+        assert torch.equal(p, q), f"step {t}: the parameters differ"
+        for k, v in opts[0].state[p].items():
+            assert torch.equal(opts[1].state[q][k], v), f"step {t}: state {k!r} differs"

@@ -495,7 +495,8 @@ def _grad_scale(row, norm, amp_scale):
     unscaled gradients, in float64 (Rule.clipping), as a float32; the clipping factor is 1 for a group that does not
     clip (norm then points at zeros). A NaN norm gives NaN, as clip_grad_norm_ does (tl.minimum would give 1: the
     gradients applied unclipped); an infinite one 0."""
-    inv = _div(tl.full(amp_scale.shape, 1.0, tl.float32), amp_scale).to(tl.float64)  # in float32, as every backend (exact for GradScaler's powers of two)
+    # in float32, as every backend (exact for GradScaler's powers of two)
+    inv = _div(tl.full(amp_scale.shape, 1.0, tl.float32), amp_scale).to(tl.float64)
     max_norm = tl.load(row + _MAX_GRAD_NORM)
     scale = max_norm / (tl.load(norm) * inv + tl.load(row + _CLIP_EPS))
     scale = tl.where(scale >= 1.0, 1.0, scale)
