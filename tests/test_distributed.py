@@ -28,8 +28,8 @@ import uba_fused as uf
 import distributed_worker as worker
 
 WORKER = pathlib.Path(worker.__file__)
-# A run is hung when no rank's log grew for this long. The three CPU runs take about 40, 25 and 35 s on an idle
-# 2-core machine, with at most a few seconds between two steps (checkpoint I/O, the first Triton compile of a
+# A run is hung when no rank's log grew for this long. The three CPU runs took 178 s in all on an idle 2-core
+# machine (160 s before the 8-bit case; 2026-12-04), with at most a few seconds between two steps (checkpoint I/O, the first Triton compile of a
 # kernel); on a loaded machine that took every run past a fixed 300 s limit, they still write a line every
 # few seconds.
 STALL_S = 180
