@@ -75,10 +75,15 @@ def new_absmax(p: torch.Tensor, slots: int) -> torch.Tensor:
     if not is_dtensor(p):
         return torch.zeros(shape, dtype=torch.float32, device=p.device)
     mine = torch.zeros(slots, local(p).shape[0], *shape[2:], dtype=torch.float32, device=p.device)
+    return dtensor_class().from_local(mine, p.device_mesh, _scales_placements(p), run_check=False,
+                                      shape=torch.Size(shape), stride=torch.empty(shape, device="meta").stride())
+
+
+def _scales_placements(p: torch.Tensor) -> tuple:
+    """How the scales of DTensor ``p`` (whose shards are whole rows: ``_by_rows``) are placed: as its rows, which
+    are their dim 1."""
     from torch.distributed.tensor import Shard
-    placements = [Shard(1) if pl == Shard(0) else pl for pl in p.placements]  # any other: Replicate() (_by_rows)
-    return dtensor_class().from_local(mine, p.device_mesh, placements, run_check=False, shape=torch.Size(shape),
-                                      stride=torch.empty(shape, device="meta").stride())
+    return tuple(Shard(1) if pl == Shard(0) else pl for pl in p.placements)  # any other: Replicate()
 
 
 def flat(st: dict) -> torch.Tensor | None:
@@ -107,9 +112,8 @@ def scales_fit(st: dict, rule: str, p: torch.Tensor) -> bool:
     scales = st.get(ABSMAX)
     if not isinstance(scales, torch.Tensor) or scales.dtype != torch.float32:
         return False
-    like = new_absmax(p, len(registry.RULES[rule].states)) if is_dtensor(p) else None
     return tuple(scales.shape) == scales_shape(p, len(registry.RULES[rule].states)) and \
-        is_dtensor(scales) == is_dtensor(p) and (like is None or scales.placements == like.placements)
+        is_dtensor(scales) == is_dtensor(p) and (not is_dtensor(p) or scales.placements == _scales_placements(p))
 
 
 def missing(rule: str, p: torch.Tensor) -> str:
