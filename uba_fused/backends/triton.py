@@ -285,11 +285,11 @@ def _load_state(J: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, ptr,
                 code = tl.load(ptr + offs, mask=mask).to(tl.int32)
                 absmax = tl.load(scales + J * n_blocks + offs // _QBLOCK, mask=mask)
                 if (POSITIVE >> J) & 1:
-                    w = (code & 0xFF).to(tl.float32) * tl.math.div_rn(absmax, tl.full(absmax.shape, 255.0, tl.float32))
+                    w = (code & 0xFF).to(tl.float32) * _div(absmax, tl.full(absmax.shape, 255.0, tl.float32))
                     w2 = w * w
                     s = w2 * w2
                 else:
-                    w = tl.abs(code).to(tl.float32) * tl.math.div_rn(absmax, tl.full(absmax.shape, 127.0, tl.float32))
+                    w = tl.abs(code).to(tl.float32) * _div(absmax, tl.full(absmax.shape, 127.0, tl.float32))
                     s = tl.where(code < 0, _neg(w * w), w * w)
             else:
                 s = tl.load(ptr + offs, mask=mask).to(tl.float32)
@@ -341,7 +341,7 @@ def _store_codes(ALIGNED: tl.constexpr, SUB: tl.constexpr, addr, offs, first, ma
     blocks = first // _QBLOCK + tl.arange(0, SUB // _QBLOCK)
     tl.store(scales + blocks, absmax, mask=blocks < n_blocks)
     some = absmax > 0.0  # a block of zeros codes 0
-    inv = tl.where(some, tl.math.div_rn(tl.full(absmax.shape, levels, tl.float32), tl.where(some, absmax, 1.0)), 0.0)
+    inv = tl.where(some, _div(tl.full(absmax.shape, levels, tl.float32), tl.where(some, absmax, 1.0)), 0.0)
     y = z * tl.reshape(tl.broadcast_to(tl.expand_dims(inv, 1), (SUB // _QBLOCK, _QBLOCK)), (SUB,))
     fl = tl.floor(y)
     up = tl.where(r < 0.0, y >= fl + 0.5, y > fl + r * 1.52587890625e-05)  # r 2^-16: sums float32 holds exactly

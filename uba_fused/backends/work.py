@@ -210,6 +210,15 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t._local_tensor if is_dtensor(t) else t
 
 
+def placed_like(shard: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``shard`` (a local tensor shaped as DTensor ``like``'s) as a DTensor with ``like``'s mesh, placements, shape
+    and stride; ``shard`` itself where ``like`` is no DTensor."""
+    if not is_dtensor(like):
+        return shard
+    return dtensor_class().from_local(shard, like.device_mesh, like.placements, run_check=False, shape=like.shape,
+                                      stride=like.stride())
+
+
 def locals_of(ts: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
     """``local`` of each (None stays None), for a list visited every step."""
     cls = dtensor_class()

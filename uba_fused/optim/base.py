@@ -228,11 +228,7 @@ def _split_names(given: list) -> tuple[list, list[str] | None]:
 def _zeros_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A state buffer of ``dtype`` for ``p``, laid out as it is: for a DTensor, a DTensor with its mesh and
     placements (so torch.distributed.checkpoint saves and reshards it) around a local shard laid out as ``p``'s."""
-    if is_dtensor(p):
-        shard = torch.zeros_like(local(p), dtype=dtype, memory_format=torch.preserve_format)
-        return backends.work.dtensor_class().from_local(shard, p.device_mesh, p.placements, run_check=False,
-                                                        shape=p.shape, stride=p.stride())
-    return torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+    return backends.work.placed_like(torch.zeros_like(local(p), dtype=dtype, memory_format=torch.preserve_format), p)
 
 
 def _shared_layout(groups: list[dict]) -> Any:

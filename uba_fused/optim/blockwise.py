@@ -21,7 +21,7 @@ import torch
 
 from .. import registry
 from ..backends import rounding
-from ..backends.work import dtensor_class, is_dtensor, local
+from ..backends.work import dtensor_class, is_dtensor, local, placed_like
 
 ABSMAX = "absmax"
 
@@ -55,11 +55,6 @@ def state_dtype_of(group: dict, p: torch.Tensor) -> torch.dtype:
     if dtype == torch.int8 and not quantized(p):
         return torch.float32
     return dtype
-
-
-def blocks(p: torch.Tensor) -> int:
-    """Blocks of registry.QBLOCK elements in ``p``'s (local) memory."""
-    return -(-local(p).numel() // registry.QBLOCK)
 
 
 def scales_shape(p: torch.Tensor, slots: int) -> tuple[int, ...]:
@@ -100,11 +95,7 @@ def value(st: dict, rule: str, name: str) -> torch.Tensor:
     if v.dtype != torch.int8:
         return v
     j, positive = registry.RULES[rule].slot(name)
-    x = rounding.dequantize(local(v), flat(st)[j], positive, registry.QBLOCK)
-    if is_dtensor(v):
-        return dtensor_class().from_local(x, v.device_mesh, v.placements, run_check=False, shape=v.shape,
-                                          stride=v.stride())
-    return x
+    return placed_like(rounding.dequantize(local(v), flat(st)[j], positive, registry.QBLOCK), v)
 
 
 def scales_fit(st: dict, rule: str, p: torch.Tensor) -> bool:
