@@ -199,16 +199,16 @@ def snapshot(opt, params):
 
 
 @contextlib.contextmanager
-def one_rank_mesh():
-    """A CPU device mesh of one rank over gloo, for DTensor parameters in this process (a process group of its own
-    unless one is up already, destroyed after)."""
+def one_rank_mesh(device: str = "cpu"):
+    """A device mesh of one rank on ``device`` (gloo for CPU, nccl for CUDA), for DTensor parameters in this process
+    (a process group of its own unless one is up already, destroyed after)."""
     dist = pytest.importorskip("torch.distributed")
     from torch.distributed.device_mesh import init_device_mesh
     ours = not dist.is_initialized()
     if ours:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        yield init_device_mesh("cpu", (1,))
+        yield init_device_mesh(device, (1,))
     finally:
         if ours:
             dist.destroy_process_group()

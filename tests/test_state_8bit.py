@@ -288,16 +288,16 @@ def test_dtensor_parameters_keep_8bit_state_where_shards_are_whole_rows_of_block
     local shard is the whole tensor, so even the random bits agree), with its scales a DTensor placed as its rows;
     a 1-D one and one whose rows split blocks keep float32 state."""
     from torch.distributed.tensor import DTensor, Shard
-    with one_rank_mesh() as mesh:
+    with one_rank_mesh(DEVICE) as mesh:
         gen = torch.Generator().manual_seed(14)
         shapes = [(24, 512), (5000,), (40, 300)]
-        values = [torch.randn(s, generator=gen) for s in shapes]
+        values = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
         plain = [v.clone().requires_grad_() for v in values]
         placed = [torch.nn.Parameter(DTensor.from_local(v.clone(), mesh, [Shard(0)])) for v in values]
         make = lambda ps: uf.AdamW(ps, lr=1e-2, weight_decay=0.1, state_dtype=INT8, backend=backend)  # noqa: E731
         ref, opt = make(plain), make(placed)
         for _ in range(3):
-            grads = [torch.randn(s, generator=gen) for s in shapes]
+            grads = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
             for p, q, g in zip(plain, placed, grads):
                 p.grad, q.grad = g.clone(), DTensor.from_local(g.clone(), mesh, [Shard(0)])
             ref.step()
