@@ -28,6 +28,11 @@ struct FusedStepArgs {
   int n_rows, n_groups, advance;
 };
 
+// The kernels of fused_step.cuh compile in this many translation units (fused_step_part<P>.cu, storages whose id %
+// kStepParts is P), so that a build runs them in parallel: on 2 cores (nvcc 13.0, sm_80 and sm_90 with PTX) the
+// whole build took 190 s with one unit.
+constexpr int kStepParts = 8;
+
 // The table widths of a rule: tensor-table columns (kState0 + its state slots) and group-table columns;
 // false when `rule` is unknown.
 bool rule_layout(int rule, int* tensor_cols, int* group_cols);
@@ -45,5 +50,15 @@ bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage);
 // `rule` or `storage` is unknown.
 cudaError_t launch_grad_sumsq(const FusedStepArgs& args, double* out, int rule, int storage, cudaStream_t stream);
 bool run_grad_sumsq_on_host(const FusedStepArgs& args, double* out, int rule, int storage);
+
+// The same, for the storages of part Part only (fused_step_part<Part>.cu); the four above dispatch to them.
+template <int Part>
+cudaError_t launch_fused_step_part(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream);
+template <int Part>
+bool run_fused_step_on_host_part(const FusedStepArgs& args, int rule, int storage);
+template <int Part>
+cudaError_t launch_grad_sumsq_part(const FusedStepArgs& args, double* out, int rule, int storage, cudaStream_t stream);
+template <int Part>
+bool run_grad_sumsq_on_host_part(const FusedStepArgs& args, double* out, int rule, int storage);
 
 }  // namespace uf

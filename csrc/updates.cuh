@@ -5,7 +5,7 @@
 // Scalars (what every element of one tensor's chunk needs, made once per work item by scalars() from
 // the group row, the applied lr and the tensor's step count k after this update), and update(), one
 // element: p the parameter, g its gradient, s the state slots in the order of registry.py. The launcher
-// (fused_step.cu) knows no rule: it loads, calls update() and stores.
+// (fused_step.cuh) knows no rule: it loads, calls update() and stores.
 #pragma once
 
 #include <math.h>

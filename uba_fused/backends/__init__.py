@@ -29,7 +29,7 @@ NAMES = ("auto", "torch", "cpu", "triton", "cuda")
 # bf16 1.74 ms against 2.35 ms (AdamW); its host path per step was also shorter (157 us against 251).
 AUTO_ORDER = ("cuda", "triton", "torch")
 # With this set to 1, backend "cuda" also takes CPU parameters: the kernel body compiled for the host
-# walks the same tables one work item at a time (csrc/fused_step.cu). Like TRITON_INTERPRET, a test tool.
+# walks the same tables one work item at a time (csrc/fused_step.cuh). Like TRITON_INTERPRET, a test tool.
 CUDA_ON_CPU = "UBA_FUSED_CUDA_ON_CPU"
 # Backends that read the gradients from GroupWork.grads; the kernel backends walk device tables instead.
 READS_GRADS = ("torch", "cpu")

@@ -1,4 +1,4 @@
-"""backend="cuda": the kernels of csrc/fused_step.cu, over the same device tables as backend "triton".
+"""backend="cuda": the kernels of csrc/fused_step.cuh, over the same device tables as backend "triton".
 
 One launch per step (per storage: parameter dtype and state dtype) through ``uba_fused._C.fused_step``; the math is
 csrc/updates.cuh (checked on the host against the float64 oracle in CI), the lr is

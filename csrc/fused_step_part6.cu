@@ -1,0 +1,4 @@
+// Every rule for the storages whose id % kStepParts is 6 (fused_step.cuh).
+#include "fused_step.cuh"
+
+UF_STEP_PART(6)
