@@ -1,6 +1,6 @@
 """step() of backend "cpu" (what auto takes for CPU parameters) against torch.optim's fastest for each rule.
 
-    python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [adamw sgd lion adabelief adan]
+    python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [adamw sgd lion adabelief adan adagrad]
 
 The two optimizers of a pair update the same parameter list, in alternating blocks of ``--block`` steps
 (which one goes first alternates too), so a noisy neighbour on a shared VM slows both alike. Each step gets
@@ -8,7 +8,7 @@ fresh gradient objects at the same addresses, outside the timed region; what is 
 around ``step()``, steps back to back (the previous step's memory traffic has flushed the caches, as in a
 training loop). Median over every timed step.
 
-The baselines are those of issue #13: torch's ``fused=True`` for AdamW and SGD (momentum 0.9), an obvious
+The baselines are those of issue #13: torch's ``fused=True`` for AdamW, SGD (momentum 0.9) and Adagrad, an obvious
 ``torch._foreach_*`` implementation for Lion and AdaBelief (``ObviousForeach`` in uba_fused/bench), and for
 Adan, which torch lacks, uba_fused's own readable backend "torch". Ours runs a UBA schedule, as in the
 throughput benchmark; the baselines have none.
@@ -30,6 +30,7 @@ BASELINES = {
     "lion": ("foreach Lion (obvious)", lambda ps: ObviousForeach(ps, "lion", **HYPER["lion"])),
     "adabelief": ("foreach AdaBelief (obvious)", lambda ps: ObviousForeach(ps, "adabelief", **HYPER["adabelief"])),
     "adan": ("uba_fused.Adan [torch]", lambda ps: uf.Adan(ps, **HYPER["adan"], backend="torch")),
+    "adagrad": ("torch Adagrad fused", lambda ps: torch.optim.Adagrad(ps, **HYPER["adagrad"], fused=True)),
 }
 
 

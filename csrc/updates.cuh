@@ -136,6 +136,23 @@ struct Adan {
   }
 };
 
+// torch.optim.Adagrad: L2 decay into the gradient, the lr decayed by the tensor's step count, s = the sum of squares.
+struct Adagrad {
+  using Cols = adagrad;
+  struct Scalars {
+    float clr, wd, eps;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k) {
+    return {f32(static_cast<double>(lr) / (1.0 + (static_cast<double>(k) - 1.0) * row[Cols::kLrDecay])),
+            f32(row[Cols::kWeightDecay]), f32(row[Cols::kEps])};
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    g = g + c.wd * p;
+    s[0] = s[0] + g * g;
+    p = p - g / (sqrtf(s[0]) + c.eps) * c.clr;
+  }
+};
+
 // f(Rule{}) for a rule id; false when the id is unknown. The one place a new rule is listed in C++.
 template <typename F>
 bool with_rule(int id, F&& f) {
@@ -145,6 +162,7 @@ bool with_rule(int id, F&& f) {
     case Lion::Cols::kId: f(Lion{}); return true;
     case SGD::Cols::kId: f(SGD{}); return true;
     case Adan::Cols::kId: f(Adan{}); return true;
+    case Adagrad::Cols::kId: f(Adagrad{}); return true;
     default: return false;
   }
 }

@@ -19,7 +19,8 @@ import uba_fused as uf
 from uba_fused import backends, registry
 
 RULES = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
-         "sgd-momentum": functools.partial(uf.SGD, momentum=0.9), "sgd": functools.partial(uf.SGD, momentum=0.0)}
+         "sgd-momentum": functools.partial(uf.SGD, momentum=0.9), "sgd": functools.partial(uf.SGD, momentum=0.0),
+         "adagrad": functools.partial(uf.Adagrad, initial_accumulator_value=0.1)}
 # registry.STORAGES as the options that choose them: (parameter dtype, state_dtype, master_weights, state_rounding)
 STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), registry.OPTION_OF_CODEC[c], r)
             for p, s, c, r in registry.STORAGES]

@@ -54,6 +54,8 @@ CASES = [
     # The global norm of harness gradients is 0.5-10: clipped at every step, by a factor that changes.
     Case("adan-clip", uf.Adan, "adan", dict(lr=3e-2, betas=(0.8, 0.7, 0.95), eps=1e-3, weight_decay=0.1,
                                             max_grad_norm=0.3)),
+    Case("adagrad", uf.Adagrad, "adagrad", dict(lr=5e-2, lr_decay=0.1, weight_decay=0.1, initial_accumulator_value=0.2,
+                                               eps=1e-3)),
 ]
 CASE_IDS = [c.id for c in CASES]
 
@@ -163,7 +165,7 @@ def check_steps_against_oracle(case: Case, schedule, backend: str, dtype=torch.f
                 np.testing.assert_array_equal(f64(p), p0, err_msg=f"{where}: a param without grad moved")
                 continue
             names = opt._state_names(group)
-            s0 = {n: s0.get(n, np.zeros_like(p0)) for n in names}
+            s0 = {n: s0.get(n, np.full_like(p0, oracle.initial(case.rule, n, case.hyper(group)))) for n in names}
             exp_p, exp_s = oracle.RULES[case.rule](p0, f64(g) * scale, s0, k0 + 1, lr=lr, **case.hyper(group))
             ignore = oracle.lion_ambiguous(f64(g), s0, **case.hyper(group)) if case.rule == "lion" else None
             assert int(opt.state[p]["step"]) == k0 + 1, f"{where}: step count"

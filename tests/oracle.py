@@ -93,4 +93,17 @@ def adan(p, g, state, k, lr, betas, eps, weight_decay, no_prox, **_):
     return p, {"exp_avg": m, "exp_avg_sq": n, "exp_avg_diff": a, "neg_pre_grad": -g}
 
 
-RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan}
+def adagrad(p, g, state, k, lr, lr_decay, eps, weight_decay, **_):
+    """Adagrad (Duchi, Hazan and Singer 2011) as torch.optim.Adagrad computes it: L2 decay, the lr divided by
+    1 + (k - 1) lr_decay, the sum of squares starting at initial_accumulator_value (``initial``)."""
+    d = g + weight_decay * p
+    s = state["sum"] + d * d
+    return p - lr / (1 + (k - 1) * lr_decay) * d / (np.sqrt(s) + eps), {"sum": s}
+
+
+def initial(rule: str, name: str, hyper: dict) -> float:
+    """State slot ``name``'s value before a parameter's first step."""
+    return float(hyper["initial_accumulator_value"]) if rule == "adagrad" else 0.0
+
+
+RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan, "adagrad": adagrad}

@@ -56,6 +56,8 @@ def _trained(cls=uf.AdamW, **kw):
     (uf.SGD, dict(dampening=2.0), "dampening"),
     (uf.SGD, dict(nesterov=True, dampening=0.1), "nesterov=True needs"),
     (uf.SGD, dict(nesterov=True, momentum=0.0), "nesterov=True needs"),
+    (uf.Adagrad, dict(initial_accumulator_value=-0.1), "initial_accumulator_value must be finite and in"),
+    (uf.Adagrad, dict(lr_decay=math.inf), "lr_decay"),
     (uf.AdamW, dict(backend="cudnn"), "backend must be one of"),
     (uf.Adan, dict(max_grad_norm=-1.0), "max_grad_norm must be finite and in"),
     (uf.Adan, dict(max_grad_norm=math.inf), "max_grad_norm must be finite and in"),

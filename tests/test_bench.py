@@ -249,7 +249,7 @@ def test_cpu_step_script_times_every_rule_against_its_baseline():
     out = subprocess.run([sys.executable, str(script), "--rounds", "2", "--block", "2"],
                          capture_output=True, text=True, check=True).stdout
     rows = re.findall(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(.+)$", out, re.M)
-    assert [r[0] for r in rows] == ["adamw", "sgd", "lion", "adabelief", "adan"], out
+    assert [r[0] for r in rows] == ["adamw", "sgd", "lion", "adabelief", "adan", "adagrad"], out
     for _, ours, base, ratio, _ in rows:
         assert float(ours) > 0 and float(base) > 0
         assert float(ratio) == pytest.approx(float(ours) / float(base), abs=0.01), out

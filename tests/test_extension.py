@@ -68,7 +68,7 @@ def test_extension_was_built_from_this_registry():
 def test_schedule_kinds_and_rules_are_numbered_by_the_registry():
     assert [type(s).kind for s in SCHEDULES[:6]] == [registry.KIND[n] for n in
                                                       ("uba", "uba", "cosine", "linear", "rex", "constant")]
-    for cls in (uf.AdamW, uf.AdaBelief, uf.Adan, uf.Lion, uf.SGD):
+    for cls in (uf.AdamW, uf.AdaBelief, uf.Adan, uf.Lion, uf.SGD, uf.Adagrad):
         assert cls.rule in registry.RULES, cls
     assert [r.id for r in registry.RULES.values()] == list(range(len(registry.RULES)))
 

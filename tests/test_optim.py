@@ -1,6 +1,8 @@
 """The host backends, "torch" (the readable spec) and "cpu" (torch's fused and foreach CPU paths), against
 float64 re-derivations and against torch.optim."""
 
+import copy
+
 import pytest
 import torch
 
@@ -114,7 +116,38 @@ TORCH_TWINS = [
      lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.9, nesterov=True, foreach=False)),
     ("sgd-plain", lambda ps, **kw: uf.SGD(ps, lr=2e-2, momentum=0.0, weight_decay=0.1, **kw),
      lambda ps: torch.optim.SGD(ps, lr=2e-2, momentum=0.0, weight_decay=0.1, foreach=False)),
+    ("adagrad", lambda ps, **kw: uf.Adagrad(ps, lr=5e-2, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.1,
+                                            eps=1e-6, **kw),
+     lambda ps: torch.optim.Adagrad(ps, lr=5e-2, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.1,
+                                    eps=1e-6, foreach=False)),
 ]
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_adagrad_resumes_a_torch_optim_adagrad_state_dict(backend):
+    """Drop-in both ways: uf.Adagrad continues a torch.optim.Adagrad run from its state dict (step counts, which
+    lr_decay reads, and the sums), and torch.optim.Adagrad loads ours."""
+    kw = dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.3, eps=1e-3)
+    a, b = make_params(), make_params()
+    theirs = torch.optim.Adagrad(a, **kw, foreach=False)
+    gen = torch.Generator().manual_seed(9)
+    for t in range(6):
+        grads = random_grads(a, gen)
+        if t == 3:
+            with torch.no_grad():
+                for p, q in zip(a, b):
+                    q.copy_(p)
+            ours = uf.Adagrad(b, **kw, backend=backend)
+            ours.load_state_dict(copy.deepcopy(theirs.state_dict()))  # torch's state dict holds its live tensors
+        set_grads(a, grads)
+        theirs.step()
+        if t >= 3:
+            set_grads(b, grads)
+            ours.step()
+    for i, (p, q) in enumerate(zip(a, b)):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+        assert int(ours.state[q]["step"]) == int(theirs.state[p]["step"]) == 6
+    torch.optim.Adagrad(make_params(), **kw).load_state_dict(ours.state_dict())
 
 
 def _run_twins(ours, theirs, steps=25, torch_sched=None):

@@ -20,6 +20,7 @@ import torch
 
 import uba_fused as uf
 from uba_fused import registry
+from uba_fused.optim import blockwise
 from uba_fused.backends import rounding
 
 from harness import one_rank_mesh
@@ -121,11 +122,11 @@ def test_codes_from_exact_moments_are_the_specs_on_every_backend(backend, how):
             assert torch.equal(st["absmax"][j].cpu(), absmax), f"{backend} {n}: block scales differ"
 
 
-# Every 8-bit storage once, the rule in turn (AdamW, AdaBelief, Lion, SGD with momentum, Adan).
+# Every 8-bit storage once, the rule in turn (AdamW, AdaBelief, Lion, SGD with momentum, Adan, Adagrad).
 _KERNEL_CASES = [(rule, dtype, mw, how) for i, (dtype, mw, how) in enumerate(
     [(d, OPTION, h) for d, OPTION in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "exact"),
                                       (torch.bfloat16, "stochastic"), (torch.bfloat16, "8bit"))
-     for h in ("stochastic", "nearest")]) for rule in [("adamw", "adabelief", "lion", "sgd", "adan")[i % 5]]]
+     for h in ("stochastic", "nearest")]) for rule in [("adamw", "adabelief", "lion", "sgd", "adan", "adagrad")[i % 6]]]
 
 
 @pytest.mark.skipif("triton" not in _MARKS or "cuda" not in _MARKS, reason="needs both kernel backends")
@@ -135,7 +136,8 @@ def test_both_kernels_write_the_same_8bit_state_bits(rule, dtype, master_weights
     """Three steps from fresh state: parameters, masters, codes and scales equal bit for bit, on a tensor of full
     chunks (the vector paths) and a misaligned view with a tail (the element paths)."""
     make = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
-            "sgd": lambda ps, **kw: uf.SGD(ps, momentum=0.9, **kw)}[rule]
+            "sgd": lambda ps, **kw: uf.SGD(ps, momentum=0.9, **kw),
+            "adagrad": lambda ps, **kw: uf.Adagrad(ps, initial_accumulator_value=0.1, **kw)}[rule]
     out = {}
     for backend in ("triton", "cuda"):
         gen = torch.Generator().manual_seed(13)
@@ -173,6 +175,24 @@ def test_8bit_state_follows_float32_state(backend):
     off = (runs["int8"] - runs["fp32"]).norm()
     assert off < 0.03 * travelled, f"8-bit state {off / travelled:.3f} of the distance off float32's path"
     assert off > 0  # it is quantized
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_8bit_adagrad_sum_starts_at_its_initial_value(backend):
+    """Rule.initial reaches 8-bit state: after one step the decoded sum is initial_accumulator_value + g^2 (to the
+    codes' precision, 2% of the largest; without the initial value the sum would be g^2, off by 0.5)."""
+    gen = torch.Generator().manual_seed(15)
+    p = torch.randn(2 * 4096 + 100, generator=gen).to(DEVICE).requires_grad_()
+    g = torch.randn(p.shape, generator=gen) * 0.2
+    opt = uf.Adagrad([p], lr=1e-2, initial_accumulator_value=0.5, backend=backend, state_dtype=INT8,
+                     state_rounding="nearest")
+    p.grad = g.to(DEVICE)
+    opt.step()
+    st = opt.state[p]
+    assert st["sum"].dtype == INT8
+    got = blockwise.value(st, "adagrad", "sum").double().cpu()
+    want = 0.5 + g.double() ** 2
+    assert (got - want).abs().max() < 0.02 * want.max(), (got - want).abs().max()
 
 
 def test_small_parameters_keep_float32_state_and_bytes_are_counted():

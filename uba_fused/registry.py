@@ -134,6 +134,15 @@ def _sgd(group: Mapping) -> dict[str, float]:
             "nesterov": float(bool(group["nesterov"])), "weight_decay": float(group["weight_decay"])}
 
 
+def _adagrad(group: Mapping) -> dict[str, float]:
+    return {"lr_decay": float(group["lr_decay"]), "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"])}
+
+
+def _adagrad_initial(group: Mapping) -> dict[str, float]:
+    return {"sum": float(group["initial_accumulator_value"])}
+
+
 def _adan(group: Mapping) -> dict[str, float]:
     return {**_betas(group, 3), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
             "no_prox": float(bool(group["no_prox"]))}
@@ -144,6 +153,10 @@ _ADAM = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "l
 
 def _always(group: Mapping) -> bool:
     return True
+
+
+def _zeros(group: Mapping) -> dict[str, float]:
+    return {}
 
 
 def _torch_clip_eps(group: Mapping) -> float:
@@ -167,6 +180,8 @@ class Rule:
     positive: tuple[str, ...] = ()       # the state slots that are never negative (averages of squares): their
                                          # 8-bit codes take the map for non-negative values (rounding.quantize)
     keeps_state: Callable[[Mapping], bool] = field(default=_always)  # SGD without momentum keeps none
+    initial: Callable[[Mapping], dict[str, float]] = field(default=_zeros)  # a state slot's first value where it is
+                                                                          # not 0 (Adagrad's initial_accumulator_value)
     clip_eps: Callable[[Mapping], float] = field(default=_torch_clip_eps)  # see clipping()
 
     @property
@@ -216,6 +231,10 @@ RULES: dict[str, Rule] = {r.name: r for r in (
          ("beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
           "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5), positive=("exp_avg_sq",),
          clip_eps=_own_eps),
+    # torch.optim.Adagrad: L2 decay into the gradient, lr / (1 + (k - 1) lr_decay), the sum of squares from
+    # initial_accumulator_value
+    Rule("adagrad", ("sum",), ("lr_decay", "eps", "weight_decay"), _adagrad, (3, 2), positive=("sum",),
+         initial=_adagrad_initial),
 )}
 RULE_IDS = {name: i for i, name in enumerate(RULES)}
 MAX_STATES = max(len(r.states) for r in RULES.values())

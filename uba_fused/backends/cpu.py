@@ -1,7 +1,7 @@
 """backend="cpu": torch's own fast CPU paths over the whole list; what "auto" takes for CPU parameters.
 
-AdamW and SGD run torch's fused CPU kernels (``torch._fused_adamw_``, ``torch._fused_sgd_``: torch.optim's
-own rules, the fastest it has on a CPU). AdaBelief, Lion and Adan run the list forms of
+AdamW, SGD and Adagrad run torch's fused CPU kernels (``torch._fused_adamw_``, ``torch._fused_sgd_``,
+``torch._fused_adagrad_``: torch.optim's own rules, the fastest it has on a CPU). AdaBelief, Lion and Adan run the list forms of
 backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step on the
 host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
 updated in float32 by the foreach rules and rounded once on the way back, as the kernels do (torch's fused
@@ -29,7 +29,7 @@ from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_r
 
 _LOW = (torch.bfloat16, torch.float16)
 _NARROW = (*_LOW, torch.int8)  # state kept in fewer bits than the update computes in
-_FUSED = ("adamw", "sgd")  # the rules torch has fused CPU kernels for
+_FUSED = ("adamw", "sgd", "adagrad")  # the rules torch has fused CPU kernels for
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
@@ -193,6 +193,10 @@ def _fused(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: 
         torch._fused_adamw_(p, g, s["exp_avg"], s["exp_avg_sq"], [], steps, lr=lr, beta1=c["beta1"],
                             beta2=c["beta2"], weight_decay=c["weight_decay"], eps=c["eps"], amsgrad=False,
                             maximize=False)
+        return
+    if rule == "adagrad":  # its step counts were advanced already (_advance), as torch.optim advances them first
+        torch._fused_adagrad_(p, g, s["sum"], steps, lr=lr, lr_decay=c["lr_decay"], weight_decay=c["weight_decay"],
+                              eps=c["eps"], maximize=False)
         return
     bufs = s.get("momentum_buffer")
     if bufs is None or part.past_first:  # one call, no step counts to read

@@ -99,7 +99,17 @@ def _adan(p, g, s, step, lr, c):
     neg_prev.copy_(-g)
 
 
-UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan}
+def _adagrad(p, g, s, step, lr, c):
+    # torch.optim.Adagrad: L2 decay into the gradient, the lr decayed by the tensor's own step count.
+    if c["weight_decay"] != 0.0:
+        g = g + c["weight_decay"] * p
+    clr = lr / (1.0 + (step - 1.0) * c["lr_decay"])
+    acc = s["sum"]
+    acc.addcmul_(g, g)
+    p.sub_(g / acc.sqrt().add_(c["eps"]) * clr)
+
+
+UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan, "adagrad": _adagrad}
 
 
 def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:

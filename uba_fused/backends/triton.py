@@ -66,7 +66,8 @@ _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS,
 _NEAREST, _REMAINDER, _COPY, _STOCHASTIC, _CORRECTION = (
     tl.constexpr(CODECS.index(c)) for c in ("nearest", "remainder", "copy", "stochastic", "correction"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
-_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN = (tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan"))
+_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD = (tl.constexpr(RULES[r].id)
+                                                    for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad"))
 
 
 def _cols(rule: str, *names: str) -> tuple:
@@ -83,6 +84,7 @@ _S_MOM, _S_OMDAMP, _S_NESTEROV, _S_WD = _cols("sgd", "momentum", "one_minus_damp
 (_N_B1, _N_B2, _N_B3, _N_OMB1, _N_OMB2, _N_OMB3, _N_LOGB1, _N_LOGB2, _N_LOGB3, _N_EPS, _N_WD, _N_NO_PROX) = _cols(
     "adan", "beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
     "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox")
+_G_LR_DECAY, _G_EPS, _G_WD = _cols("adagrad", "lr_decay", "eps", "weight_decay")
 
 
 @triton.jit
@@ -237,6 +239,22 @@ def _adan(p, g, m, n, d, neg_prev, c):
 
 
 @triton.jit
+def _adagrad_scalars(row, k, lr):
+    clr = (lr.to(tl.float64) / (1.0 + (k.to(tl.float64) - 1.0) * tl.load(row + _G_LR_DECAY))).to(tl.float32)
+    return clr, _f32(row, _G_WD), _f32(row, _G_EPS)
+
+
+@triton.jit
+def _adagrad(p, g, acc, c):
+    """torch.optim.Adagrad: L2 decay into the gradient, lr decayed by the step count (clr)."""
+    clr, wd, eps = c
+    g = g + wd * p
+    acc = acc + g * g
+    p = p - _div(g, tl.sqrt_rn(acc) + eps) * clr
+    return p, acc
+
+
+@triton.jit
 def _scalars(RULE: tl.constexpr, row, k, lr):
     if RULE == _ADAMW or RULE == _ADABELIEF:
         c = _adam_scalars(row, k, lr)
@@ -244,6 +262,8 @@ def _scalars(RULE: tl.constexpr, row, k, lr):
         c = _lion_scalars(row, k, lr)
     elif RULE == _SGD:
         c = _sgd_scalars(row, k, lr)
+    elif RULE == _ADAGRAD:
+        c = _adagrad_scalars(row, k, lr)
     else:
         tl.static_assert(RULE == _ADAN, "a rule without Triton code")
         c = _adan_scalars(row, k, lr)
@@ -260,6 +280,8 @@ def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c):
         p, s0 = _lion(p, g, s0, c)
     elif RULE == _SGD:
         p, s0 = _sgd(p, g, s0, c)
+    elif RULE == _ADAGRAD:
+        p, s0 = _adagrad(p, g, s0, c)
     else:
         p, s0, s1, s2, s3 = _adan(p, g, s0, s1, s2, s3, c)
     return p, s0, s1, s2, s3

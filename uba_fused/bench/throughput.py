@@ -22,14 +22,14 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import backends, registry
-from ..optim import SGD, AdaBelief, AdamW, Adan, Lion
+from ..optim import SGD, AdaBelief, Adagrad, AdamW, Adan, Lion
 from ..schedules import UBA
 from .presets import Preset
 
-OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan}
+OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan, "adagrad": Adagrad}
 HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, weight_decay=0.01),
          "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9),
-         "adan": dict(lr=1e-4, weight_decay=0.01)}
+         "adan": dict(lr=1e-4, weight_decay=0.01), "adagrad": dict(lr=1e-2, initial_accumulator_value=0.1)}
 
 
 # How uba_fused keeps a parameter list (README: Precision layouts): the parameter dtypes each layout takes, and the
@@ -161,6 +161,10 @@ def candidates(device: torch.device, optimizers: list[str], ours: list[str], tor
     if "sgd" in optimizers:
         out.append(Candidate("torch SGD momentum fused", "sgd",
                              lambda ps: torch.optim.SGD(ps, **HYPER["sgd"], fused=True)))
+    if "adagrad" in optimizers:  # torch's fused Adagrad runs on CPUs only
+        how = {"foreach": True} if cuda else {"fused": True}
+        out.append(Candidate(f"torch Adagrad {next(iter(how))}", "adagrad",
+                             lambda ps: torch.optim.Adagrad(ps, **HYPER["adagrad"], **how)))
     if not cuda:
         for rule in ("lion", "adabelief"):
             if rule in optimizers:

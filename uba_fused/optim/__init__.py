@@ -1,6 +1,7 @@
+from .adagrad import Adagrad
 from .adam import AdaBelief, AdamW, Adan
 from .base import FusedOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "FusedOptimizer"]
+__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "FusedOptimizer"]

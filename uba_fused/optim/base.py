@@ -839,7 +839,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             index = None if mask is None else [i for i, k in enumerate(keep) if k]
             params = list(group["params"]) if index is None else [group["params"][i] for i in index]
             self._new_steps(params)
-            st = [self._state_for(p, names, state_dtype_of(group, p), codec_of(group, p)) for p in params]
+            initial = registry.RULES[self.rule].initial(group)
+            st = [self._state_for(p, names, state_dtype_of(group, p), codec_of(group, p), initial) for p in params]
             first = sum(len(g["params"]) for g in self.param_groups[:gi])
             slots = [first + i for i in (range(len(params)) if index is None else index)]
             hit = self._cache.selections[key] = backends.Selection(
@@ -915,20 +916,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p, step in zip(mine, torch.zeros(len(mine), dtype=torch.float32, device=device).unbind()):
                 self.state[p]["step"] = step
 
-    def _state_for(self, p: torch.Tensor, names: tuple[str, ...], dtype: torch.dtype, codec: str) -> dict:
-        """p's state, with every buffer its group keeps: the rule's (``names``, made as zeros of ``dtype``), and the
-        master of a codec that keeps one (fitted_master; one a codec no longer keeps is dropped)."""
+    def _state_for(self, p: torch.Tensor, names: tuple[str, ...], dtype: torch.dtype, codec: str,
+                   initial: dict[str, float]) -> dict:
+        """p's state, with every buffer its group keeps: the rule's (``names``, made in ``dtype`` holding 0, or the
+        group's ``initial`` value of a slot: Rule.initial), and the master of a codec that keeps one (fitted_master;
+        one a codec no longer keeps is dropped)."""
         state = self.state[p]
         if "step" not in state:
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             self._cache.fresh = True
-        for n in names:
-            if n not in state:
-                state[n] = _zeros_like(p, dtype)
-                self._cache.fresh = True
+        made = [n for n in names if n not in state]
+        for n in made:
+            state[n] = _zeros_like(p, dtype)
+            self._cache.fresh = True
         if any(state[n].dtype == torch.int8 for n in names) and not blockwise.scales_fit(state, self.rule, p):
             state[ABSMAX] = blockwise.new_absmax(p, len(registry.RULES[self.rule].states))
             self._cache.fresh = True
+        for n in made:  # a slot that starts elsewhere than 0 (Rule.initial: Adagrad's initial_accumulator_value)
+            if initial.get(n, 0.0) != 0.0:
+                if state[n].dtype == torch.int8:
+                    blockwise.put(state, self.rule, n, torch.full_like(local(state[n]), initial[n], dtype=torch.float32))
+                else:
+                    state[n].fill_(initial[n])
         m = state.get(MASTER)
         fitted = fitted_master(p, m, codec)  # a master_weights changed between steps: converted, made or dropped
         if fitted is not m:
