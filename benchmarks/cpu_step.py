@@ -1,6 +1,8 @@
 """step() of backend "cpu" (what auto takes for CPU parameters) against torch.optim's fastest for each rule.
 
-    python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [adamw sgd lion adabelief adan adagrad]
+    python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [RULE ...]
+
+RULE: adamw sgd lion adabelief adan adagrad (default: all).
 
 The two optimizers of a pair update the same parameter list, in alternating blocks of ``--block`` steps
 (which one goes first alternates too), so a noisy neighbour on a shared VM slows both alike. Each step gets

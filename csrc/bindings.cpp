@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 #include <utility>
@@ -47,8 +48,9 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
                                const at::Tensor& groups, const at::Tensor& gaddr, const at::Tensor& done,
                                int64_t n_groups, bool advance, int64_t rule, int64_t storage) {
   const char* what = "uba_fused._C.fused_step: ";
-  int tensor_cols = 0, group_cols = 0;
-  TORCH_CHECK(uf::rule_layout(static_cast<int>(rule), &tensor_cols, &group_cols), what, "unknown rule ", rule);
+  int tensor_cols = 0, group_cols = 0, reduces = 0;
+  TORCH_CHECK(uf::rule_layout(static_cast<int>(rule), &tensor_cols, &group_cols, &reduces), what, "unknown rule ",
+              rule);
   TORCH_CHECK(storage >= 0 && storage < uf::kNumStorages, what, "unknown storage code ", storage);
   const auto device = work.device();
   TORCH_CHECK(device.is_cuda() || device.is_cpu(), what, "the tables must be CUDA or CPU tensors, got ", device);
@@ -79,9 +81,8 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
   TORCH_CHECK(done.numel() == tensors.size(0) + 1, what, "done must hold rows + 1 = ", tensors.size(0) + 1,
               " counters, got ", done.numel());
   return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), grads.data_ptr<int64_t>(), groups.data_ptr<double>(),
-          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), nullptr, nullptr, nullptr, work.size(0),
-          static_cast<int>(tensors.size(0)),
-          static_cast<int>(n_groups), advance ? 1 : 0};
+          gaddr.data_ptr<int64_t>(), done.data_ptr<int>(), nullptr, nullptr, nullptr, nullptr, work.size(0),
+          static_cast<int>(tensors.size(0)), static_cast<int>(n_groups), advance ? 1 : 0, 0};
 }
 
 // `t`, checked to be a contiguous tensor of `type` with at least `numel` elements on `device`.
@@ -96,14 +97,21 @@ void check_buffer(const at::Tensor& t, const char* what, const char* name, at::S
 // One launch of the fused step over the tables of one plan part (backends/cuda.py). Tables in CPU
 // memory (CPU parameters) run the kernel body on the host instead: see run_fused_step_on_host.
 // `norm` (float64) is the global gradient norm that groups which clip read; any float64 scalar when none does.
+// `reduced` (float64 [rows, reduces]) holds per-tensor sums of squares for a rule that reads them (Rule.reduces);
+// any float64 scalar for another rule.
 // `grad_scale` and `found_inf` (float32) are GradScaler's: the scale the gradients carry (1.0 without one) and
 // whether it found an inf (0.0 without one: non-zero skips every update).
 void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
-                const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm, const at::Tensor& grad_scale,
-                const at::Tensor& found_inf, int64_t n_groups, bool advance, int64_t rule, int64_t storage) {
+                const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm, const at::Tensor& reduced,
+                const at::Tensor& grad_scale, const at::Tensor& found_inf, int64_t n_groups, bool advance, int64_t rule,
+                int64_t storage) {
   uf::FusedStepArgs args = checked_args(work, tensors, grads, groups, gaddr, done, n_groups, advance, rule, storage);
   const char* what = "uba_fused._C.fused_step: ";
+  int tensor_cols = 0, group_cols = 0, reduces = 0;
+  uf::rule_layout(static_cast<int>(rule), &tensor_cols, &group_cols, &reduces);  // known: checked_args
   check_buffer(norm, what, "norm", at::kDouble, 1, work.device());
+  check_buffer(reduced, what, "reduced", at::kDouble, std::max<int64_t>(1, reduces * tensors.size(0)), work.device());
+  args.reduced = reduced.data_ptr<double>();
   check_buffer(grad_scale, what, "grad_scale", at::kFloat, 1, work.device());
   check_buffer(found_inf, what, "found_inf", at::kFloat, 1, work.device());
   args.norm = norm.data_ptr<double>();
@@ -121,12 +129,12 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
 }
 
 // The pre-pass over the same tables: out[item] = the sum of squares (float64) of work item `item`'s chunk of a
-// gradient.
+// gradient (`of_param`: of the parameter as stored, 0 without a gradient: the per-tensor pre-pass of Rule.reduces).
 void grad_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
                 const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& out, int64_t n_groups, int64_t rule,
-                int64_t storage) {
-  const uf::FusedStepArgs args =
-      checked_args(work, tensors, grads, groups, gaddr, done, n_groups, false, rule, storage);
+                int64_t storage, bool of_param) {
+  uf::FusedStepArgs args = checked_args(work, tensors, grads, groups, gaddr, done, n_groups, false, rule, storage);
+  args.of_param = of_param;
   check_buffer(out, "uba_fused._C.grad_sumsq: ", "out", at::kDouble, work.size(0), work.device());
   if (work.device().is_cpu()) {
     TORCH_CHECK(uf::run_grad_sumsq_on_host(args, out.data_ptr<double>(), static_cast<int>(rule),
@@ -306,11 +314,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("phi"));
   m.def("fused_step", &fused_step, "one fused optimizer step over the device tables of a plan part",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
-        py::arg("norm"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("n_groups"), py::arg("advance"),
-        py::arg("rule"), py::arg("storage"));
+        py::arg("norm"), py::arg("reduced"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("n_groups"),
+        py::arg("advance"), py::arg("rule"), py::arg("storage"));
   m.def("grad_sumsq", &grad_sumsq, "the pre-pass: each work item's sum of squares of its chunk of a gradient",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
-        py::arg("out"), py::arg("n_groups"), py::arg("rule"), py::arg("storage"));
+        py::arg("out"), py::arg("n_groups"), py::arg("rule"), py::arg("storage"), py::arg("of_param") = false);
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",

@@ -26,11 +26,12 @@ auto in_part(int storage, F&& f) {
 
 }  // namespace
 
-bool rule_layout(int rule, int* tensor_cols, int* group_cols) {
+bool rule_layout(int rule, int* tensor_cols, int* group_cols, int* reduces) {
   return with_rule(rule, [&](auto r) {
     using R = decltype(r);
     *tensor_cols = kState0 + R::Cols::kStates;
     *group_cols = R::Cols::kCols;
+    *reduces = R::Cols::kReduces;
   });
 }
 

@@ -412,7 +412,12 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.k = *it.step + 1.0f;
   it.has_state = grow[kHasState] != 0.0;
   it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
-  it.c = R::scalars(grow, group_lr(grow, static_cast<float>(*counter)), it.k);
+  const float lr = group_lr(grow, static_cast<float>(*counter));
+  if constexpr (R::Cols::kReduces > 0) {  // the tensor's per-tensor sums (the pre-pass's, summed over shards)
+    it.c = R::scalars(grow, lr, it.k, args.reduced + R::Cols::kReduces * it.slot, it.gscale);
+  } else {
+    it.c = R::scalars(grow, lr, it.k);
+  }
   const uint64_t seed = static_cast<uint64_t>(grow[kSeed]);
   it.key = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(row[kGradSlot]),
             static_cast<uint32_t>(*counter)};
@@ -653,7 +658,8 @@ void run_on_host(const FusedStepArgs& args) {
   }
 }
 
-// The pre-pass: lane `lane` of LANES's share of the sum of squares of work item `item`'s chunk of a gradient, in
+// The pre-pass: lane `lane` of LANES's share of the sum of squares of work item `item`'s chunk of a gradient (of the
+// parameter as stored with args.of_param, the per-tensor pre-pass of a rule with kReduces; 0 without a gradient), in
 // float64: a square of a float32 above 1.8e19 overflows float32, never float64, so every finite gradient gives a
 // finite norm, as backend "torch" (whose norms are float64) gives it. On an H100 float64 arithmetic runs at half
 // the float32 rate, far above what reading the gradient once needs.
@@ -661,8 +667,8 @@ template <typename T, class R, int LANES>
 UF_HD double chunk_sumsq(const FusedStepArgs& args, int64_t item, int lane) {
   const int64_t slot = args.work[2 * item], start = args.work[2 * item + 1];
   const int64_t* row = args.tensors + slot * (kState0 + R::Cols::kStates);
-  const int64_t grad = args.grads[row[kGradSlot]];
-  if (grad == kNoGrad) return 0.0;
+  if (args.grads[row[kGradSlot]] == kNoGrad) return 0.0;
+  const int64_t grad = args.of_param ? row[kParam] : args.grads[row[kGradSlot]];
   const int64_t end = row[kNumel] - start < kChunk ? row[kNumel] : start + kChunk;
   const T* g = reinterpret_cast<const T*>(grad);
   double acc = 0.0;

@@ -22,10 +22,12 @@ struct FusedStepArgs {
   const int64_t* gaddr;    // [n_groups, 2]
   int* done;               // [n_rows + 1]
   const double* norm;      // the global gradient norm, read by groups that clip (max_grad_norm > 0)
+  const double* reduced;   // [n_rows, the rule's kReduces]: per-tensor sums of squares (a rule with kReduces)
   const float* grad_scale;  // the scale the gradients carry (torch.amp.GradScaler's; 1: none), divided out on load
   const float* found_inf;   // non-zero: GradScaler found an inf or NaN gradient, and nothing is updated
   int64_t n_items;
   int n_rows, n_groups, advance;
+  int of_param;            // the pre-pass reads the parameters, not the gradients
 };
 
 // The kernels of fused_step.cuh compile in this many translation units (fused_step_part<P>.cu, storages whose id %
@@ -33,9 +35,9 @@ struct FusedStepArgs {
 // whole build took 190 s with one unit.
 constexpr int kStepParts = 8;
 
-// The table widths of a rule: tensor-table columns (kState0 + its state slots) and group-table columns;
-// false when `rule` is unknown.
-bool rule_layout(int rule, int* tensor_cols, int* group_cols);
+// The table widths of a rule: tensor-table columns (kState0 + its state slots) and group-table columns, and how many
+// per-tensor sums its update reads; false when `rule` is unknown.
+bool rule_layout(int rule, int* tensor_cols, int* group_cols, int* reduces);
 
 // One step of `rule` over every tensor of the tables, stored as `storage` (an id of registry.py's STORAGES: the
 // parameters' dtype and their state's); returns the launch's error code.

@@ -153,6 +153,30 @@ struct Adagrad {
   }
 };
 
+// timm's Lars: SGD with momentum on (g + wd p) times the tensor's trust ratio, from its sums of squares `red` (the
+// parameter's, the gradient's) and the factor the gradient is scaled by (gscale), in float64 (reference.py:
+// _trust_ratio).
+struct Lars {
+  using Cols = lars;
+  struct Scalars {
+    SGD::Scalars sgd;  // with weight decay 0: Lars adds it before the ratio
+    float wd, ratio;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k, const double* red, float gscale) {
+    const double w = sqrt(red[0]), gn = sqrt(red[1]) * static_cast<double>(gscale);
+    double ratio = row[Cols::kTrustCoeff] * w / (gn + w * row[Cols::kWeightDecay] + row[Cols::kEps]);
+    if (!(w > 0.0 && gn > 0.0)) ratio = 1.0;
+    if (row[Cols::kTrustClip] != 0.0) ratio = fmin(ratio / static_cast<double>(lr), 1.0);
+    if (row[Cols::kAdapt] == 0.0) ratio = 1.0;
+    return {{lr, 0.0f, f32(row[Cols::kMomentum]), f32(row[Cols::kOneMinusDampening]), row[Cols::kNesterov] != 0.0,
+             k == 1.0f},
+            f32(row[Cols::kWeightDecay]), f32(ratio)};
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    SGD::update(p, (g + c.wd * p) * c.ratio, s, c.sgd);
+  }
+};
+
 // f(Rule{}) for a rule id; false when the id is unknown. The one place a new rule is listed in C++.
 template <typename F>
 bool with_rule(int id, F&& f) {
@@ -163,6 +187,7 @@ bool with_rule(int id, F&& f) {
     case SGD::Cols::kId: f(SGD{}); return true;
     case Adan::Cols::kId: f(Adan{}); return true;
     case Adagrad::Cols::kId: f(Adagrad{}); return true;
+    case Lars::Cols::kId: f(Lars{}); return true;
     default: return false;
   }
 }

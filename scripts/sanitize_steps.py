@@ -20,7 +20,9 @@ from uba_fused import backends, registry
 
 RULES = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
          "sgd-momentum": functools.partial(uf.SGD, momentum=0.9), "sgd": functools.partial(uf.SGD, momentum=0.0),
-         "adagrad": functools.partial(uf.Adagrad, initial_accumulator_value=0.1)}
+         "adagrad": functools.partial(uf.Adagrad, initial_accumulator_value=0.1),
+         "lars": functools.partial(uf.LARS, momentum=0.9, weight_decay=0.01)}
+MASTERLESS = ("lars",)  # rules that refuse a master slot (their norms are of the parameter as stored)
 # registry.STORAGES as the options that choose them: (parameter dtype, state_dtype, master_weights, state_rounding)
 STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), registry.OPTION_OF_CODEC[c], r)
             for p, s, c, r in registry.STORAGES]
@@ -61,6 +63,8 @@ def main() -> int:
     for backend in names:
         for i, (dtype, state_dtype, master_weights, state_rounding) in enumerate(STORAGES):  # alone, clipped
             for rule in rules_for(backend, i):
+                if rule in MASTERLESS and master_weights in ("exact", "8bit"):
+                    continue
                 ps = params(dtype)
                 opt = RULES[rule](ps, backend=backend, schedule=uf.UBA(10, warmup_steps=2), state_dtype=state_dtype,
                                   master_weights=master_weights, state_rounding=state_rounding, max_grad_norm=1.0)
@@ -69,7 +73,8 @@ def main() -> int:
                     opt.step()
         for rule in RULES if backend == "cuda" else ["adan"]:
             # one step over every storage at once: one launch per storage, the last advancing the counters
-            groups = mixed_groups(backend)
+            groups = [g for g in mixed_groups(backend)
+                      if rule not in MASTERLESS or g["master_weights"] not in ("exact", "8bit")]
             opt = RULES[rule](groups, backend=backend, max_grad_norm=1.0)
             for _ in range(2):
                 for g in groups:

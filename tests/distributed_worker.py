@@ -58,11 +58,17 @@ CASES = {
     "adamw-8bit": lambda params, backend: uf.AdamW(params, lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1,
                                                    schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend,
                                                    state_dtype=torch.int8, state_rounding="nearest"),
+    # per-tensor norms (LARS's trust ratio): sharded, each rank's sums of squares of its shards are all-reduced per
+    # tensor, or a rank would scale its rows by the ratio of its own shard
+    "lars": lambda params, backend: uf.LARS(params, lr=0.5, momentum=0.9, weight_decay=0.01, trust_coeff=0.02,
+                                            schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
 }
 WIDTHS = {"adamw-8bit": (256, 17, 1)}  # the layers' widths of a case's model: (6, 5, 3, 1) where not listed
 # The backends each case runs on. 8-bit state on Triton's interpreter took the three runs from about 100 to 200 s;
-# what DTensors change (the state's placements, the scales' rows) is the same Python for every backend.
-BACKENDS = {case: ("torch", "cuda") if case == "adamw-8bit" else ("torch", "triton", "cuda") for case in CASES}
+# what DTensors change (the state's placements, the scales' rows; LARS's sums over shards) is the same Python for
+# every backend.
+BACKENDS = {case: ("torch", "cuda") if case in ("adamw-8bit", "lars") else ("torch", "triton", "cuda")
+            for case in CASES}
 
 
 def make_model(device: torch.device, widths: tuple[int, ...] = (6, 5, 3, 1)) -> torch.nn.Sequential:

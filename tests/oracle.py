@@ -101,9 +101,27 @@ def adagrad(p, g, state, k, lr, lr_decay, eps, weight_decay, **_):
     return p - lr / (1 + (k - 1) * lr_decay) * d / (np.sqrt(s) + eps), {"sum": s}
 
 
+def lars(p, g, state, k, lr, momentum, dampening, nesterov, weight_decay, trust_coeff, eps, trust_clip, always_adapt,
+         **_):
+    """LARS (You, Gitman and Ginsburg 2017) with LARC's clipping, as timm's Lars computes it: where the group decays
+    or always adapts, (g + wd p) is scaled by trust_coeff ||p|| / (||g|| + wd ||p|| + eps) (1 where a norm is 0),
+    clipped to min(ratio / lr, 1) with trust_clip; then SGD with momentum."""
+    if weight_decay != 0 or always_adapt:
+        w, gn = np.linalg.norm(p), np.linalg.norm(g)
+        ratio = trust_coeff * w / (gn + w * weight_decay + eps) if w > 0 and gn > 0 else 1.0
+        if trust_clip:  # at lr 0 (a schedule's end) ratio / lr is inf: clipped to 1
+            ratio = min(ratio / lr, 1.0) if lr > 0 else 1.0
+        g = (g + weight_decay * p) * ratio
+    if momentum == 0:
+        return p - lr * g, {}
+    buf = g if k == 1 else momentum * state["momentum_buffer"] + (1 - dampening) * g
+    return p - lr * (g + momentum * buf if nesterov else buf), {"momentum_buffer": buf}
+
+
 def initial(rule: str, name: str, hyper: dict) -> float:
     """State slot ``name``'s value before a parameter's first step."""
     return float(hyper["initial_accumulator_value"]) if rule == "adagrad" else 0.0
 
 
-RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan, "adagrad": adagrad}
+RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan, "adagrad": adagrad,
+         "lars": lars}

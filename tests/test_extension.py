@@ -91,7 +91,8 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
             "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]), "done": torch.zeros(3, dtype=torch.int32)}
 
     def run(**kw):
-        args = {**good, "norm": torch.zeros((), dtype=torch.float64), "grad_scale": torch.ones(1),
+        args = {**good, "norm": torch.zeros((), dtype=torch.float64), "reduced": torch.zeros((), dtype=torch.float64),
+                "grad_scale": torch.ones(1),
                 "found_inf": torch.zeros(1), "n_groups": 1, "advance": True,
                 "rule": registry.RULES["sgd"].id, "storage": 0, **kw}
         _ext._C.fused_step(**args)
@@ -112,7 +113,12 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
            ({"storage": len(registry.STORAGES)}, f"unknown storage code {len(registry.STORAGES)}"),
            ({"norm": torch.zeros(())}, "norm must be a contiguous Double tensor of >= 1 elements, got Float"),
            ({"grad_scale": torch.ones(1, dtype=torch.float64)}, "grad_scale must be a contiguous Float tensor"),
-           ({"found_inf": torch.zeros(0)}, "found_inf must be a contiguous Float tensor of >= 1 elements")]
+           ({"found_inf": torch.zeros(0)}, "found_inf must be a contiguous Float tensor of >= 1 elements"),
+           # LARS reads 2 sums per tensor row (Rule.reduces): 2 rows need 4
+           ({"rule": registry.RULES["lars"].id, "groups": torch.zeros(1, len(registry.group_cols("lars")),
+                                                                         dtype=torch.float64),
+             "reduced": torch.zeros(3, dtype=torch.float64)},
+            "reduced must be a contiguous Double tensor of >= 4 elements, got Double")]
     # A table on another device than work's must be refused before any address is read (on a GPU, a CUDA
     # table beside CPU ones crashed the interpreter once). The meta device shows it without a GPU.
     others = ["meta"] + (["cuda"] if torch.cuda.is_available() else [])

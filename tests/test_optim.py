@@ -8,8 +8,9 @@ import torch
 
 import uba_fused as uf
 
-from harness import (CASE_IDS, CASES, SCHEDULES, check_steps_against_oracle, make_params, random_grads, set_grads,
-                     step_together)
+import oracle
+from harness import (CASE_IDS, CASES, SCHEDULES, assert_scaled_close, check_steps_against_oracle, f64, make_params,
+                     one_rank_mesh, random_grads, set_grads, step_together)
 
 
 HOST_BACKENDS = ("torch", "cpu")
@@ -77,6 +78,55 @@ def test_max_grad_norm_is_clip_grad_norm_fused_into_the_step(name, backend):
         for i, (p, q) in enumerate(zip(a, b)):
             torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=lambda m, i=i: f"step {t} param {i}: {m}")
     assert clipped == [True, True, False] * 3
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_lars_norms_where_their_definition_matters_match_the_oracle(backend):
+    """LARS's per-tensor norms: a zero parameter and a zero gradient (ratio 1 each), a tensor of three chunks and a
+    tail (its sums added over work items), 1-element and 0-size tensors, and a parameter without a gradient (left
+    as it is), on every backend against the float64 oracle, three steps."""
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(21)
+    shapes = [(5,), (3 * 4096 + 5,), (1,), (0,), (7,), (4,)]
+    params = [torch.zeros(5)] + [torch.randn(s, generator=gen) for s in shapes[1:]]
+    params = [p.requires_grad_() for p in params]
+    hyper = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.05, trust_coeff=0.01, eps=1e-8,
+                 trust_clip=False, always_adapt=False)
+    opt = uf.LARS(params, lr=0.3, backend=backend, **hyper)
+    state = [{} for _ in params]
+    for t in range(3):
+        grads = [torch.randn(s, generator=gen) * 0.5 for s in shapes]
+        grads[4], grads[5] = torch.zeros(7), None
+        want = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                want.append(f64(p))
+                continue
+            exp_p, state[i] = oracle.lars(f64(p), f64(g), state[i], t + 1, 0.3, **hyper)
+            want.append(exp_p)
+        set_grads(params, grads)
+        opt.step()
+        for i, (p, w) in enumerate(zip(params, want)):
+            assert_scaled_close(p, w, 2e-6, f"{backend} step {t} param {i}")
+
+
+def test_lars_refuses_dtensor_parameters_beside_plain_ones_before_any_change():
+    """Its norms are summed over the mesh's sharded dimensions, the same for every tensor: a plain parameter beside a
+    DTensor one has none, and the step raises, naming them, with nothing updated."""
+    from torch.distributed.tensor import DTensor, Shard
+    with one_rank_mesh() as mesh:
+        gen = torch.Generator().manual_seed(22)
+        plain = torch.randn(6, generator=gen).requires_grad_()
+        placed = torch.nn.Parameter(DTensor.from_local(torch.randn(4, 3, generator=gen), mesh, [Shard(0)]))
+        opt = uf.LARS([plain, placed], lr=0.1, momentum=0.9, weight_decay=0.01, backend="torch")
+        plain.grad = torch.randn(6, generator=gen)
+        placed.grad = DTensor.from_local(torch.randn(4, 3, generator=gen), mesh, [Shard(0)])
+        before = [plain.detach().clone(), placed.full_tensor().clone()]
+        with pytest.raises(ValueError, match=r"placed alike: parameters \[0\] \(in the optimizer's order\) are not"):
+            opt.step()
+        assert torch.equal(plain, before[0]) and torch.equal(placed.full_tensor(), before[1]) and not opt.state
 
 
 def test_clipping_adds_the_shares_of_groups_on_different_backends():

@@ -28,6 +28,8 @@ RULES = ("adamw", "adabelief", "lion", "sgd", "adagrad", "adan")
 # most registers) and with one of the other rules in turn, so that every rule meets many storages. Every rule with
 # every storage took 105 compiles and up to 270 s of a 2-core CI machine.
 CASES = [(r, *storage) for i, storage in enumerate(registry.STORAGES) for r in ("adan", RULES[i % (len(RULES) - 1)])]
+# LARS is SGD with a per-tensor factor read from its pre-pass's sums: the storages it can take (no master slot), some
+CASES += [("lars", *registry.STORAGES[i]) for i in (0, 1, 9, 19)]
 IDS = [f"{r}-{d}" + (f"-state-{sd}" if sd != d else "") + (f"-{c}" if c != "nearest" else "") +
        ("-state-stochastic" if sr == "stochastic" else "") for r, d, sd, c, sr in CASES]
 # Tensors each rule streams on a full chunk: (loaded, stored).
@@ -74,7 +76,9 @@ KNOWN_SPILLS = {("adamw", "float32", "bfloat16", "nearest", "nearest"): 4,
                 # compiled first when Adagrad joined the rotation of CASES (2026-12-04; their kernels unchanged)
                 ("adagrad", "float32", "int8", "nearest", "stochastic"): 12,
                 ("adamw", "bfloat16", "int8", "nearest", "nearest"): 12,
-                ("lion", "float16", "float16", "copy", "nearest"): 4}
+                ("lion", "float16", "float16", "copy", "nearest"): 4,
+                # LARS (SGD, its float64 trust ratio per program) with Philox per 8 elements: ptxas stays at 56
+                ("lars", "bfloat16", "bfloat16", "stochastic", "nearest"): 8}
 
 SCRIPT = r"""
 import json, os, re, shutil, subprocess, sys, tempfile
@@ -84,8 +88,9 @@ from triton.compiler import ASTSource
 from uba_fused import registry
 from uba_fused.backends import triton as backend
 sig = {"work": "*i64", "tensors": "*i64", "grads": "*i64", "groups": "*fp64", "gaddr": "*i64", "done": "*i32",
-       "norm": "*fp64", "grad_scale": "*fp32", "found_inf": "*fp32", "n_rows": "i32", "n_groups": "i32",
-       "advance": "i32", "RULE": "constexpr", "STATES": "constexpr", "NG": "constexpr", "DTYPE": "constexpr",
+       "norm": "*fp64", "reduced": "*fp64", "grad_scale": "*fp32", "found_inf": "*fp32", "n_rows": "i32",
+       "n_groups": "i32", "advance": "i32", "RULE": "constexpr", "STATES": "constexpr", "NG": "constexpr",
+       "DTYPE": "constexpr",
        "STATE_DTYPE": "constexpr", "CODEC": "constexpr", "STOCHASTIC_STATE": "constexpr", "BLOCK": "constexpr",
        "SUB": "constexpr", "GROUPS": "constexpr", "POSITIVE": "constexpr"}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
@@ -120,14 +125,16 @@ for rule, dtype, state_dtype, codec, state_rounding in json.loads(sys.argv[1]):
         "registers": int(re.search(r"Used (\d+) registers", info).group(1)),
         "spill_stores": int(spills.group(1)), "spill_loads": int(spills.group(2))}
 for dtype in ("float32", "bfloat16", "float16"):  # the pre-pass (its registers: one accumulator per element)
-    dt = getattr(torch, dtype)
-    src = ASTSource(fn=backend._sumsq_kernel, signature={
-        "work": "*i64", "tensors": "*i64", "grads": "*i64", "out": "*fp64", "STATES": "constexpr",
-        "DTYPE": "constexpr", "BLOCK": "constexpr", "SUB": "constexpr"}, constexprs={
-        "STATES": 2, "DTYPE": backend._TL_DTYPE[dt], "BLOCK": backend.BLOCK, "SUB": backend.sub_tile(dt)})
-    ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS,
-                                                                  "enable_fp_fusion": backend.FP_FUSION}).asm["ptx"]
-    out[f"sumsq/{dtype}"] = {"v4_loads": len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx))}
+    for param in (False, True):  # of the gradients (clipping), of the parameters (Rule.reduces)
+        dt = getattr(torch, dtype)
+        src = ASTSource(fn=backend._sumsq_kernel, signature={
+            "work": "*i64", "tensors": "*i64", "grads": "*i64", "out": "*fp64", "STATES": "constexpr",
+            "DTYPE": "constexpr", "BLOCK": "constexpr", "SUB": "constexpr", "PARAM": "constexpr"}, constexprs={
+            "STATES": 2, "DTYPE": backend._TL_DTYPE[dt], "BLOCK": backend.BLOCK, "SUB": backend.sub_tile(dt),
+            "PARAM": param})
+        ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS,
+                                                                      "enable_fp_fusion": backend.FP_FUSION}).asm["ptx"]
+        out[f"sumsq{'-param' if param else ''}/{dtype}"] = {"v4_loads": len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx))}
 print(json.dumps(out))
 """
 
@@ -170,7 +177,8 @@ def test_float32_math_divides_as_ieee_and_contracts_nothing(compiled, rule, dtyp
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_the_pre_pass_reads_full_aligned_chunks_in_128_bit_loads(compiled, dtype):
-    assert compiled[f"sumsq/{dtype}"]["v4_loads"] >= 1, compiled[f"sumsq/{dtype}"]
+    for of in ("sumsq", "sumsq-param"):  # gradients (clipping), parameters (Rule.reduces)
+        assert compiled[f"{of}/{dtype}"]["v4_loads"] >= 1, (of, compiled[f"{of}/{dtype}"])
 
 
 @pytest.mark.parametrize("rule,dtype,state_dtype,codec,state_rounding", CASES, ids=IDS)

@@ -143,6 +143,12 @@ def _adagrad_initial(group: Mapping) -> dict[str, float]:
     return {"sum": float(group["initial_accumulator_value"])}
 
 
+def _lars(group: Mapping) -> dict[str, float]:
+    adapt = float(group["weight_decay"]) != 0.0 or bool(group["always_adapt"])
+    return {**_sgd(group), "trust_coeff": float(group["trust_coeff"]), "eps": float(group["eps"]),
+            "trust_clip": float(bool(group["trust_clip"])), "adapt": float(adapt)}
+
+
 def _adan(group: Mapping) -> dict[str, float]:
     return {**_betas(group, 3), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
             "no_prox": float(bool(group["no_prox"]))}
@@ -176,10 +182,13 @@ class Rule:
     states: tuple[str, ...]              # state buffers, in the kernels' slot order
     consts: tuple[str, ...]              # the rule's group-table columns, after GROUP_COLS
     constants: Callable[[Mapping], dict[str, float]]  # their values for a param group (float64, host side)
-    streams: tuple[int, int]             # tensors loaded and stored per element on a step: the bytes it moves
+    streams: tuple[int, int]             # tensors loaded and stored per element by the update (its pre-pass, if it
+                                         # reduces, loads one more per reduction): the bytes a step moves
     positive: tuple[str, ...] = ()       # the state slots that are never negative (averages of squares): their
                                          # 8-bit codes take the map for non-negative values (rounding.quantize)
     keeps_state: Callable[[Mapping], bool] = field(default=_always)  # SGD without momentum keeps none
+    reduces: tuple[str, ...] = ()        # per-tensor sums of squares the update reads (REDUCIBLE), taken by a
+                                         # pre-pass before it and summed over a tensor's shards
     initial: Callable[[Mapping], dict[str, float]] = field(default=_zeros)  # a state slot's first value where it is
                                                                           # not 0 (Adagrad's initial_accumulator_value)
     clip_eps: Callable[[Mapping], float] = field(default=_torch_clip_eps)  # see clipping()
@@ -217,7 +226,8 @@ class Rule:
         return float(group.get("max_grad_norm", 0.0)), self.clip_eps(group)
 
     def bytes_per_element(self, itemsize: int) -> int:
-        return sum(self.streams) * itemsize
+        """Bytes a step moves per element of ``itemsize``: the update's streams and its pre-pass's reads."""
+        return (sum(self.streams) + len(self.reduces)) * itemsize
 
 
 RULES: dict[str, Rule] = {r.name: r for r in (
@@ -235,8 +245,17 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     # initial_accumulator_value
     Rule("adagrad", ("sum",), ("lr_decay", "eps", "weight_decay"), _adagrad, (3, 2), positive=("sum",),
          initial=_adagrad_initial),
+    # timm's Lars: SGD whose gradient (with L2 decay) is scaled per tensor by trust_coeff ||p|| / (||g|| + wd ||p|| +
+    # eps); its pre-pass reads p and g once more than SGD does (28 bytes per fp32 parameter against SGD's 20)
+    Rule("lars", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay", "trust_coeff",
+                                        "eps", "trust_clip", "adapt"), _lars, (3, 2), reduces=("param", "grad"),
+         keeps_state=lambda group: group["momentum"] != 0),
 )}
 RULE_IDS = {name: i for i, name in enumerate(RULES)}
+# What a rule may reduce per tensor (Rule.reduces), in the order of the pre-pass's columns: the sum of squares of the
+# parameter as stored, and of the gradient as backward left it (the update scales its norm by the gradient's factor).
+REDUCIBLE = ("param", "grad")
+assert all(r.reduces == REDUCIBLE[:len(r.reduces)] for r in RULES.values()), "reductions come in REDUCIBLE's order"
 MAX_STATES = max(len(r.states) for r in RULES.values())
 
 
@@ -253,7 +272,7 @@ def abi() -> dict:
             "storages": [list(storage) for storage in STORAGES],
             "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS), "qblock": QBLOCK,
             "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts),
-                               "positive": list(r.positive)}
+                               "positive": list(r.positive), "reduces": list(r.reduces)}
                       for r in RULES.values()}}
 
 
@@ -287,14 +306,14 @@ def cpp_header() -> str:
         f"constexpr int kMaxStates = {MAX_STATES};",
         f"constexpr int kQBlock = {QBLOCK};",
         "",
-        "// Each rule's group-table columns (after GroupCol), its id, its number of state slots and which of them",
-        "// are never negative (Rule.positive, bit j for slot j): a struct, so that a template can take it",
-        "// (csrc/updates.cuh).",
+        "// Each rule's group-table columns (after GroupCol), its id, its number of state slots, which of them",
+        "// are never negative (Rule.positive, bit j for slot j) and how many per-tensor sums it reads (Rule.reduces):",
+        "// a struct, so that a template can take it (csrc/updates.cuh).",
     ]
     for r in RULES.values():
         cols = [(c, len(GROUP_COLS) + i) for i, c in enumerate(r.consts)] + [("cols", len(GROUP_COLS) + len(r.consts))]
         lines.append(f"struct {r.name} {{ static constexpr int kId = {r.id}, kStates = {len(r.states)}, "
-                     f"kPositive = {r.positive_bits}; {_enum('Col', cols)} }};")
+                     f"kPositive = {r.positive_bits}, kReduces = {len(r.reduces)}; {_enum('Col', cols)} }};")
     text = json.dumps(abi(), sort_keys=True, separators=(",", ":"))
     lines += ["", "// abi() of registry.py, which uba_fused._C exports as REGISTRY.",
               f"constexpr const char* kRegistry = R\"json({text})json\";", "", "}  // namespace uf", ""]

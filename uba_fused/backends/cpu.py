@@ -1,9 +1,9 @@
 """backend="cpu": torch's own fast CPU paths over the whole list; what "auto" takes for CPU parameters.
 
 AdamW, SGD and Adagrad run torch's fused CPU kernels (``torch._fused_adamw_``, ``torch._fused_sgd_``,
-``torch._fused_adagrad_``: torch.optim's own rules, the fastest it has on a CPU). AdaBelief, Lion and Adan run the list forms of
-backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step on the
-host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
+``torch._fused_adagrad_``: torch.optim's own rules, the fastest it has on a CPU). AdaBelief, Lion, Adan and LARS run
+the list forms of backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step
+on the host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
 updated in float32 by the foreach rules and rounded once on the way back, as the kernels do (torch's fused
 kernels compute in float32 themselves, but take one dtype for a parameter and its state: a 16-bit parameter
 with float32 state goes to them as a float32 copy); float64 parameters in float64. A parameter with master weights
@@ -17,6 +17,7 @@ It reads the gradients from ``GroupWork.grads`` (the parameters that have one), 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -24,7 +25,8 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
-from .reference import FOREACH, decode, decode_state, encode, encode_state, grad_scale, grad_sumsq, skipped
+from .reference import (FOREACH, decode, decode_state, encode, encode_state, grad_scale, grad_sumsq, reduce_sums,
+                        skipped)
 from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -37,7 +39,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     if not all(w.schedule_step.is_cpu for w in work):
         off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
-    return Step(lambda norm, amp: _run(rule, work, cache.host, norm, amp), lambda: grad_sumsq(work))
+    return Step(lambda norm, amp, sums: _run(rule, work, cache.host, norm, amp, sums), lambda: grad_sumsq(work),
+                lambda: reduce_sums(work))
 
 
 @dataclass
@@ -53,11 +56,17 @@ class _Part:
     past_first: bool = False  # every step count is past 1 (SGD's first step takes the gradient as its buffer)
 
 
-def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None, amp: Amp | None) -> None:
+def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None, amp: Amp | None,
+         sums: torch.Tensor | None) -> None:
     spec = RULES[rule]
+    first = 0
     for w in work:
         scale = grad_scale(rule, w, norm, amp)
         scale = 1.0 if scale is None else float(scale)  # CPU values: no sync
+        # a rule that reads per-tensor norms (Rule.reduces): (||p||, ||g|| as applied) per parameter, host floats
+        norms = None if sums is None else [(math.sqrt(a), math.sqrt(b) * scale)
+                                           for a, b in sums[first:first + len(w.params)].tolist()]
+        first += len(w.params)
         skip = skipped(amp, w.schedule_step.device)
         lr = float(w.hyper["lr"])
         if w.schedule is not None:
@@ -73,7 +82,7 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | 
                     a and gi.stride() == pi.stride() for a, pi, gi in zip(part.walkable, p, g)]
                 key = (int(w.hyper.get("seed", 0)), pick(w.slots), w.schedule_step, state_rounding_of(w.hyper))
                 _update(rule, part, p, (pick(w.masters), pick(w.scales)), g, {n: pick(ts) for n, ts in w.state.items()},
-                        pick(w.steps), lr, c, walkable, scale, key)
+                        pick(w.steps), lr, c, walkable, scale, key, None if norms is None else pick(norms))
         w.schedule_step.add_(1)
 
 
@@ -134,11 +143,11 @@ def _walked_as_memory(p: list, g: list, s: dict[str, list], walkable: list[bool]
 
 
 def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s: dict[str, list], steps: list,
-            lr: float, c: dict, walkable: list[bool], scale: float, key: tuple) -> None:
+            lr: float, c: dict, walkable: list[bool], scale: float, key: tuple, norms: list | None) -> None:
     """One part's update, each gradient scaled by ``scale`` first (1 / GradScaler's scale times its group's clipping
     factor; 1: none). ``kept`` holds the parameters' master slots (registry.CODECS) and their 8-bit state's block
     scales (registry.QUANTIZED), ``key`` (seed, slots, t, state rounding) what keys stochastic rounding's random
-    bits."""
+    bits, ``norms`` each parameter's (||p||, ||g||) for a rule that reads them (Rule.reduces)."""
     seed, slots, t, rounds = key
     masters, scales = kept
     own_state = part.state_dtype == part.dtype
@@ -154,7 +163,7 @@ def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s
         if scale != 1.0:
             torch._foreach_mul_(g32, scale)
         s32 = {n: [decode_state(t, a, rule, n) for t, a in zip(ts, scales)] for n, ts in s.items()}
-        _compute(rule, part, p32, g32, s32, steps, lr, c, walkable)
+        _compute(rule, part, p32, g32, s32, steps, lr, c, walkable, norms)
         if part.codec == "nearest":
             torch._foreach_copy_(p, p32)
         else:
@@ -175,17 +184,17 @@ def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s
                 else:
                     torch._foreach_copy_(ts, s32[n])
     else:
-        _compute(rule, part, p, g if scale == 1.0 else torch._foreach_mul(g, scale), s, steps, lr, c, walkable)
+        _compute(rule, part, p, g if scale == 1.0 else torch._foreach_mul(g, scale), s, steps, lr, c, walkable, norms)
 
 
 def _compute(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float,
-             c: dict, walkable: list[bool]) -> None:
+             c: dict, walkable: list[bool], norms: list | None) -> None:
     if rule in _FUSED:
         p, g, s, done = _walked_as_memory(p, g, s, walkable)
         _fused(rule, part, p, g, s, steps, lr, c)
         done()
     else:
-        FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c)
+        FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c, *([] if norms is None else [norms]))
 
 
 def _fused(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float, c: dict) -> None:

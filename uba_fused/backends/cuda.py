@@ -30,18 +30,19 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     plan, table = Plan.for_step(cache, "cuda", rule, work, CHUNK, grads)
     rule_id, n_groups = RULES[rule].id, len(work)
 
-    def update(norm: torch.Tensor | None, amp: Amp | None) -> None:
+    def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
         grad_scale, found_inf = plan.amp_args(amp)
 
         def launch(part: Part, advance: bool) -> None:
             _C.fused_step(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
-                          plan.scratch if norm is None else norm, grad_scale, found_inf, n_groups, advance, rule_id,
+                          plan.scratch if norm is None else norm, plan.sums_of(part, sums), grad_scale, found_inf,
+                          n_groups, advance, rule_id,
                           STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding])
 
         plan.launch(launch)
 
-    def sumsq(part: Part) -> None:
-        _C.grad_sumsq(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, part.partials, n_groups,
-                      rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding])
+    def sumsq(part: Part, out: torch.Tensor, param: bool = False) -> None:
+        _C.grad_sumsq(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, out, n_groups,
+                      rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding], param)
 
-    return Step(update, lambda: plan.grad_sumsq(sumsq))
+    return Step(update, lambda: plan.grad_sumsq(lambda part: sumsq(part, part.partials)), lambda: plan.reduce(sumsq))

@@ -30,12 +30,17 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   groups   float64 [G, C]    per group: GROUP_COLS, then the rule's own columns (registry.group_cols)
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
   partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
+  squares  float64 [2, items] per program, for a rule that reads per-tensor sums (Rule.reduces): the sums of
+                             squares of its chunk of the parameter and of the gradient, added per row after
 
 A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec, its
 state's rounding) makes one launch per storage ("part"); only the last launch advances the group counters, so every
 launch reads the same step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first
 runs a pre-pass (``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds
-them, and the optimizer hands the global norm to the update kernels as a pointer to a float64 on the device.
+them, and the optimizer hands the global norm to the update kernels as a pointer to a float64 on the device. A rule
+that reads per-tensor sums (Rule.reduces: LARS's norms) runs a pre-pass of its own (``Plan.reduce``): two launches per
+part write each chunk's sums of squares of the parameter and of the gradient, torch.segment_reduce adds them per row,
+and the optimizer hands them back (summed over shards) to the update kernels, which read their row's.
 """
 
 from __future__ import annotations
@@ -132,6 +137,10 @@ class Part:
     work: torch.Tensor
     done: torch.Tensor
     partials: torch.Tensor  # float64 [items]: a pre-pass's sum per work item (a view of Plan.partials)
+    squares: torch.Tensor | None  # float64 [2, items]: the per-tensor pre-pass's sums per work item, of the
+                                  # parameter and of the gradient (Rule.reduces; None for a rule without)
+    lengths: torch.Tensor   # int64 [rows]: each row's work items
+    first_row: int          # its first row in Plan.reduce's rows (the parts' rows one after another)
 
 
 @dataclass
@@ -159,6 +168,22 @@ class Plan:
         counters (``advance``), so every launch reads the same step index."""
         for i, part in enumerate(self.parts):
             part_launch(part, i == len(self.parts) - 1)
+
+    def reduce(self, part_pass: Callable[[Part, torch.Tensor, bool], None]) -> torch.Tensor:
+        """The per-tensor pre-pass (Rule.reduces): float64 [rows of every part, 2], each row's sums of squares of its
+        parameter and of its gradient. ``part_pass(part, out, param)`` launches a kernel that writes each work item's
+        sum of the parameter's squares (``param``) or of the gradient's into ``out``; torch.segment_reduce adds a
+        row's items one after another in their order, so a step gives the same sums every run (no atomics)."""
+        out = []
+        for part in self.parts:
+            part_pass(part, part.squares[0], True)
+            part_pass(part, part.squares[1], False)
+            out.append(torch.segment_reduce(part.squares.t(), "sum", lengths=part.lengths, axis=0, unsafe=True))
+        return torch.cat(out)
+
+    def sums_of(self, part: Part, sums: torch.Tensor | None) -> torch.Tensor:
+        """``part``'s rows of ``sums`` (what ``reduce`` returned, summed over shards), or scratch without them."""
+        return self.scratch if sums is None else sums[part.first_row:part.first_row + part.tensors.shape[0]]
 
     def grad_sumsq(self, part_sumsq: Callable[[Part], None]) -> torch.Tensor:
         """The pre-pass: the sum of the squares of this step's gradients, a float64 0-dim tensor on the device.
@@ -233,10 +258,14 @@ class Plan:
             specs.append((key, rows, chunks + [1]))
         items = [sum(chunks) for *_, chunks in specs]
         partials = torch.zeros(sum(items), dtype=torch.float64, device=device)
+        squares = (torch.zeros(2, sum(items), dtype=torch.float64, device=device).split(items, 1)
+                   if RULES[rule].reduces else [None] * len(specs))
+        first_rows = [sum(len(rows) for _, rows, _ in specs[:i]) for i in range(len(specs))]
         parts = [Part(*key, _to_device(torch.tensor(rows, dtype=torch.int64), device),
                       _to_device(work_items(chunks, block), device),
-                      torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view)
-                 for (key, rows, chunks), view in zip(specs, partials.split(items))]
+                      torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view, sq,
+                      _to_device(torch.tensor(chunks, dtype=torch.int64), device), first)
+                 for (key, rows, chunks), view, sq, first in zip(specs, partials.split(items), squares, first_rows)]
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
         return cls(cls.key_of(rule, work), device, parts,
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
@@ -286,7 +315,9 @@ class Plan:
         """Every device tensor a launch of this plan reads or writes, but the parameters and gradients."""
         out = [self.groups, self.gaddr, self.grads, self.scratch, self.partials, *self.no_amp]
         for part in self.parts:
-            out += [part.tensors, part.work, part.done]
+            out += [part.tensors, part.work, part.done, part.lengths]
+            if part.squares is not None:
+                out.append(part.squares)
         for w in work:
             out += [w.schedule_step, w.lr_out, *w.steps, *(m for m in w.masters + w.scales if m is not None)]
             for ts in w.state.values():

@@ -109,7 +109,34 @@ def _adagrad(p, g, s, step, lr, c):
     p.sub_(g / acc.sqrt().add_(c["eps"]) * clr)
 
 
-UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan, "adagrad": _adagrad}
+def _trust_ratio(w, gn, lr, c):
+    """LARS's per-tensor factor (timm's Lars, apex's LARC) from the norms of the parameter (w) and of the gradient as
+    the update applies it (gn), float64 0-dim tensors: 1 where either is 0, or where the group does not adapt."""
+    if not c["adapt"]:
+        return torch.ones((), dtype=torch.float64, device=w.device)
+    ratio = c["trust_coeff"] * w / (gn + w * c["weight_decay"] + c["eps"])
+    ratio = torch.where((w > 0) & (gn > 0), ratio, 1.0)
+    return torch.clamp(ratio / lr, max=1.0) if c["trust_clip"] else ratio
+
+
+def _lars(p, g, s, step, lr, c, norms):
+    # timm's Lars: SGD on (g + wd p) times the trust ratio, not decoupled; norms = (||p||, ||g||) of the whole tensor.
+    g = (g + c["weight_decay"] * p) * _trust_ratio(*norms, lr, c).to(g.dtype)
+    _sgd(p, g, s, step, lr, {**c, "weight_decay": 0.0})
+
+
+UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan, "adagrad": _adagrad,
+           "lars": _lars}
+
+
+def reduce_sums(work: Sequence[GroupWork]) -> torch.Tensor:
+    """The per-tensor pre-pass (Rule.reduces): float64 [n, 2], per parameter of the groups in their order, the sums
+    of squares of the parameter and of its gradient (as backward left it)."""
+    ps = [p for w in work for p in w.params]
+    if not ps:
+        return torch.zeros((0, 2), dtype=torch.float64, device=work[0].schedule_step.device)
+    gs = [g for w in work for g in w.grads]
+    return torch.stack([torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)) for ts in (ps, gs)], 1).square()
 
 
 def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:
@@ -197,21 +224,27 @@ def encode_state(x: torch.Tensor, rule: str, name: str, dtype: torch.dtype, how:
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
-    return Step(lambda norm, amp: _run(rule, work, norm, amp), lambda: grad_sumsq(work))  # the gradients: w.grads
+    return Step(lambda norm, amp, sums: _run(rule, work, norm, amp, sums), lambda: grad_sumsq(work),  # w.grads
+                lambda: reduce_sums(work))
 
 
-def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None) -> None:
+def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None,
+         sums: torch.Tensor | None) -> None:
+    first = 0
     for w in work:
         lr = applied_lr(w)
         w.lr_out.copy_(lr)
-        _step_group(rule, w, lr, grad_scale(rule, w, norm, amp), skipped(amp, w.schedule_step.device))
+        mine = None if sums is None else sums[first:first + len(w.params)]
+        _step_group(rule, w, lr, grad_scale(rule, w, norm, amp), skipped(amp, w.schedule_step.device), mine)
         w.schedule_step.add_(1)
+        first += len(w.params)
 
 
 def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor | None,
-                skip: torch.Tensor | None) -> None:
+                skip: torch.Tensor | None, sums: torch.Tensor | None = None) -> None:
     """The update of group ``w``'s parameters (each with its gradient), at ``lr``, their gradients multiplied by
-    ``scale`` (None: 1), none of it written when ``skip`` holds (None: never)."""
+    ``scale`` (None: 1), none of it written when ``skip`` holds (None: never). ``sums``: the per-tensor pre-pass's
+    [n, 2] (reduce_sums), summed over shards, for a rule that reads it."""
     update, c, rounds = UPDATES[rule], RULES[rule].constants(w.hyper), state_rounding_of(w.hyper)
     for i in range(len(w.params)):
         p, g, step_t, master, absmax = w.params[i], w.grads[i], w.steps[i], w.masters[i], w.scales[i]
@@ -225,7 +258,11 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
         if scale is not None:
             g32 = g32 * scale.to(g32.device)
         k = step_t + 1.0
-        update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
+        if sums is None:
+            update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
+        else:  # the norms of the parameter and of the gradient as applied (scaled, as g32)
+            gn = sums[i, 1].sqrt() if scale is None else sums[i, 1].sqrt() * scale.to(sums.device)
+            update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, (sums[i, 0].sqrt(), gn))
         seed = int(w.hyper.get("seed", 0))
         new_p, new_master = encode(x, codec, p.dtype, seed, w.slots[i], w.schedule_step)
         writes = [(step_t, k), (p, new_p), (master, new_master)]
@@ -290,4 +327,24 @@ def _adan_foreach(p, g, s, ks, lr, c):
     torch._foreach_neg_(neg_prev)
 
 
-FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach}
+def _lars_foreach(p, g, s, ks, lr, c, norms):
+    # the trust ratios on the host (CPU parameters: their norms are host floats), as _trust_ratio computes them, rounded
+    # to the compute dtype as the per-tensor form rounds them
+    ratios = [_trust_ratio(torch.tensor(w, dtype=torch.float64), torch.tensor(gn, dtype=torch.float64), lr, c)
+              .to(t.dtype).item() for (w, gn), t in zip(norms, g)]
+    g = torch._foreach_add(g, p, alpha=c["weight_decay"]) if c["weight_decay"] != 0.0 else [t.clone() for t in g]
+    torch._foreach_mul_(g, ratios)
+    mom = c["momentum"]
+    if mom != 0.0:
+        bufs = s["momentum_buffer"]
+        later = [i for i, k in enumerate(ks) if k != 1]
+        for i in (i for i, k in enumerate(ks) if k == 1):  # the buffer starts as the first gradient
+            bufs[i].copy_(g[i])
+        if later:
+            torch._foreach_mul_([bufs[i] for i in later], mom)
+            torch._foreach_add_([bufs[i] for i in later], [g[i] for i in later], alpha=c["one_minus_dampening"])
+        g = torch._foreach_add(g, bufs, alpha=mom) if c["nesterov"] else bufs
+    torch._foreach_add_(p, g, alpha=-lr)
+
+
+FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach, "lars": _lars_foreach}

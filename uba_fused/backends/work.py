@@ -7,7 +7,10 @@ the step of those groups as a small pipeline, which the optimizer runs stage by 
 1. ``grad_sumsq()``, the pre-pass, only when a group clips its gradients (``max_grad_norm``): launches the
    reduction of the gradients and returns the sum of their squares, a float64 0-dim tensor on the device.
    The optimizer adds the backends' sums and takes the square root: the global gradient norm.
-2. ``update(norm, amp)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
+2. ``reduce()``, only for a rule that reads per-tensor sums (Rule.reduces: LARS): launches the reduction of each
+   parameter and gradient and returns their sums of squares, float64 [rows, 2] in an order of the backend's own.
+   The optimizer sums them over the shards of each tensor (FSDP2) and hands them back to ``update``.
+3. ``update(norm, amp, sums)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
    gradient is None is left as it is), each gradient first divided by GradScaler's scale (``amp``, an ``Amp``;
    None without a scaler) and scaled by its group's clipping factor of the unscaled norm (Rule.clipping;
    ``norm`` is None when no group clips), advances those parameters' ``step`` and each group's
@@ -67,9 +70,13 @@ class GroupWork:
 class Step:
     """What a backend's ``prepare`` returns: its groups' step, stage by stage (see the module's docstring)."""
 
-    update: Callable[[torch.Tensor | None, Amp | None], None]  # the update, given the global gradient norm (or
-                                                                # None) and GradScaler's hand-over (or None)
+    update: Callable[[torch.Tensor | None, Amp | None, torch.Tensor | None], None]  # the update, given the global
+                                            # gradient norm (or None), GradScaler's hand-over (or None) and what
+                                            # ``reduce`` returned, summed over shards (or None)
     grad_sumsq: Callable[[], torch.Tensor]  # the pre-pass: the sum of squares of the groups' gradients
+    reduce: Callable[[], torch.Tensor]      # the per-tensor pre-pass of a rule with Rule.reduces: float64 [rows, 2],
+                                            # the sums of squares of each tensor and of its gradient, in an order of
+                                            # the backend's own (its update reads them back)
 
 
 @dataclass

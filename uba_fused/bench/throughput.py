@@ -22,14 +22,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import backends, registry
-from ..optim import SGD, AdaBelief, Adagrad, AdamW, Adan, Lion
+from ..optim import LARS, SGD, AdaBelief, Adagrad, AdamW, Adan, Lion
 from ..schedules import UBA
 from .presets import Preset
 
-OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan, "adagrad": Adagrad}
+OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan, "adagrad": Adagrad,
+        "lars": LARS}
 HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, weight_decay=0.01),
          "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9),
-         "adan": dict(lr=1e-4, weight_decay=0.01), "adagrad": dict(lr=1e-2, initial_accumulator_value=0.1)}
+         "adan": dict(lr=1e-4, weight_decay=0.01), "adagrad": dict(lr=1e-2, initial_accumulator_value=0.1),
+         "lars": dict(lr=1.0, momentum=0.9, weight_decay=1e-4)}
 
 
 # How uba_fused keeps a parameter list (README: Precision layouts): the parameter dtypes each layout takes, and the
@@ -180,6 +182,8 @@ def candidates(device: torch.device, optimizers: list[str], ours: list[str], tor
         if "adabelief" in optimizers:
             out.append(Candidate("timm AdaBelief", "adabelief",
                                  lambda ps: timm_optim.AdaBelief(ps, **HYPER["adabelief"], rectify=False)))
+        if "lars" in optimizers:
+            out.append(Candidate("timm Lars", "lars", lambda ps: timm_optim.Lars(ps, **HYPER["lars"])))
     return out
 
 
@@ -255,7 +259,7 @@ def measure(preset: Preset, dtype: torch.dtype, device: torch.device, cands: lis
         timer.run(step, fresh_grads, warmup)
         ms, host = timer.run(step, fresh_grads, steps)
         med = statistics.median(ms)
-        nbytes, kept = bytes_of(opt, params, grads)
+        nbytes, kept = bytes_of(opt, params, grads, cand.rule)
         gbps = nbytes / (med * 1e-3) / 1e9
         qs = statistics.quantiles(ms, n=10) if len(ms) > 1 else [med] * 9
         rows.append(Row(preset.name, str(dtype).replace("torch.", ""), cand.name, cand.rule, len(preset.shapes),
@@ -346,12 +350,16 @@ def copy_size(device: torch.device) -> int:
     return 256 * 2**20
 
 
-def bytes_of(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor]) -> tuple[int, int]:
+def bytes_of(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list[torch.Tensor],
+             rule: str) -> tuple[int, int]:
     """(bytes a step must move, bytes the optimizer keeps), from the real tensors: every rule reads the parameter, its
     gradient and each state buffer once and writes the parameter and each buffer once (a master weight is one
-    more buffer); the step counts are not counted."""
+    more buffer), and a rule's per-tensor norms (Rule.reduces: LARS) read the parameter and the gradient once more;
+    the step counts are not counted."""
     kept = sum(v.nbytes for st in opt.state.values() for k, v in st.items() if k != "step" and torch.is_tensor(v))
-    return sum(2 * p.nbytes + g.nbytes for p, g in zip(params, grads)) + 2 * kept, kept
+    reduces = registry.RULES[rule].reduces
+    norms = sum(p.nbytes * ("param" in reduces) + g.nbytes * ("grad" in reduces) for p, g in zip(params, grads))
+    return sum(2 * p.nbytes + g.nbytes for p, g in zip(params, grads)) + 2 * kept + norms, kept
 
 
 def bytes_per_element(rule: str, dtype: torch.dtype) -> int:

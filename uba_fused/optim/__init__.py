@@ -1,7 +1,8 @@
 from .adagrad import Adagrad
 from .adam import AdaBelief, AdamW, Adan
+from .lars import LARS
 from .base import FusedOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "FusedOptimizer"]
+__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "FusedOptimizer"]

@@ -573,6 +573,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         clips = any(g.get("max_grad_norm", 0) for g in self.param_groups)
         if clips:
             self._check_clipping()
+        if registry.RULES[self.rule].reduces:
+            self._check_reductions()
         capture = backends.Capture() if backends.capturing(self._cuda_devices) else None
         if self._cuda_devices:
             backends.stream_of_step(self._cuda_devices, self._streams, capture)
@@ -590,8 +592,11 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if amp.found_inf is not None:
                     found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
                 amp = backends.Amp(amp.grad_scale, found)
-        for step in steps:
-            step.update(norm, amp)
+        sums = [None] * len(steps)
+        if registry.RULES[self.rule].reduces:  # per-tensor sums (LARS's norms), each over the shards of its tensor
+            sums = [self._across_shards(s.reduce()) for s in steps]
+        for step, mine in zip(steps, sums):
+            step.update(norm, amp, mine)
         if self._cache.fresh or self._cache.held is None:
             self._hold()
         if capture is not None:
@@ -689,6 +694,15 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"max_grad_norm > 0 with DTensor parameters sums each rank's share of the norm over the "
                              f"mesh, which needs every parameter placed alike: {layout}. Clip with "
                              f"torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
+
+    def _check_reductions(self) -> None:
+        """A rule that reads per-tensor norms (Rule.reduces) sums each tensor's shards over the mesh: with DTensor
+        parameters, every one placed alike, so that the dimensions to sum over are the same for every tensor."""
+        layout = self._clip_layout()
+        if isinstance(layout, str):
+            raise ValueError(f"uba_fused.{type(self).__name__} sums each tensor's norms over the shards of the mesh, "
+                             f"which needs every parameter placed alike: {layout}. Parameters on several meshes or "
+                             f"placements (tensor parallelism beside FSDP2) are not built for it yet")
 
     def _clip_layout(self) -> Any:
         """What clipping all-reduces over (``_shared_layout``): found once, by the first step that clips, and
@@ -935,7 +949,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         for n in made:  # a slot that starts elsewhere than 0 (Rule.initial: Adagrad's initial_accumulator_value)
             if initial.get(n, 0.0) != 0.0:
                 if state[n].dtype == torch.int8:
-                    blockwise.put(state, self.rule, n, torch.full_like(local(state[n]), initial[n], dtype=torch.float32))
+                    value = torch.full_like(local(state[n]), initial[n], dtype=torch.float32)
+                    blockwise.put(state, self.rule, n, value)
                 else:
                     state[n].fill_(initial[n])
         m = state.get(MASTER)
