@@ -9,7 +9,8 @@ from collections.abc import Iterable
 import torch
 
 from ..schedules import Schedule
-from .base import COMMON_ARGS, FusedOptimizer, check_lr, check_real, check_torch_flags
+from .base import COMMON_ARGS, FusedOptimizer, check_real, check_torch_flags
+from .sgd import SGD
 
 
 class LARS(FusedOptimizer):
@@ -60,18 +61,12 @@ class LARS(FusedOptimizer):
         super().__init__(params, defaults)
 
     def _check_hyper(self, group: dict) -> None:
-        check_lr(group["lr"])
-        check_real("momentum", group["momentum"])
-        check_real("dampening", group["dampening"], 0.0, 1.0)
-        check_real("weight_decay", group["weight_decay"])
+        SGD._check_hyper(self, group)  # lr, momentum, dampening, weight_decay, nesterov: as SGD's
         check_real("trust_coeff", group["trust_coeff"])
         check_real("eps", group["eps"])
-        for name in ("nesterov", "trust_clip", "always_adapt"):
+        for name in ("trust_clip", "always_adapt"):
             if not isinstance(group[name], bool):
                 raise TypeError(f"{name} must be a bool, got {group[name]!r}")
-        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-            raise ValueError(f"nesterov=True needs momentum > 0 and dampening = 0, got momentum={group['momentum']}, "
-                             f"dampening={group['dampening']}")
         if group.get("master_weights") in ("exact", "8bit"):
             raise ValueError(f"master_weights={group['master_weights']!r} is not built for uba_fused.LARS: its trust "
                              f"ratio takes the norm of the parameter as stored, which a master slot extends; use "
