@@ -31,7 +31,8 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
   partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
   squares  float64 [2, items] per program, for a rule that reads per-tensor sums (Rule.reduces): the sums of
-                             squares of its chunk of the parameter and of the gradient, added per row after
+                             squares of its chunk of the parameter and of the gradient (added per row by
+                             ``Plan.reduce``)
 
 A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec, its
 state's rounding) makes one launch per storage ("part"); only the last launch advances the group counters, so every
