@@ -116,7 +116,8 @@ def test_lars_norms_where_their_definition_matters_match_the_oracle(backend):
 @pytest.mark.parametrize("hyper", [dict(lr=0.5, momentum=0.9, weight_decay=0.01, trust_coeff=0.02),
                                    dict(lr=0.3, momentum=0.8, nesterov=True, always_adapt=True, trust_clip=True,
                                         trust_coeff=0.01),
-                                   dict(lr=0.2, weight_decay=0.05, trust_clip=True)], ids=["wd", "nesterov-larc", "plain"])
+                                   dict(lr=0.2, weight_decay=0.05, trust_clip=True)],
+                         ids=["wd", "nesterov-larc", "plain"])
 def test_lars_matches_timm_lars(hyper, backend):
     """timm's Lars, where timm is installed (not pinned: the GPU machine has it; here, 1.0.31 loaded by hand gave
     1.7e-7 relative after 20 steps on every backend)."""
