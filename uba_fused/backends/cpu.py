@@ -1,8 +1,8 @@
 """backend="cpu": torch's own fast CPU paths over the whole list; what "auto" takes for CPU parameters.
 
 AdamW, SGD and Adagrad run torch's fused CPU kernels (``torch._fused_adamw_``, ``torch._fused_sgd_``,
-``torch._fused_adagrad_``: torch.optim's own rules, the fastest it has on a CPU). AdaBelief, Lion, Adan and LARS run
-the list forms of backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step
+``torch._fused_adagrad_``: torch.optim's own rules, the fastest it has on a CPU), LARS its scaled gradients as lists
+then SGD's fused kernel. AdaBelief, Lion and Adan run the list forms of backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step
 on the host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
 updated in float32 by the foreach rules and rounded once on the way back, as the kernels do (torch's fused
 kernels compute in float32 themselves, but take one dtype for a parameter and its state: a 16-bit parameter
@@ -25,8 +25,8 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
-from .reference import (FOREACH, decode, decode_state, encode, encode_state, grad_scale, grad_sumsq, reduce_sums,
-                        skipped)
+from .reference import (FOREACH, decode, decode_state, encode, encode_state, grad_scale, grad_sumsq, lars_grads,
+                        reduce_sums, skipped)
 from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
 
 _LOW = (torch.bfloat16, torch.float16)
@@ -189,6 +189,8 @@ def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s
 
 def _compute(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float,
              c: dict, walkable: list[bool], norms: list | None) -> None:
+    if rule == "lars":  # its scaled gradients, then SGD's momentum and step in torch's fused kernel
+        g, rule, c = lars_grads(p, g, lr, c, norms), "sgd", {**c, "weight_decay": 0.0}
     if rule in _FUSED:
         p, g, s, done = _walked_as_memory(p, g, s, walkable)
         _fused(rule, part, p, g, s, steps, lr, c)
