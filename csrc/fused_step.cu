@@ -9,19 +9,18 @@
 namespace uf {
 namespace {
 
-// f(std::integral_constant<int, P>{}) for the part P of `storage`; f's result (value-initialized for an unknown id).
-template <typename F, int... P>
-auto in_part(int storage, F&& f, std::integer_sequence<int, P...>) {
-  decltype(f(std::integral_constant<int, 0>{})) out{};
-  if (storage >= 0 && storage < kNumStorages) {
-    ((storage % kStepParts == P ? (out = f(std::integral_constant<int, P>{}), true) : false) || ...);
-  }
+// f(std::integral_constant<int, P>{}) for the part P of `storage`; `unknown` for an id outside registry.py's STORAGES.
+template <typename R, typename F, int... P>
+R in_part(int storage, R unknown, F&& f, std::integer_sequence<int, P...>) {
+  if (storage < 0 || storage >= kNumStorages) return unknown;
+  R out = unknown;
+  ((storage % kStepParts == P ? (out = f(std::integral_constant<int, P>{}), true) : false) || ...);
   return out;
 }
 
-template <typename F>
-auto in_part(int storage, F&& f) {
-  return in_part(storage, f, std::make_integer_sequence<int, kStepParts>{});
+template <typename R, typename F>
+R in_part(int storage, R unknown, F&& f) {
+  return in_part(storage, unknown, f, std::make_integer_sequence<int, kStepParts>{});
 }
 
 }  // namespace
@@ -36,21 +35,21 @@ bool rule_layout(int rule, int* tensor_cols, int* group_cols, int* reduces) {
 }
 
 cudaError_t launch_fused_step(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream) {
-  if (storage < 0 || storage >= kNumStorages) return cudaErrorInvalidValue;
-  return in_part(storage, [&](auto p) { return launch_fused_step_part<p()>(args, rule, storage, stream); });
+  return in_part(storage, cudaErrorInvalidValue,
+                 [&](auto p) { return launch_fused_step_part<p()>(args, rule, storage, stream); });
 }
 
 bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage) {
-  return in_part(storage, [&](auto p) { return run_fused_step_on_host_part<p()>(args, rule, storage); });
+  return in_part(storage, false, [&](auto p) { return run_fused_step_on_host_part<p()>(args, rule, storage); });
 }
 
 cudaError_t launch_grad_sumsq(const FusedStepArgs& args, double* out, int rule, int storage, cudaStream_t stream) {
-  if (storage < 0 || storage >= kNumStorages) return cudaErrorInvalidValue;
-  return in_part(storage, [&](auto p) { return launch_grad_sumsq_part<p()>(args, out, rule, storage, stream); });
+  return in_part(storage, cudaErrorInvalidValue,
+                 [&](auto p) { return launch_grad_sumsq_part<p()>(args, out, rule, storage, stream); });
 }
 
 bool run_grad_sumsq_on_host(const FusedStepArgs& args, double* out, int rule, int storage) {
-  return in_part(storage, [&](auto p) { return run_grad_sumsq_on_host_part<p()>(args, out, rule, storage); });
+  return in_part(storage, false, [&](auto p) { return run_grad_sumsq_on_host_part<p()>(args, out, rule, storage); });
 }
 
 }  // namespace uf

@@ -2,15 +2,16 @@
 
 AdamW, SGD and Adagrad run torch's fused CPU kernels (``torch._fused_adamw_``, ``torch._fused_sgd_``,
 ``torch._fused_adagrad_``: torch.optim's own rules, the fastest it has on a CPU), LARS its scaled gradients as lists
-then SGD's fused kernel. AdaBelief, Lion and Adan run the list forms of backends/reference.py (``torch._foreach_*`` ops). The schedule is computed once per group and step
-on the host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are
-updated in float32 by the foreach rules and rounded once on the way back, as the kernels do (torch's fused
-kernels compute in float32 themselves, but take one dtype for a parameter and its state: a 16-bit parameter
-with float32 state goes to them as a float32 copy); float64 parameters in float64. A parameter with master weights
-or stochastic rounding (registry.CODECS) is computed from its float32 master and written back by its codec
-(backends/reference.py's decode and encode), so that its update is bit for bit the one of a float32 parameter.
-State kept narrower than its parameter (bfloat16 or 8-bit state of float32 parameters), or rounded stochastically, is
-updated in float32 copies and written back by its rounding (reference.decode_state and encode_state).
+then SGD's fused kernel. AdaBelief, Lion and Adan run the list forms of backends/reference.py (``torch._foreach_*``
+ops). The schedule is computed once per group and step on the host, from schedules.py: a CPU counter is read without
+a sync. Parameters stored in bfloat16 or float16 are updated in float32 by the foreach rules and rounded once on the
+way back, as the kernels do (torch's fused kernels compute in float32 themselves, but take one dtype for a parameter
+and its state: a 16-bit parameter with float32 state goes to them as a float32 copy); float64 parameters in float64.
+A parameter with master weights or stochastic rounding (registry.CODECS) is computed from its float32 master and
+written back by its codec (backends/reference.py's decode and encode), so that its update is bit for bit the one of
+a float32 parameter. State kept narrower than its parameter (bfloat16 or 8-bit state of float32 parameters), or
+rounded stochastically, is updated in float32 copies and written back by its rounding (reference.decode_state and
+encode_state).
 
 It reads the gradients from ``GroupWork.grads`` (the parameters that have one), as backend "torch".
 """
@@ -196,7 +197,7 @@ def _compute(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps
         _fused(rule, part, p, g, s, steps, lr, c)
         done()
     else:
-        FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c, *([] if norms is None else [norms]))
+        FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c)
 
 
 def _fused(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float, c: dict) -> None:

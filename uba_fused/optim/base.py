@@ -573,7 +573,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         clips = any(g.get("max_grad_norm", 0) for g in self.param_groups)
         if clips:
             self._check_clipping()
-        if registry.RULES[self.rule].reduces:
+        reduces = bool(registry.RULES[self.rule].reduces)
+        if reduces:
             self._check_reductions()
         capture = backends.Capture() if backends.capturing(self._cuda_devices) else None
         if self._cuda_devices:
@@ -593,7 +594,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
                 amp = backends.Amp(amp.grad_scale, found)
         sums = [None] * len(steps)
-        if registry.RULES[self.rule].reduces:  # per-tensor sums (LARS's norms), each over the shards of its tensor
+        if reduces:  # per-tensor sums (LARS's norms), each over the shards of its tensor
             sums = [self._across_shards(s.reduce()) for s in steps]
         for step, mine in zip(steps, sums):
             step.update(norm, amp, mine)
