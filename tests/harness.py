@@ -35,7 +35,8 @@ class Case:
         if not max_norm:
             return 1.0
         norm = np.sqrt(sum((f64(g) ** 2).sum() for g in grads if g is not None))
-        return min(1.0, max_norm / (norm + self.kwargs["eps"]))
+        eps = 0.0 if self.rule == "lamb" else self.kwargs["eps"]  # timm's Lamb clips by norm / max_grad_norm
+        return min(1.0, max_norm / (norm + eps))
 
 
 # Hyper-parameters far from the defaults where a default would hide a term: a large eps makes the eps
@@ -60,6 +61,10 @@ CASES = [
     # and the global clipping (eps: torch's clip_grad_norm_'s, which Case.grad_scale reads).
     Case("lars", uf.LARS, "lars", dict(lr=0.5, momentum=0.9, dampening=0.1, weight_decay=0.01, trust_coeff=0.02,
                                        trust_clip=True, eps=1e-6, max_grad_norm=2.0)),
+    # Per-tensor norms of the update's direction (a pre-pass that computes it), timm's clipping (at 0.5, below the
+    # harness's norms of 0.5-10), no grad averaging, and a large eps; the default bias correction.
+    Case("lamb", uf.LAMB, "lamb", dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, grad_averaging=False,
+                                       max_grad_norm=0.5)),
 ]
 CASE_IDS = [c.id for c in CASES]
 

@@ -118,10 +118,28 @@ def lars(p, g, state, k, lr, momentum, dampening, nesterov, weight_decay, trust_
     return p - lr * (g + momentum * buf if nesterov else buf), {"momentum_buffer": buf}
 
 
+def lamb(p, g, state, k, lr, bias_correction, betas, eps, weight_decay, grad_averaging, trust_clip, always_adapt, **_):
+    """LAMB (You et al. 2020, Algorithm 2 with phi the identity) as timm's Lamb computes it: Adam's bias-corrected
+    direction (m takes (1 - b1) g, or g without grad averaging) plus L2 decay, r; where the group decays or always
+    adapts, scaled by ||p|| / ||r|| (1 where a norm is 0), clipped at 1 with trust_clip."""
+    b1, b2 = betas
+    m = b1 * state["exp_avg"] + ((1 - b1) if grad_averaging else 1.0) * g
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+    bc1, bc2 = (1 - b1**k, 1 - b2**k) if bias_correction else (1.0, 1.0)
+    r = m / bc1 / (np.sqrt(v) / math.sqrt(bc2) + eps) + weight_decay * p
+    ratio = 1.0
+    if weight_decay != 0 or always_adapt:
+        w, rn = np.linalg.norm(p), np.linalg.norm(r)
+        ratio = w / rn if w > 0 and rn > 0 else 1.0
+        if trust_clip:
+            ratio = min(ratio, 1.0)
+    return p - lr * ratio * r, {"exp_avg": m, "exp_avg_sq": v}
+
+
 def initial(rule: str, name: str, hyper: dict) -> float:
     """State slot ``name``'s value before a parameter's first step."""
     return float(hyper["initial_accumulator_value"]) if rule == "adagrad" else 0.0
 
 
 RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan, "adagrad": adagrad,
-         "lars": lars}
+         "lars": lars, "lamb": lamb}

@@ -80,36 +80,47 @@ def test_max_grad_norm_is_clip_grad_norm_fused_into_the_step(name, backend):
     assert clipped == [True, True, False] * 3
 
 
+# The rules with per-tensor norms, with hyper-parameters that make every term of their ratio count.
+NORM_RULES = {"lars": (uf.LARS, oracle.lars, dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.05,
+                                                   trust_coeff=0.01, eps=1e-8, trust_clip=False, always_adapt=False)),
+              "lamb": (uf.LAMB, oracle.lamb, dict(bias_correction=True, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05,
+                                                   grad_averaging=True, trust_clip=False, always_adapt=False,
+                                                   max_grad_norm=None))}
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_lars_norms_where_their_definition_matters_match_the_oracle(backend):
-    """LARS's per-tensor norms: a zero parameter and a zero gradient (ratio 1 each), a tensor of three chunks and a
-    tail (its sums added over work items), 1-element and 0-size tensors, and a parameter without a gradient (left
-    as it is), on every backend against the float64 oracle, three steps."""
+@pytest.mark.parametrize("rule", NORM_RULES)
+def test_per_tensor_norms_where_their_definition_matters_match_the_oracle(rule, backend):
+    """LARS's and LAMB's per-tensor norms: a zero parameter (ratio 1), a zero gradient (LARS: ratio 1), a zero
+    parameter with a zero gradient (LAMB: a zero direction, ratio 1), a tensor of three chunks and a tail (its sums
+    added over work items), 1-element and 0-size tensors, and a parameter without a gradient (left as it is), on
+    every backend against the float64 oracle, three steps."""
     reason = uf.backends.availability("cpu")[backend]
     if reason is not None:
         pytest.skip(reason)
+    cls, rule_oracle, hyper = NORM_RULES[rule]
     gen = torch.Generator().manual_seed(21)
-    shapes = [(5,), (3 * 4096 + 5,), (1,), (0,), (7,), (4,)]
-    params = [torch.zeros(5)] + [torch.randn(s, generator=gen) for s in shapes[1:]]
+    shapes = [(5,), (3 * 4096 + 5,), (1,), (0,), (7,), (4,), (3,)]
+    params = [torch.zeros(5)] + [torch.randn(s, generator=gen) for s in shapes[1:-1]] + [torch.zeros(3)]
     params = [p.requires_grad_() for p in params]
-    hyper = dict(momentum=0.9, dampening=0.0, nesterov=False, weight_decay=0.05, trust_coeff=0.01, eps=1e-8,
-                 trust_clip=False, always_adapt=False)
-    opt = uf.LARS(params, lr=0.3, backend=backend, **hyper)
+    opt = cls(params, lr=0.3, backend=backend, **hyper)
     state = [{} for _ in params]
     for t in range(3):
         grads = [torch.randn(s, generator=gen) * 0.5 for s in shapes]
-        grads[4], grads[5] = torch.zeros(7), None
+        grads[4], grads[5], grads[6] = torch.zeros(7), None, torch.zeros(3)
         want = []
         for i, (p, g) in enumerate(zip(params, grads)):
             if g is None:
                 want.append(f64(p))
                 continue
-            exp_p, state[i] = oracle.lars(f64(p), f64(g), state[i], t + 1, 0.3, **hyper)
+            start = {"exp_avg": 0.0, "exp_avg_sq": 0.0, **state[i]}  # LAMB's moments start at 0
+            exp_p, state[i] = rule_oracle(f64(p), f64(g), start, t + 1, 0.3, **hyper)
             want.append(exp_p)
         set_grads(params, grads)
         opt.step()
         for i, (p, w) in enumerate(zip(params, want)):
             assert_scaled_close(p, w, 2e-6, f"{backend} step {t} param {i}")
+    assert not params[-1].any(), "a zero direction leaves its zero parameter at 0"
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -128,6 +139,32 @@ def test_lars_matches_timm_lars(hyper, backend):
     a, b = make_params(), make_params()
     ours, theirs = uf.LARS(a, backend=backend, **hyper), lars.Lars(b, **hyper)
     gen = torch.Generator().manual_seed(23)
+    for _ in range(10):
+        grads = random_grads(a, gen)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        ours.step()
+        theirs.step()
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert_scaled_close(p, f64(q), 1e-6, f"param {i}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("hyper", [dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-4, weight_decay=0.1),
+                                   dict(lr=1e-2, weight_decay=0.0, always_adapt=True, trust_clip=True,
+                                        grad_averaging=False, max_grad_norm=0.5),
+                                   dict(lr=1e-2, bias_correction=False, weight_decay=0.0, max_grad_norm=None)],
+                         ids=["wd-clipped", "lambc-no-averaging", "plain-uncorrected"])
+def test_lamb_matches_timm_lamb(hyper, backend):
+    """timm's Lamb (its default max_grad_norm=1.0 clips the harness's gradients), where timm is installed (not pinned;
+    here 1.0.31 loaded by hand)."""
+    lamb = pytest.importorskip("timm.optim.lamb")
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    a, b = make_params(), make_params()
+    ours, theirs = uf.LAMB(a, backend=backend, **hyper), lamb.Lamb(b, **hyper)
+    gen = torch.Generator().manual_seed(24)
     for _ in range(10):
         grads = random_grads(a, gen)
         set_grads(a, grads)

@@ -149,6 +149,18 @@ def _lars(group: Mapping) -> dict[str, float]:
             "trust_clip": float(bool(group["trust_clip"])), "adapt": float(adapt)}
 
 
+def _lamb(group: Mapping) -> dict[str, float]:
+    # timm's Lamb: without grad_averaging the gradient enters m whole (beta3 = 1); without bias_correction,
+    # log beta = -inf makes 1 - b^k = 1 in every backend
+    (b1, b2), corrected = (float(b) for b in group["betas"]), bool(group["bias_correction"])
+    adapt = float(group["weight_decay"]) != 0.0 or bool(group["always_adapt"])
+    return {"beta1": b1, "beta2": b2, "beta3": 1.0 - b1 if group["grad_averaging"] else 1.0,
+            "one_minus_beta2": 1.0 - b2, "log_beta1": _log(b1) if corrected else -math.inf,
+            "log_beta2": _log(b2) if corrected else -math.inf, "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"]), "trust_clip": float(bool(group["trust_clip"])),
+            "adapt": float(adapt)}
+
+
 def _adan(group: Mapping) -> dict[str, float]:
     return {**_betas(group, 3), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
             "no_prox": float(bool(group["no_prox"]))}
@@ -171,6 +183,10 @@ def _torch_clip_eps(group: Mapping) -> float:
 
 def _own_eps(group: Mapping) -> float:
     return float(group["eps"])
+
+
+def _no_clip_eps(group: Mapping) -> float:
+    return 0.0  # timm's Lamb divides by max(1, norm / max_grad_norm)
 
 
 @dataclass(frozen=True)
@@ -225,9 +241,15 @@ class Rule:
         the group's own eps."""
         return float(group.get("max_grad_norm", 0.0)), self.clip_eps(group)
 
+    @property
+    def prepass_loads(self) -> int:
+        """Tensors the per-tensor pre-pass loads per element: the parameter and the gradient, or (a rule that reduces
+        its "update") everything the update loads, whose direction it computes without storing it."""
+        return self.streams[0] if "update" in self.reduces else len(self.reduces)
+
     def bytes_per_element(self, itemsize: int) -> int:
         """Bytes a step moves per element of ``itemsize``: the update's streams and its pre-pass's reads."""
-        return (sum(self.streams) + len(self.reduces)) * itemsize
+        return (sum(self.streams) + self.prepass_loads) * itemsize
 
 
 RULES: dict[str, Rule] = {r.name: r for r in (
@@ -250,12 +272,21 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("lars", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay", "trust_coeff",
                                         "eps", "trust_clip", "adapt"), _lars, (3, 2), reduces=("param", "grad"),
          keeps_state=lambda group: group["momentum"] != 0),
+    # timm's Lamb: Adam's direction plus L2 decay, r = m / bc1 / (sqrt(v / bc2) + eps) + wd p, times the trust ratio
+    # ||p|| / ||r|| of the whole tensor. The pre-pass computes r to take its norm and stores nothing; the update
+    # computes it again, bit for bit, and applies it: 44 bytes per fp32 parameter (AdamW's 28, and p, g, m, v once
+    # more), where storing the moments in the pre-pass and reading them back would move 40 (state rounded to 16 or
+    # 8 bits would then differ between the norm and the step)
+    Rule("lamb", ("exp_avg", "exp_avg_sq"), ("beta1", "beta2", "beta3", "one_minus_beta2", "log_beta1", "log_beta2",
+                                             "eps", "weight_decay", "trust_clip", "adapt"), _lamb, (4, 3),
+         positive=("exp_avg_sq",), reduces=("param", "update"), clip_eps=_no_clip_eps),
 )}
 RULE_IDS = {name: i for i, name in enumerate(RULES)}
-# What a rule may reduce per tensor (Rule.reduces), in the order of the pre-pass's columns: the sum of squares of the
-# parameter as stored, and of the gradient as backward left it (the update scales its norm by the gradient's factor).
-REDUCIBLE = ("param", "grad")
-assert all(r.reduces == REDUCIBLE[:len(r.reduces)] for r in RULES.values()), "reductions come in REDUCIBLE's order"
+# What a rule may reduce per tensor (Rule.reduces): the sum of squares of the parameter (as its codec reads it), then of
+# the gradient as backward left it (the update scales its norm by the gradient's factor) or of the update's direction
+# (computed by the pre-pass from the gradient as applied and the state, which it does not store).
+REDUCIBLE = (("param", "grad"), ("param", "update"))
+assert all(not r.reduces or r.reduces in REDUCIBLE for r in RULES.values()), "reductions are one of REDUCIBLE"
 MAX_STATES = max(len(r.states) for r in RULES.values())
 
 

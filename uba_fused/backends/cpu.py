@@ -26,7 +26,7 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
-from .reference import (FOREACH, decode, decode_state, encode, encode_state, grad_scale, grad_sumsq, lars_grads,
+from .reference import (FOREACH, READS_NORMS, decode, decode_state, encode, encode_state, grad_scale, grad_sumsq, lars_grads,
                         reduce_sums, skipped)
 from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
 
@@ -41,7 +41,7 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
         off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
     return Step(lambda norm, amp, sums: _run(rule, work, cache.host, norm, amp, sums), lambda: grad_sumsq(work),
-                lambda: reduce_sums(work))
+                lambda norm, amp: reduce_sums(rule, work, norm, amp))
 
 
 @dataclass
@@ -64,8 +64,10 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | 
     for w in work:
         scale = grad_scale(rule, w, norm, amp)
         scale = 1.0 if scale is None else float(scale)  # CPU values: no sync
-        # a rule that reads per-tensor norms (Rule.reduces): (||p||, ||g|| as applied) per parameter, host floats
-        norms = None if sums is None else [(math.sqrt(a), math.sqrt(b) * scale)
+        # a rule that reads per-tensor norms (Rule.reduces): (||p||, ||g|| as applied or ||r||) per parameter, host
+        # floats
+        by = scale if spec.reduces and spec.reduces[1] == "grad" else 1.0
+        norms = None if sums is None else [(math.sqrt(a), math.sqrt(b) * by)
                                            for a, b in sums[first:first + len(w.params)].tolist()]
         first += len(w.params)
         skip = skipped(amp, w.schedule_step.device)
@@ -197,7 +199,7 @@ def _compute(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps
         _fused(rule, part, p, g, s, steps, lr, c)
         done()
     else:
-        FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c)
+        FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c, *([norms] if rule in READS_NORMS else []))
 
 
 def _fused(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float, c: dict) -> None:

@@ -125,18 +125,56 @@ def _lars(p, g, s, step, lr, c, norms):
     _sgd(p, g, s, step, lr, {**c, "weight_decay": 0.0})
 
 
+def _lamb_direction(p, g, s, step, c):
+    """timm's Lamb's direction: Adam's moments (m takes beta3 g: 1 - beta1, or 1 without grad averaging), bias
+    corrected (1 - exp(k log beta): log beta is -inf without bias correction), plus L2 decay. The moments are updated
+    in s; r is a new tensor."""
+    m, v = s["exp_avg"], s["exp_avg_sq"]
+    m.mul_(c["beta1"]).add_(g, alpha=c["beta3"])
+    v.mul_(c["beta2"]).addcmul_(g, g, value=c["one_minus_beta2"])
+    bc1, bc2 = 1.0 - torch.exp(step * c["log_beta1"]), 1.0 - torch.exp(step * c["log_beta2"])
+    denom = v.sqrt().div_(bc2.sqrt()).add_(c["eps"])
+    return (m / denom * (1.0 / bc1)).add_(p, alpha=c["weight_decay"])
+
+
+def _lamb(p, g, s, step, lr, c, norms):
+    # timm's Lamb: the direction times the trust ratio ||p|| / ||r|| (1 where either is 0), clipped at 1 with
+    # trust_clip (LAMBC), where the group decays or always adapts; norms = (||p||, ||r||) of the whole tensor.
+    r = _lamb_direction(p, g, s, step, c)
+    w, rn = norms
+    ratio = torch.where((w > 0) & (rn > 0), w / rn, 1.0)
+    if c["trust_clip"]:
+        ratio = torch.clamp(ratio, max=1.0)
+    p.sub_(r * (lr * (ratio if c["adapt"] else 1.0)))
+
+
 UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan, "adagrad": _adagrad,
-           "lars": _lars}
+           "lars": _lars, "lamb": _lamb}
+DIRECTIONS = {"lamb": _lamb_direction}  # the rules whose pre-pass reduces their update's direction ("update")
 
 
-def reduce_sums(work: Sequence[GroupWork]) -> torch.Tensor:
+def reduce_sums(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
     """The per-tensor pre-pass (Rule.reduces): float64 [n, 2], per parameter of the groups in their order, the sums
-    of squares of the parameter and of its gradient (as backward left it)."""
+    of squares of the parameter (as its codec reads it) and of its gradient (as backward left it) or of its update's
+    direction (computed from copies of the state, from the gradient as the update applies it: clipped and unscaled
+    by ``norm`` and ``amp``)."""
     ps = [p for w in work for p in w.params]
     if not ps:
         return torch.zeros((0, 2), dtype=torch.float64, device=work[0].schedule_step.device)
-    gs = [g for w in work for g in w.grads]
-    return torch.stack([torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)) for ts in (ps, gs)], 1).square()
+    if RULES[rule].reduces[1] == "grad":
+        gs = [g for w in work for g in w.grads]
+        return torch.stack([torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)) for ts in (ps, gs)],
+                           1).square()
+    rows = []
+    for w in work:
+        scale, c = grad_scale(rule, w, norm, amp), RULES[rule].constants(w.hyper)
+        for i, (p, g) in enumerate(zip(w.params, w.grads)):
+            x = decode(p, w.masters[i], codec_of(w.hyper, p))
+            g32 = _compute(g) if scale is None else _compute(g) * scale.to(g.device)
+            s32 = {n: decode_state(ts[i], w.scales[i], rule, n).clone() for n, ts in w.state.items()}
+            r = DIRECTIONS[rule](x, g32, s32, (w.steps[i] + 1.0).to(torch.float64), c)
+            rows.append(torch.stack([x.double().square().sum(), r.double().square().sum()]))
+    return torch.stack(rows)
 
 
 def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:
@@ -225,7 +263,7 @@ def encode_state(x: torch.Tensor, rule: str, name: str, dtype: torch.dtype, how:
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
     return Step(lambda norm, amp, sums: _run(rule, work, norm, amp, sums), lambda: grad_sumsq(work),  # w.grads
-                lambda: reduce_sums(work))
+                lambda norm, amp: reduce_sums(rule, work, norm, amp))
 
 
 def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None,
@@ -260,8 +298,10 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
         k = step_t + 1.0
         if sums is None:
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
-        else:  # the norms of the parameter and of the gradient as applied (scaled, as g32)
-            gn = sums[i, 1].sqrt() if scale is None else sums[i, 1].sqrt() * scale.to(sums.device)
+        else:  # the norms of the parameter and of the gradient as applied (scaled, as g32), or of the direction
+            gn = sums[i, 1].sqrt()
+            if scale is not None and RULES[rule].reduces[1] == "grad":
+                gn = gn * scale.to(sums.device)
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, (sums[i, 0].sqrt(), gn))
         seed = int(w.hyper.get("seed", 0))
         new_p, new_master = encode(x, codec, p.dtype, seed, w.slots[i], w.schedule_step)
@@ -337,6 +377,27 @@ def _trust_ratio_host(w: float, gn: float, lr: float, c: dict) -> float:
     return ratio
 
 
+def _lamb_foreach(p, g, s, ks, lr, c, norms):
+    m, v = s["exp_avg"], s["exp_avg_sq"]
+    torch._foreach_mul_(m, c["beta1"])
+    torch._foreach_add_(m, g, alpha=c["beta3"])
+    torch._foreach_mul_(v, c["beta2"])
+    torch._foreach_addcmul_(v, g, g, value=c["one_minus_beta2"])
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_div_(denom, [math.sqrt(1.0 - math.exp(k * c["log_beta2"])) for k in ks])
+    torch._foreach_add_(denom, c["eps"])
+    r = torch._foreach_div(m, denom)
+    torch._foreach_mul_(r, [1.0 / (1.0 - math.exp(k * c["log_beta1"])) for k in ks])
+    if c["weight_decay"] != 0.0:
+        torch._foreach_add_(r, p, alpha=c["weight_decay"])
+    ratios = [1.0] * len(p)
+    if c["adapt"]:  # _lamb's ratio from host norms (CPU parameters)
+        ratios = [w / rn if w > 0 and rn > 0 else 1.0 for w, rn in norms]
+        ratios = [min(x, 1.0) for x in ratios] if c["trust_clip"] else ratios
+    torch._foreach_mul_(r, [-lr * x for x in ratios])
+    torch._foreach_add_(p, r)
+
+
 def lars_grads(p, g, lr, c, norms):
     """LARS's gradients over lists (backend "cpu"), (g + wd p) times each tensor's trust ratio, new tensors: the rest of
     the rule is SGD's with momentum, which torch's fused CPU kernel runs. The ratios are computed on the host (CPU
@@ -350,4 +411,5 @@ def lars_grads(p, g, lr, c, norms):
     return g
 
 
-FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach}
+FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach, "lamb": _lamb_foreach}
+READS_NORMS = ("lamb",)  # the list forms that take each tensor's (||p||, ||r||)

@@ -74,9 +74,10 @@ class Step:
                                             # gradient norm (or None), GradScaler's hand-over (or None) and what
                                             # ``reduce`` returned, summed over shards (or None)
     grad_sumsq: Callable[[], torch.Tensor]  # the pre-pass: the sum of squares of the groups' gradients
-    reduce: Callable[[], torch.Tensor]      # the per-tensor pre-pass of a rule with Rule.reduces: float64 [rows, 2],
-                                            # the sums of squares of each tensor and of its gradient, in an order of
-                                            # the backend's own (its update reads them back)
+    reduce: Callable[[torch.Tensor | None, Amp | None], torch.Tensor]  # the per-tensor pre-pass of a rule with
+                                            # Rule.reduces, given what the update is given first: float64 [rows, 2],
+                                            # the sums of squares of each tensor and of its gradient or its update's
+                                            # direction, in an order of the backend's own (its update reads them back)
 
 
 @dataclass

@@ -1,8 +1,9 @@
 from .adagrad import Adagrad
 from .adam import AdaBelief, AdamW, Adan
+from .lamb import LAMB
 from .lars import LARS
 from .base import FusedOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "FusedOptimizer"]
+__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "FusedOptimizer"]

@@ -594,8 +594,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
                 amp = backends.Amp(amp.grad_scale, found)
         sums = [None] * len(steps)
-        if reduces:  # per-tensor sums (LARS's norms), each over the shards of its tensor
-            sums = [self._across_shards(s.reduce()) for s in steps]
+        if reduces:  # per-tensor sums (LARS's and LAMB's norms), each over the shards of its tensor
+            sums = [self._across_shards(s.reduce(norm, amp)) for s in steps]
         for step, mine in zip(steps, sums):
             step.update(norm, amp, mine)
         if self._cache.fresh or self._cache.held is None:
