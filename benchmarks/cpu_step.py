@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [RULE ...]
 
-RULE: adamw sgd lion adabelief adan adagrad (default: all).
+RULE: adamw sgd lion adabelief adan adagrad lamb (default: all).
 
 The two optimizers of a pair update the same parameter list, in alternating blocks of ``--block`` steps
 (which one goes first alternates too), so a noisy neighbour on a shared VM slows both alike. Each step gets
@@ -12,7 +12,8 @@ training loop). Median over every timed step.
 
 The baselines are those of issue #13: torch's ``fused=True`` for AdamW, SGD (momentum 0.9) and Adagrad, an obvious
 ``torch._foreach_*`` implementation for Lion and AdaBelief (``ObviousForeach`` in uba_fused/bench), and for
-Adan, which torch lacks, uba_fused's own readable backend "torch". Ours runs a UBA schedule, as in the
+Adan and LAMB, which torch lacks, uba_fused's own readable backend "torch" (for LAMB, timm's foreach Lamb where timm
+imports). Ours runs a UBA schedule, as in the
 throughput benchmark; the baselines have none.
 """
 
@@ -33,7 +34,13 @@ BASELINES = {
     "adabelief": ("foreach AdaBelief (obvious)", lambda ps: ObviousForeach(ps, "adabelief", **HYPER["adabelief"])),
     "adan": ("uba_fused.Adan [torch]", lambda ps: uf.Adan(ps, **HYPER["adan"], backend="torch")),
     "adagrad": ("torch Adagrad fused", lambda ps: torch.optim.Adagrad(ps, **HYPER["adagrad"], fused=True)),
+    "lamb": ("uba_fused.LAMB [torch]", lambda ps: uf.LAMB(ps, **HYPER["lamb"], backend="torch")),
 }
+try:
+    from timm.optim import Lamb  # optional
+    BASELINES["lamb"] = ("timm Lamb foreach", lambda ps: Lamb(ps, **HYPER["lamb"]))
+except ImportError:
+    pass
 
 
 def main() -> None:

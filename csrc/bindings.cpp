@@ -148,6 +148,41 @@ void grad_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
   TORCH_CHECK(err == cudaSuccess, "uba_fused: grad_sumsq_kernel failed: ", cudaGetErrorString(err));
 }
 
+// The direction pre-pass of a rule that reduces its update's direction (launch.h: launch_direction_sumsq) over the
+// tables of one plan part: into `squares` (float64 [2, >= items], rows contiguous), each work item's sums of squares
+// of its chunk of the parameter and of the direction, from the gradient as the update applies it (`norm`,
+// `grad_scale` and `found_inf` as fused_step reads them). It writes nothing else.
+void direction_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads,
+                     const at::Tensor& groups, const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm,
+                     const at::Tensor& grad_scale, const at::Tensor& found_inf, const at::Tensor& squares,
+                     int64_t n_groups, int64_t rule, int64_t storage) {
+  uf::FusedStepArgs args = checked_args(work, tensors, grads, groups, gaddr, done, n_groups, false, rule, storage);
+  const char* what = "uba_fused._C.direction_sumsq: ";
+  check_buffer(norm, what, "norm", at::kDouble, 1, work.device());
+  check_buffer(grad_scale, what, "grad_scale", at::kFloat, 1, work.device());
+  check_buffer(found_inf, what, "found_inf", at::kFloat, 1, work.device());
+  TORCH_CHECK(squares.defined() && squares.device() == work.device() && squares.scalar_type() == at::kDouble &&
+                  squares.dim() == 2 && squares.size(0) == 2 && squares.size(1) >= work.size(0) &&
+                  squares.stride(1) == 1,
+              what, "squares must be a float64 [2, >= ", work.size(0), "] tensor with contiguous rows on ",
+              work.device());
+  args.norm = norm.data_ptr<double>();
+  args.grad_scale = grad_scale.data_ptr<float>();
+  args.found_inf = found_inf.data_ptr<float>();
+  args.squares = squares.data_ptr<double>();
+  args.squares_stride = squares.stride(0);
+  if (work.device().is_cpu()) {
+    TORCH_CHECK(uf::run_direction_sumsq_on_host(args, static_cast<int>(rule), static_cast<int>(storage)),
+                "uba_fused: direction_sumsq on the host: unknown storage, or rule ", rule, " has no direction");
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(work.device());
+  cudaError_t err = uf::launch_direction_sumsq(args, static_cast<int>(rule), static_cast<int>(storage),
+                                               c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "uba_fused: direction_sumsq_kernel failed (or rule ", rule, " has no direction): ",
+              cudaGetErrorString(err));
+}
+
 // Where each parameter's gradient lives, for backends/plan.py's GradScan: one pass over every parameter,
 // done here so that no Python loop visits them. scan() answers kUnchanged when every parameter has a
 // dense gradient with the parameter's own sizes, strides, dtype and device at the recorded address (the
@@ -319,6 +354,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("grad_sumsq", &grad_sumsq, "the pre-pass: each work item's sum of squares of its chunk of a gradient",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
         py::arg("out"), py::arg("n_groups"), py::arg("rule"), py::arg("storage"), py::arg("of_param") = false);
+  m.def("direction_sumsq", &direction_sumsq,
+        "the direction pre-pass: each work item's sums of squares of its chunk of the parameter and of its update",
+        py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
+        py::arg("norm"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("squares"), py::arg("n_groups"),
+        py::arg("rule"), py::arg("storage"));
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",

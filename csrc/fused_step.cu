@@ -52,4 +52,13 @@ bool run_grad_sumsq_on_host(const FusedStepArgs& args, double* out, int rule, in
   return in_part(storage, false, [&](auto p) { return run_grad_sumsq_on_host_part<p()>(args, out, rule, storage); });
 }
 
+cudaError_t launch_direction_sumsq(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream) {
+  return in_part(storage, cudaErrorInvalidValue,
+                 [&](auto p) { return launch_direction_sumsq_part<p()>(args, rule, storage, stream); });
+}
+
+bool run_direction_sumsq_on_host(const FusedStepArgs& args, int rule, int storage) {
+  return in_part(storage, false, [&](auto p) { return run_direction_sumsq_on_host_part<p()>(args, rule, storage); });
+}
+
 }  // namespace uf

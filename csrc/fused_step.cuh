@@ -413,8 +413,10 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.has_state = grow[kHasState] != 0.0;
   it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
   const float lr = group_lr(grow, static_cast<float>(*counter));
-  if constexpr (R::Cols::kReduces > 0) {  // the tensor's per-tensor sums (the pre-pass's, summed over shards)
-    it.c = R::scalars(grow, lr, it.k, args.reduced + R::Cols::kReduces * it.slot, it.gscale);
+  if constexpr (R::Cols::kReduces > 0) {  // the tensor's per-tensor sums (the pre-pass's, summed over shards; none
+                                          // in the direction pre-pass)
+    it.c = R::scalars(grow, lr, it.k, args.reduced ? args.reduced + R::Cols::kReduces * it.slot : nullptr,
+                      it.gscale);
   } else {
     it.c = R::scalars(grow, lr, it.k);
   }
@@ -689,6 +691,64 @@ UF_HD double chunk_sumsq(const FusedStepArgs& args, int64_t item, int lane) {
   return acc;
 }
 
+// Whether rule R computes its update's direction apart (R::direction): the rules whose pre-pass reduces it.
+template <class R, class = void>
+struct HasDirection : std::false_type {};
+template <class R>
+struct HasDirection<R, std::void_t<decltype(&R::direction)>> : std::true_type {};
+
+// Element i of state slot j of an item, as the update reads it (8-bit: decoded with its block's scale).
+template <class R, class I>
+UF_HD float load_state(const I& it, int j, int64_t i) {
+  using TS = std::remove_pointer_t<std::remove_reference_t<decltype(it.s[0])>>;
+  if constexpr (std::is_same_v<TS, int8_t>) {
+    return decode8(it.s[j][i], it.absmax[j * it.n_blocks + i / kQBlock], (R::Cols::kPositive >> j) & 1);
+  } else {
+    return Io<TS>::load(it.s[j], i);
+  }
+}
+
+template <class R>
+UF_HD void add_direction(float p, float g, float (&s)[R::Cols::kStates], const typename R::Scalars& c, double& pp,
+                         double& rr) {
+  const double r = R::direction(p, g, s, c);
+  pp += static_cast<double>(p) * p;
+  rr += r * r;
+}
+
+// The direction pre-pass (launch.h): lane `lane` of LANES's sums of squares of the parameter and of the direction
+// over its elements of an item, from the loads of update_elements (per element for 8-bit state), storing nothing.
+template <typename T, typename TS, int C, bool SR, class R, int LANES>
+UF_HD void direction_sumsq(const Item<T, TS, C, SR, R>& it, int lane, double& pp, double& rr) {
+  using I = Item<T, TS, C, SR, R>;
+  constexpr int S = I::S;
+  if constexpr (!std::is_same_v<TS, int8_t>) {
+    if (it.vector) {
+      constexpr int N = kVec<T> > kVec<TS> ? kVec<T> : kVec<TS>;
+      const int64_t v0 = it.start / N;
+#pragma unroll
+      for (int i = lane; i < kChunk / N; i += LANES) {
+        float pf[N], gf[N], sf[S][N];
+        I::P::load(it.p, it.m, v0 + i, pf);
+        Io<T>::load(it.g, v0 + i, gf);
+        for (int j = 0; j < S; ++j) Io<TS>::load(it.s[j], v0 + i, sf[j]);
+#pragma unroll
+        for (int e = 0; e < N; ++e) {
+          float s[S];
+          for (int j = 0; j < S; ++j) s[j] = sf[j][e];
+          add_direction<R>(pf[e], gf[e] * it.gscale, s, it.c, pp, rr);
+        }
+      }
+      return;
+    }
+  }
+  for (int64_t i = it.start + lane; i < it.end; i += LANES) {
+    float s[S];
+    for (int j = 0; j < S; ++j) s[j] = load_state<R>(it, j, i);
+    add_direction<R>(I::P::load(it.p, it.m, i), Io<T>::load(it.g, i) * it.gscale, s, it.c, pp, rr);
+  }
+}
+
 // sums[0] = the sum of sums[0..kThreads), added as a fixed tree: the same result every run, on either side.
 // On the device each thread adds its pair (`lane`), with a barrier between levels; on the host one call adds all.
 template <bool kDevice>
@@ -712,6 +772,23 @@ __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(FusedStepArgs args
   __syncthreads();
   tree_sum<true>(sums, threadIdx.x);
   if (threadIdx.x == 0) out[blockIdx.x] = sums[0];
+}
+
+template <typename T, typename TS, int C, bool SR, class R>
+__global__ void __launch_bounds__(kThreads) direction_sumsq_kernel(FusedStepArgs args) {
+  __shared__ double sums[2][kThreads];
+  const Item<T, TS, C, SR, R> it = open_item<T, TS, C, SR, R>(args, blockIdx.x);
+  double pp = 0.0, rr = 0.0;
+  direction_sumsq<T, TS, C, SR, R, kThreads>(it, threadIdx.x, pp, rr);
+  sums[0][threadIdx.x] = pp;
+  sums[1][threadIdx.x] = rr;
+  __syncthreads();
+  tree_sum<true>(sums[0], threadIdx.x);
+  tree_sum<true>(sums[1], threadIdx.x);
+  if (threadIdx.x == 0) {
+    args.squares[blockIdx.x] = sums[0][0];
+    args.squares[args.squares_stride + blockIdx.x] = sums[1][0];
+  }
 }
 
 template <int D> struct Type;  // the C++ type of a registry DType
@@ -791,6 +868,48 @@ bool run_grad_sumsq_on_host_part(const FusedStepArgs& args, double* out, int rul
   });
 }
 
+template <int Part>
+cudaError_t launch_direction_sumsq_part(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream) {
+  bool ran = false;
+  with_types<Part>(rule, storage, [&](auto types, auto r) {
+    using D = decltype(types);
+    if constexpr (HasDirection<decltype(r)>::value) {
+      if (args.n_items > 0) {
+        direction_sumsq_kernel<typename D::param, typename D::state, D::codec, D::stochastic_state, decltype(r)>
+            <<<static_cast<unsigned>(args.n_items), kThreads, 0, stream>>>(args);
+      }
+      ran = true;
+    }
+  });
+  return ran ? cudaGetLastError() : cudaErrorInvalidValue;
+}
+
+template <int Part>
+bool run_direction_sumsq_on_host_part(const FusedStepArgs& args, int rule, int storage) {
+  bool ran = false;
+  with_types<Part>(rule, storage, [&](auto types, auto r) {
+    using D = decltype(types);
+    using R = decltype(r);
+    if constexpr (HasDirection<R>::value) {
+      double pp[kThreads], rr[kThreads];  // the device's lanes and trees, one after another: its additions
+      for (int64_t item = 0; item < args.n_items; ++item) {
+        const auto it = open_item<typename D::param, typename D::state, D::codec, D::stochastic_state, R>(args, item);
+        for (int lane = 0; lane < kThreads; ++lane) {
+          pp[lane] = rr[lane] = 0.0;
+          direction_sumsq<typename D::param, typename D::state, D::codec, D::stochastic_state, R, kThreads>(
+              it, lane, pp[lane], rr[lane]);
+        }
+        tree_sum<false>(pp, 0);
+        tree_sum<false>(rr, 0);
+        args.squares[item] = pp[0];
+        args.squares[args.squares_stride + item] = rr[0];
+      }
+      ran = true;
+    }
+  });
+  return ran;
+}
+
 }  // namespace uf
 
 // The explicit instantiations of part P's launchers: the whole of fused_step_part<P>.cu.
@@ -800,4 +919,6 @@ bool run_grad_sumsq_on_host_part(const FusedStepArgs& args, double* out, int rul
   template bool run_fused_step_on_host_part<P>(const FusedStepArgs&, int, int);                                  \
   template cudaError_t launch_grad_sumsq_part<P>(const FusedStepArgs&, double*, int, int, cudaStream_t);         \
   template bool run_grad_sumsq_on_host_part<P>(const FusedStepArgs&, double*, int, int);                         \
+  template cudaError_t launch_direction_sumsq_part<P>(const FusedStepArgs&, int, int, cudaStream_t);             \
+  template bool run_direction_sumsq_on_host_part<P>(const FusedStepArgs&, int, int);                             \
   }

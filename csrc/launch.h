@@ -28,6 +28,8 @@ struct FusedStepArgs {
   int64_t n_items;
   int n_rows, n_groups, advance;
   int of_param;            // the pre-pass reads the parameters, not the gradients
+  double* squares;         // the direction pre-pass's output: [2, squares_stride >= n_items]
+  int64_t squares_stride;
 };
 
 // The kernels of fused_step.cuh compile in this many translation units (fused_step_part<P>.cu, storages whose id %
@@ -53,7 +55,14 @@ bool run_fused_step_on_host(const FusedStepArgs& args, int rule, int storage);
 cudaError_t launch_grad_sumsq(const FusedStepArgs& args, double* out, int rule, int storage, cudaStream_t stream);
 bool run_grad_sumsq_on_host(const FusedStepArgs& args, double* out, int rule, int storage);
 
-// The same, for the storages of part Part only (fused_step_part<Part>.cu); the four above dispatch to them.
+// The pre-pass of a rule that reduces its update's direction (Rule.reduces ("param", "update"): a functor with
+// direction()): squares[item] and squares[squares_stride + item] = the sums of squares, in float64, of work item
+// `item`'s chunk of the parameter (as its codec reads it) and of the direction its update would apply, which it
+// computes from the gradient as applied and copies of the state, writing nothing else. cudaErrorInvalidValue / false
+// for an unknown storage or a rule without a direction.
+cudaError_t launch_direction_sumsq(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream);
+bool run_direction_sumsq_on_host(const FusedStepArgs& args, int rule, int storage);
+// The same, for the storages of part Part only (fused_step_part<Part>.cu); the six above dispatch to them.
 template <int Part>
 cudaError_t launch_fused_step_part(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream);
 template <int Part>
@@ -62,5 +71,9 @@ template <int Part>
 cudaError_t launch_grad_sumsq_part(const FusedStepArgs& args, double* out, int rule, int storage, cudaStream_t stream);
 template <int Part>
 bool run_grad_sumsq_on_host_part(const FusedStepArgs& args, double* out, int rule, int storage);
+template <int Part>
+cudaError_t launch_direction_sumsq_part(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream);
+template <int Part>
+bool run_direction_sumsq_on_host_part(const FusedStepArgs& args, int rule, int storage);
 
 }  // namespace uf

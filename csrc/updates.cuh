@@ -177,6 +177,37 @@ struct Lars {
   }
 };
 
+// timm's Lamb: Adam's direction, bias corrected, plus L2 decay (direction(), which the pre-pass also calls, on copies
+// of the state), times lr and the tensor's trust ratio ||p|| / ||r|| from its sums of squares `red` (the pre-pass's,
+// summed over shards), in float64 (reference.py: _lamb). `red` is null in the pre-pass, which applies nothing.
+struct Lamb {
+  using Cols = lamb;
+  struct Scalars {
+    float b1, b3, b2, omb2, eps, wd, inv_bc1, sqrt_bc2;
+    float step;  // lr times the trust ratio
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k, const double* red, float) {
+    double step = lr;
+    if (red != nullptr && row[Cols::kAdapt] != 0.0) {
+      const double w = sqrt(red[0]), rn = sqrt(red[1]);
+      double ratio = w > 0.0 && rn > 0.0 ? w / rn : 1.0;
+      if (row[Cols::kTrustClip] != 0.0) ratio = fmin(ratio, 1.0);
+      step *= ratio;
+    }
+    return {f32(row[Cols::kBeta1]), f32(row[Cols::kBeta3]), f32(row[Cols::kBeta2]), f32(row[Cols::kOneMinusBeta2]),
+            f32(row[Cols::kEps]), f32(row[Cols::kWeightDecay]), f32(1.0 / bias_correction(row, Cols::kLogBeta1, k)),
+            f32(sqrt(bias_correction(row, Cols::kLogBeta2, k))), f32(step)};
+  }
+  static UF_HD float direction(float p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    s[0] = s[0] * c.b1 + g * c.b3;
+    s[1] = s[1] * c.b2 + g * g * c.omb2;
+    return s[0] / (sqrtf(s[1]) / c.sqrt_bc2 + c.eps) * c.inv_bc1 + c.wd * p;
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    p = p - direction(p, g, s, c) * c.step;
+  }
+};
+
 // f(Rule{}) for a rule id; false when the id is unknown. The one place a new rule is listed in C++.
 template <typename F>
 bool with_rule(int id, F&& f) {
@@ -188,6 +219,7 @@ bool with_rule(int id, F&& f) {
     case Adan::Cols::kId: f(Adan{}); return true;
     case Adagrad::Cols::kId: f(Adagrad{}); return true;
     case Lars::Cols::kId: f(Lars{}); return true;
+    case Lamb::Cols::kId: f(Lamb{}); return true;
     default: return false;
   }
 }

@@ -62,12 +62,16 @@ CASES = {
     # tensor, or a rank would scale its rows by the ratio of its own shard
     "lars": lambda params, backend: uf.LARS(params, lr=0.5, momentum=0.9, weight_decay=0.01, trust_coeff=0.02,
                                             schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
+    # per-tensor norms of the update's direction (LAMB's), with timm's global clipping at 1.0 (its default): both
+    # sums cross shards
+    "lamb": lambda params, backend: uf.LAMB(params, lr=2e-2, betas=(0.8, 0.95), weight_decay=0.05,
+                                            schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
 }
 WIDTHS = {"adamw-8bit": (256, 17, 1)}  # the layers' widths of a case's model: (6, 5, 3, 1) where not listed
 # The backends each case runs on. 8-bit state on Triton's interpreter took the three runs from about 100 to 200 s;
-# what DTensors change (the state's placements, the scales' rows; LARS's sums over shards) is the same Python for
+# what DTensors change (the state's placements, the scales' rows; LARS's and LAMB's sums over shards) is the same Python for
 # every backend.
-BACKENDS = {case: ("torch", "cuda") if case in ("adamw-8bit", "lars") else ("torch", "triton", "cuda")
+BACKENDS = {case: ("torch", "cuda") if case in ("adamw-8bit", "lars", "lamb") else ("torch", "triton", "cuda")
             for case in CASES}
 
 

@@ -61,6 +61,9 @@ def _trained(cls=uf.AdamW, **kw):
     (uf.LARS, dict(trust_coeff=-0.001), "trust_coeff must be finite and in"),
     (uf.LARS, dict(nesterov=True, momentum=0.9, dampening=0.1), "nesterov=True needs"),
     (uf.LARS, dict(master_weights="exact"), "master_weights='exact' is not built for uba_fused.LARS"),
+    (uf.LAMB, dict(betas=(0.9, 1.0)), r"betas\[1\]"),
+    (uf.LAMB, dict(eps=-1e-6), "eps must be finite and in"),
+    (uf.LAMB, dict(max_grad_norm=-1.0), "max_grad_norm must be finite and in"),
     (uf.AdamW, dict(backend="cudnn"), "backend must be one of"),
     (uf.Adan, dict(max_grad_norm=-1.0), "max_grad_norm must be finite and in"),
     (uf.Adan, dict(max_grad_norm=math.inf), "max_grad_norm must be finite and in"),
@@ -99,6 +102,8 @@ def test_wrong_types_raise(kwargs):
     (uf.AdaBelief, dict(fused=False), ValueError, "fused=False asks for an unfused step; .*backend='torch'"),
     (uf.AdamW, dict(foreach="yes"), TypeError, "foreach must be a bool, got str"),
     (uf.SGD, dict(capturable=1), TypeError, "capturable must be a bool"),
+    (uf.LAMB, dict(trust_clip=1), TypeError, "trust_clip must be a bool, got 1"),
+    (uf.LAMB, dict(bias_correction="no"), TypeError, "bias_correction must be a bool"),
 ])
 def test_torch_flags_are_taken_or_refused_with_the_reason(cls, kwargs, error, match):
     with pytest.raises(error, match=match):

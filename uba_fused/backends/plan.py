@@ -31,17 +31,19 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
   partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
   squares  float64 [2, items] per program, for a rule that reads per-tensor sums (Rule.reduces): the sums of
-                             squares of its chunk of the parameter and of the gradient (added per row by
-                             ``Plan.reduce``)
+                             squares of its chunk of the parameter and of the gradient or of the update's direction
+                             (added per row by ``Plan.reduce``)
 
 A step with parameters of several storages (registry.STORAGES: the parameter's dtype, its state's, its codec, its
 state's rounding) makes one launch per storage ("part"); only the last launch advances the group counters, so every
 launch reads the same step index t (``Plan.launch``). A step whose groups clip gradients (``max_grad_norm``) first
 runs a pre-pass (``Plan.grad_sumsq``): one launch per part writes each chunk's sum of squares, one torch.sum adds
 them, and the optimizer hands the global norm to the update kernels as a pointer to a float64 on the device. A rule
-that reads per-tensor sums (Rule.reduces: LARS's norms) runs a pre-pass of its own (``Plan.reduce``): two launches per
-part write each chunk's sums of squares of the parameter and of the gradient, torch.segment_reduce adds them per row,
-and the optimizer hands them back (summed over shards) to the update kernels, which read their row's.
+that reads per-tensor sums (Rule.reduces: LARS's and LAMB's norms) runs a pre-pass of its own (``Plan.reduce``):
+launches per part write each chunk's sums of squares of the parameter and of the gradient (two: the gradient pre-pass
+on each), or of the parameter and of the update's direction (one: the update kernel computing the direction and
+storing only those sums), torch.segment_reduce adds them per row, and the optimizer hands them back (summed over
+shards) to the update kernels, which read their row's.
 """
 
 from __future__ import annotations
@@ -139,7 +141,7 @@ class Part:
     done: torch.Tensor
     partials: torch.Tensor  # float64 [items]: a pre-pass's sum per work item (a view of Plan.partials)
     squares: torch.Tensor | None  # float64 [2, items]: the per-tensor pre-pass's sums per work item, of the
-                                  # parameter and of the gradient (Rule.reduces; None for a rule without)
+                                  # parameter and of the gradient or direction (Rule.reduces; None for a rule without)
     lengths: torch.Tensor   # int64 [rows]: each row's work items
     first_row: int          # its first row in Plan.reduce's rows (the parts' rows one after another)
 
@@ -170,15 +172,14 @@ class Plan:
         for i, part in enumerate(self.parts):
             part_launch(part, i == len(self.parts) - 1)
 
-    def reduce(self, part_pass: Callable[[Part, torch.Tensor, bool], None]) -> torch.Tensor:
+    def reduce(self, part_pass: Callable[[Part], None]) -> torch.Tensor:
         """The per-tensor pre-pass (Rule.reduces): float64 [rows of every part, 2], each row's sums of squares of its
-        parameter and of its gradient. ``part_pass(part, out, param)`` launches a kernel that writes each work item's
-        sum of the parameter's squares (``param``) or of the gradient's into ``out``; torch.segment_reduce adds a
-        row's items one after another in their order, so a step gives the same sums every run (no atomics)."""
+        parameter and of its gradient or its update's direction. ``part_pass(part)`` launches the kernels that write
+        each work item's sums into ``part.squares``; torch.segment_reduce adds a row's items one after another in
+        their order, so a step gives the same sums every run (no atomics)."""
         out = []
         for part in self.parts:
-            part_pass(part, part.squares[0], True)
-            part_pass(part, part.squares[1], False)
+            part_pass(part)
             out.append(torch.segment_reduce(part.squares.t(), "sum", lengths=part.lengths, axis=0, unsafe=True))
         return torch.cat(out)
 

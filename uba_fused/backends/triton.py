@@ -66,8 +66,8 @@ _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS,
 _NEAREST, _REMAINDER, _COPY, _STOCHASTIC, _CORRECTION = (
     tl.constexpr(CODECS.index(c)) for c in ("nearest", "remainder", "copy", "stochastic", "correction"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
-_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS = (
-    tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "lars"))
+_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB = (
+    tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "lars", "lamb"))
 
 
 def _cols(rule: str, *names: str) -> tuple:
@@ -87,6 +87,9 @@ _S_MOM, _S_OMDAMP, _S_NESTEROV, _S_WD = _cols("sgd", "momentum", "one_minus_damp
 _G_LR_DECAY, _G_EPS, _G_WD = _cols("adagrad", "lr_decay", "eps", "weight_decay")
 (_R_MOM, _R_OMDAMP, _R_NESTEROV, _R_WD, _R_TRUST, _R_EPS, _R_CLIP, _R_ADAPT) = _cols(
     "lars", "momentum", "one_minus_dampening", "nesterov", "weight_decay", "trust_coeff", "eps", "trust_clip", "adapt")
+(_B_B1, _B_B2, _B_B3, _B_OMB2, _B_LOGB1, _B_LOGB2, _B_EPS, _B_WD, _B_CLIP, _B_ADAPT) = _cols(
+    "lamb", "beta1", "beta2", "beta3", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "weight_decay",
+    "trust_clip", "adapt")
 
 
 @triton.jit
@@ -279,10 +282,42 @@ def _lars(p, g, buf, c):
 
 
 @triton.jit
-def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale):
+def _lamb_scalars(row, k, lr, red, REDUCE: tl.constexpr):
+    """Adam's scalars, and lr times the trust ratio ||p|| / ||r|| (reference.py: _lamb) in float64 from the tensor's
+    sums of squares ``red`` (the pre-pass's, summed over shards); the pre-pass itself (REDUCE) applies nothing."""
+    step = lr.to(tl.float64)
+    if not REDUCE:
+        w, rn = tl.sqrt(tl.load(red)), tl.sqrt(tl.load(red + 1))
+        ratio = tl.where((w > 0.0) & (rn > 0.0), w / tl.where(rn > 0.0, rn, 1.0), 1.0)  # (no 0 / 0 computed)
+        ratio = tl.where(tl.load(row + _B_CLIP) != 0.0, tl.minimum(ratio, 1.0), ratio)
+        step = tl.where(tl.load(row + _B_ADAPT) != 0.0, step * ratio, step)
+    inv_bc1 = (1.0 / _bias_correction(row, _B_LOGB1, k)).to(tl.float32)
+    sqrt_bc2 = tl.sqrt(_bias_correction(row, _B_LOGB2, k)).to(tl.float32)
+    return (_f32(row, _B_B1), _f32(row, _B_B3), _f32(row, _B_B2), _f32(row, _B_OMB2), _f32(row, _B_EPS),
+            _f32(row, _B_WD), inv_bc1, sqrt_bc2, step.to(tl.float32))
+
+
+@triton.jit
+def _lamb_direction(p, g, m, v, c):
+    """timm's Lamb's direction r: Adam's, bias corrected, plus L2 decay; and the moments."""
+    b1, b3, b2, omb2, eps, wd, inv_bc1, sqrt_bc2, step = c
+    m = m * b1 + g * b3
+    v = v * b2 + g * g * omb2
+    return _div(m, _div(tl.sqrt_rn(v), sqrt_bc2) + eps) * inv_bc1 + wd * p, m, v
+
+
+@triton.jit
+def _lamb(p, g, m, v, c):
+    b1, b3, b2, omb2, eps, wd, inv_bc1, sqrt_bc2, step = c
+    r, m, v = _lamb_direction(p, g, m, v, c)
+    return p - r * step, m, v
+
+
+@triton.jit
+def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.constexpr):
     """A rule's scalars; ``red`` (its tensor's per-tensor sums), ``norm`` and ``amp_scale`` (what _grad_scale reads)
-    for a rule that reduces (Rule.reduces). (Computing the gradient's factor before the scalars, for every rule,
-    took Adan's bf16 kernel from 111 to 119 registers.)"""
+    for a rule that reduces (Rule.reduces); REDUCE: for its pre-pass (without them). (Computing the gradient's factor
+    before the scalars, for every rule, took Adan's bf16 kernel from 111 to 119 registers.)"""
     if RULE == _ADAMW or RULE == _ADABELIEF:
         c = _adam_scalars(row, k, lr)
     elif RULE == _LION:
@@ -293,6 +328,8 @@ def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale):
         c = _adagrad_scalars(row, k, lr)
     elif RULE == _LARS:
         c = _lars_scalars(row, k, lr, red, _grad_scale(row, norm, tl.load(amp_scale)))
+    elif RULE == _LAMB:
+        c = _lamb_scalars(row, k, lr, red, REDUCE)
     else:
         tl.static_assert(RULE == _ADAN, "a rule without Triton code")
         c = _adan_scalars(row, k, lr)
@@ -313,6 +350,8 @@ def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c):
         p, s0 = _adagrad(p, g, s0, c)
     elif RULE == _LARS:
         p, s0 = _lars(p, g, s0, c)
+    elif RULE == _LAMB:
+        p, s0, s1 = _lamb(p, g, s0, s1, c)
     else:
         p, s0, s1, s2, s3 = _adan(p, g, s0, s1, s2, s3, c)
     return p, s0, s1, s2, s3
@@ -510,12 +549,17 @@ def _store_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
 @triton.jit
 def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
            CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
+           STOCHASTIC_STATE: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr,
            p_addr, g_addr, a0, a1, a2, a3, m_addr, scales, n_blocks, start, numel, c, has_state, gscale, seed, slot,
-           t, STOCHASTIC_STATE: tl.constexpr, POSITIVE: tl.constexpr):
+           t, squares, squares_stride, pid):
     """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time, the gradient
     multiplied by gscale (1 / GradScaler's scale, times its group's clipping factor). The parameter is read and
     written by its CODEC (_load_param, _store_param); the gradient and the state slots are loaded to float32 from
-    their dtype (DTYPE for the gradient, STATE_DTYPE for the state), and the state stored by _store_state."""
+    their dtype (DTYPE for the gradient, STATE_DTYPE for the state), and the state stored by _store_state.
+    REDUCE (the pre-pass of a rule that reduces its "update"): store nothing, but the sums of squares of the
+    parameter and of the update's direction, in float64, at squares[pid] and squares[squares_stride + pid] (Part.squares)."""
+    acc_p = tl.zeros((SUB,), tl.float64)
+    acc_r = tl.zeros((SUB,), tl.float64)
     gp = _ptr(g_addr, DTYPE, ALIGNED)
     q0 = _ptr(a0, STATE_DTYPE, ALIGNED)
     q1 = _ptr(a1, STATE_DTYPE, ALIGNED)
@@ -536,17 +580,29 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
         s1 = _load_state(1, STATES, STATE_DTYPE, q1, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
         s2 = _load_state(2, STATES, STATE_DTYPE, q2, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
         s3 = _load_state(3, STATES, STATE_DTYPE, q3, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
-        p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
-        _store_param(CODEC, DTYPE, ALIGNED, SUB, p_addr, m_addr, offs, start + sub, mask, p, seed, slot, t)
-        # (mask may be None, which a tuple cannot carry into a call: the arguments are written out)
-        _store_state(0, STATES, STATE_DTYPE, ALIGNED, SUB, a0, offs, start + sub, mask, has_state, s0,
-                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
-        _store_state(1, STATES, STATE_DTYPE, ALIGNED, SUB, a1, offs, start + sub, mask, has_state, s1,
-                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
-        _store_state(2, STATES, STATE_DTYPE, ALIGNED, SUB, a2, offs, start + sub, mask, has_state, s2,
-                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
-        _store_state(3, STATES, STATE_DTYPE, ALIGNED, SUB, a3, offs, start + sub, mask, has_state, s3,
-                     STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
+        if REDUCE:
+            tl.static_assert(RULE == _LAMB, "LAMB alone reduces its update's direction")
+            r, s0, s1 = _lamb_direction(p, g, s0, s1, c)
+            if MASKED:
+                p = tl.where(mask, p, 0.0)
+                r = tl.where(mask, r, 0.0)
+            acc_p += p.to(tl.float64) * p.to(tl.float64)
+            acc_r += r.to(tl.float64) * r.to(tl.float64)
+        else:
+            p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
+            _store_param(CODEC, DTYPE, ALIGNED, SUB, p_addr, m_addr, offs, start + sub, mask, p, seed, slot, t)
+            # (mask may be None, which a tuple cannot carry into a call: the arguments are written out)
+            _store_state(0, STATES, STATE_DTYPE, ALIGNED, SUB, a0, offs, start + sub, mask, has_state, s0,
+                         STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
+            _store_state(1, STATES, STATE_DTYPE, ALIGNED, SUB, a1, offs, start + sub, mask, has_state, s1,
+                         STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
+            _store_state(2, STATES, STATE_DTYPE, ALIGNED, SUB, a2, offs, start + sub, mask, has_state, s2,
+                         STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
+            _store_state(3, STATES, STATE_DTYPE, ALIGNED, SUB, a3, offs, start + sub, mask, has_state, s3,
+                         STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
+    if REDUCE:
+        tl.store(squares + pid, tl.sum(acc_p, 0))
+        tl.store(squares + squares_stride + pid, tl.sum(acc_r, 0))
 
 
 @triton.jit
@@ -605,10 +661,12 @@ def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
 
 @triton.jit
 def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_scale, found_inf, n_rows, n_groups,
-                 advance,
+                 advance, squares, squares_stride,
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, STOCHASTIC_STATE: tl.constexpr, BLOCK: tl.constexpr,
-                 SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr):
+                 SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr):
+    """One work item's update; or, REDUCE, the pre-pass of a rule that reduces its update's direction (_chunk),
+    which writes nothing else and leaves the counters alone."""
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
@@ -625,7 +683,7 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
     row = groups + gi * NG
     lr, counter = _group_lr(groups, gaddr, gi, None, NG)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
-    c = _scalars(RULE, row, k, lr, reduced + 2 * slot, norm, grad_scale)
+    c = _scalars(RULE, row, k, lr, reduced + 2 * slot, norm, grad_scale, REDUCE)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
     gscale = _grad_scale(row, norm, tl.load(grad_scale))
 
@@ -644,16 +702,29 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
         seed, t = 0, 0
     addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
              _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr), m_addr, scales, n_blocks)
-    rest = (c, has_state, gscale, seed, tensor_slot, t, STOCHASTIC_STATE, POSITIVE)
+    rest = (c, has_state, gscale, seed, tensor_slot, t, squares, squares_stride, pid)
+    # (constexprs go apart: a tuple hands them on as values, which compile to the same code but fail a static_assert)
     if start + BLOCK <= numel:
         if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
-            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, SUB, False, True, *addrs, start, numel, *rest)
+            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, SUB, False, True, STOCHASTIC_STATE, POSITIVE, REDUCE,
+                   *addrs, start, numel, *rest)
         else:
-            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, False, False, *addrs, start, numel,
-                   *rest)
+            _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, False, False, STOCHASTIC_STATE,
+                   POSITIVE, REDUCE, *addrs, start, numel, *rest)
     elif start < numel:
-        _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, True, False, *addrs, start, numel, *rest)
+        _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, True, False, STOCHASTIC_STATE, POSITIVE,
+               REDUCE, *addrs, start, numel, *rest)
+    elif REDUCE:  # no gradient, or a skipped step: sums of nothing
+        tl.store(squares + pid, 0.0)
+        tl.store(squares + squares_stride + pid, 0.0)
+    if not REDUCE:
+        _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups, NG, GROUPS)
 
+
+@triton.jit
+def _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups,
+           NG: tl.constexpr, GROUPS: tl.constexpr):
+    """The counters, after a work item's update."""
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
     # atomic is one thread's), so no warp can read a counter after another program advanced it.
@@ -689,21 +760,21 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     spec, n_groups = RULES[rule], len(work)
     ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)
 
-    def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
+    def step_kernel(part: Part, norm: torch.Tensor | None, amp: Amp | None, reduced: torch.Tensor,
+                    advance: bool = False, reduce: bool = False) -> None:
         grad_scale, found_inf = plan.amp_args(amp)
+        squares = plan.scratch if part.squares is None else part.squares
+        _step_kernel[(part.work.shape[0],)](
+            part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, plan.scratch if norm is None else norm,
+            reduced, grad_scale, found_inf, part.tensors.shape[0], n_groups, int(advance), squares, squares.stride(0),
+            RULE=spec.id, STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype],
+            STATE_DTYPE=_TL_DTYPE[part.state_dtype], CODEC=CODECS.index(part.codec),
+            STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK, SUB=sub_tile(part.dtype, part.state_dtype),
+            GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
-        def launch(part: Part, advance: bool) -> None:
-            _step_kernel[(part.work.shape[0],)](
-                part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
-                plan.scratch if norm is None else norm, plan.sums_of(part, sums), grad_scale, found_inf,
-                part.tensors.shape[0], n_groups, int(advance), RULE=spec.id,
-                STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype], STATE_DTYPE=_TL_DTYPE[part.state_dtype],
-                CODEC=CODECS.index(part.codec), STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
-                SUB=sub_tile(part.dtype, part.state_dtype), GROUPS=groups, POSITIVE=spec.positive_bits,
-                num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
-
+    def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
-            plan.launch(launch)
+            plan.launch(lambda part, advance: step_kernel(part, norm, amp, plan.sums_of(part, sums), advance))
 
     def sumsq(part: Part, out: torch.Tensor, param: bool = False) -> None:
         _sumsq_kernel[(part.work.shape[0],)](part.work, part.tensors, table, out, STATES=len(spec.states),
@@ -714,8 +785,15 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
         with plan.on_device():
             return plan.grad_sumsq(lambda part: sumsq(part, part.partials))
 
-    def reduce() -> torch.Tensor:
+    def reduce(norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
+        def part_pass(part: Part) -> None:
+            if spec.reduces[1] == "update":  # the update's direction, computed and not stored
+                step_kernel(part, norm, amp, plan.scratch, reduce=True)
+            else:
+                sumsq(part, part.squares[0], param=True)
+                sumsq(part, part.squares[1])
+
         with plan.on_device():
-            return plan.reduce(sumsq)
+            return plan.reduce(part_pass)
 
     return Step(update, grad_sumsq, reduce)

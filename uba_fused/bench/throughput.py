@@ -22,16 +22,16 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import backends, registry
-from ..optim import LARS, SGD, AdaBelief, Adagrad, AdamW, Adan, Lion
+from ..optim import LAMB, LARS, SGD, AdaBelief, Adagrad, AdamW, Adan, Lion
 from ..schedules import UBA
 from .presets import Preset
 
 OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan, "adagrad": Adagrad,
-        "lars": LARS}
+        "lars": LARS, "lamb": LAMB}
 HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, weight_decay=0.01),
          "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9),
          "adan": dict(lr=1e-4, weight_decay=0.01), "adagrad": dict(lr=1e-2, initial_accumulator_value=0.1),
-         "lars": dict(lr=1.0, momentum=0.9, weight_decay=1e-4)}
+         "lars": dict(lr=1.0, momentum=0.9, weight_decay=1e-4), "lamb": dict(lr=1e-3, weight_decay=0.01)}
 
 
 # How uba_fused keeps a parameter list (README: Precision layouts): the parameter dtypes each layout takes, and the
@@ -184,6 +184,8 @@ def candidates(device: torch.device, optimizers: list[str], ours: list[str], tor
                                  lambda ps: timm_optim.AdaBelief(ps, **HYPER["adabelief"], rectify=False)))
         if "lars" in optimizers:
             out.append(Candidate("timm Lars", "lars", lambda ps: timm_optim.Lars(ps, **HYPER["lars"])))
+        if "lamb" in optimizers:
+            out.append(Candidate("timm Lamb", "lamb", lambda ps: timm_optim.Lamb(ps, **HYPER["lamb"])))
     return out
 
 
@@ -354,11 +356,12 @@ def bytes_of(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list
              rule: str) -> tuple[int, int]:
     """(bytes a step must move, bytes the optimizer keeps), from the real tensors: every rule reads the parameter, its
     gradient and each state buffer once and writes the parameter and each buffer once (a master weight is one
-    more buffer), and a rule's per-tensor norms (Rule.reduces: LARS) read the parameter and the gradient once more;
-    the step counts are not counted."""
+    more buffer), and a rule's per-tensor norms (Rule.reduces) read the parameter and the gradient once more (LARS),
+    or everything the update reads (LAMB's direction); the step counts are not counted."""
     kept = sum(v.nbytes for st in opt.state.values() for k, v in st.items() if k != "step" and torch.is_tensor(v))
     reduces = registry.RULES[rule].reduces
-    norms = sum(p.nbytes * ("param" in reduces) + g.nbytes * ("grad" in reduces) for p, g in zip(params, grads))
+    norms = sum(p.nbytes * ("param" in reduces) + g.nbytes * bool(reduces) for p, g in zip(params, grads))
+    norms += kept if "update" in reduces else 0
     return sum(2 * p.nbytes + g.nbytes for p, g in zip(params, grads)) + 2 * kept + norms, kept
 
 
