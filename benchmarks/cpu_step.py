@@ -37,7 +37,7 @@ BASELINES = {
     "lamb": ("uba_fused.LAMB [torch]", lambda ps: uf.LAMB(ps, **HYPER["lamb"], backend="torch")),
 }
 try:
-    from timm.optim import Lamb  # optional
+    from timm.optim.lamb import Lamb  # optional
     BASELINES["lamb"] = ("timm Lamb foreach", lambda ps: Lamb(ps, **HYPER["lamb"]))
 except ImportError:
     pass

@@ -377,12 +377,13 @@ def _trust_ratio_host(w: float, gn: float, lr: float, c: dict) -> float:
     return ratio
 
 
-def _lamb_foreach(p, g, s, ks, lr, c, norms):
-    m, v = s["exp_avg"], s["exp_avg_sq"]
-    torch._foreach_mul_(m, c["beta1"])
-    torch._foreach_add_(m, g, alpha=c["beta3"])
-    torch._foreach_mul_(v, c["beta2"])
-    torch._foreach_addcmul_(v, g, g, value=c["one_minus_beta2"])
+def lamb_direction_foreach(p, g, m, v, ks, c, scale=1.0):
+    """_lamb_direction over lists, of the gradients g times ``scale`` (folded into the moments' factors: one pass and
+    one list fewer), the moments m and v left as they are: (the directions, the new moments), new tensors."""
+    m = torch._foreach_mul(m, c["beta1"])
+    torch._foreach_add_(m, g, alpha=c["beta3"] * scale)
+    v = torch._foreach_mul(v, c["beta2"])
+    torch._foreach_addcmul_(v, g, g, value=c["one_minus_beta2"] * scale * scale)
     denom = torch._foreach_sqrt(v)
     torch._foreach_div_(denom, [math.sqrt(1.0 - math.exp(k * c["log_beta2"])) for k in ks])
     torch._foreach_add_(denom, c["eps"])
@@ -390,12 +391,25 @@ def _lamb_foreach(p, g, s, ks, lr, c, norms):
     torch._foreach_mul_(r, [1.0 / (1.0 - math.exp(k * c["log_beta1"])) for k in ks])
     if c["weight_decay"] != 0.0:
         torch._foreach_add_(r, p, alpha=c["weight_decay"])
+    return r, m, v
+
+
+def lamb_apply_foreach(p, r, lr, c, norms):
+    """_lamb's step over lists, from the directions r (scaled in place) and each tensor's (||p||, ||r||) as host
+    floats (CPU parameters)."""
     ratios = [1.0] * len(p)
-    if c["adapt"]:  # _lamb's ratio from host norms (CPU parameters)
+    if c["adapt"]:
         ratios = [w / rn if w > 0 and rn > 0 else 1.0 for w, rn in norms]
         ratios = [min(x, 1.0) for x in ratios] if c["trust_clip"] else ratios
     torch._foreach_mul_(r, [-lr * x for x in ratios])
     torch._foreach_add_(p, r)
+
+
+def _lamb_foreach(p, g, s, ks, lr, c, norms):
+    r, m, v = lamb_direction_foreach(p, g, s["exp_avg"], s["exp_avg_sq"], ks, c)
+    torch._foreach_copy_(s["exp_avg"], m)
+    torch._foreach_copy_(s["exp_avg_sq"], v)
+    lamb_apply_foreach(p, r, lr, c, norms)
 
 
 def lars_grads(p, g, lr, c, norms):

@@ -557,7 +557,8 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
     written by its CODEC (_load_param, _store_param); the gradient and the state slots are loaded to float32 from
     their dtype (DTYPE for the gradient, STATE_DTYPE for the state), and the state stored by _store_state.
     REDUCE (the pre-pass of a rule that reduces its "update"): store nothing, but the sums of squares of the
-    parameter and of the update's direction, in float64, at squares[pid] and squares[squares_stride + pid] (Part.squares)."""
+    parameter and of the update's direction, in float64, at squares[pid] and squares[squares_stride + pid]
+    (Part.squares)."""
     acc_p = tl.zeros((SUB,), tl.float64)
     acc_r = tl.zeros((SUB,), tl.float64)
     gp = _ptr(g_addr, DTYPE, ALIGNED)
@@ -769,7 +770,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
             reduced, grad_scale, found_inf, part.tensors.shape[0], n_groups, int(advance), squares, squares.stride(0),
             RULE=spec.id, STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype],
             STATE_DTYPE=_TL_DTYPE[part.state_dtype], CODEC=CODECS.index(part.codec),
-            STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK, SUB=sub_tile(part.dtype, part.state_dtype),
+            STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
+            SUB=sub_tile(part.dtype, part.state_dtype),
             GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
