@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [RULE ...]
 
-RULE: adamw sgd lion adabelief adan adagrad lamb (default: all).
+RULE: adamw sgd lion adabelief adan adagrad lamb diffgrad (default: all).
 
 The two optimizers of a pair update the same parameter list, in alternating blocks of ``--block`` steps
 (which one goes first alternates too), so a noisy neighbour on a shared VM slows both alike. Each step gets
@@ -12,8 +12,8 @@ training loop). Median over every timed step.
 
 The baselines are those of issue #13: torch's ``fused=True`` for AdamW, SGD (momentum 0.9) and Adagrad, an obvious
 ``torch._foreach_*`` implementation for Lion and AdaBelief (``ObviousForeach`` in uba_fused/bench), and for
-Adan and LAMB, which torch lacks, uba_fused's own readable backend "torch" (for LAMB, timm's foreach Lamb where timm
-imports). Ours runs a UBA schedule, as in the
+Adan, LAMB and DiffGrad, which torch lacks, uba_fused's own readable backend "torch" (for LAMB, timm's foreach Lamb
+where timm imports; for DiffGrad, torch-optimizer's where it imports). Ours runs a UBA schedule, as in the
 throughput benchmark; the baselines have none.
 """
 
@@ -35,10 +35,16 @@ BASELINES = {
     "adan": ("uba_fused.Adan [torch]", lambda ps: uf.Adan(ps, **HYPER["adan"], backend="torch")),
     "adagrad": ("torch Adagrad fused", lambda ps: torch.optim.Adagrad(ps, **HYPER["adagrad"], fused=True)),
     "lamb": ("uba_fused.LAMB [torch]", lambda ps: uf.LAMB(ps, **HYPER["lamb"], backend="torch")),
+    "diffgrad": ("uba_fused.DiffGrad [torch]", lambda ps: uf.DiffGrad(ps, **HYPER["diffgrad"], backend="torch")),
 }
 try:
     from timm.optim.lamb import Lamb  # optional
     BASELINES["lamb"] = ("timm Lamb foreach", lambda ps: Lamb(ps, **HYPER["lamb"]))
+except ImportError:
+    pass
+try:
+    from torch_optimizer.diffgrad import DiffGrad  # optional
+    BASELINES["diffgrad"] = ("torch-optimizer DiffGrad", lambda ps: DiffGrad(ps, **HYPER["diffgrad"]))
 except ImportError:
     pass
 

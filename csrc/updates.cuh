@@ -177,6 +177,30 @@ struct Lars {
   }
 };
 
+// torch-optimizer's DiffGrad: L2 decay into the gradient, Adam's moments, the first times the friction
+// 1 / (1 + exp(-|g_prev - g|)) per element; s[2] keeps g (with its decay) for the next step.
+struct DiffGrad {
+  using Cols = diffgrad;
+  struct Scalars {
+    float wd, b1, omb1, b2, omb2, eps;
+    float step_size;  // lr sqrt(1 - b2^k) / (1 - b1^k), in float64
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k) {
+    return {f32(row[Cols::kWeightDecay]), f32(row[Cols::kBeta1]), f32(row[Cols::kOneMinusBeta1]),
+            f32(row[Cols::kBeta2]), f32(row[Cols::kOneMinusBeta2]), f32(row[Cols::kEps]),
+            f32(static_cast<double>(lr) * sqrt(bias_correction(row, Cols::kLogBeta2, k)) /
+                bias_correction(row, Cols::kLogBeta1, k))};
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    g = g + c.wd * p;
+    s[0] = s[0] * c.b1 + g * c.omb1;
+    s[1] = s[1] * c.b2 + g * g * c.omb2;
+    const float friction = 1.0f / (1.0f + expf(-fabsf(s[2] - g)));
+    p = p - s[0] * friction / (sqrtf(s[1]) + c.eps) * c.step_size;
+    s[2] = g;
+  }
+};
+
 // timm's Lamb: Adam's direction, bias corrected, plus L2 decay (direction(), which the pre-pass also calls, on copies
 // of the state), times lr and the tensor's trust ratio ||p|| / ||r|| from its sums of squares `red` (the pre-pass's,
 // summed over shards), in float64 (reference.py: _lamb). `red` is null in the pre-pass, which applies nothing.
@@ -220,6 +244,7 @@ bool with_rule(int id, F&& f) {
     case Adagrad::Cols::kId: f(Adagrad{}); return true;
     case Lars::Cols::kId: f(Lars{}); return true;
     case Lamb::Cols::kId: f(Lamb{}); return true;
+    case DiffGrad::Cols::kId: f(DiffGrad{}); return true;
     default: return false;
   }
 }

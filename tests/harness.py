@@ -61,6 +61,8 @@ CASES = [
     # and the global clipping (eps: torch's clip_grad_norm_'s, which Case.grad_scale reads).
     Case("lars", uf.LARS, "lars", dict(lr=0.5, momentum=0.9, dampening=0.1, weight_decay=0.01, trust_coeff=0.02,
                                        trust_clip=True, eps=1e-6, max_grad_norm=2.0)),
+    # The friction's exp of |g_prev - g| (its previous gradient is the decayed one), a large eps
+    Case("diffgrad", uf.DiffGrad, "diffgrad", dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1)),
     # Per-tensor norms of the update's direction (a pre-pass that computes it), timm's clipping (at 0.5, below the
     # harness's norms of 0.5-10), no grad averaging, and a large eps; the default bias correction.
     Case("lamb", uf.LAMB, "lamb", dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, grad_averaging=False,

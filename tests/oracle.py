@@ -136,10 +136,23 @@ def lamb(p, g, state, k, lr, bias_correction, betas, eps, weight_decay, grad_ave
     return p - lr * ratio * r, {"exp_avg": m, "exp_avg_sq": v}
 
 
+def diffgrad(p, g, state, k, lr, betas, eps, weight_decay, **_):
+    """diffGrad (Dubey et al. 2019, Algorithm 1) as torch-optimizer's DiffGrad computes it: L2 decay into the
+    gradient, Adam's moments, the first scaled per element by the sigmoid of |g_prev - g| (g_prev 0 at first), and
+    lr sqrt(1 - b2^k) / (1 - b1^k) m xi / (sqrt(v) + eps)."""
+    b1, b2 = betas
+    d = g + weight_decay * p
+    m = b1 * state["exp_avg"] + (1 - b1) * d
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * d * d
+    xi = 1 / (1 + np.exp(-np.abs(state["previous_grad"] - d)))
+    p = p - lr * math.sqrt(1 - b2**k) / (1 - b1**k) * m * xi / (np.sqrt(v) + eps)
+    return p, {"exp_avg": m, "exp_avg_sq": v, "previous_grad": d}
+
+
 def initial(rule: str, name: str, hyper: dict) -> float:
     """State slot ``name``'s value before a parameter's first step."""
     return float(hyper["initial_accumulator_value"]) if rule == "adagrad" else 0.0
 
 
 RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan, "adagrad": adagrad,
-         "lars": lars, "lamb": lamb}
+         "lars": lars, "lamb": lamb, "diffgrad": diffgrad}

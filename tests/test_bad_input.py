@@ -61,6 +61,8 @@ def _trained(cls=uf.AdamW, **kw):
     (uf.LARS, dict(trust_coeff=-0.001), "trust_coeff must be finite and in"),
     (uf.LARS, dict(nesterov=True, momentum=0.9, dampening=0.1), "nesterov=True needs"),
     (uf.LARS, dict(master_weights="exact"), "master_weights='exact' is not built for uba_fused.LARS"),
+    (uf.DiffGrad, dict(betas=(-0.1, 0.9)), r"betas\[0\]"),
+    (uf.DiffGrad, dict(weight_decay=-1.0), "weight_decay must be finite and in"),
     (uf.LAMB, dict(betas=(0.9, 1.0)), r"betas\[1\]"),
     (uf.LAMB, dict(eps=-1e-6), "eps must be finite and in"),
     (uf.LAMB, dict(max_grad_norm=-1.0), "max_grad_norm must be finite and in"),

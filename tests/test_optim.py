@@ -175,6 +175,29 @@ def test_lamb_matches_timm_lamb(hyper, backend):
         assert_scaled_close(p, f64(q), 1e-6, f"param {i}")
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("hyper", [dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1), dict(lr=1e-2)],
+                         ids=["decay", "defaults"])
+def test_diffgrad_matches_torch_optimizer_diffgrad(hyper, backend):
+    """torch-optimizer's DiffGrad, where it is installed (not pinned: it pins nothing newer than 2021; here 0.3.0
+    loaded by hand)."""
+    diffgrad = pytest.importorskip("torch_optimizer.diffgrad")
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    a, b = make_params(), make_params()
+    ours, theirs = uf.DiffGrad(a, backend=backend, **hyper), diffgrad.DiffGrad(b, **hyper)
+    gen = torch.Generator().manual_seed(25)
+    for _ in range(10):
+        grads = random_grads(a, gen)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        ours.step()
+        theirs.step()
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert_scaled_close(p, f64(q), 1e-6, f"param {i}")
+
+
 def test_lars_refuses_dtensor_parameters_beside_plain_ones_before_any_change():
     """Its norms are summed over the mesh's sharded dimensions, the same for every tensor: a plain parameter beside a
     DTensor one has none, and the step raises, naming them, with nothing updated."""

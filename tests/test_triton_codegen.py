@@ -32,6 +32,8 @@ CASES = [(r, *storage) for i, storage in enumerate(registry.STORAGES) for r in (
 CASES += [("lars", *registry.STORAGES[i]) for i in (0, 1, 9, 19)]
 # LAMB is Adam's update with a per-tensor factor: storages of each kind (its direction pre-pass is checked apart)
 CASES += [("lamb", *registry.STORAGES[i]) for i in (0, 1, 7, 10, 12, 26)]
+# DiffGrad is Adam with a third slot and an exp: storages of each kind
+CASES += [("diffgrad", *registry.STORAGES[i]) for i in (0, 1, 7, 10, 12, 20)]
 IDS = [f"{r}-{d}" + (f"-state-{sd}" if sd != d else "") + (f"-{c}" if c != "nearest" else "") +
        ("-state-stochastic" if sr == "stochastic" else "") for r, d, sd, c, sr in CASES]
 # Tensors each rule streams on a full chunk: (loaded, stored).
@@ -44,7 +46,10 @@ MAX_REGISTERS = 80
 # 4 blocks per SM), the other rules at most 64; unmeasured on a GPU too.
 # IEEE divisions (triton.py: _div, for the CUDA kernel's bits) took Adan from 96 to 111 registers in bf16 and from 80
 # to 96 in fp32, AdamW fp32 from 56 to 64; unmeasured on a GPU.
-MAX_REGISTERS_BY_RULE = {("adan", False): 112, ("adan", True): 128}
+# DiffGrad streams 9 tensors (three state slots) and computes an exp: 116 registers for float32 parameters with
+# stochastically rounded bfloat16 state (triton 3.8, no spills), bf16 at ptxas's 80 with a 16-byte spill (KNOWN_SPILLS);
+# unmeasured on a GPU.
+MAX_REGISTERS_BY_RULE = {("adan", False): 112, ("adan", True): 128, ("diffgrad", False): 96, ("diffgrad", True): 96}
 # A codec's own registers (registry.CODECS), on top (triton 3.8, sm_90, no spills anywhere): a master slot is one
 # more tensor per thread (Adan bf16 with its remainder 112, fp16 with a float32 copy and float32 state 122); stochastic
 # rounding runs one Philox call per 8 elements (AdamW and AdaBelief bf16 96, Adan 128 with bf16 state, 116 with
@@ -83,7 +88,8 @@ KNOWN_SPILLS = {("adamw", "float32", "bfloat16", "nearest", "nearest"): 4,
                 ("lars", "bfloat16", "bfloat16", "stochastic", "nearest"): 8,
                 # LAMB's update spills as AdamW's does in the same storages (2026-12-04)
                 ("lamb", "bfloat16", "int8", "nearest", "nearest"): 12,
-                ("lamb", "bfloat16", "bfloat16", "remainder", "nearest"): 8}
+                ("lamb", "bfloat16", "bfloat16", "remainder", "nearest"): 8,
+                ("diffgrad", "bfloat16", "bfloat16", "nearest", "nearest"): 16}
 # LAMB's direction pre-pass keeps two float64 accumulators per element of a thread's sub-tile: 8 elements in 16 bits,
 # 32 registers, and took 92 in bfloat16 (triton 3.8, sm_90, no spills); 4 in float32. Unmeasured on a GPU.
 MAX_DIRECTION_REGISTERS = 96

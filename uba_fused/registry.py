@@ -272,6 +272,9 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("lars", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay", "trust_coeff",
                                         "eps", "trust_clip", "adapt"), _lars, (3, 2), reduces=("param", "grad"),
          keeps_state=lambda group: group["momentum"] != 0),
+    # torch-optimizer's DiffGrad: Adam with L2 decay whose first moment is scaled per element by the friction
+    # 1 / (1 + exp(-|g_prev - g|)); it keeps the last gradient (with its decay): 36 bytes per fp32 parameter
+    Rule("diffgrad", ("exp_avg", "exp_avg_sq", "previous_grad"), _ADAM, _adam, (5, 4), positive=("exp_avg_sq",)),
     # timm's Lamb: Adam's direction plus L2 decay, r = m / bc1 / (sqrt(v / bc2) + eps) + wd p, times the trust ratio
     # ||p|| / ||r|| of the whole tensor. The pre-pass computes r to take its norm and stores nothing; the update
     # computes it again, bit for bit, and applies it: 44 bytes per fp32 parameter (AdamW's 28, and p, g, m, v once

@@ -109,6 +109,21 @@ def _adagrad(p, g, s, step, lr, c):
     p.sub_(g / acc.sqrt().add_(c["eps"]) * clr)
 
 
+def _diffgrad(p, g, s, step, lr, c):
+    # torch-optimizer's DiffGrad (Dubey et al. 2019): L2 decay into the gradient; the first moment scaled per element
+    # by the friction 1 / (1 + exp(-|g_prev - g|)) (g_prev: the last gradient with its decay, 0 before the first);
+    # eps outside the uncorrected square root, both bias corrections in the step size.
+    if c["weight_decay"] != 0.0:
+        g = g + c["weight_decay"] * p
+    m, v, prev = s["exp_avg"], s["exp_avg_sq"], s["previous_grad"]
+    m.mul_(c["beta1"]).add_(g, alpha=c["one_minus_beta1"])
+    v.mul_(c["beta2"]).addcmul_(g, g, value=c["one_minus_beta2"])
+    friction = 1.0 / (1.0 + torch.exp(-(prev - g).abs()))
+    prev.copy_(g)
+    step_size = lr * (1.0 - c["beta2"] ** step).sqrt() / (1.0 - c["beta1"] ** step)
+    p.sub_(m * friction / v.sqrt().add_(c["eps"]) * step_size)
+
+
 def _trust_ratio(w, gn, lr, c):
     """LARS's per-tensor factor (timm's Lars, apex's LARC) from the norms of the parameter (w) and of the gradient as
     the update applies it (gn), float64 0-dim tensors: 1 where either is 0, or where the group does not adapt."""
@@ -149,7 +164,7 @@ def _lamb(p, g, s, step, lr, c, norms):
 
 
 UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan, "adagrad": _adagrad,
-           "lars": _lars, "lamb": _lamb}
+           "lars": _lars, "lamb": _lamb, "diffgrad": _diffgrad}
 DIRECTIONS = {"lamb": _lamb_direction}  # the rules whose pre-pass reduces their update's direction ("update")
 
 
@@ -377,6 +392,27 @@ def _trust_ratio_host(w: float, gn: float, lr: float, c: dict) -> float:
     return ratio
 
 
+def _diffgrad_foreach(p, g, s, ks, lr, c):
+    if c["weight_decay"] != 0.0:
+        g = torch._foreach_add(g, p, alpha=c["weight_decay"])
+    m, v, prev = s["exp_avg"], s["exp_avg_sq"], s["previous_grad"]
+    torch._foreach_lerp_(m, g, c["one_minus_beta1"])
+    torch._foreach_mul_(v, c["beta2"])
+    torch._foreach_addcmul_(v, g, g, value=c["one_minus_beta2"])
+    friction = torch._foreach_sub(prev, g)
+    torch._foreach_abs_(friction)
+    torch._foreach_neg_(friction)
+    torch._foreach_exp_(friction)
+    torch._foreach_add_(friction, 1.0)
+    torch._foreach_reciprocal_(friction)
+    torch._foreach_copy_(prev, g)
+    torch._foreach_mul_(friction, m)
+    denom = torch._foreach_sqrt(v)
+    torch._foreach_add_(denom, c["eps"])
+    torch._foreach_addcdiv_(p, friction, denom,
+                            [-lr * math.sqrt(1.0 - c["beta2"] ** k) / (1.0 - c["beta1"] ** k) for k in ks])
+
+
 def lamb_direction_foreach(p, g, m, v, ks, c, scale=1.0):
     """_lamb_direction over lists, of the gradients g times ``scale`` (folded into the moments' factors: one pass and
     one list fewer), the moments m and v left as they are: (the directions, the new moments), new tensors."""
@@ -425,5 +461,6 @@ def lars_grads(p, g, lr, c, norms):
     return g
 
 
-FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach, "lamb": _lamb_foreach}
+FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach, "lamb": _lamb_foreach,
+           "diffgrad": _diffgrad_foreach}
 READS_NORMS = ("lamb",)  # the list forms that take each tensor's (||p||, ||r||)

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from ..registry import CHUNK, CODECS, GROUP_COLS, KIND, NO_GRAD, QBLOCK, RULES, STATE_COL, TENSOR_COLS, group_cols
 from .plan import Part, Plan
@@ -66,8 +67,9 @@ _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS,
 _NEAREST, _REMAINDER, _COPY, _STOCHASTIC, _CORRECTION = (
     tl.constexpr(CODECS.index(c)) for c in ("nearest", "remainder", "copy", "stochastic", "correction"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
-_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB = (
-    tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "lars", "lamb"))
+_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB, _DIFFGRAD = (
+    tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "lars", "lamb",
+                                        "diffgrad"))
 
 
 def _cols(rule: str, *names: str) -> tuple:
@@ -76,7 +78,8 @@ def _cols(rule: str, *names: str) -> tuple:
 
 
 _ADAM_COLS = ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "weight_decay")
-assert _cols("adamw", *_ADAM_COLS) == _cols("adabelief", *_ADAM_COLS), "AdamW and AdaBelief share their scalars"
+assert _cols("adamw", *_ADAM_COLS) == _cols("adabelief", *_ADAM_COLS) == _cols("diffgrad", *_ADAM_COLS), \
+    "AdamW, AdaBelief and DiffGrad share their columns"
 _A_B1, _A_B2, _A_OMB1, _A_OMB2, _A_LOGB1, _A_LOGB2, _A_EPS, _A_WD = _cols("adamw", *_ADAM_COLS)
 _L_B1, _L_B2, _L_OMB1, _L_OMB2, _L_WD = _cols("lion", "beta1", "beta2", "one_minus_beta1", "one_minus_beta2",
                                               "weight_decay")
@@ -178,6 +181,37 @@ def _adabelief(p, g, m, v, c):
     v = v * b2 + r * r * omb2 + eps
     p = p - _div(m, _div(tl.sqrt_rn(v), sqrt_bc2) + eps) * step_size
     return p, m, v
+
+
+@triton.jit
+def _exp(x):
+    """exp in float32 as the CUDA kernel's expf computes it: libdevice's (tl.exp is ex2.approx of x log2(e)); the
+    interpreter has no libdevice."""
+    if _INTERPRETED:
+        y = tl.exp(x)
+    else:
+        y = libdevice.exp(x)
+    return y
+
+
+@triton.jit
+def _diffgrad_scalars(row, k, lr):
+    step_size = (lr.to(tl.float64) * tl.sqrt(_bias_correction(row, _A_LOGB2, k)) /
+                 _bias_correction(row, _A_LOGB1, k)).to(tl.float32)
+    return (_f32(row, _A_WD), _f32(row, _A_B1), _f32(row, _A_OMB1), _f32(row, _A_B2), _f32(row, _A_OMB2),
+            _f32(row, _A_EPS), step_size)
+
+
+@triton.jit
+def _diffgrad(p, g, m, v, prev, c):
+    """torch-optimizer's DiffGrad: L2 decay into g, the first moment times the friction of |g_prev - g|."""
+    wd, b1, omb1, b2, omb2, eps, step_size = c
+    g = g + wd * p
+    m = m * b1 + g * omb1
+    v = v * b2 + g * g * omb2
+    friction = _div(tl.full(g.shape, 1.0, tl.float32), 1.0 + _exp(_neg(tl.abs(prev - g))))
+    p = p - _div(m * friction, tl.sqrt_rn(v) + eps) * step_size
+    return p, m, v, g
 
 
 @triton.jit
@@ -330,6 +364,8 @@ def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.co
         c = _lars_scalars(row, k, lr, red, _grad_scale(row, norm, tl.load(amp_scale)))
     elif RULE == _LAMB:
         c = _lamb_scalars(row, k, lr, red, REDUCE)
+    elif RULE == _DIFFGRAD:
+        c = _diffgrad_scalars(row, k, lr)
     else:
         tl.static_assert(RULE == _ADAN, "a rule without Triton code")
         c = _adan_scalars(row, k, lr)
@@ -352,6 +388,8 @@ def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c):
         p, s0 = _lars(p, g, s0, c)
     elif RULE == _LAMB:
         p, s0, s1 = _lamb(p, g, s0, s1, c)
+    elif RULE == _DIFFGRAD:
+        p, s0, s1, s2 = _diffgrad(p, g, s0, s1, s2, c)
     else:
         p, s0, s1, s2, s3 = _adan(p, g, s0, s1, s2, s3, c)
     return p, s0, s1, s2, s3

@@ -1,9 +1,10 @@
 from .adagrad import Adagrad
 from .adam import AdaBelief, AdamW, Adan
+from .diffgrad import DiffGrad
 from .lamb import LAMB
 from .lars import LARS
 from .base import FusedOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "FusedOptimizer"]
+__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "DiffGrad", "FusedOptimizer"]
