@@ -134,8 +134,14 @@ def test_groups_with_their_state_in_float32_and_in_the_parameters_dtype(backend)
         (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32), (torch.float32, torch.float32)}
 
 
+# On the CPU every case's kernels meet the oracle with gradients missing already (check_steps_against_oracle drops one
+# every third step): there, every other case also meets backend "torch" (half of 17 cases took 40 s of the suite);
+# on a GPU every case does.
+TWIN_CASES = CASES if DEVICE == "cuda" else CASES[1::2]
+
+
 @pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("case", TWIN_CASES, ids=[c.id for c in TWIN_CASES])
 def test_matches_torch_backend_with_params_without_grads(case, backend):
     make = lambda ps, backend: case.make(ps, backend=backend, schedule=SCHEDULES["rex"])  # noqa: E731
     _twins(make, lambda: make_params(DEVICE, seed=5), steps=10, backend=backend)
@@ -429,7 +435,9 @@ def test_tensor_over_2_pow_31_elements(backend):
     assert float(opt.state[p]["step"]) == 1.0
 
 
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+# (on the CPU every other case: each meets the oracle on both kernels already; 17 cases took 45 s of the suite)
+@pytest.mark.parametrize("case", CASES if DEVICE == "cuda" else CASES[::2],
+                         ids=CASE_IDS if DEVICE == "cuda" else CASE_IDS[::2])
 def test_cuda_and_triton_agree(case):
     """The two kernel backends, step by step on the same gradients, within float32 rounding."""
     if any(_AVAIL[b] for b in ("triton", "cuda")):

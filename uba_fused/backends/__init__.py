@@ -16,11 +16,12 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 from .plan import CaptureError, GradScan, is_dense, stream_of_step
-from .work import Amp, Capture, GradSource, GroupWork, Selection, Step, StepCache, local
+from .cache import Held, StepCache
+from .work import Amp, Capture, GradSource, GroupWork, Selection, Step, local
 
 __all__ = ["Amp", "NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
            "Selection",
-           "Step", "StepCache", "BackendUnavailableError", "availability", "resolve", "check_params", "get",
+           "Step", "StepCache", "Held", "BackendUnavailableError", "availability", "resolve", "check_params", "get",
            "capturing", "stream_of_step"]
 
 NAMES = ("auto", "torch", "cpu", "triton", "cuda")

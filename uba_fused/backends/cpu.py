@@ -28,7 +28,8 @@ from ..registry import RULES
 from .plan import is_dense
 from .reference import (FOREACH, READS_NORMS, decode, decode_state, encode, encode_state, grad_scale,
                         lamb_apply_foreach, lamb_direction_foreach, lars_grads, reduce_sums, skipped)
-from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
+from .cache import StepCache
+from .work import Amp, GradSource, GroupWork, Step, codec_of, state_rounding_of
 
 _LOW = (torch.bfloat16, torch.float16)
 _NARROW = (*_LOW, torch.int8)  # state kept in fewer bits than the update computes in

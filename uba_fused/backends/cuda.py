@@ -15,7 +15,8 @@ import torch
 from .._ext import _C
 from ..registry import CHUNK, RULES, abi
 from .plan import STORAGE_ID, Part, Plan
-from .work import Amp, GradSource, GroupWork, Step, StepCache
+from .cache import StepCache
+from .work import Amp, GradSource, GroupWork, Step
 
 if _C is None or not hasattr(_C, "fused_step"):
     raise NotImplementedError("uba_fused._C was built without the fused-step kernels; reinstall with "
@@ -27,7 +28,7 @@ if json.loads(_C.REGISTRY) != abi():
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Step:
-    plan, table = Plan.for_step(cache, "cuda", rule, work, CHUNK, grads)
+    plan, table = Plan.for_step(cache.plans, "cuda", rule, work, CHUNK, grads)
     rule_id, n_groups = RULES[rule].id, len(work)
 
     def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:

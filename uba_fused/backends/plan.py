@@ -57,7 +57,7 @@ import torch
 
 from .. import _ext
 from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
-from .work import (Amp, Capture, GradSource, GroupWork, StepCache, codec_of, dtensor_class, is_dtensor, local,
+from .work import (Amp, Capture, GradSource, GroupWork, codec_of, dtensor_class, is_dtensor, local,
                    state_rounding_of)
 
 ALIGN = 16  # bytes: what a 128-bit vector access needs
@@ -203,11 +203,12 @@ class Plan:
         return (rule,) + tuple((w.index, id(w.params)) for w in work)
 
     @classmethod
-    def for_step(cls, cache: StepCache, name: str, rule: str, work: Sequence[GroupWork], block: int,
+    def for_step(cls, plans: dict[str, Plan], name: str, rule: str, work: Sequence[GroupWork], block: int,
                  source: GradSource) -> tuple[Plan, torch.Tensor]:
-        """The plan of backend ``name`` for this selection (built if none is cached) with its group rows
-        current, and the gradient table its kernels read this step, current too. Never syncs."""
-        plan = cache.plans.get(name)
+        """The plan of backend ``name`` for this selection (built if none is cached in ``plans``, StepCache.plans)
+        with its group rows current, and the gradient table its kernels read this step, current too. Never
+        syncs."""
+        plan = plans.get(name)
         built = plan is None or plan.key != cls.key_of(rule, work)
         if built:
             if source.capture is not None:
@@ -215,7 +216,7 @@ class Plan:
                                    "built yet, or a state dict loaded since): run eager steps before capturing, with "
                                    "the same parameters receiving gradients (PyTorch's recipe warms up on a side "
                                    "stream)")
-            plan = cache.plans[name] = cls.build(rule, work, block, len(source.addresses))
+            plan = plans[name] = cls.build(rule, work, block, len(source.addresses))
         plan.enter_stream(work)
         plan.upload_rows(work, source.capture)
         table = plan.grads

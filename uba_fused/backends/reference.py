@@ -16,7 +16,8 @@ import torch
 
 from ..registry import QBLOCK, RULES
 from . import rounding
-from .work import Amp, GradSource, GroupWork, Step, StepCache, codec_of, state_rounding_of
+from .cache import StepCache
+from .work import Amp, GradSource, GroupWork, Step, codec_of, state_rounding_of
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:

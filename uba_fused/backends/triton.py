@@ -31,7 +31,8 @@ from triton.language.extra import libdevice
 
 from ..registry import CHUNK, CODECS, GROUP_COLS, KIND, NO_GRAD, QBLOCK, RULES, STATE_COL, TENSOR_COLS, group_cols
 from .plan import Part, Plan
-from .work import Amp, GradSource, GroupWork, Step, StepCache
+from .cache import StepCache
+from .work import Amp, GradSource, GroupWork, Step
 
 BLOCK = CHUNK     # elements per program; 4K-16K all reached 0.96-0.99 of copy bandwidth in the probes
 NUM_WARPS = 4
@@ -795,7 +796,7 @@ def sub_tile(*dtypes: torch.dtype) -> int:
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource) -> Step:
-    plan, table = Plan.for_step(cache, "triton", rule, work, BLOCK, grads)
+    plan, table = Plan.for_step(cache.plans, "triton", rule, work, BLOCK, grads)
     spec, n_groups = RULES[rule], len(work)
     ng, groups = len(group_cols(rule)), triton.next_power_of_2(n_groups)
 

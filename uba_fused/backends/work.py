@@ -7,9 +7,11 @@ the step of those groups as a small pipeline, which the optimizer runs stage by 
 1. ``grad_sumsq()``, the pre-pass, only when a group clips its gradients (``max_grad_norm``): launches the
    reduction of the gradients and returns the sum of their squares, a float64 0-dim tensor on the device.
    The optimizer adds the backends' sums and takes the square root: the global gradient norm.
-2. ``reduce()``, only for a rule that reads per-tensor sums (Rule.reduces: LARS): launches the reduction of each
-   parameter and gradient and returns their sums of squares, float64 [rows, 2] in an order of the backend's own.
-   The optimizer sums them over the shards of each tensor (FSDP2) and hands them back to ``update``.
+2. ``reduce(norm, amp)``, only for a rule that reads per-tensor sums (Rule.reduces: LARS, LAMB): launches the
+   reduction of each parameter and of its gradient (LARS) or of the direction its update will apply (LAMB: from the
+   gradient as ``update`` applies it, given the same ``norm`` and ``amp``, and the state, which it leaves as it is),
+   and returns their sums of squares, float64 [rows, 2] in an order of the backend's own. The optimizer sums them
+   over the shards of each tensor (FSDP2) and hands them back to ``update``.
 3. ``update(norm, amp, sums)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
    gradient is None is left as it is), each gradient first divided by GradScaler's scale (``amp``, an ``Amp``;
    None without a scaler) and scaled by its group's clipping factor of the unscaled norm (Rule.clipping;
@@ -19,8 +21,8 @@ the step of those groups as a small pipeline, which the optimizer runs stage by 
 
 Nothing in either stage syncs with the host. The optimizer has checked the gradients (``check_grads``) and
 prepares every backend before it launches any, so an error leaves nothing half-updated. ``cache`` is the
-optimizer's ``StepCache``, where a kernel backend keeps device tables between steps (``plans``) and backend
-"cpu" its derived lists (``host``); the optimizer clears it when storages may have changed
+optimizer's ``StepCache`` (backends/cache.py), where a kernel backend keeps device tables between steps (``plans``)
+and backend "cpu" its derived lists (``host``); the optimizer clears it when storages may have changed
 (``load_state_dict``, ``add_param_group``). Backends "torch" and "cpu" read the gradients from
 ``GroupWork.grads``; the kernel backends read their addresses from ``grads`` (a ``GradSource``).
 
@@ -34,16 +36,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from ..registry import codec, state_rounding
 from ..schedules import Schedule
-
-if TYPE_CHECKING:
-    from .plan import GradScan, Plan
-
 
 @dataclass
 class GroupWork:
@@ -103,42 +101,6 @@ class Selection:
     slots: list[int]                      # as GroupWork.slots
     masters: list[torch.Tensor | None]    # as GroupWork.masters
     scales: list[torch.Tensor | None]     # as GroupWork.scales
-
-
-@dataclass
-class StepCache:
-    """What an optimizer keeps between steps so that the next one costs less. None of it is state: the
-    optimizer drops it whole (``clear``) whenever storages may have changed (a state-dict load, a new param
-    group, an FSDP2 shard replaced)."""
-
-    valid: dict[int, tuple] = field(default_factory=dict)  # group index -> the signature last found valid
-    selections: dict[tuple, Selection] = field(default_factory=dict)  # (group index, mask, state names) ->
-    scan: GradScan | None = None          # where the gradients were last step (one C++ pass per step)
-    shards: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each DTensor parameter, its local shard
-    plans: dict[str, Plan] = field(default_factory=dict)  # kernel backend name -> its device tables
-    host: dict[tuple, Any] = field(default_factory=dict)  # backend "cpu": lists derived from a selection
-    layout: tuple | None = None           # (what clipping all-reduces over,) once a clipping step found it
-    held: Held | None = None              # what the tables and selections were built from, checked every step
-    fresh: bool = False                   # this step made or replaced state: record what is held after it
-
-    def clear(self) -> None:
-        vars(self).update(vars(StepCache()))
-
-
-@dataclass
-class Held:
-    """What the device tables and the cached selections were built from, recorded after the step that built them
-    (``GradScan.hold``) and checked at the start of every step (``GradScan.moved``): each parameter whose address
-    a table holds, with its layout, and each dict entry that names a state buffer, a step count or a schedule
-    counter. ``labels`` says what each is (tensors first, then entries), for errors. ``storages`` keeps the
-    memory of those buffers and counters alive for as long as the tables may write it; ``state`` is the
-    optimizer's ``state`` mapping and ``version`` its count of changed entries then."""
-
-    tensors: list[torch.Tensor]
-    labels: list[str]
-    storages: list[torch.UntypedStorage]
-    state: Any
-    version: int
 
 
 @dataclass

@@ -648,7 +648,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                         entry_labels.append(f"{what}'s state {n!r} (replaced)")
                         storages.append(local(st[n]).untyped_storage())
         self._cache.scan.hold(tensors, entries)
-        self._cache.held = backends.work.Held(tensors, labels + entry_labels, storages, self.state,
+        self._cache.held = backends.Held(tensors, labels + entry_labels, storages, self.state,
                                               self.state.version)
         self._cache.fresh = False
 
