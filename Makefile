@@ -23,7 +23,7 @@ $(BUILT): $(DEPS) pyproject.toml setup.py $(wildcard csrc/*)
 
 test: $(BUILT)
 	$(PY) -m uba_fused.env
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=20 tests
 
 bench: $(BUILT)
 	$(PY) -m uba_fused.env
