@@ -143,22 +143,25 @@ def _adagrad_initial(group: Mapping) -> dict[str, float]:
     return {"sum": float(group["initial_accumulator_value"])}
 
 
+def _adapts(group: Mapping) -> float:
+    """Whether LARS's or LAMB's trust ratio applies (timm's rule): where the group decays, or always_adapt."""
+    return float(float(group["weight_decay"]) != 0.0 or bool(group["always_adapt"]))
+
+
 def _lars(group: Mapping) -> dict[str, float]:
-    adapt = float(group["weight_decay"]) != 0.0 or bool(group["always_adapt"])
     return {**_sgd(group), "trust_coeff": float(group["trust_coeff"]), "eps": float(group["eps"]),
-            "trust_clip": float(bool(group["trust_clip"])), "adapt": float(adapt)}
+            "trust_clip": float(bool(group["trust_clip"])), "adapt": _adapts(group)}
 
 
 def _lamb(group: Mapping) -> dict[str, float]:
     # timm's Lamb: without grad_averaging the gradient enters m whole (beta3 = 1); without bias_correction,
     # log beta = -inf makes 1 - b^k = 1 in every backend
     (b1, b2), corrected = (float(b) for b in group["betas"]), bool(group["bias_correction"])
-    adapt = float(group["weight_decay"]) != 0.0 or bool(group["always_adapt"])
     return {"beta1": b1, "beta2": b2, "beta3": 1.0 - b1 if group["grad_averaging"] else 1.0,
             "one_minus_beta2": 1.0 - b2, "log_beta1": _log(b1) if corrected else -math.inf,
             "log_beta2": _log(b2) if corrected else -math.inf, "eps": float(group["eps"]),
             "weight_decay": float(group["weight_decay"]), "trust_clip": float(bool(group["trust_clip"])),
-            "adapt": float(adapt)}
+            "adapt": _adapts(group)}
 
 
 def _adan(group: Mapping) -> dict[str, float]:
@@ -242,10 +245,16 @@ class Rule:
         return float(group.get("max_grad_norm", 0.0)), self.clip_eps(group)
 
     @property
+    def reduces_direction(self) -> bool:
+        """Whether the pre-pass reduces the update's direction ("update"; LAMB), which it computes from the gradient
+        and the state without storing anything, rather than the gradient as backward left it ("grad"; LARS)."""
+        return "update" in self.reduces
+
+    @property
     def prepass_loads(self) -> int:
         """Tensors the per-tensor pre-pass loads per element: the parameter and the gradient, or (a rule that reduces
-        its "update") everything the update loads, whose direction it computes without storing it."""
-        return self.streams[0] if "update" in self.reduces else len(self.reduces)
+        its direction) everything the update loads."""
+        return self.streams[0] if self.reduces_direction else len(self.reduces)
 
     def bytes_per_element(self, itemsize: int) -> int:
         """Bytes a step moves per element of ``itemsize``: the update's streams and its pre-pass's reads."""

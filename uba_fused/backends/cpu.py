@@ -68,7 +68,7 @@ def _reduce(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor
     computing them twice); another computes them as its update will, from float32 copies and scaled gradients."""
     if not any(w.params for w in work):
         return reduce_sums(rule, work, norm, amp)
-    if RULES[rule].reduces[1] == "grad":
+    if not RULES[rule].reduces_direction:
         return torch.stack([_squares([p for w in work for p in w.params]),
                             _squares([g for w in work for g in w.grads])], 1)
     rows = []
@@ -117,7 +117,7 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | 
         scale = 1.0 if scale is None else float(scale)  # CPU values: no sync
         # a rule that reads per-tensor norms (Rule.reduces): (||p||, ||g|| as applied or ||r||) per parameter, host
         # floats
-        by = scale if spec.reduces and spec.reduces[1] == "grad" else 1.0
+        by = 1.0 if spec.reduces_direction else scale
         norms = None if sums is None else [(math.sqrt(a), math.sqrt(b) * by)
                                            for a, b in sums[first:first + len(w.params)].tolist()]
         first += len(w.params)

@@ -47,17 +47,12 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                       rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding], param)
 
     def reduce(norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
-        def part_pass(part: Part) -> None:
-            if RULES[rule].reduces[1] == "update":  # the update's direction, computed and not stored
-                grad_scale, found_inf = plan.amp_args(amp)
-                _C.direction_sumsq(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
-                                   plan.scratch if norm is None else norm, grad_scale, found_inf, part.squares,
-                                   n_groups, rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec,
-                                                                 part.state_rounding])
-            else:
-                sumsq(part, part.squares[0], param=True)
-                sumsq(part, part.squares[1])
+        def direction(part: Part) -> None:  # the update's direction, computed and not stored
+            grad_scale, found_inf = plan.amp_args(amp)
+            _C.direction_sumsq(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
+                               plan.scratch if norm is None else norm, grad_scale, found_inf, part.squares, n_groups,
+                               rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding])
 
-        return plan.reduce(part_pass)
+        return plan.reduce(sumsq, direction)
 
     return Step(update, lambda: plan.grad_sumsq(lambda part: sumsq(part, part.partials)), reduce)

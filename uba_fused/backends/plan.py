@@ -172,14 +172,21 @@ class Plan:
         for i, part in enumerate(self.parts):
             part_launch(part, i == len(self.parts) - 1)
 
-    def reduce(self, part_pass: Callable[[Part], None]) -> torch.Tensor:
+    def reduce(self, sumsq: Callable[[Part, torch.Tensor, bool], None],
+               direction: Callable[[Part], None]) -> torch.Tensor:
         """The per-tensor pre-pass (Rule.reduces): float64 [rows of every part, 2], each row's sums of squares of its
-        parameter and of its gradient or its update's direction. ``part_pass(part)`` launches the kernels that write
-        each work item's sums into ``part.squares``; torch.segment_reduce adds a row's items one after another in
-        their order, so a step gives the same sums every run (no atomics)."""
+        parameter and of its gradient or its update's direction. Per part, into ``part.squares``: ``sumsq(part,
+        out, param)``, the gradient pre-pass, writes each work item's sum of the parameter's squares (``param``) or
+        of the gradient's; or ``direction(part)``, the update kernel computing the direction (Rule.reduces_direction),
+        writes both. torch.segment_reduce adds a row's items one after another in their order, so a step gives the
+        same sums every run (no atomics)."""
         out = []
         for part in self.parts:
-            part_pass(part)
+            if RULES[self.rule].reduces_direction:
+                direction(part)
+            else:
+                sumsq(part, part.squares[0], True)
+                sumsq(part, part.squares[1], False)
             out.append(torch.segment_reduce(part.squares.t(), "sum", lengths=part.lengths, axis=0, unsafe=True))
         return torch.cat(out)
 

@@ -177,7 +177,7 @@ def reduce_sums(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None,
     ps = [p for w in work for p in w.params]
     if not ps:
         return torch.zeros((0, 2), dtype=torch.float64, device=work[0].schedule_step.device)
-    if RULES[rule].reduces[1] == "grad":
+    if not RULES[rule].reduces_direction:
         gs = [g for w in work for g in w.grads]
         return torch.stack([torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)) for ts in (ps, gs)],
                            1).square()
@@ -316,7 +316,7 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
         else:  # the norms of the parameter and of the gradient as applied (scaled, as g32), or of the direction
             gn = sums[i, 1].sqrt()
-            if scale is not None and RULES[rule].reduces[1] == "grad":
+            if scale is not None and not RULES[rule].reduces_direction:
                 gn = gn * scale.to(sums.device)
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, (sums[i, 0].sqrt(), gn))
         seed = int(w.hyper.get("seed", 0))

@@ -827,14 +827,7 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
             return plan.grad_sumsq(lambda part: sumsq(part, part.partials))
 
     def reduce(norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
-        def part_pass(part: Part) -> None:
-            if spec.reduces[1] == "update":  # the update's direction, computed and not stored
-                step_kernel(part, norm, amp, plan.scratch, reduce=True)
-            else:
-                sumsq(part, part.squares[0], param=True)
-                sumsq(part, part.squares[1])
-
         with plan.on_device():
-            return plan.reduce(part_pass)
+            return plan.reduce(sumsq, lambda part: step_kernel(part, norm, amp, plan.scratch, reduce=True))
 
     return Step(update, grad_sumsq, reduce)

@@ -362,7 +362,7 @@ def bytes_of(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list
     kept = sum(v.nbytes for st in opt.state.values() for k, v in st.items() if k != "step" and torch.is_tensor(v))
     reduces = registry.RULES[rule].reduces
     norms = sum(p.nbytes * ("param" in reduces) + g.nbytes * bool(reduces) for p, g in zip(params, grads))
-    norms += kept if "update" in reduces else 0
+    norms += kept if registry.RULES[rule].reduces_direction else 0
     return sum(2 * p.nbytes + g.nbytes for p, g in zip(params, grads)) + 2 * kept + norms, kept
 
 
