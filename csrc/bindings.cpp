@@ -85,6 +85,20 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
           static_cast<int>(tensors.size(0)), static_cast<int>(n_groups), advance ? 1 : 0, 0};
 }
 
+// A rule that projects (kProjects) reads each row's coefficient from `coefs` (float32, Rows.coefs), which its
+// caller must give; another rule gets null.
+const float* checked_coefs(const std::optional<at::Tensor>& coefs, const char* what, int64_t rule,
+                           const at::Device& device) {
+  int tensor_cols = 0, group_cols = 0, reduces = 0;
+  bool projects = false;
+  uf::rule_layout(static_cast<int>(rule), &tensor_cols, &group_cols, &reduces, &projects);
+  if (!projects) return nullptr;
+  TORCH_CHECK(coefs.has_value() && coefs->defined() && coefs->device() == device &&
+                  coefs->scalar_type() == at::kFloat && coefs->is_contiguous() && coefs->numel() >= 1,
+              what, "rule ", rule, " projects per row and needs coefs, a contiguous float32 tensor on ", device);
+  return coefs->data_ptr<float>();
+}
+
 // `t`, checked to be a contiguous tensor of `type` with at least `numel` elements on `device`.
 void check_buffer(const at::Tensor& t, const char* what, const char* name, at::ScalarType type, int64_t numel,
                   const at::Device& device) {
@@ -104,7 +118,7 @@ void check_buffer(const at::Tensor& t, const char* what, const char* name, at::S
 void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads, const at::Tensor& groups,
                 const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm, const at::Tensor& reduced,
                 const at::Tensor& grad_scale, const at::Tensor& found_inf, int64_t n_groups, bool advance, int64_t rule,
-                int64_t storage) {
+                int64_t storage, const std::optional<at::Tensor>& coefs) {
   uf::FusedStepArgs args = checked_args(work, tensors, grads, groups, gaddr, done, n_groups, advance, rule, storage);
   const char* what = "uba_fused._C.fused_step: ";
   int tensor_cols = 0, group_cols = 0, reduces = 0;
@@ -112,6 +126,7 @@ void fused_step(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
   check_buffer(norm, what, "norm", at::kDouble, 1, work.device());
   check_buffer(reduced, what, "reduced", at::kDouble, std::max<int64_t>(1, reduces * tensors.size(0)), work.device());
   args.reduced = reduced.data_ptr<double>();
+  args.coefs = checked_coefs(coefs, what, rule, work.device());
   check_buffer(grad_scale, what, "grad_scale", at::kFloat, 1, work.device());
   check_buffer(found_inf, what, "found_inf", at::kFloat, 1, work.device());
   args.norm = norm.data_ptr<double>();
@@ -155,17 +170,26 @@ void grad_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Ten
 void direction_sumsq(const at::Tensor& work, const at::Tensor& tensors, const at::Tensor& grads,
                      const at::Tensor& groups, const at::Tensor& gaddr, const at::Tensor& done, const at::Tensor& norm,
                      const at::Tensor& grad_scale, const at::Tensor& found_inf, const at::Tensor& squares,
-                     int64_t n_groups, int64_t rule, int64_t storage) {
+                     int64_t n_groups, int64_t rule, int64_t storage, const std::optional<at::Tensor>& reduced,
+                     const std::optional<at::Tensor>& coefs) {
   uf::FusedStepArgs args = checked_args(work, tensors, grads, groups, gaddr, done, n_groups, false, rule, storage);
   const char* what = "uba_fused._C.direction_sumsq: ";
+  int tensor_cols = 0, group_cols = 0, reduces = 0;
+  uf::rule_layout(static_cast<int>(rule), &tensor_cols, &group_cols, &reduces);  // known: checked_args
   check_buffer(norm, what, "norm", at::kDouble, 1, work.device());
   check_buffer(grad_scale, what, "grad_scale", at::kFloat, 1, work.device());
   check_buffer(found_inf, what, "found_inf", at::kFloat, 1, work.device());
   TORCH_CHECK(squares.defined() && squares.device() == work.device() && squares.scalar_type() == at::kDouble &&
-                  squares.dim() == 2 && squares.size(0) == 2 && squares.size(1) >= work.size(0) &&
+                  squares.dim() == 2 && squares.size(0) == reduces && squares.size(1) >= work.size(0) &&
                   squares.stride(1) == 1,
-              what, "squares must be a float64 [2, >= ", work.size(0), "] tensor with contiguous rows on ",
-              work.device());
+              what, "squares must be a float64 [", reduces, ", >= ", work.size(0),
+              "] tensor with contiguous rows on ", work.device());
+  args.coefs = checked_coefs(coefs, what, rule, work.device());
+  if (args.coefs != nullptr) {  // a rule that projects: each tensor's row length (Rows.meta)
+    TORCH_CHECK(reduced.has_value(), what, "rule ", rule, " projects per row and needs reduced (its rows' meta)");
+    check_buffer(*reduced, what, "reduced", at::kDouble, reduces * tensors.size(0), work.device());
+    args.reduced = reduced->data_ptr<double>();
+  }
   args.norm = norm.data_ptr<double>();
   args.grad_scale = grad_scale.data_ptr<float>();
   args.found_inf = found_inf.data_ptr<float>();
@@ -350,7 +374,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_step", &fused_step, "one fused optimizer step over the device tables of a plan part",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
         py::arg("norm"), py::arg("reduced"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("n_groups"),
-        py::arg("advance"), py::arg("rule"), py::arg("storage"));
+        py::arg("advance"), py::arg("rule"), py::arg("storage"), py::arg("coefs") = py::none());
   m.def("grad_sumsq", &grad_sumsq, "the pre-pass: each work item's sum of squares of its chunk of a gradient",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
         py::arg("out"), py::arg("n_groups"), py::arg("rule"), py::arg("storage"), py::arg("of_param") = false);
@@ -358,7 +382,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the direction pre-pass: each work item's sums of squares of its chunk of the parameter and of its update",
         py::arg("work"), py::arg("tensors"), py::arg("grads"), py::arg("groups"), py::arg("gaddr"), py::arg("done"),
         py::arg("norm"), py::arg("grad_scale"), py::arg("found_inf"), py::arg("squares"), py::arg("n_groups"),
-        py::arg("rule"), py::arg("storage"));
+        py::arg("rule"), py::arg("storage"), py::arg("reduced") = py::none(), py::arg("coefs") = py::none());
   py::class_<GradAddresses>(m, "GradAddresses", "where each parameter's gradient lived at the last step")
       .def(py::init<std::vector<at::Tensor>>(), py::arg("params"))
       .def("scan", &GradAddresses::scan, "0: unchanged, 1: moved (addresses written to out), 2: other",

@@ -25,12 +25,13 @@ R in_part(int storage, R unknown, F&& f) {
 
 }  // namespace
 
-bool rule_layout(int rule, int* tensor_cols, int* group_cols, int* reduces) {
+bool rule_layout(int rule, int* tensor_cols, int* group_cols, int* reduces, bool* projects) {
   return with_rule(rule, [&](auto r) {
     using R = decltype(r);
     *tensor_cols = kState0 + R::Cols::kStates;
     *group_cols = R::Cols::kCols;
     *reduces = R::Cols::kReduces;
+    if (projects != nullptr) *projects = R::Cols::kProjects != 0;
   });
 }
 

@@ -384,6 +384,8 @@ struct Item {
   float k;           // this tensor's step count after this update
   float gscale;      // what each gradient is multiplied by: 1 / GradScaler's scale, times the group's clipping factor
   typename R::Scalars c;
+  const float* coefs;  // a rule that projects (kProjects): its tensor's rows' coefficients (Rows.coefs), rows of
+  int64_t row_len;     // row_len elements
 };
 
 template <typename T, typename TS, int C, bool SR, class R>
@@ -407,6 +409,8 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.n_chunks = info >> 1;
   it.writes_step = live && it.slot < args.n_rows - 1;  // the last row is the sentinel
   it.vector = (info & 1) && grad % 16 == 0 && it.end - it.start == kChunk;  // the gradient moves: checked here
+  it.coefs = nullptr;
+  it.row_len = 1;
   const double* grow = args.groups + row[kGroup] * R::Cols::kCols;
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
   it.k = *it.step + 1.0f;
@@ -414,9 +418,18 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
   const float lr = group_lr(grow, static_cast<float>(*counter));
   if constexpr (R::Cols::kReduces > 0) {  // the tensor's per-tensor sums (the pre-pass's, summed over shards; none
-                                          // in the direction pre-pass)
-    it.c = R::scalars(grow, lr, it.k, args.reduced ? args.reduced + R::Cols::kReduces * it.slot : nullptr,
-                      it.gscale);
+                                          // in LAMB's direction pre-pass), or a rule that projects its Rows.meta
+    const double* red = args.reduced ? args.reduced + R::Cols::kReduces * it.slot : nullptr;
+    it.c = R::scalars(grow, lr, it.k, red, it.gscale);
+    if constexpr (R::Cols::kProjects != 0) {
+      it.row_len = static_cast<int64_t>(red[0]) > 1 ? static_cast<int64_t>(red[0]) : 1;  // (0: never walked)
+      it.coefs = args.coefs + static_cast<int64_t>(red[1]);
+      if (args.squares != nullptr) {  // the direction pre-pass walks Rows.work: this item's row ends its elements
+        const int64_t row_end = (it.start / it.row_len + 1) * it.row_len;
+        it.end = it.end < row_end ? it.end : row_end;
+        it.vector = it.vector && it.end - it.start == kChunk && it.start % 8 == 0;  // (whole vectors)
+      }
+    }
   } else {
     it.c = R::scalars(grow, lr, it.k);
   }
@@ -424,6 +437,16 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.key = {static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32), static_cast<uint32_t>(row[kGradSlot]),
             static_cast<uint32_t>(*counter)};
   return it;
+}
+
+// R's update of element i of an item: with its row's coefficient, for a rule that projects (kProjects).
+template <class R, class I>
+UF_HD void apply(const I& it, int64_t i, float& p, float g, float (&s)[R::Cols::kStates]) {
+  if constexpr (R::Cols::kProjects != 0) {
+    R::update(p, g, s, it.c, it.coefs[i / it.row_len]);
+  } else {
+    R::update(p, g, s, it.c);
+  }
 }
 
 // 8-bit state (TS int8_t): a block of kQBlock elements is a warp's, each lane holding kPerLane of its elements: on the
@@ -478,7 +501,7 @@ UF_HD void load_lane(const I& it, int64_t first, int l, Lane<I>& x) {
   for (int e = 0; e < kPerLane; ++e) {
     float st[S];
     for (int j = 0; j < S; ++j) st[j] = x.s[j][e];
-    R::update(x.p[e], g[e] * it.gscale, st, it.c);
+    apply<R>(it, it.vector ? first + kPerLane * l + e : first + l + kBlockLanes * e, x.p[e], g[e] * it.gscale, st);
     for (int j = 0; j < S; ++j) x.s[j][e] = st[j];
   }
 }
@@ -597,7 +620,7 @@ UF_HD void update_elements(const Item<T, TS, C, SR, R>& it, int lane) {
       for (int e = 0; e < N; ++e) {
         float s[S];
         for (int j = 0; j < S; ++j) s[j] = sf[j][e];
-        R::update(pf[e], gf[e], s, it.c);
+        apply<R>(it, v * N + e, pf[e], gf[e], s);
         for (int j = 0; j < S; ++j) sf[j][e] = s[j];
       }
       I::P::store(it.p, it.m, v, pf, it.key);
@@ -611,7 +634,7 @@ UF_HD void update_elements(const Item<T, TS, C, SR, R>& it, int lane) {
       if (it.has_state) {
         for (int j = 0; j < S; ++j) s[j] = Io<TS>::load(it.s[j], i);
       }
-      R::update(p, Io<T>::load(it.g, i) * it.gscale, s, it.c);
+      apply<R>(it, i, p, Io<T>::load(it.g, i) * it.gscale, s);
       I::P::store(it.p, it.m, i, p, it.key);
       if (it.has_state) {
         for (int j = 0; j < S; ++j) StateIo<TS, SR>::store(it.s[j], i, s[j], it.key, 1 + j);
@@ -708,18 +731,26 @@ UF_HD float load_state(const I& it, int j, int64_t i) {
   }
 }
 
+// Rule R's direction pre-pass sums of one element into acc: p^2 and r^2 (LAMB), or p^2, g^2, p g and p d for a rule
+// that projects (registry.PROJECTION).
 template <class R>
-UF_HD void add_direction(float p, float g, float (&s)[R::Cols::kStates], const typename R::Scalars& c, double& pp,
-                         double& rr) {
-  const double r = R::direction(p, g, s, c);
-  pp += static_cast<double>(p) * p;
-  rr += r * r;
+UF_HD void add_direction(float p, float g, float (&s)[R::Cols::kStates], const typename R::Scalars& c,
+                         double (&acc)[R::Cols::kReduces]) {
+  const double r = R::direction(p, g, s, c), pd = p;
+  acc[0] += pd * p;
+  if constexpr (R::Cols::kProjects != 0) {
+    acc[1] += static_cast<double>(g) * g;
+    acc[2] += pd * g;
+    acc[3] += pd * r;
+  } else {
+    acc[1] += r * r;
+  }
 }
 
-// The direction pre-pass (launch.h): lane `lane` of LANES's sums of squares of the parameter and of the direction
-// over its elements of an item, from the loads of update_elements (per element for 8-bit state), storing nothing.
+// The direction pre-pass (launch.h): lane `lane` of LANES's sums (add_direction) over its elements of an item, from
+// the loads of update_elements (per element for 8-bit state), storing nothing.
 template <typename T, typename TS, int C, bool SR, class R, int LANES>
-UF_HD void direction_sumsq(const Item<T, TS, C, SR, R>& it, int lane, double& pp, double& rr) {
+UF_HD void direction_sumsq(const Item<T, TS, C, SR, R>& it, int lane, double (&acc)[R::Cols::kReduces]) {
   using I = Item<T, TS, C, SR, R>;
   constexpr int S = I::S;
   if constexpr (!std::is_same_v<TS, int8_t>) {
@@ -736,7 +767,7 @@ UF_HD void direction_sumsq(const Item<T, TS, C, SR, R>& it, int lane, double& pp
         for (int e = 0; e < N; ++e) {
           float s[S];
           for (int j = 0; j < S; ++j) s[j] = sf[j][e];
-          add_direction<R>(pf[e], gf[e] * it.gscale, s, it.c, pp, rr);
+          add_direction<R>(pf[e], gf[e] * it.gscale, s, it.c, acc);
         }
       }
       return;
@@ -745,7 +776,7 @@ UF_HD void direction_sumsq(const Item<T, TS, C, SR, R>& it, int lane, double& pp
   for (int64_t i = it.start + lane; i < it.end; i += LANES) {
     float s[S];
     for (int j = 0; j < S; ++j) s[j] = load_state<R>(it, j, i);
-    add_direction<R>(I::P::load(it.p, it.m, i), Io<T>::load(it.g, i) * it.gscale, s, it.c, pp, rr);
+    add_direction<R>(I::P::load(it.p, it.m, i), Io<T>::load(it.g, i) * it.gscale, s, it.c, acc);
   }
 }
 
@@ -776,18 +807,16 @@ __global__ void __launch_bounds__(kThreads) grad_sumsq_kernel(FusedStepArgs args
 
 template <typename T, typename TS, int C, bool SR, class R>
 __global__ void __launch_bounds__(kThreads) direction_sumsq_kernel(FusedStepArgs args) {
-  __shared__ double sums[2][kThreads];
+  constexpr int K = R::Cols::kReduces;
+  __shared__ double sums[K][kThreads];
   const Item<T, TS, C, SR, R> it = open_item<T, TS, C, SR, R>(args, blockIdx.x);
-  double pp = 0.0, rr = 0.0;
-  direction_sumsq<T, TS, C, SR, R, kThreads>(it, threadIdx.x, pp, rr);
-  sums[0][threadIdx.x] = pp;
-  sums[1][threadIdx.x] = rr;
+  double acc[K] = {};
+  direction_sumsq<T, TS, C, SR, R, kThreads>(it, threadIdx.x, acc);
+  for (int j = 0; j < K; ++j) sums[j][threadIdx.x] = acc[j];
   __syncthreads();
-  tree_sum<true>(sums[0], threadIdx.x);
-  tree_sum<true>(sums[1], threadIdx.x);
+  for (int j = 0; j < K; ++j) tree_sum<true>(sums[j], threadIdx.x);
   if (threadIdx.x == 0) {
-    args.squares[blockIdx.x] = sums[0][0];
-    args.squares[args.squares_stride + blockIdx.x] = sums[1][0];
+    for (int j = 0; j < K; ++j) args.squares[j * args.squares_stride + blockIdx.x] = sums[j][0];
   }
 }
 
@@ -891,18 +920,20 @@ bool run_direction_sumsq_on_host_part(const FusedStepArgs& args, int rule, int s
     using D = decltype(types);
     using R = decltype(r);
     if constexpr (HasDirection<R>::value) {
-      double pp[kThreads], rr[kThreads];  // the device's lanes and trees, one after another: its additions
+      constexpr int K = R::Cols::kReduces;
+      double sums[K][kThreads];  // the device's lanes and trees, one after another: its additions
       for (int64_t item = 0; item < args.n_items; ++item) {
         const auto it = open_item<typename D::param, typename D::state, D::codec, D::stochastic_state, R>(args, item);
         for (int lane = 0; lane < kThreads; ++lane) {
-          pp[lane] = rr[lane] = 0.0;
+          double acc[K] = {};
           direction_sumsq<typename D::param, typename D::state, D::codec, D::stochastic_state, R, kThreads>(
-              it, lane, pp[lane], rr[lane]);
+              it, lane, acc);
+          for (int j = 0; j < K; ++j) sums[j][lane] = acc[j];
         }
-        tree_sum<false>(pp, 0);
-        tree_sum<false>(rr, 0);
-        args.squares[item] = pp[0];
-        args.squares[args.squares_stride + item] = rr[0];
+        for (int j = 0; j < K; ++j) {
+          tree_sum<false>(sums[j], 0);
+          args.squares[j * args.squares_stride + item] = sums[j][0];
+        }
       }
       ran = true;
     }

@@ -28,8 +28,10 @@ struct FusedStepArgs {
   int64_t n_items;
   int n_rows, n_groups, advance;
   int of_param;            // the pre-pass reads the parameters, not the gradients
-  double* squares;         // the direction pre-pass's output: [2, squares_stride >= n_items]
+  double* squares;         // the direction pre-pass's output: [the rule's kReduces, squares_stride >= n_items]
   int64_t squares_stride;
+  const float* coefs;      // a rule that projects (kProjects): each row's coefficient; `reduced` then holds each
+                           // tensor's (row length, first row in coefs, decay factor, 0) (backends/plan.py: Rows)
 };
 
 // The kernels of fused_step.cuh compile in this many translation units (fused_step_part<P>.cu, storages whose id %
@@ -38,8 +40,9 @@ struct FusedStepArgs {
 constexpr int kStepParts = 8;
 
 // The table widths of a rule: tensor-table columns (kState0 + its state slots) and group-table columns, and how many
-// per-tensor sums its update reads; false when `rule` is unknown.
-bool rule_layout(int rule, int* tensor_cols, int* group_cols, int* reduces);
+// per-tensor sums its update reads, and whether it projects per row (registry.PROJECTION); false when `rule` is
+// unknown.
+bool rule_layout(int rule, int* tensor_cols, int* group_cols, int* reduces, bool* projects = nullptr);
 
 // One step of `rule` over every tensor of the tables, stored as `storage` (an id of registry.py's STORAGES: the
 // parameters' dtype and their state's); returns the launch's error code.
@@ -58,7 +61,9 @@ bool run_grad_sumsq_on_host(const FusedStepArgs& args, double* out, int rule, in
 // The pre-pass of a rule that reduces its update's direction (Rule.reduces ("param", "update"): a functor with
 // direction()): squares[item] and squares[squares_stride + item] = the sums of squares, in float64, of work item
 // `item`'s chunk of the parameter (as its codec reads it) and of the direction its update would apply, which it
-// computes from the gradient as applied and copies of the state, writing nothing else. cudaErrorInvalidValue / false
+// computes from the gradient as applied and copies of the state, writing nothing else. For a rule that projects
+// (registry.PROJECTION), whose work items each lie in one row: squares[j squares_stride + item] = the sums of p^2,
+// g^2, p g and p d. cudaErrorInvalidValue / false
 // for an unknown storage or a rule without a direction.
 cudaError_t launch_direction_sumsq(const FusedStepArgs& args, int rule, int storage, cudaStream_t stream);
 bool run_direction_sumsq_on_host(const FusedStepArgs& args, int rule, int storage);

@@ -232,6 +232,56 @@ struct Lamb {
   }
 };
 
+// The adamp package's AdamP and SGDP (reference.py: _adamp, _sgdp): a direction (direction(), which the pre-pass also
+// calls, on copies of the state) less `coef` p, coef the projection's coefficient of the element's row
+// (backends/projection.py), with the decoupled decay scaled by the tensor's factor red[2] (Rows.meta: 1 in the
+// pre-pass). Their Cols::kProjects: update() takes coef.
+struct AdamP {
+  using Cols = adamp;
+  struct Scalars {
+    float decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2;
+    bool nesterov;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k, const double* red, float) {
+    return {f32(1.0 - static_cast<double>(lr) * row[Cols::kWeightDecay] * red[2]), f32(row[Cols::kBeta1]),
+            f32(row[Cols::kOneMinusBeta1]), f32(row[Cols::kBeta2]), f32(row[Cols::kOneMinusBeta2]),
+            f32(row[Cols::kEps]), f32(static_cast<double>(lr) / bias_correction(row, Cols::kLogBeta1, k)),
+            f32(sqrt(bias_correction(row, Cols::kLogBeta2, k))), row[Cols::kNesterov] != 0.0};
+  }
+  static UF_HD float direction(float p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    s[0] = s[0] * c.b1 + g * c.omb1;
+    s[1] = s[1] * c.b2 + g * g * c.omb2;
+    const float denom = sqrtf(s[1]) / c.sqrt_bc2 + c.eps;
+    return (c.nesterov ? s[0] * c.b1 + g * c.omb1 : s[0]) / denom;
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c, float coef) {
+    const float u = direction(p, g, s, c) - coef * p;
+    p = p * c.decay - u * c.step_size;
+  }
+};
+
+struct SGDP {
+  using Cols = sgdp;
+  struct Scalars {
+    float lr, decay, mom, omdamp;
+    bool nesterov;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k, const double* red, float) {
+    const double mom = row[Cols::kMomentum];
+    return {lr, f32(1.0 - static_cast<double>(lr) * row[Cols::kWeightDecay] * red[2] / (1.0 - mom)), f32(mom),
+            f32(row[Cols::kOneMinusDampening]), row[Cols::kNesterov] != 0.0};
+  }
+  static UF_HD float direction(float p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    s[0] = s[0] * c.mom + g * c.omdamp;
+    return c.nesterov ? g + c.mom * s[0] : s[0];
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c, float coef) {
+    const float u = direction(p, g, s, c) - coef * p;
+    if (!c.nesterov) s[0] = u;  // the buffer is the direction, which the package projects in place
+    p = p * c.decay - u * c.lr;
+  }
+};
+
 // f(Rule{}) for a rule id; false when the id is unknown. The one place a new rule is listed in C++.
 template <typename F>
 bool with_rule(int id, F&& f) {
@@ -245,6 +295,8 @@ bool with_rule(int id, F&& f) {
     case Lars::Cols::kId: f(Lars{}); return true;
     case Lamb::Cols::kId: f(Lamb{}); return true;
     case DiffGrad::Cols::kId: f(DiffGrad{}); return true;
+    case AdamP::Cols::kId: f(AdamP{}); return true;
+    case SGDP::Cols::kId: f(SGDP{}); return true;
     default: return false;
   }
 }

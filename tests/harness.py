@@ -67,6 +67,13 @@ CASES = [
     # harness's norms of 0.5-10), no grad averaging, and a large eps; the default bias correction.
     Case("lamb", uf.LAMB, "lamb", dict(lr=2e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, grad_averaging=False,
                                        max_grad_norm=0.5)),
+    # Per-row sums of the direction (a pre-pass that computes it) and the projection: delta 1.5 projects the random
+    # gradients' tensors per row where every row's |cos| sqrt(row length) is below 1.5, else whole where the tensor's
+    # is (both happen in a 15-step run), or not at all; a large eps, which the cosines' norms are clamped at.
+    Case("adamp", uf.AdamP, "adamp", dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, delta=1.5,
+                                          wd_ratio=0.3, nesterov=True)),
+    Case("sgdp", uf.SGDP, "sgdp", dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1, delta=1.5,
+                                       wd_ratio=0.3)),
 ]
 CASE_IDS = [c.id for c in CASES]
 
@@ -89,15 +96,16 @@ ATOL = {torch.float16: 2.0**-24}
 
 
 def make_params(device="cpu", dtype=torch.float32, seed=0) -> list[torch.Tensor]:
-    """A mixed list: odd sizes, 0-size, 1-element, 4-D, a transposed view, a storage-offset view."""
+    """A mixed list: odd sizes, 0-size, 1-element, 4-D, a permuted view (dim 0 outermost: rows in one block each, as
+    AdamP's kernels need), a storage-offset view."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
-    transposed = rnd(5, 4).t().detach()           # non-contiguous
-    offset = rnd(34)[1:].detach()                 # storage offset 1: breaks 16-byte alignment
-    ps = [rnd(7), rnd(0), rnd(1), rnd(3, 5, 2, 3), transposed, offset, rnd(129)]
+    permuted = rnd(4, 3, 5).permute(0, 2, 1).detach()  # non-contiguous
+    offset = rnd(34)[1:].detach()                      # storage offset 1: breaks 16-byte alignment
+    ps = [rnd(7), rnd(0), rnd(1), rnd(3, 5, 2, 3), permuted, offset, rnd(129)]
     return [p.requires_grad_() for p in ps]
 
 

@@ -149,10 +149,52 @@ def diffgrad(p, g, state, k, lr, betas, eps, weight_decay, **_):
     return p, {"exp_avg": m, "exp_avg_sq": v, "previous_grad": d}
 
 
+def _cosine(x, y, eps):
+    """|cos| of each row of x with y's, as F.cosine_similarity(eps=eps) takes it: each norm clamped at eps."""
+    norms = np.maximum(np.linalg.norm(x, axis=1), eps) * np.maximum(np.linalg.norm(y, axis=1), eps)
+    return np.abs((x * y).sum(1)) / norms
+
+
+def _project(p, g, d, delta, wd_ratio, eps):
+    """AdamP's projection (Heo et al. 2021, Algorithms 1 and 2, as the adamp package's _projection computes it): for a
+    parameter of 2 dims or more, first per output channel, then over the whole tensor, where the gradient is nearly
+    orthogonal to the weight (every |cos| < delta / sqrt(the vector's length)), d loses its part along the unit
+    weight vectors p_n = p / (||p|| + eps); the decay's factor is then wd_ratio."""
+    if p.ndim < 2:
+        return d, 1.0
+    for rows in (p.shape[0], 1):
+        x, y, z = (t.reshape(rows, -1) for t in (p, g, d))
+        if _cosine(y, x, eps).max() < delta / math.sqrt(x.shape[1]):
+            unit = x / (np.linalg.norm(x, axis=1, keepdims=True) + eps)
+            return (z - unit * (unit * z).sum(1, keepdims=True)).reshape(p.shape), wd_ratio
+    return d, 1.0
+
+
+def adamp(p, g, state, k, lr, betas, eps, weight_decay, delta, wd_ratio, nesterov, **_):
+    """AdamP (Algorithm 2) as the adamp package's AdamP: Adam's direction m / (sqrt(v / (1 - b2^k)) + eps) (with
+    nesterov, (b1 m + (1 - b1) g) for m), projected; decoupled decay times its factor; the step lr / (1 - b1^k)."""
+    b1, b2 = betas
+    m = b1 * state["exp_avg"] + (1 - b1) * g
+    v = b2 * state["exp_avg_sq"] + (1 - b2) * g * g
+    denom = np.sqrt(v) / math.sqrt(1 - b2**k) + eps
+    d, ratio = _project(p, g, (b1 * m + (1 - b1) * g if nesterov else m) / denom, delta, wd_ratio, eps)
+    return p * (1 - lr * weight_decay * ratio) - lr / (1 - b1**k) * d, {"exp_avg": m, "exp_avg_sq": v}
+
+
+def sgdp(p, g, state, k, lr, momentum, dampening, nesterov, weight_decay, eps, delta, wd_ratio, **_):
+    """SGDP (Algorithm 1) as the adamp package's SGDP: a buffer from 0, b = momentum b + (1 - dampening) g, the
+    direction b (g + momentum b with nesterov) projected, and without nesterov kept as the buffer (the package
+    projects the buffer in place); decoupled decay times its factor / (1 - momentum)."""
+    b = momentum * state["momentum_buffer"] + (1 - dampening) * g
+    d, ratio = _project(p, g, g + momentum * b if nesterov else b, delta, wd_ratio, eps)
+    p = p * (1 - lr * weight_decay * ratio / (1 - momentum)) - lr * d
+    return p, {"momentum_buffer": b if nesterov else d}
+
+
 def initial(rule: str, name: str, hyper: dict) -> float:
     """State slot ``name``'s value before a parameter's first step."""
     return float(hyper["initial_accumulator_value"]) if rule == "adagrad" else 0.0
 
 
 RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan, "adagrad": adagrad,
-         "lars": lars, "lamb": lamb, "diffgrad": diffgrad}
+         "lars": lars, "lamb": lamb, "diffgrad": diffgrad, "adamp": adamp, "sgdp": sgdp}

@@ -53,10 +53,11 @@ def test_low_precision_matches_oracle(case, dtype, backend):
 
 
 def _big_params(device, seed=0, dtype=torch.float32):
-    """Tensors of several chunks: full chunks (aligned and not) and a ragged last one."""
+    """Tensors of several chunks: full chunks (aligned and not) and a ragged last one. For a rule that projects per
+    row (dim 0 outermost in each): rows of 910 (unaligned) and of one full chunk (aligned), a row of 3 chunks."""
     gen = torch.Generator().manual_seed(seed)
     ps = [torch.randn(2 * 4096 + 5, generator=gen), torch.randn(3 * 4096 + 2, generator=gen)[1:],
-          torch.randn(65, 70, generator=gen).t(), torch.randn(4096, generator=gen)]
+          torch.randn(5, 65, 14, generator=gen).permute(0, 2, 1), torch.randn(2, 4096, generator=gen)]
     return [p.detach().to(device, dtype).requires_grad_() for p in ps]
 
 
@@ -477,7 +478,7 @@ def test_steady_state_fast_path_is_taken_and_stays_exact(backend):
         if t in (3, 5):
             b[3].grad = b[3].grad.clone()  # one gradient moves: the C++ pass hands the table its address
         if t == 6:
-            b[4].grad = b[4].grad.contiguous()  # laid out unlike its (transposed) parameter: the full path
+            b[4].grad = b[4].grad.contiguous()  # laid out unlike its (permuted) parameter: the full path
         opt_a.step()
         opt_b.step()
         assert_same_runs(a, b, opt_a, opt_b, f"step {t}: ")

@@ -29,7 +29,7 @@ SCHEDULE = uf.UBA(8, phi=0.5, warmup_steps=2, min_lr_ratio=0.1)
 
 
 def _params(dtype, seed):
-    """harness.make_params (odd sizes, 0-size, 1 element, a transposed view, a misaligned view) and a tensor of two
+    """harness.make_params (odd sizes, 0-size, 1 element, a permuted view, a misaligned view) and a tensor of two
     full chunks and a part, which takes the kernels' 16-byte vector path."""
     gen = torch.Generator().manual_seed(seed)
     big = torch.randn(2 * 4096 + 37, generator=gen).to(DEVICE, dtype).requires_grad_()

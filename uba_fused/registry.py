@@ -164,6 +164,19 @@ def _lamb(group: Mapping) -> dict[str, float]:
             "adapt": _adapts(group)}
 
 
+def _projection(group: Mapping) -> dict[str, float]:
+    return {"delta": float(group["delta"]), "wd_ratio": float(group["wd_ratio"]), "eps": float(group["eps"]),
+            "nesterov": float(bool(group["nesterov"]))}
+
+
+def _adamp(group: Mapping) -> dict[str, float]:
+    return {**_adam(group), **_projection(group)}
+
+
+def _sgdp(group: Mapping) -> dict[str, float]:
+    return {**_sgd(group), **_projection(group)}
+
+
 def _adan(group: Mapping) -> dict[str, float]:
     return {**_betas(group, 3), "eps": float(group["eps"]), "weight_decay": float(group["weight_decay"]),
             "no_prox": float(bool(group["no_prox"]))}
@@ -190,6 +203,11 @@ def _own_eps(group: Mapping) -> float:
 
 def _no_clip_eps(group: Mapping) -> float:
     return 0.0  # timm's Lamb divides by max(1, norm / max_grad_norm)
+
+
+# AdamP's and SGDP's per-row sums (Rule.projects): p^2, g^2 (the gradient as applied), p g and p d (d: the direction)
+# over each row of a parameter (its index along dim 0; a parameter of under 2 dims is one row, never projected).
+PROJECTION = ("param", "grad", "param_grad", "param_update")
 
 
 @dataclass(frozen=True)
@@ -246,9 +264,15 @@ class Rule:
 
     @property
     def reduces_direction(self) -> bool:
-        """Whether the pre-pass reduces the update's direction ("update"; LAMB), which it computes from the gradient
-        and the state without storing anything, rather than the gradient as backward left it ("grad"; LARS)."""
-        return "update" in self.reduces
+        """Whether the pre-pass reduces the update's direction ("update"; LAMB, AdamP), which it computes from the
+        gradient and the state without storing anything, rather than the gradient as backward left it ("grad";
+        LARS)."""
+        return "update" in self.reduces or self.projects
+
+    @property
+    def projects(self) -> bool:
+        """Whether the rule projects its direction per row (PROJECTION: AdamP's and SGDP's sums per output channel)."""
+        return self.reduces == PROJECTION
 
     @property
     def prepass_loads(self) -> int:
@@ -292,12 +316,22 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     Rule("lamb", ("exp_avg", "exp_avg_sq"), ("beta1", "beta2", "beta3", "one_minus_beta2", "log_beta1", "log_beta2",
                                              "eps", "weight_decay", "trust_clip", "adapt"), _lamb, (4, 3),
          positive=("exp_avg_sq",), reduces=("param", "update"), clip_eps=_no_clip_eps),
+    # The adamp package's AdamP: Adam's direction d (nesterov optional) with its radial part removed where the
+    # gradient is nearly orthogonal to the weight, per output channel or else per tensor, and the decoupled decay then
+    # scaled by wd_ratio (backends/reference.py: projection). The pre-pass computes d to take per-row sums of p^2,
+    # g^2, p g and p d, and stores nothing: 44 bytes per fp32 parameter, as LAMB
+    Rule("adamp", ("exp_avg", "exp_avg_sq"), _ADAM + ("delta", "wd_ratio", "nesterov"), _adamp, (4, 3),
+         positive=("exp_avg_sq",), reduces=PROJECTION),
+    # The adamp package's SGDP: its momentum (from 0, with dampening; nesterov optional) projected as AdamP's, the
+    # decay divided by 1 - momentum: 32 bytes per fp32 parameter (SGD's 20, and p, g, buf once more)
+    Rule("sgdp", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay", "eps", "delta",
+                                        "wd_ratio"), _sgdp, (3, 2), reduces=PROJECTION),
 )}
 RULE_IDS = {name: i for i, name in enumerate(RULES)}
 # What a rule may reduce per tensor (Rule.reduces): the sum of squares of the parameter (as its codec reads it), then of
 # the gradient as backward left it (the update scales its norm by the gradient's factor) or of the update's direction
 # (computed by the pre-pass from the gradient as applied and the state, which it does not store).
-REDUCIBLE = (("param", "grad"), ("param", "update"))
+REDUCIBLE = (("param", "grad"), ("param", "update"), PROJECTION)
 assert all(not r.reduces or r.reduces in REDUCIBLE for r in RULES.values()), "reductions are one of REDUCIBLE"
 MAX_STATES = max(len(r.states) for r in RULES.values())
 
@@ -356,7 +390,8 @@ def cpp_header() -> str:
     for r in RULES.values():
         cols = [(c, len(GROUP_COLS) + i) for i, c in enumerate(r.consts)] + [("cols", len(GROUP_COLS) + len(r.consts))]
         lines.append(f"struct {r.name} {{ static constexpr int kId = {r.id}, kStates = {len(r.states)}, "
-                     f"kPositive = {r.positive_bits}, kReduces = {len(r.reduces)}; {_enum('Col', cols)} }};")
+                     f"kPositive = {r.positive_bits}, kReduces = {len(r.reduces)}, kProjects = {int(r.projects)}; "
+                     f"{_enum('Col', cols)} }};")
     text = json.dumps(abi(), sort_keys=True, separators=(",", ":"))
     lines += ["", "// abi() of registry.py, which uba_fused._C exports as REGISTRY.",
               f"constexpr const char* kRegistry = R\"json({text})json\";", "", "}  // namespace uf", ""]

@@ -26,6 +26,7 @@ import torch
 
 from ..registry import RULES
 from .plan import is_dense
+from . import reference
 from .reference import (FOREACH, READS_NORMS, decode, decode_state, encode, encode_state, grad_scale,
                         lamb_apply_foreach, lamb_direction_foreach, lars_grads, reduce_sums, skipped)
 from .cache import StepCache
@@ -41,6 +42,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     if not all(w.schedule_step.is_cpu for w in work):
         off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
+    if RULES[rule].projects:  # AdamP and SGDP: the per-tensor reference (no list form written yet)
+        return reference.prepare(rule, work, cache, grads)
     return Step(lambda norm, amp, sums: _run(rule, work, cache.host, norm, amp, sums),
                 lambda: _squares([g for w in work for g in w.grads]).sum(),
                 lambda norm, amp: _reduce(rule, work, cache.host, norm, amp))

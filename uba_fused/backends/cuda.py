@@ -35,11 +35,16 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
         grad_scale, found_inf = plan.amp_args(amp)
 
         def launch(part: Part, advance: bool) -> None:
+            rows = part.rows  # a rule that projects: its rows' meta and coefficients
             _C.fused_step(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
-                          plan.scratch if norm is None else norm, plan.sums_of(part, sums), grad_scale, found_inf,
+                          plan.scratch if norm is None else norm,
+                          plan.sums_of(part, sums) if rows is None else rows.meta, grad_scale, found_inf,
                           n_groups, advance, rule_id,
-                          STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding])
+                          STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding],
+                          None if rows is None else rows.coefs)
 
+        if RULES[rule].projects:
+            plan.project(sums)
         plan.launch(launch)
 
     def sumsq(part: Part, out: torch.Tensor, param: bool = False) -> None:
@@ -49,9 +54,12 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     def reduce(norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
         def direction(part: Part) -> None:  # the update's direction, computed and not stored
             grad_scale, found_inf = plan.amp_args(amp)
-            _C.direction_sumsq(part.work, part.tensors, table, plan.groups, plan.gaddr, part.done,
-                               plan.scratch if norm is None else norm, grad_scale, found_inf, part.squares, n_groups,
-                               rule_id, STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding])
+            rows = part.rows  # a rule that projects walks its rows
+            _C.direction_sumsq(part.work if rows is None else rows.work, part.tensors, table, plan.groups, plan.gaddr,
+                               part.done, plan.scratch if norm is None else norm, grad_scale, found_inf,
+                               part.squares if rows is None else rows.squares, n_groups, rule_id,
+                               STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding],
+                               None if rows is None else rows.meta, None if rows is None else rows.coefs)
 
         return plan.reduce(sumsq, direction)
 

@@ -57,6 +57,7 @@ import torch
 
 from .. import _ext
 from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
+from .projection import projection, tensor_sums
 from .work import (Amp, Capture, GradSource, GroupWork, codec_of, dtensor_class, is_dtensor, local,
                    state_rounding_of)
 
@@ -144,6 +145,64 @@ class Part:
                                   # parameter and of the gradient or direction (Rule.reduces; None for a rule without)
     lengths: torch.Tensor   # int64 [rows]: each row's work items
     first_row: int          # its first row in Plan.reduce's rows (the parts' rows one after another)
+    rows: Rows | None = None  # a rule that projects per row (Rule.projects): its tensors' rows
+
+
+@dataclass
+class Rows:
+    """The rows (index along dim 0; one for a tensor of under 2 dims) of a part's tensors, for a rule that projects
+    (Rule.projects, reference.projection): the direction pre-pass walks them row by row, so that each of its work items
+    lies in one row, and the update reads each row's coefficient."""
+
+    work: torch.Tensor         # int64 [items, 2]: (tensor row, first element) of each row's chunks, row by row
+    lengths: torch.Tensor      # int64 [rows]: each row's work items
+    per_tensor: torch.Tensor   # int64 [tensor rows]: each tensor's rows (the sentinel's: 0)
+    groups: torch.Tensor       # int64 [tensor rows]: each tensor's group
+    projected: torch.Tensor    # bool [tensor rows]: of 2 dims or more
+    meta: torch.Tensor         # float64 [tensor rows, 4]: row length, first row (in coefs), decay factor (each step), 0
+    coefs: torch.Tensor        # float32 [rows]: each row's coefficient this step (reference.projection)
+    squares: torch.Tensor      # float64 [4, items]: the pre-pass's sums per item (registry.PROJECTION)
+    sums: torch.Tensor | None = None  # float64 [rows, 4]: this step's, per row (Plan.reduce)
+
+
+def row_count(p: torch.Tensor) -> int:
+    """How many rows a projecting rule sums over: dim 0's size, or 1 for a tensor of under 2 dims."""
+    return p.shape[0] if p.dim() > 1 else 1
+
+
+def check_rows(p: torch.Tensor, what: str, rule: str) -> None:
+    """Raise unless each row of ``p`` (Rows) is one block of memory: dim 0 outermost (its stride the row length)."""
+    rows = row_count(p)
+    if p.dim() > 1 and rows > 1 and p.numel() and p.stride(0) != p.numel() // rows:
+        raise ValueError(f"{what}: uba_fused's {rule} sums each row (dim 0) of a parameter in one block of memory in "
+                         f"backends 'triton' and 'cuda', and this one of shape {tuple(p.shape)} has strides "
+                         f"{p.stride()} (dim 0 is not outermost: a transposed view?). Make it contiguous, or use "
+                         f"backend='torch' or 'cpu'")
+
+
+def _rows(part_params: list[torch.Tensor], block: int, device: torch.device, group_of: list[int]) -> Rows:
+    """Rows of a part's tensors (and the sentinel's none), built with tensor ops (an embedding has 50K rows)."""
+    counts = [row_count(p) for p in part_params] + [0]
+    row_len = [p.numel() // n if n else 0 for p, n in zip(part_params, counts)] + [0]
+    per_row_items = [-(-c // block) for c in row_len]  # a row of 0 elements has no item
+    counts_t = torch.tensor(counts, dtype=torch.int64)
+    lengths = torch.repeat_interleave(torch.tensor(per_row_items, dtype=torch.int64), counts_t)
+    tensor_of_row = torch.repeat_interleave(torch.arange(len(counts)), counts_t)
+    first_row = torch.cumsum(counts_t, 0) - counts_t
+    row_in_tensor = torch.arange(len(tensor_of_row)) - first_row[tensor_of_row]
+    item_row = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+    first_item = torch.cumsum(lengths, 0) - lengths
+    within = torch.arange(len(item_row)) - first_item[item_row]
+    len_t = torch.tensor(row_len, dtype=torch.int64)
+    work = torch.stack([tensor_of_row[item_row], row_in_tensor[item_row] * len_t[tensor_of_row[item_row]]
+                        + within * block], 1)
+    meta = torch.stack([len_t.double(), first_row.double(), torch.ones(len(counts), dtype=torch.float64),
+                        torch.zeros(len(counts), dtype=torch.float64)], 1)
+    projected = torch.tensor([p.dim() > 1 for p in part_params] + [False])
+    return Rows(_to_device(work, device), _to_device(lengths, device), _to_device(counts_t, device),
+                _to_device(torch.tensor(group_of + [0], dtype=torch.int64), device), _to_device(projected, device),
+                _to_device(meta, device), torch.zeros(max(1, int(counts_t.sum())), dtype=torch.float32, device=device),
+                torch.zeros(4, len(item_row), dtype=torch.float64, device=device))
 
 
 @dataclass
@@ -182,6 +241,14 @@ class Plan:
         same sums every run (no atomics)."""
         out = []
         for part in self.parts:
+            if part.rows is not None:  # per row (Rule.projects): then tensor_sums of each tensor's rows
+                rows, cols = part.rows, group_cols(self.rule)
+                direction(part)
+                rows.sums = torch.segment_reduce(rows.squares.t(), "sum", lengths=rows.lengths, axis=0, unsafe=True)
+                consts = self.groups[rows.groups]
+                out.append(tensor_sums(rows.sums, rows.per_tensor, rows.meta[:, 0],
+                                       consts[:, cols.index("delta")], consts[:, cols.index("eps")]))
+                continue
             if RULES[self.rule].reduces_direction:
                 direction(part)
             else:
@@ -189,6 +256,21 @@ class Plan:
                 sumsq(part, part.squares[1], False)
             out.append(torch.segment_reduce(part.squares.t(), "sum", lengths=part.lengths, axis=0, unsafe=True))
         return torch.cat(out)
+
+    def project(self, sums: torch.Tensor) -> None:
+        """A rule that projects per row (Rule.projects): from each tensor's sums over its shards (``sums``, what
+        ``reduce`` returned, summed over shards) and its rows' sums of this step (``reduce``'s), each row's coefficient
+        and each tensor's decay factor (reference.projection), where the update kernels read them (Rows.coefs,
+        Rows.meta)."""
+        cols = group_cols(self.rule)
+        for part in self.parts:
+            rows = part.rows
+            consts = self.groups[rows.groups]
+            coef, factor = projection(self.sums_of(part, sums), rows.sums, rows.per_tensor,
+                                      *(consts[:, cols.index(n)] for n in ("delta", "eps", "wd_ratio")),
+                                      rows.projected)
+            rows.coefs[:coef.shape[0]].copy_(coef)
+            rows.meta[:, 2].copy_(factor)
 
     def sums_of(self, part: Part, sums: torch.Tensor | None) -> torch.Tensor:
         """``part``'s rows of ``sums`` (what ``reduce`` returned, summed over shards), or scratch without them."""
@@ -249,11 +331,14 @@ class Plan:
         if not by_storage:
             by_storage[torch.float32, torch.float32, "nearest", "nearest"] = []
         specs = []  # per part: (storage, table rows, chunks per row)
+        projects = RULES[rule].projects
         for key, members in by_storage.items():
             rows, chunks = [], []
             for wi, i in members:
                 w = work[wi]
                 p = w.params[i]
+                if projects:
+                    check_rows(p, f"param_groups[{w.index}]['params'][{i}]", rule)
                 # a group that keeps no state (SGD without momentum) points its slots at scratch: never read
                 states = [w.state[n][i].data_ptr() for n in w.state] or [scratch.data_ptr()] * n_states
                 master, absmax = (scratch.data_ptr() if t is None else t.data_ptr()
@@ -274,7 +359,9 @@ class Plan:
         parts = [Part(*key, _to_device(torch.tensor(rows, dtype=torch.int64), device),
                       _to_device(work_items(chunks, block), device),
                       torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view, sq,
-                      _to_device(torch.tensor(chunks, dtype=torch.int64), device), first)
+                      _to_device(torch.tensor(chunks, dtype=torch.int64), device), first,
+                      _rows([work[wi].params[i] for wi, i in by_storage[key]], block, device,
+                            [wi for wi, _ in by_storage[key]]) if projects else None)
                  for (key, rows, chunks), view, sq, first in zip(specs, partials.split(items), squares, first_rows)]
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
         return cls(cls.key_of(rule, work), device, parts,
@@ -328,6 +415,9 @@ class Plan:
             out += [part.tensors, part.work, part.done, part.lengths]
             if part.squares is not None:
                 out.append(part.squares)
+            if part.rows is not None:
+                r = part.rows
+                out += [r.work, r.lengths, r.per_tensor, r.groups, r.projected, r.meta, r.coefs, r.squares]
         for w in work:
             out += [w.schedule_step, w.lr_out, *w.steps, *(m for m in w.masters + w.scales if m is not None)]
             for ts in w.state.values():

@@ -16,6 +16,7 @@ import torch
 
 from ..registry import QBLOCK, RULES
 from . import rounding
+from .projection import projection, row_sums, tensor_sums
 from .cache import StepCache
 from .work import Amp, GradSource, GroupWork, Step, codec_of, state_rounding_of
 
@@ -164,19 +165,70 @@ def _lamb(p, g, s, step, lr, c, norms):
     p.sub_(r * (lr * (ratio if c["adapt"] else 1.0)))
 
 
+def _adamp_direction(p, g, s, step, c):
+    """The adamp package's AdamP direction: Adam's moments (updated in s), then m / (sqrt(v / bc2) + eps), or with
+    nesterov (beta1 m + (1 - beta1) g) / (sqrt(v / bc2) + eps); the step divides it by bc1. A new tensor."""
+    m, v = s["exp_avg"], s["exp_avg_sq"]
+    m.mul_(c["beta1"]).add_(g, alpha=c["one_minus_beta1"])
+    v.mul_(c["beta2"]).addcmul_(g, g, value=c["one_minus_beta2"])
+    denom = v.sqrt().div_((1.0 - c["beta2"] ** step).sqrt()).add_(c["eps"])
+    if c["nesterov"]:
+        return (m * c["beta1"] + g * c["one_minus_beta1"]) / denom
+    return m / denom
+
+
+def _sgdp_direction(p, g, s, step, c):
+    """The adamp package's SGDP direction: its momentum buffer (from 0, not from the first gradient as torch's SGD)
+    b = momentum b + (1 - dampening) g, then b, or g + momentum b with nesterov. A new tensor."""
+    buf = s["momentum_buffer"]
+    buf.copy_(buf * c["momentum"] + g * c["one_minus_dampening"])
+    return g + c["momentum"] * buf if c["nesterov"] else buf.clone()
+
+
+def _project(p: torch.Tensor, d: torch.Tensor, c: dict, sums: torch.Tensor,
+             g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor's projected direction d - a p and its decay factor, from its sums over all its shards (``sums``:
+    tensor_sums's row) and its rows here."""
+    rows = row_sums(p, g, d)
+    one = torch.ones(1, dtype=torch.float64, device=rows.device)
+    lengths = torch.full((1,), rows.shape[0], dtype=torch.int64, device=rows.device)
+    coef, wdf = projection(sums.reshape(1, 6), rows, lengths, one * c["delta"], one * c["eps"], one * c["wd_ratio"],
+                           torch.full((1,), p.dim() > 1, device=rows.device))
+    shape = [-1] + [1] * (p.dim() - 1) if p.dim() > 1 else []
+    return d - coef.reshape(shape).to(d.dtype) * p, wdf.reshape(())
+
+
+def _adamp(p, g, s, step, lr, c, sums):
+    # the adamp package's AdamP: Adam's direction projected (_project), the decoupled decay scaled by wd_ratio where
+    # it is, the step lr / bc1
+    u, wdf = _project(p, _adamp_direction(p, g, s, step, c), c, sums, g)
+    p.mul_(1.0 - lr * c["weight_decay"] * wdf).sub_(u * (lr / (1.0 - c["beta1"] ** step)))
+
+
+def _sgdp(p, g, s, step, lr, c, sums):
+    # the adamp package's SGDP: its momentum projected (_project), the decoupled decay divided by 1 - momentum.
+    # Without nesterov the direction is the buffer itself, which the package projects in place: the buffer keeps it.
+    u, wdf = _project(p, _sgdp_direction(p, g, s, step, c), c, sums, g)
+    if not c["nesterov"]:
+        s["momentum_buffer"].copy_(u)
+    p.mul_(1.0 - lr * c["weight_decay"] * wdf / (1.0 - c["momentum"])).sub_(u * lr)
+
+
 UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan, "adagrad": _adagrad,
-           "lars": _lars, "lamb": _lamb, "diffgrad": _diffgrad}
-DIRECTIONS = {"lamb": _lamb_direction}  # the rules whose pre-pass reduces their update's direction ("update")
+           "lars": _lars, "lamb": _lamb, "diffgrad": _diffgrad, "adamp": _adamp, "sgdp": _sgdp}
+# the rules whose pre-pass reduces their update's direction ("update", PROJECTION)
+DIRECTIONS = {"lamb": _lamb_direction, "adamp": _adamp_direction, "sgdp": _sgdp_direction}
 
 
 def reduce_sums(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
     """The per-tensor pre-pass (Rule.reduces): float64 [n, 2], per parameter of the groups in their order, the sums
     of squares of the parameter (as its codec reads it) and of its gradient (as backward left it) or of its update's
     direction (computed from copies of the state, from the gradient as the update applies it: clipped and unscaled
-    by ``norm`` and ``amp``)."""
+    by ``norm`` and ``amp``); for a rule that projects (Rule.projects), tensor_sums's [n, 6] of each."""
     ps = [p for w in work for p in w.params]
     if not ps:
-        return torch.zeros((0, 2), dtype=torch.float64, device=work[0].schedule_step.device)
+        width = 6 if RULES[rule].projects else 2
+        return torch.zeros((0, width), dtype=torch.float64, device=work[0].schedule_step.device)
     if not RULES[rule].reduces_direction:
         gs = [g for w in work for g in w.grads]
         return torch.stack([torch.stack(torch._foreach_norm(ts, 2, dtype=torch.float64)) for ts in (ps, gs)],
@@ -189,8 +241,20 @@ def reduce_sums(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None,
             g32 = _compute(g) if scale is None else _compute(g) * scale.to(g.device)
             s32 = {n: decode_state(ts[i], w.scales[i], rule, n).clone() for n, ts in w.state.items()}
             r = DIRECTIONS[rule](x, g32, s32, (w.steps[i] + 1.0).to(torch.float64), c)
-            rows.append(torch.stack([x.double().square().sum(), r.double().square().sum()]))
+            if RULES[rule].projects:
+                rows.append(_tensor_sums(x, g32, r, c))
+            else:
+                rows.append(torch.stack([x.double().square().sum(), r.double().square().sum()]))
     return torch.stack(rows)
+
+
+def _tensor_sums(p: torch.Tensor, g: torch.Tensor, d: torch.Tensor, c: dict) -> torch.Tensor:
+    """tensor_sums of one tensor, float64 [6]."""
+    rows = row_sums(p, g, d)
+    one = torch.ones(1, dtype=torch.float64, device=rows.device)
+    row_len = float(p.numel() // rows.shape[0]) if rows.shape[0] else 0.0
+    lengths = torch.full((1,), rows.shape[0], dtype=torch.int64, device=rows.device)
+    return tensor_sums(rows, lengths, one * row_len, one * c["delta"], one * c["eps"])[0]
 
 
 def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:
@@ -314,6 +378,8 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
         k = step_t + 1.0
         if sums is None:
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
+        elif RULES[rule].projects:
+            update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, sums[i])
         else:  # the norms of the parameter and of the gradient as applied (scaled, as g32), or of the direction
             gn = sums[i, 1].sqrt()
             if scale is not None and not RULES[rule].reduces_direction:

@@ -68,9 +68,9 @@ _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS,
 _NEAREST, _REMAINDER, _COPY, _STOCHASTIC, _CORRECTION = (
     tl.constexpr(CODECS.index(c)) for c in ("nearest", "remainder", "copy", "stochastic", "correction"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
-_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB, _DIFFGRAD = (
+_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB, _DIFFGRAD, _ADAMP, _SGDP = (
     tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "lars", "lamb",
-                                        "diffgrad"))
+                                        "diffgrad", "adamp", "sgdp"))
 
 
 def _cols(rule: str, *names: str) -> tuple:
@@ -94,6 +94,9 @@ _G_LR_DECAY, _G_EPS, _G_WD = _cols("adagrad", "lr_decay", "eps", "weight_decay")
 (_B_B1, _B_B2, _B_B3, _B_OMB2, _B_LOGB1, _B_LOGB2, _B_EPS, _B_WD, _B_CLIP, _B_ADAPT) = _cols(
     "lamb", "beta1", "beta2", "beta3", "one_minus_beta2", "log_beta1", "log_beta2", "eps", "weight_decay",
     "trust_clip", "adapt")
+assert _cols("adamp", *_ADAM_COLS) == _cols("adamw", *_ADAM_COLS), "AdamP shares Adam's columns"
+_P_NESTEROV, = _cols("adamp", "nesterov")
+_Q_MOM, _Q_OMDAMP, _Q_NESTEROV, _Q_WD = _cols("sgdp", "momentum", "one_minus_dampening", "nesterov", "weight_decay")
 
 
 @triton.jit
@@ -349,6 +352,71 @@ def _lamb(p, g, m, v, c):
 
 
 @triton.jit
+def _adamp_scalars(row, k, lr, red):
+    """Adam's scalars, nesterov, and the decay 1 - lr wd f, f the tensor's decay factor (reference.py: projection; in
+    ``red``, Rows.meta: 1 in the pre-pass)."""
+    step_size = (lr.to(tl.float64) / _bias_correction(row, _A_LOGB1, k)).to(tl.float32)
+    sqrt_bc2 = tl.sqrt(_bias_correction(row, _A_LOGB2, k)).to(tl.float32)
+    decay = (1.0 - lr.to(tl.float64) * tl.load(row + _A_WD) * tl.load(red + 2)).to(tl.float32)
+    return (decay, _f32(row, _A_B1), _f32(row, _A_OMB1), _f32(row, _A_B2), _f32(row, _A_OMB2), _f32(row, _A_EPS),
+            step_size, sqrt_bc2, tl.load(row + _P_NESTEROV) != 0.0)
+
+
+@triton.jit
+def _adamp_direction(p, g, m, v, c):
+    """The adamp package's AdamP direction d (reference.py: _adamp_direction), and the moments."""
+    decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, nesterov = c
+    m = m * b1 + g * omb1
+    v = v * b2 + g * g * omb2
+    denom = _div(tl.sqrt_rn(v), sqrt_bc2) + eps
+    if nesterov:
+        d = _div(m * b1 + g * omb1, denom)
+    else:
+        d = _div(m, denom)
+    return d, m, v
+
+
+@triton.jit
+def _adamp(p, g, m, v, c, coef):
+    """AdamP: its direction less ``coef`` p (the row's projection), the decay scaled by the tensor's factor."""
+    decay, b1, omb1, b2, omb2, eps, step_size, sqrt_bc2, nesterov = c
+    d, m, v = _adamp_direction(p, g, m, v, c)
+    u = d - coef * p
+    return p * decay - u * step_size, m, v
+
+
+@triton.jit
+def _sgdp_scalars(row, k, lr, red):
+    """SGDP's scalars: the decay 1 - lr wd f / (1 - momentum), f the tensor's decay factor (as _adamp_scalars)."""
+    mom = tl.load(row + _Q_MOM)
+    decay = (1.0 - lr.to(tl.float64) * tl.load(row + _Q_WD) * tl.load(red + 2) / (1.0 - mom)).to(tl.float32)
+    return lr, decay, mom.to(tl.float32), _f32(row, _Q_OMDAMP), tl.load(row + _Q_NESTEROV) != 0.0
+
+
+@triton.jit
+def _sgdp_direction(p, g, buf, c):
+    """The adamp package's SGDP direction (reference.py: _sgdp_direction), and the buffer."""
+    lr, decay, mom, omdamp, nesterov = c
+    buf = buf * mom + g * omdamp
+    if nesterov:
+        d = g + mom * buf
+    else:
+        d = buf
+    return d, buf
+
+
+@triton.jit
+def _sgdp(p, g, buf, c, coef):
+    """SGDP: its direction less ``coef`` p; without nesterov the buffer keeps the projected direction."""
+    lr, decay, mom, omdamp, nesterov = c
+    d, buf = _sgdp_direction(p, g, buf, c)
+    u = d - coef * p
+    if not nesterov:
+        buf = u
+    return p * decay - u * lr, buf
+
+
+@triton.jit
 def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.constexpr):
     """A rule's scalars; ``red`` (its tensor's per-tensor sums), ``norm`` and ``amp_scale`` (what _grad_scale reads)
     for a rule that reduces (Rule.reduces); REDUCE: for its pre-pass (without them). (Computing the gradient's factor
@@ -367,6 +435,10 @@ def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.co
         c = _lamb_scalars(row, k, lr, red, REDUCE)
     elif RULE == _DIFFGRAD:
         c = _diffgrad_scalars(row, k, lr)
+    elif RULE == _ADAMP:
+        c = _adamp_scalars(row, k, lr, red)
+    elif RULE == _SGDP:
+        c = _sgdp_scalars(row, k, lr, red)
     else:
         tl.static_assert(RULE == _ADAN, "a rule without Triton code")
         c = _adan_scalars(row, k, lr)
@@ -374,7 +446,8 @@ def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.co
 
 
 @triton.jit
-def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c):
+def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c, coef):
+    """A rule's update of a sub-tile; ``coef``: each element's row's projection coefficient (a rule that projects)."""
     if RULE == _ADAMW:
         p, s0, s1 = _adamw(p, g, s0, s1, c)
     elif RULE == _ADABELIEF:
@@ -391,6 +464,10 @@ def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c):
         p, s0, s1 = _lamb(p, g, s0, s1, c)
     elif RULE == _DIFFGRAD:
         p, s0, s1, s2 = _diffgrad(p, g, s0, s1, s2, c)
+    elif RULE == _ADAMP:
+        p, s0, s1 = _adamp(p, g, s0, s1, c, coef)
+    elif RULE == _SGDP:
+        p, s0 = _sgdp(p, g, s0, c, coef)
     else:
         p, s0, s1, s2, s3 = _adan(p, g, s0, s1, s2, s3, c)
     return p, s0, s1, s2, s3
@@ -590,16 +667,21 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
            CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
            STOCHASTIC_STATE: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr,
            p_addr, g_addr, a0, a1, a2, a3, m_addr, scales, n_blocks, start, numel, c, has_state, gscale, seed, slot,
-           t, squares, squares_stride, pid):
+           t, squares, squares_stride, pid, coefs, row_len):
     """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time, the gradient
     multiplied by gscale (1 / GradScaler's scale, times its group's clipping factor). The parameter is read and
     written by its CODEC (_load_param, _store_param); the gradient and the state slots are loaded to float32 from
     their dtype (DTYPE for the gradient, STATE_DTYPE for the state), and the state stored by _store_state.
     REDUCE (the pre-pass of a rule that reduces its "update"): store nothing, but the sums of squares of the
     parameter and of the update's direction, in float64, at squares[pid] and squares[squares_stride + pid]
-    (Part.squares)."""
+    (Part.squares); for a rule that projects (registry.PROJECTION), within one row, the sums of p^2, g^2, p g and p d
+    at squares[j squares_stride + pid] (Rows.squares). A rule that projects reads each element's row's coefficient
+    from ``coefs`` (its tensor's, Rows.coefs: rows of ``row_len`` elements)."""
+    PROJECT: tl.constexpr = RULE == _ADAMP or RULE == _SGDP
     acc_p = tl.zeros((SUB,), tl.float64)
     acc_r = tl.zeros((SUB,), tl.float64)
+    acc_g = tl.zeros((SUB,), tl.float64)
+    acc_d = tl.zeros((SUB,), tl.float64)
     gp = _ptr(g_addr, DTYPE, ALIGNED)
     q0 = _ptr(a0, STATE_DTYPE, ALIGNED)
     q1 = _ptr(a1, STATE_DTYPE, ALIGNED)
@@ -609,7 +691,8 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
     # left made ptxas use 127 registers in bf16, or spill, depending on the sub-tile.
     for sub in range(0, BLOCK, SUB):
         offs = start + sub + tl.arange(0, SUB).to(tl.int64)
-        offs = tl.max_contiguous(tl.multiple_of(offs, SUB), SUB)
+        if ALIGNED or not PROJECT:  # (an item of a row may start anywhere)
+            offs = tl.max_contiguous(tl.multiple_of(offs, SUB), SUB)
         if MASKED:
             mask = offs < numel
         else:
@@ -621,15 +704,31 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
         s2 = _load_state(2, STATES, STATE_DTYPE, q2, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
         s3 = _load_state(3, STATES, STATE_DTYPE, q3, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
         if REDUCE:
-            tl.static_assert(RULE == _LAMB, "LAMB alone reduces its update's direction")
-            r, s0, s1 = _lamb_direction(p, g, s0, s1, c)
+            tl.static_assert(RULE == _LAMB or PROJECT, "LAMB, AdamP and SGDP reduce their update's direction")
+            if RULE == _LAMB:
+                r, s0, s1 = _lamb_direction(p, g, s0, s1, c)
+            elif RULE == _ADAMP:
+                r, s0, s1 = _adamp_direction(p, g, s0, s1, c)
+            else:
+                r, s0 = _sgdp_direction(p, g, s0, c)
             if MASKED:
                 p = tl.where(mask, p, 0.0)
                 r = tl.where(mask, r, 0.0)
-            acc_p += p.to(tl.float64) * p.to(tl.float64)
-            acc_r += r.to(tl.float64) * r.to(tl.float64)
+                g = tl.where(mask, g, 0.0)
+            p64 = p.to(tl.float64)
+            acc_p += p64 * p64
+            if PROJECT:
+                acc_g += g.to(tl.float64) * g.to(tl.float64)
+                acc_r += p64 * g.to(tl.float64)
+                acc_d += p64 * r.to(tl.float64)
+            else:
+                acc_r += r.to(tl.float64) * r.to(tl.float64)
         else:
-            p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c)
+            if PROJECT:
+                coef = tl.load(coefs + offs // row_len, mask=mask)
+            else:
+                coef = 0.0
+            p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c, coef)
             _store_param(CODEC, DTYPE, ALIGNED, SUB, p_addr, m_addr, offs, start + sub, mask, p, seed, slot, t)
             # (mask may be None, which a tuple cannot carry into a call: the arguments are written out)
             _store_state(0, STATES, STATE_DTYPE, ALIGNED, SUB, a0, offs, start + sub, mask, has_state, s0,
@@ -642,7 +741,12 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
                          STOCHASTIC_STATE, seed, slot, t, scales, n_blocks, POSITIVE)
     if REDUCE:
         tl.store(squares + pid, tl.sum(acc_p, 0))
-        tl.store(squares + squares_stride + pid, tl.sum(acc_r, 0))
+        if PROJECT:
+            tl.store(squares + squares_stride + pid, tl.sum(acc_g, 0))
+            tl.store(squares + 2 * squares_stride + pid, tl.sum(acc_r, 0))
+            tl.store(squares + 3 * squares_stride + pid, tl.sum(acc_d, 0))
+        else:
+            tl.store(squares + squares_stride + pid, tl.sum(acc_r, 0))
 
 
 @triton.jit
@@ -701,12 +805,16 @@ def _state_addr(trow, J: tl.constexpr, STATES: tl.constexpr, p_addr):
 
 @triton.jit
 def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_scale, found_inf, n_rows, n_groups,
-                 advance, squares, squares_stride,
+                 advance, squares, squares_stride, coefs,
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, STOCHASTIC_STATE: tl.constexpr, BLOCK: tl.constexpr,
-                 SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr):
+                 SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr,
+                 REDUCES: tl.constexpr):
     """One work item's update; or, REDUCE, the pre-pass of a rule that reduces its update's direction (_chunk),
-    which writes nothing else and leaves the counters alone."""
+    which writes nothing else and leaves the counters alone. ``reduced``: REDUCES float64 per tensor row, its sums (the
+    pre-pass's, summed over shards), or for a rule that projects its Rows.meta (row length, first row in ``coefs``,
+    decay factor); such a rule's pre-pass walks Rows.work, whose items each lie in one row."""
+    PROJECT: tl.constexpr = RULE == _ADAMP or RULE == _SGDP
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
@@ -723,7 +831,8 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
     row = groups + gi * NG
     lr, counter = _group_lr(groups, gaddr, gi, None, NG)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
-    c = _scalars(RULE, row, k, lr, reduced + 2 * slot, norm, grad_scale, REDUCE)
+    red = reduced + REDUCES * slot
+    c = _scalars(RULE, row, k, lr, red, norm, grad_scale, REDUCE)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
     gscale = _grad_scale(row, norm, tl.load(grad_scale))
 
@@ -742,10 +851,22 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
         seed, t = 0, 0
     addrs = (p_addr, g_addr, _state_addr(trow, 0, STATES, p_addr), _state_addr(trow, 1, STATES, p_addr),
              _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr), m_addr, scales, n_blocks)
-    rest = (c, has_state, gscale, seed, tensor_slot, t, squares, squares_stride, pid)
+    if PROJECT:
+        row_len = tl.maximum(tl.load(red).to(tl.int64), 1)  # (0 for a tensor of 0-element rows, never walked)
+        coefs += tl.load(red + 1).to(tl.int64)
+        if REDUCE:  # the end of this item's row
+            numel = tl.minimum(numel, (start // row_len + 1) * row_len)
+    else:
+        row_len = 1
+    rest = (c, has_state, gscale, seed, tensor_slot, t, squares, squares_stride, pid, coefs, row_len)
     # (constexprs go apart: a tuple hands them on as values, which compile to the same code but fail a static_assert)
     if start + BLOCK <= numel:
-        if ((info & 1) != 0) & (g_addr % 16 == 0):  # p and state aligned (info), and this step's gradient
+        # p and state aligned (info), and this step's gradient; an item of a row (a rule that projects) at a multiple
+        # of SUB, as the sub-tiles' hints say
+        vector = ((info & 1) != 0) & (g_addr % 16 == 0)
+        if PROJECT:
+            vector = vector & (start % SUB == 0)
+        if vector:
             _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, SUB, False, True, STOCHASTIC_STATE, POSITIVE, REDUCE,
                    *addrs, start, numel, *rest)
         else:
@@ -757,6 +878,9 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
     elif REDUCE:  # no gradient, or a skipped step: sums of nothing
         tl.store(squares + pid, 0.0)
         tl.store(squares + squares_stride + pid, 0.0)
+        if PROJECT:
+            tl.store(squares + 2 * squares_stride + pid, 0.0)
+            tl.store(squares + 3 * squares_stride + pid, 0.0)
     if not REDUCE:
         _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups, NG, GROUPS)
 
@@ -803,18 +927,29 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     def step_kernel(part: Part, norm: torch.Tensor | None, amp: Amp | None, reduced: torch.Tensor,
                     advance: bool = False, reduce: bool = False) -> None:
         grad_scale, found_inf = plan.amp_args(amp)
+        rows = part.rows
         squares = plan.scratch if part.squares is None else part.squares
-        _step_kernel[(part.work.shape[0],)](
-            part.work, part.tensors, table, plan.groups, plan.gaddr, part.done, plan.scratch if norm is None else norm,
+        work, coefs = part.work, plan.scratch
+        if rows is not None:  # a rule that projects: its rows' meta, and its pre-pass walks the rows
+            reduced, coefs = rows.meta, rows.coefs
+            if reduce:
+                work, squares = rows.work, rows.squares
+        if work.shape[0] == 0:
+            return
+        _step_kernel[(work.shape[0],)](
+            work, part.tensors, table, plan.groups, plan.gaddr, part.done, plan.scratch if norm is None else norm,
             reduced, grad_scale, found_inf, part.tensors.shape[0], n_groups, int(advance), squares, squares.stride(0),
-            RULE=spec.id, STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype],
+            coefs, RULE=spec.id, STATES=len(spec.states), NG=ng, DTYPE=_TL_DTYPE[part.dtype],
             STATE_DTYPE=_TL_DTYPE[part.state_dtype], CODEC=CODECS.index(part.codec),
             STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
             SUB=sub_tile(part.dtype, part.state_dtype),
-            GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, REDUCES=len(spec.reduces), num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
 
     def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
+            if spec.projects:
+                plan.project(sums)
             plan.launch(lambda part, advance: step_kernel(part, norm, amp, plan.sums_of(part, sums), advance))
 
     def sumsq(part: Part, out: torch.Tensor, param: bool = False) -> None:

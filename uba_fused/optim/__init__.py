@@ -1,4 +1,5 @@
 from .adagrad import Adagrad
+from .adamp import AdamP, SGDP
 from .adam import AdaBelief, AdamW, Adan
 from .diffgrad import DiffGrad
 from .lamb import LAMB
@@ -7,4 +8,5 @@ from .base import FusedOptimizer
 from .lion import Lion
 from .sgd import SGD
 
-__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "DiffGrad", "FusedOptimizer"]
+__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "DiffGrad", "AdamP", "SGDP",
+           "FusedOptimizer"]

@@ -704,6 +704,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"uba_fused.{type(self).__name__} sums each tensor's norms over the shards of the mesh, "
                              f"which needs every parameter placed alike: {layout}. Parameters on several meshes or "
                              f"placements (tensor parallelism beside FSDP2) are not built for it yet")
+        if layout is not None and registry.RULES[self.rule].projects:
+            across = [p for p in layout[1] if p.is_shard() and p.dim != 0]
+            if across:
+                raise ValueError(f"uba_fused.{type(self).__name__} sums each row (dim 0) of a parameter on the rank "
+                                 f"that holds it, which needs the parameters sharded by rows only (FSDP2's Shard(0)), "
+                                 f"got placements {layout[1]}")
 
     def _clip_layout(self) -> Any:
         """What clipping all-reduces over (``_shared_layout``): found once, by the first step that clips, and
