@@ -384,8 +384,9 @@ struct Item {
   float k;           // this tensor's step count after this update
   float gscale;      // what each gradient is multiplied by: 1 / GradScaler's scale, times the group's clipping factor
   typename R::Scalars c;
-  const float* coefs;  // a rule that projects (kProjects): its tensor's rows' coefficients (Rows.coefs), rows of
-  int64_t row_len;     // row_len elements
+  const float* coefs;  // a rule that projects (kProjects): the coefficients (Rows.coefs) from the row of `start`,
+  int32_t row_rem;     // which is its row's row_rem-th element, rows of row_len elements (int32: an element's row
+  int32_t row_len;     // is an int32 division)
 };
 
 template <typename T, typename TS, int C, bool SR, class R>
@@ -410,6 +411,7 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.writes_step = live && it.slot < args.n_rows - 1;  // the last row is the sentinel
   it.vector = (info & 1) && grad % 16 == 0 && it.end - it.start == kChunk;  // the gradient moves: checked here
   it.coefs = nullptr;
+  it.row_rem = 0;
   it.row_len = 1;
   const double* grow = args.groups + row[kGroup] * R::Cols::kCols;
   const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
@@ -421,14 +423,19 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
                                           // in LAMB's direction pre-pass), or a rule that projects its Rows.meta
     const double* red = args.reduced ? args.reduced + R::Cols::kReduces * it.slot : nullptr;
     it.c = R::scalars(grow, lr, it.k, red, it.gscale);
-    if constexpr (R::Cols::kProjects != 0) {
-      it.row_len = static_cast<int64_t>(red[0]) > 1 ? static_cast<int64_t>(red[0]) : 1;  // (0: never walked)
-      it.coefs = args.coefs + static_cast<int64_t>(red[1]);
+    if constexpr (R::Cols::kProjects != 0) {  // as triton.py's _step_kernel
+      const int64_t row_len = static_cast<int64_t>(red[0]) > 1 ? static_cast<int64_t>(red[0]) : 1;  // (0: no row)
+      const int64_t first_row = it.start / row_len;
+      it.coefs = args.coefs + static_cast<int64_t>(red[1]) + first_row;
       if (args.squares != nullptr) {  // the direction pre-pass walks Rows.work: this item's row ends its elements
-        const int64_t row_end = (it.start / it.row_len + 1) * it.row_len;
+        const int64_t row_end = (first_row + 1) * row_len;
         it.end = it.end < row_end ? it.end : row_end;
         it.vector = it.vector && it.end - it.start == kChunk && it.start % 8 == 0;  // (whole vectors)
       }
+      // a row of 2^31 elements or more is a 1-dim tensor's, one row (backends/plan.py: check_rows refuses others)
+      const bool one_row = row_len >= (int64_t{1} << 31) - 2 * kChunk;
+      it.row_rem = one_row ? 0 : static_cast<int32_t>(it.start - first_row * row_len);
+      it.row_len = one_row ? INT32_MAX : static_cast<int32_t>(row_len);
     }
   } else {
     it.c = R::scalars(grow, lr, it.k);
@@ -443,7 +450,7 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
 template <class R, class I>
 UF_HD void apply(const I& it, int64_t i, float& p, float g, float (&s)[R::Cols::kStates]) {
   if constexpr (R::Cols::kProjects != 0) {
-    R::update(p, g, s, it.c, it.coefs[i / it.row_len]);
+    R::update(p, g, s, it.c, it.coefs[(it.row_rem + static_cast<int32_t>(i - it.start)) / it.row_len]);
   } else {
     R::update(p, g, s, it.c);
   }

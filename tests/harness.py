@@ -103,7 +103,7 @@ def make_params(device="cpu", dtype=torch.float32, seed=0) -> list[torch.Tensor]
     def rnd(*shape):
         return torch.randn(*shape, generator=gen).to(device, dtype)
 
-    permuted = rnd(4, 3, 5).permute(0, 2, 1).detach()  # non-contiguous
+    permuted = rnd(2, 5, 2).permute(0, 2, 1).detach()  # non-contiguous; 20 elements (random streams follow sizes)
     offset = rnd(34)[1:].detach()                      # storage offset 1: breaks 16-byte alignment
     ps = [rnd(7), rnd(0), rnd(1), rnd(3, 5, 2, 3), permuted, offset, rnd(129)]
     return [p.requires_grad_() for p in ps]

@@ -160,7 +160,7 @@ def _project(p, g, d, delta, wd_ratio, eps):
     parameter of 2 dims or more, first per output channel, then over the whole tensor, where the gradient is nearly
     orthogonal to the weight (every |cos| < delta / sqrt(the vector's length)), d loses its part along the unit
     weight vectors p_n = p / (||p|| + eps); the decay's factor is then wd_ratio."""
-    if p.ndim < 2:
+    if p.ndim < 2 or p.size == 0:  # (the package's views fail on a 0-size tensor: it has nothing to project)
         return d, 1.0
     for rows in (p.shape[0], 1):
         x, y, z = (t.reshape(rows, -1) for t in (p, g, d))

@@ -66,6 +66,10 @@ def _trained(cls=uf.AdamW, **kw):
     (uf.LAMB, dict(betas=(0.9, 1.0)), r"betas\[1\]"),
     (uf.LAMB, dict(eps=-1e-6), "eps must be finite and in"),
     (uf.LAMB, dict(max_grad_norm=-1.0), "max_grad_norm must be finite and in"),
+    (uf.AdamP, dict(delta=-0.1), "delta must be finite and in"),
+    (uf.AdamP, dict(wd_ratio=math.nan), "wd_ratio must be finite and in"),
+    (uf.SGDP, dict(momentum=1.0), r"momentum must be finite and in \[0.0, 1.0\), got 1.0"),
+    (uf.SGDP, dict(eps=-1e-8), "eps must be finite and in"),
     (uf.AdamW, dict(backend="cudnn"), "backend must be one of"),
     (uf.Adan, dict(max_grad_norm=-1.0), "max_grad_norm must be finite and in"),
     (uf.Adan, dict(max_grad_norm=math.inf), "max_grad_norm must be finite and in"),
@@ -106,6 +110,7 @@ def test_wrong_types_raise(kwargs):
     (uf.SGD, dict(capturable=1), TypeError, "capturable must be a bool"),
     (uf.LAMB, dict(trust_clip=1), TypeError, "trust_clip must be a bool, got 1"),
     (uf.LAMB, dict(bias_correction="no"), TypeError, "bias_correction must be a bool"),
+    (uf.AdamP, dict(nesterov=1), TypeError, "nesterov must be a bool, got 1"),
 ])
 def test_torch_flags_are_taken_or_refused_with_the_reason(cls, kwargs, error, match):
     with pytest.raises(error, match=match):

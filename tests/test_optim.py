@@ -2,6 +2,7 @@
 float64 re-derivations and against torch.optim."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -121,6 +122,93 @@ def test_per_tensor_norms_where_their_definition_matters_match_the_oracle(rule, 
         for i, (p, w) in enumerate(zip(params, want)):
             assert_scaled_close(p, w, 2e-6, f"{backend} step {t} param {i}")
     assert not params[-1].any(), "a zero direction leaves its zero parameter at 0"
+
+
+# AdamP's and SGDP's projection where its definition matters, with clipping on (its factor is in the gradient the
+# sums see and the update applies).
+PROJECTING = {"adamp": (uf.AdamP, oracle.adamp, dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, delta=0.1,
+                                                      wd_ratio=0.2, nesterov=False, max_grad_norm=1.0)),
+              "sgdp": (uf.SGDP, oracle.sgdp, dict(momentum=0.8, dampening=0.1, weight_decay=0.1, nesterov=False,
+                                                   eps=1e-8, delta=0.1, wd_ratio=0.2, max_grad_norm=1.0))}
+
+
+def _orthogonal(p: torch.Tensor, g: torch.Tensor, rows: int) -> torch.Tensor:
+    """g less its part along p in each of ``rows`` rows: a gradient nearly orthogonal to the weight there."""
+    x, y = p.reshape(rows, -1).double(), g.reshape(rows, -1).double()
+    y = y - (x * y).sum(1, keepdim=True) / (x * x).sum(1, keepdim=True).clamp_min(1e-30) * x
+    return y.reshape(g.shape).float()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("rule", PROJECTING)
+def test_per_row_projection_where_its_definition_matters_matches_the_oracle(rule, backend):
+    """Gradients orthogonal to the weight per row (projected per row) and as a whole only (projected whole), a zero
+    parameter and a zero row (no radial part, the decay's factor still wd_ratio), a zero gradient, rows of several
+    chunks and a tail, 1-element, 1-dim (never projected) and 0-size tensors of 2 dims, a parameter without a gradient,
+    and the global clipping, on every backend against the float64 oracle, three steps."""
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    cls, rule_oracle, hyper = PROJECTING[rule]
+    gen = torch.Generator().manual_seed(24)
+    shapes = [(6, 5), (4, 3, 2), (4, 6), (3, 5), (3, 4), (2, 3 * 4096 + 5), (1, 1), (7,), (0, 5), (5, 0), (2, 3)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    params[2].zero_()
+    params[3][1].zero_()
+    params = [p.requires_grad_() for p in params]
+    opt = cls(params, lr=0.05, backend=backend, **hyper)
+    state, kept = [{} for _ in params], {k: v for k, v in hyper.items() if k != "max_grad_norm"}
+    for t in range(3):
+        grads = [torch.randn(s, generator=gen) for s in shapes]
+        grads[0] = _orthogonal(params[0].detach(), grads[0], 6)
+        grads[1] = _orthogonal(params[1].detach(), grads[1], 1)
+        grads[4], grads[10] = torch.zeros(3, 4), None
+        norm = math.sqrt(sum(float(f64(g).__pow__(2).sum()) for g in grads if g is not None))
+        scale = min(1.0, hyper["max_grad_norm"] / (norm + 1e-6))
+        want = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if g is None:
+                want.append(f64(p))
+                continue
+            start = {"exp_avg": 0.0, "exp_avg_sq": 0.0, "momentum_buffer": 0.0, **state[i]}
+            exp_p, state[i] = rule_oracle(f64(p), f64(g) * scale, start, t + 1, 0.05, **kept)
+            want.append(exp_p)
+        set_grads(params, grads)
+        opt.step()
+        for i, (p, w) in enumerate(zip(params, want)):
+            assert_scaled_close(p, w, 2e-6, f"{backend} step {t} param {i}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_per_row_projection_takes_any_layout_on_host_backends_and_rows_in_one_block_on_the_kernels(backend):
+    """A transposed weight (dim 0 not outermost) runs on backends torch and cpu; the kernel backends, which sum each
+    row as one block of memory, refuse it before anything changes, naming it; a channels_last conv weight (dim 0
+    outermost) runs on every backend and matches backend torch."""
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    gen = torch.Generator().manual_seed(25)
+    conv = torch.randn(4, 3, 2, 2, generator=gen).to(memory_format=torch.channels_last)
+    transposed = torch.randn(5, 6, generator=gen).t()
+    for weights, refused in (([conv], False), ([conv.clone(), transposed], backend in ("triton", "cuda"))):
+        ours = [w.detach().clone().requires_grad_() for w in weights]
+        ref = [w.detach().clone().contiguous().requires_grad_() for w in weights]
+        opt, opt_ref = (uf.AdamP(ps, lr=0.05, delta=2.0, weight_decay=0.1, backend=b)
+                        for ps, b in ((ours, backend), (ref, "torch")))
+        for _ in range(2):
+            grads = [torch.randn(w.shape, generator=gen) for w in weights]
+            set_grads(ours, grads)
+            set_grads(ref, grads)
+            if refused:
+                before = [p.detach().clone() for p in ours]
+                with pytest.raises(ValueError, match=r"param_groups\[0\]\['params'\]\[1\].*dim 0 is not outermost"):
+                    opt.step()
+                assert all(torch.equal(p, b) for p, b in zip(ours, before)) and not opt.state
+                break
+            opt.step()
+            opt_ref.step()
+            for p, q in zip(ours, ref):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 # The reference packages of rules torch lacks, where they import (none is pinned: timm needs torchvision, and

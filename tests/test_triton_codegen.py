@@ -34,6 +34,8 @@ CASES += [("lars", *registry.STORAGES[i]) for i in (0, 1, 9, 19)]
 CASES += [("lamb", *registry.STORAGES[i]) for i in (0, 10, 12, 26)]
 # DiffGrad is Adam with a third slot and an exp: storages of each kind
 CASES += [("diffgrad", *registry.STORAGES[i]) for i in (0, 1, 7)]
+# AdamP and SGDP are Adam's and SGD's updates with a coefficient gathered per element (its row's): storages of each kind
+CASES += [("adamp", *registry.STORAGES[i]) for i in (0, 1, 12)] + [("sgdp", *registry.STORAGES[i]) for i in (0, 19)]
 IDS = [f"{r}-{d}" + (f"-state-{sd}" if sd != d else "") + (f"-{c}" if c != "nearest" else "") +
        ("-state-stochastic" if sr == "stochastic" else "") for r, d, sd, c, sr in CASES]
 # Tensors each rule streams on a full chunk: (loaded, stored).
@@ -49,7 +51,10 @@ MAX_REGISTERS = 80
 # DiffGrad streams 9 tensors (three state slots) and computes an exp: 116 registers for float32 parameters with
 # stochastically rounded bfloat16 state (triton 3.8, no spills), bf16 at ptxas's 80 with a 16-byte spill (KNOWN_SPILLS);
 # unmeasured on a GPU.
-MAX_REGISTERS_BY_RULE = {("adan", False): 112, ("adan", True): 128, ("diffgrad", False): 96, ("diffgrad", True): 96}
+# AdamP gathers each element's row's coefficient (a load per element; its nesterov and float64 decay took it from
+# AdamW's 64 to 78 before them): 96 in bf16, 72 in fp32, no spills (triton 3.6, sm_90); unmeasured on a GPU.
+MAX_REGISTERS_BY_RULE = {("adan", False): 112, ("adan", True): 128, ("diffgrad", False): 96, ("diffgrad", True): 96,
+                         ("adamp", False): 96}
 # A codec's own registers (registry.CODECS), on top (triton 3.8, sm_90, no spills anywhere): a master slot is one
 # more tensor per thread (Adan bf16 with its remainder 112, fp16 with a float32 copy and float32 state 122); stochastic
 # rounding runs one Philox call per 8 elements (AdamW and AdaBelief bf16 96, Adan 128 with bf16 state, 116 with
@@ -91,7 +96,8 @@ KNOWN_SPILLS = {("adamw", "float32", "bfloat16", "nearest", "nearest"): 4,
                 ("lamb", "bfloat16", "bfloat16", "remainder", "nearest"): 8,
                 ("diffgrad", "bfloat16", "bfloat16", "nearest", "nearest"): 16}
 # LAMB's direction pre-pass keeps two float64 accumulators per element of a thread's sub-tile: 8 elements in 16 bits,
-# 32 registers, and took 92 in bfloat16 (triton 3.8, sm_90, no spills); 4 in float32. Unmeasured on a GPU.
+# 32 registers, and took 92 in bfloat16 (triton 3.8, sm_90, no spills); 4 in float32. AdamP's four sums are added per
+# sub-tile (four per element took 140): 72 in bfloat16, 64 in float32 (triton 3.6). Unmeasured on a GPU.
 MAX_DIRECTION_REGISTERS = 96
 
 SCRIPT = r"""
@@ -103,15 +109,17 @@ from uba_fused import registry
 from uba_fused.backends import triton as backend
 sig = {"work": "*i64", "tensors": "*i64", "grads": "*i64", "groups": "*fp64", "gaddr": "*i64", "done": "*i32",
        "norm": "*fp64", "reduced": "*fp64", "grad_scale": "*fp32", "found_inf": "*fp32", "n_rows": "i32",
-       "n_groups": "i32", "advance": "i32", "squares": "*fp64", "squares_stride": "i32", "RULE": "constexpr", "STATES": "constexpr", "NG": "constexpr",
-       "DTYPE": "constexpr",
+       "n_groups": "i32", "advance": "i32", "squares": "*fp64", "squares_stride": "i32", "coefs": "*fp32",
+       "RULE": "constexpr", "STATES": "constexpr", "NG": "constexpr", "DTYPE": "constexpr",
        "STATE_DTYPE": "constexpr", "CODEC": "constexpr", "STOCHASTIC_STATE": "constexpr", "BLOCK": "constexpr",
-       "SUB": "constexpr", "GROUPS": "constexpr", "POSITIVE": "constexpr", "REDUCE": "constexpr"}
+       "SUB": "constexpr", "GROUPS": "constexpr", "POSITIVE": "constexpr", "REDUCE": "constexpr",
+       "REDUCES": "constexpr", "PROJECT": "constexpr"}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ptxas = ptxas if os.path.exists(ptxas) else shutil.which("ptxas")
 out = {}
 cases = [(*case, False) for case in json.loads(sys.argv[1])]
-cases += [("lamb", d, d, "nearest", "nearest", True) for d in ("float32", "bfloat16")]  # LAMB's direction pre-pass
+# the direction pre-passes: LAMB's, and AdamP's per row
+cases += [(r, d, d, "nearest", "nearest", True) for r in ("lamb", "adamp") for d in ("float32", "bfloat16")]
 for rule, dtype, state_dtype, codec, state_rounding, reduce in cases:
     dt = getattr(torch, dtype)
     spec = registry.RULES[rule]
@@ -121,7 +129,8 @@ for rule, dtype, state_dtype, codec, state_rounding, reduce in cases:
         "CODEC": registry.CODECS.index(codec), "STOCHASTIC_STATE": state_rounding == "stochastic",
         "BLOCK": backend.BLOCK,
         "SUB": backend.sub_tile(dt, getattr(torch, state_dtype)), "GROUPS": 4,
-        "POSITIVE": spec.positive_bits, "REDUCE": reduce})
+        "POSITIVE": spec.positive_bits, "REDUCE": reduce, "REDUCES": len(spec.reduces),
+        "PROJECT": spec.projects})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS,
                                                                   "enable_fp_fusion": backend.FP_FUSION}).asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -208,11 +217,13 @@ def test_registers_stay_bounded_without_spills(compiled, rule, dtype, state_dtyp
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_the_direction_pre_pass_loads_what_the_update_loads_and_stores_nothing(compiled, dtype):
-    """LAMB's pre-pass (Rule.reduces "update") is the update kernel computing its direction: p, g and both moments in
-    128-bit loads on full chunks, no 128-bit store (it writes two float64 sums per program), its math as the update's
-    (IEEE divisions, no contraction), no spills."""
-    got = compiled[f"lamb-reduce/{dtype}/{dtype}/nearest/nearest"]
-    assert got["v4_loads"] >= STREAMS["lamb"][0] and got["v4_stores"] == 0, got
+@pytest.mark.parametrize("rule", ["lamb", "adamp"])
+def test_the_direction_pre_pass_loads_what_the_update_loads_and_stores_nothing(compiled, rule, dtype):
+    """LAMB's and AdamP's pre-passes (Rule.reduces_direction) are the update kernel computing its direction: p, g and
+    both moments in 128-bit loads on full chunks (AdamP's: of a row, starting at a multiple of the sub-tile), no 128-bit
+    store (it writes 2 or 4 float64 sums per program), its math as the update's (IEEE divisions, no contraction), no
+    spills."""
+    got = compiled[f"{rule}-reduce/{dtype}/{dtype}/nearest/nearest"]
+    assert got["v4_loads"] >= STREAMS[rule][0] and got["v4_stores"] == 0, got
     assert got["approx_divisions"] == 0 and got["fmas"] == 0 and got["spill_stores"] == 0, got
     assert got["registers"] <= MAX_DIRECTION_REGISTERS, got

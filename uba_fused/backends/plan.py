@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from .. import _ext
-from ..registry import GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
+from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
 from .projection import projection, tensor_sums
 from .work import (Amp, Capture, GradSource, GroupWork, codec_of, dtensor_class, is_dtensor, local,
                    state_rounding_of)
@@ -82,7 +82,10 @@ def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: some permutation of a contiguous layout, so it can be walked linearly."""
+    """Non-overlapping and dense: some permutation of a contiguous layout, so it can be walked linearly. A tensor of
+    no elements is (torch gives a [5, 0] one strides (1, 1))."""
+    if t.numel() == 0:
+        return True
     expect = 1
     for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
         if stride != expect:
@@ -173,6 +176,10 @@ def row_count(p: torch.Tensor) -> int:
 def check_rows(p: torch.Tensor, what: str, rule: str) -> None:
     """Raise unless each row of ``p`` (Rows) is one block of memory: dim 0 outermost (its stride the row length)."""
     rows = row_count(p)
+    if p.dim() > 1 and p.numel() // max(rows, 1) >= 2**31 - 2 * CHUNK:
+        raise ValueError(f"{what}: uba_fused's {rule} in backends 'triton' and 'cuda' takes rows (dim 0) of fewer than "
+                         f"2^31 - {2 * CHUNK} elements, and this one of shape {tuple(p.shape)} has rows of "
+                         f"{p.numel() // rows}: use backend='torch' or 'cpu'")
     if p.dim() > 1 and rows > 1 and p.numel() and p.stride(0) != p.numel() // rows:
         raise ValueError(f"{what}: uba_fused's {rule} sums each row (dim 0) of a parameter in one block of memory in "
                          f"backends 'triton' and 'cuda', and this one of shape {tuple(p.shape)} has strides "

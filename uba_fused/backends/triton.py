@@ -446,6 +446,19 @@ def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.co
 
 
 @triton.jit
+def _direction(RULE: tl.constexpr, p, g, s0, s1, c):
+    """The direction of a rule whose pre-pass reduces it (Rule.reduces_direction), and its first two state slots."""
+    if RULE == _LAMB:
+        r, s0, s1 = _lamb_direction(p, g, s0, s1, c)
+    elif RULE == _ADAMP:
+        r, s0, s1 = _adamp_direction(p, g, s0, s1, c)
+    else:
+        tl.static_assert(RULE == _SGDP, "a rule without a direction")
+        r, s0 = _sgdp_direction(p, g, s0, c)
+    return r, s0, s1
+
+
+@triton.jit
 def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c, coef):
     """A rule's update of a sub-tile; ``coef``: each element's row's projection coefficient (a rule that projects)."""
     if RULE == _ADAMW:
@@ -665,23 +678,27 @@ def _store_param(CODEC: tl.constexpr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr
 @triton.jit
 def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_DTYPE: tl.constexpr,
            CODEC: tl.constexpr, BLOCK: tl.constexpr, SUB: tl.constexpr, MASKED: tl.constexpr, ALIGNED: tl.constexpr,
-           STOCHASTIC_STATE: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr,
+           STOCHASTIC_STATE: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr, PROJECT: tl.constexpr,
            p_addr, g_addr, a0, a1, a2, a3, m_addr, scales, n_blocks, start, numel, c, has_state, gscale, seed, slot,
-           t, squares, squares_stride, pid, coefs, row_len):
+           t, squares, squares_stride, pid, coefs, row_rem, row_len):
     """Update elements [start, min(start + BLOCK, numel)) of one tensor, SUB elements at a time, the gradient
     multiplied by gscale (1 / GradScaler's scale, times its group's clipping factor). The parameter is read and
     written by its CODEC (_load_param, _store_param); the gradient and the state slots are loaded to float32 from
     their dtype (DTYPE for the gradient, STATE_DTYPE for the state), and the state stored by _store_state.
     REDUCE (the pre-pass of a rule that reduces its "update"): store nothing, but the sums of squares of the
     parameter and of the update's direction, in float64, at squares[pid] and squares[squares_stride + pid]
-    (Part.squares); for a rule that projects (registry.PROJECTION), within one row, the sums of p^2, g^2, p g and p d
-    at squares[j squares_stride + pid] (Rows.squares). A rule that projects reads each element's row's coefficient
-    from ``coefs`` (its tensor's, Rows.coefs: rows of ``row_len`` elements)."""
-    PROJECT: tl.constexpr = RULE == _ADAMP or RULE == _SGDP
-    acc_p = tl.zeros((SUB,), tl.float64)
-    acc_r = tl.zeros((SUB,), tl.float64)
-    acc_g = tl.zeros((SUB,), tl.float64)
-    acc_d = tl.zeros((SUB,), tl.float64)
+    (Part.squares); for a rule that projects (PROJECT: registry.PROJECTION), within one row, the sums of p^2, g^2,
+    p g and p d at squares[j squares_stride + pid] (Rows.squares). A rule that projects reads each element's row's
+    coefficient from ``coefs`` (Rows.coefs, from the row of ``start``: rows of ``row_len`` elements, ``start`` the
+    ``row_rem``-th of its row; int32, so that each element's row is an int32 division)."""
+    if PROJECT:  # four sums: each sub-tile's added into one (four per element took the bf16 pre-pass to 140 registers)
+        ACC: tl.constexpr = 1
+    else:
+        ACC: tl.constexpr = SUB
+    acc_p = tl.zeros((ACC,), tl.float64)
+    acc_r = tl.zeros((ACC,), tl.float64)
+    acc_g = tl.zeros((ACC,), tl.float64)
+    acc_d = tl.zeros((ACC,), tl.float64)
     gp = _ptr(g_addr, DTYPE, ALIGNED)
     q0 = _ptr(a0, STATE_DTYPE, ALIGNED)
     q1 = _ptr(a1, STATE_DTYPE, ALIGNED)
@@ -704,28 +721,23 @@ def _chunk(RULE: tl.constexpr, STATES: tl.constexpr, DTYPE: tl.constexpr, STATE_
         s2 = _load_state(2, STATES, STATE_DTYPE, q2, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
         s3 = _load_state(3, STATES, STATE_DTYPE, q3, offs, mask, has_state, g, scales, n_blocks, POSITIVE)
         if REDUCE:
-            tl.static_assert(RULE == _LAMB or PROJECT, "LAMB, AdamP and SGDP reduce their update's direction")
-            if RULE == _LAMB:
-                r, s0, s1 = _lamb_direction(p, g, s0, s1, c)
-            elif RULE == _ADAMP:
-                r, s0, s1 = _adamp_direction(p, g, s0, s1, c)
-            else:
-                r, s0 = _sgdp_direction(p, g, s0, c)
+            r, s0, s1 = _direction(RULE, p, g, s0, s1, c)
             if MASKED:
                 p = tl.where(mask, p, 0.0)
                 r = tl.where(mask, r, 0.0)
                 g = tl.where(mask, g, 0.0)
             p64 = p.to(tl.float64)
-            acc_p += p64 * p64
             if PROJECT:
-                acc_g += g.to(tl.float64) * g.to(tl.float64)
-                acc_r += p64 * g.to(tl.float64)
-                acc_d += p64 * r.to(tl.float64)
+                acc_p += tl.sum(p64 * p64, 0)
+                acc_g += tl.sum(g.to(tl.float64) * g.to(tl.float64), 0)
+                acc_r += tl.sum(p64 * g.to(tl.float64), 0)
+                acc_d += tl.sum(p64 * r.to(tl.float64), 0)
             else:
+                acc_p += p64 * p64
                 acc_r += r.to(tl.float64) * r.to(tl.float64)
         else:
-            if PROJECT:
-                coef = tl.load(coefs + offs // row_len, mask=mask)
+            if PROJECT:  # (a gather per element: it took AdamP's bf16 update from 78 registers to 96)
+                coef = tl.load(coefs + (row_rem + sub + tl.arange(0, SUB)) // row_len, mask=mask)
             else:
                 coef = 0.0
             p, s0, s1, s2, s3 = _update(RULE, p, g, s0, s1, s2, s3, c, coef)
@@ -809,12 +821,11 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, STOCHASTIC_STATE: tl.constexpr, BLOCK: tl.constexpr,
                  SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr,
-                 REDUCES: tl.constexpr):
+                 REDUCES: tl.constexpr, PROJECT: tl.constexpr):
     """One work item's update; or, REDUCE, the pre-pass of a rule that reduces its update's direction (_chunk),
     which writes nothing else and leaves the counters alone. ``reduced``: REDUCES float64 per tensor row, its sums (the
     pre-pass's, summed over shards), or for a rule that projects its Rows.meta (row length, first row in ``coefs``,
-    decay factor); such a rule's pre-pass walks Rows.work, whose items each lie in one row."""
-    PROJECT: tl.constexpr = RULE == _ADAMP or RULE == _SGDP
+    decay factor: PROJECT, Rule.projects); such a rule's pre-pass walks Rows.work, whose items each lie in one row."""
     tl.static_assert(STATES <= 4, "the kernel has four state slots")
     pid = tl.program_id(0).to(tl.int64)
     slot = tl.load(work + 2 * pid)
@@ -853,28 +864,33 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
              _state_addr(trow, 2, STATES, p_addr), _state_addr(trow, 3, STATES, p_addr), m_addr, scales, n_blocks)
     if PROJECT:
         row_len = tl.maximum(tl.load(red).to(tl.int64), 1)  # (0 for a tensor of 0-element rows, never walked)
-        coefs += tl.load(red + 1).to(tl.int64)
+        first_row = start // row_len
+        coefs += tl.load(red + 1).to(tl.int64) + first_row
         if REDUCE:  # the end of this item's row
-            numel = tl.minimum(numel, (start // row_len + 1) * row_len)
+            numel = tl.minimum(numel, (first_row + 1) * row_len)
+        # int32 from here (an int64 division per element took AdamP's bf16 update from 80 to 90 registers): a row of
+        # 2^31 elements or more is a 1-dim tensor's, one row (backends/plan.py: check_rows refuses others)
+        one_row = row_len >= 2**31 - 2 * BLOCK
+        row_rem = tl.where(one_row, 0, start - first_row * row_len).to(tl.int32)
+        row_len = tl.where(one_row, 2**31 - 1, row_len).to(tl.int32)
     else:
-        row_len = 1
-    rest = (c, has_state, gscale, seed, tensor_slot, t, squares, squares_stride, pid, coefs, row_len)
+        row_rem, row_len = 0, 1
+    rest = (c, has_state, gscale, seed, tensor_slot, t, squares, squares_stride, pid, coefs, row_rem, row_len)
     # (constexprs go apart: a tuple hands them on as values, which compile to the same code but fail a static_assert)
     if start + BLOCK <= numel:
-        # p and state aligned (info), and this step's gradient; an item of a row (a rule that projects) at a multiple
-        # of SUB, as the sub-tiles' hints say
+        # p and state aligned (info), and this step's gradient
         vector = ((info & 1) != 0) & (g_addr % 16 == 0)
-        if PROJECT:
+        if PROJECT and REDUCE:  # an item of a row starts anywhere
             vector = vector & (start % SUB == 0)
         if vector:
             _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, SUB, False, True, STOCHASTIC_STATE, POSITIVE, REDUCE,
-                   *addrs, start, numel, *rest)
+                   PROJECT, *addrs, start, numel, *rest)
         else:
             _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, False, False, STOCHASTIC_STATE,
-                   POSITIVE, REDUCE, *addrs, start, numel, *rest)
+                   POSITIVE, REDUCE, PROJECT, *addrs, start, numel, *rest)
     elif start < numel:
         _chunk(RULE, STATES, DTYPE, STATE_DTYPE, CODEC, BLOCK, _SCALAR_SUB, True, False, STOCHASTIC_STATE, POSITIVE,
-               REDUCE, *addrs, start, numel, *rest)
+               REDUCE, PROJECT, *addrs, start, numel, *rest)
     elif REDUCE:  # no gradient, or a skipped step: sums of nothing
         tl.store(squares + pid, 0.0)
         tl.store(squares + squares_stride + pid, 0.0)
@@ -943,8 +959,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
             STATE_DTYPE=_TL_DTYPE[part.state_dtype], CODEC=CODECS.index(part.codec),
             STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
             SUB=sub_tile(part.dtype, part.state_dtype),
-            GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, REDUCES=len(spec.reduces), num_warps=NUM_WARPS,
-            enable_fp_fusion=FP_FUSION)
+            GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, REDUCES=len(spec.reduces),
+            PROJECT=spec.projects, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
         with plan.on_device():  # Triton launches on the current device: make it the parameters'

@@ -22,17 +22,18 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import backends, registry
-from ..optim import LAMB, LARS, SGD, AdaBelief, Adagrad, AdamW, Adan, DiffGrad, Lion
+from ..optim import LAMB, LARS, SGD, SGDP, AdaBelief, Adagrad, AdamP, AdamW, Adan, DiffGrad, Lion
 from ..schedules import UBA
 from .presets import Preset
 
 OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan, "adagrad": Adagrad,
-        "lars": LARS, "lamb": LAMB, "diffgrad": DiffGrad}
+        "lars": LARS, "lamb": LAMB, "diffgrad": DiffGrad, "adamp": AdamP, "sgdp": SGDP}
 HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, weight_decay=0.01),
          "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9),
          "adan": dict(lr=1e-4, weight_decay=0.01), "adagrad": dict(lr=1e-2, initial_accumulator_value=0.1),
          "lars": dict(lr=1.0, momentum=0.9, weight_decay=1e-4), "lamb": dict(lr=1e-3, weight_decay=0.01),
-         "diffgrad": dict(lr=1e-4)}
+         "diffgrad": dict(lr=1e-4), "adamp": dict(lr=1e-4, weight_decay=0.01),
+         "sgdp": dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)}
 
 
 # How uba_fused keeps a parameter list (README: Precision layouts): the parameter dtypes each layout takes, and the
@@ -187,6 +188,10 @@ def candidates(device: torch.device, optimizers: list[str], ours: list[str], tor
             out.append(Candidate("timm Lars", "lars", lambda ps: timm_optim.Lars(ps, **HYPER["lars"])))
         if "lamb" in optimizers:
             out.append(Candidate("timm Lamb", "lamb", lambda ps: timm_optim.Lamb(ps, **HYPER["lamb"])))
+        for rule, name in (("adamp", "AdamP"), ("sgdp", "SGDP")):
+            if rule in optimizers:
+                out.append(Candidate(f"timm {name}", rule, lambda ps, r=rule, n=name: getattr(timm_optim, n)(
+                    ps, **HYPER[r])))
     return out
 
 
@@ -358,7 +363,7 @@ def bytes_of(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list
     """(bytes a step must move, bytes the optimizer keeps), from the real tensors: every rule reads the parameter, its
     gradient and each state buffer once and writes the parameter and each buffer once (a master weight is one
     more buffer), and a rule's per-tensor norms (Rule.reduces) read the parameter and the gradient once more (LARS),
-    or everything the update reads (LAMB's direction); the step counts are not counted."""
+    or everything the update reads (LAMB's, AdamP's and SGDP's direction); the step counts are not counted."""
     kept = sum(v.nbytes for st in opt.state.values() for k, v in st.items() if k != "step" and torch.is_tensor(v))
     reduces = registry.RULES[rule].reduces
     norms = sum(p.nbytes * ("param" in reduces) + g.nbytes * bool(reduces) for p, g in zip(params, grads))

@@ -776,10 +776,23 @@ class FusedOptimizer(torch.optim.Optimizer):
         else:  # the kernel backends' pass over the gradients checks them too
             source = self._cache.scan.full(capture, check, [g for gs in shards for g in gs])
         if not self._cache.selections:  # built afresh (first step, or something moved): state must still fit
+            self._check_rows(shards)
             self._fit_state()
         work = [self._group_work(gi, sig, self._selection(gi, group, gs, capture), gs, alike)
                 for gi, (group, sig, gs) in enumerate(zip(self.param_groups, sigs, shards))]
         return work, source
+
+    def _check_rows(self, grads: list[list]) -> None:
+        """A rule that projects per row (AdamP, SGDP) on a kernel backend sums each row as one block of memory: raise,
+        before any state is made, for a parameter with a gradient whose dim 0 is not outermost (backends/plan.py:
+        check_rows, which the plan repeats)."""
+        if not registry.RULES[self.rule].projects:
+            return
+        for gi, group in enumerate(self.param_groups):
+            if self._backends[gi] in ("triton", "cuda"):
+                for i, (p, g) in enumerate(zip(group["params"], grads[gi])):
+                    if g is not None:
+                        backends.plan.check_rows(local(p), f"param_groups[{gi}]['params'][{i}]", self.rule)
 
     def _drop_moved_shards(self, capture: backends.Capture | None) -> None:
         """Forget every table and selection if a DTensor parameter's local tensor is not the one they hold:
