@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [RULE ...]
 
-RULE: adamw sgd lion adabelief adan adagrad lamb diffgrad (default: all).
+RULE: adamw sgd lion adabelief adan adagrad lamb diffgrad adamp sgdp (default: all).
 
 The two optimizers of a pair update the same parameter list, in alternating blocks of ``--block`` steps
 (which one goes first alternates too), so a noisy neighbour on a shared VM slows both alike. Each step gets
@@ -13,7 +13,8 @@ training loop). Median over every timed step.
 The baselines are those of issue #13: torch's ``fused=True`` for AdamW, SGD (momentum 0.9) and Adagrad, an obvious
 ``torch._foreach_*`` implementation for Lion and AdaBelief (``ObviousForeach`` in uba_fused/bench), and for
 Adan, LAMB and DiffGrad, which torch lacks, uba_fused's own readable backend "torch" (for LAMB, timm's foreach Lamb
-where timm imports; for DiffGrad, torch-optimizer's where it imports). Ours runs a UBA schedule, as in the
+where timm imports; for DiffGrad, torch-optimizer's where it imports), and for AdamP and SGDP the adamp package's
+where it imports (pinned by requirements-test.txt). Ours runs a UBA schedule, as in the
 throughput benchmark; the baselines have none.
 """
 
@@ -45,6 +46,14 @@ except ImportError:
 try:
     from torch_optimizer.diffgrad import DiffGrad  # optional
     BASELINES["diffgrad"] = ("torch-optimizer DiffGrad", lambda ps: DiffGrad(ps, **HYPER["diffgrad"]))
+except ImportError:
+    pass
+
+
+try:
+    import adamp  # optional
+    BASELINES["adamp"] = ("adamp package AdamP", lambda ps: adamp.AdamP(ps, **HYPER["adamp"]))
+    BASELINES["sgdp"] = ("adamp package SGDP", lambda ps: adamp.SGDP(ps, **HYPER["sgdp"]))
 except ImportError:
     pass
 

@@ -229,11 +229,11 @@ PACKAGE_TWINS = [
     ("torch_optimizer.diffgrad", "DiffGrad", uf.DiffGrad, {
         "decay": dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1),
         "defaults": dict(lr=1e-2)}),
-    # (delta 1.5 projects the harness's random gradients, per row or whole; 0.1, the default, rarely does)
+    # (delta 1.5 projects the harness's random gradients, per row or whole; 0.1, the default, rarely does: the
+    # per-row edge test runs it)
     ("adamp", "AdamP", uf.AdamP, {
         "nesterov": dict(lr=3e-2, betas=(0.8, 0.95), eps=1e-3, weight_decay=0.1, delta=1.5, wd_ratio=0.3,
-                         nesterov=True),
-        "defaults": dict(lr=1e-2, weight_decay=0.01)}),
+                         nesterov=True)}),
     ("adamp", "SGDP", uf.SGDP, {
         "momentum": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1, delta=1.5, wd_ratio=0.3),
         "nesterov": dict(lr=1e-2, momentum=0.8, nesterov=True, weight_decay=0.1, delta=1.5)}),

@@ -27,6 +27,7 @@ import torch
 from ..registry import RULES
 from .plan import is_dense
 from . import reference
+from .projection import projection, tensor_sums
 from .reference import (FOREACH, READS_NORMS, decode, decode_state, encode, encode_state, grad_scale,
                         lamb_apply_foreach, lamb_direction_foreach, lars_grads, reduce_sums, skipped)
 from .cache import StepCache
@@ -42,8 +43,10 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     if not all(w.schedule_step.is_cpu for w in work):
         off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
-    if RULES[rule].projects:  # AdamP and SGDP: the per-tensor reference (no list form written yet)
-        return reference.prepare(rule, work, cache, grads)
+    if RULES[rule].projects:  # AdamP and SGDP: list forms for plain groups (_project_reduce), the reference for others
+        return Step(lambda norm, amp, sums: _project_run(rule, work, cache.host, norm, amp, sums),
+                    lambda: _squares([g for w in work for g in w.grads]).sum(),
+                    lambda norm, amp: _project_reduce(rule, work, cache.host, norm, amp))
     return Step(lambda norm, amp, sums: _run(rule, work, cache.host, norm, amp, sums),
                 lambda: _squares([g for w in work for g in w.grads]).sum(),
                 lambda norm, amp: _reduce(rule, work, cache.host, norm, amp))
@@ -80,8 +83,7 @@ def _reduce(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor
             continue
         scale, c = grad_scale(rule, w, norm, amp), RULES[rule].constants(w.hyper)
         ks = [k + 1.0 for k in torch.stack(w.steps).tolist()]
-        plain = all(p.dtype in (torch.float32, torch.float64) and codec_of(w.hyper, p) == "nearest" and
-                    all(ts[i].dtype == p.dtype for ts in w.state.values()) for i, p in enumerate(w.params))
+        plain = _plain(w)
         if plain:
             p, m, v = w.params, w.state["exp_avg"], w.state["exp_avg_sq"]
         else:  # float32 copies, as _update computes from
@@ -96,6 +98,74 @@ def _reduce(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor
             host[("lamb", id(w.params))] = (w.params, r, m, v)
         rows.append(torch.stack([_squares(p), _squares(r)], 1))
     return torch.cat(rows)
+
+
+def _plain(w: GroupWork) -> bool:
+    """Float32 (or float64) parameters without a codec, and state of their dtype: updated as they are."""
+    return all(p.dtype in (torch.float32, torch.float64) and codec_of(w.hyper, p) == "nearest" and
+               all(ts[i].dtype == p.dtype for ts in w.state.values()) for i, p in enumerate(w.params))
+
+
+def _project_reduce(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None,
+                    amp: Amp | None) -> torch.Tensor:
+    """AdamP's and SGDP's pre-pass (reference.reduce_sums): a plain group's directions and new state as lists
+    (reference.projecting_directions_foreach, kept for the update), its rows' sums from float32 products; another
+    group's from the per-tensor reference."""
+    out = []
+    for w in work:
+        if not w.params:
+            continue
+        if not _plain(w):
+            out.append(reduce_sums(rule, [w], norm, amp))
+            continue
+        scale, c = grad_scale(rule, w, norm, amp), RULES[rule].constants(w.hyper)
+        g = w.grads if scale is None else torch._foreach_mul(w.grads, float(scale))
+        ks = [k + 1.0 for k in torch.stack(w.steps).tolist()]
+        d, new = reference.projecting_directions_foreach(rule, w.params, g, w.state, ks, c)
+        rows = reference.list_row_sums(w.params, g, d)
+        counts = [p.shape[0] if p.dim() > 1 and p.numel() else 0 for p in w.params]
+        lengths = torch.tensor(counts, dtype=torch.int64)
+        row_len = torch.tensor([p.numel() // n if n else 0 for p, n in zip(w.params, counts)], dtype=torch.float64)
+        ones = torch.ones(len(counts), dtype=torch.float64)
+        sums = tensor_sums(rows, lengths, row_len, ones * c["delta"], ones * c["eps"])
+        host[("project", id(w.params))] = (w.params, d, new, ks, rows, lengths)
+        out.append(sums)
+    return torch.cat(out) if out else reduce_sums(rule, work, norm, amp)
+
+
+def _project_run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | None, amp: Amp | None,
+                 sums: torch.Tensor) -> None:
+    """AdamP's and SGDP's update: a plain group's from _project_reduce's lists (reference.projecting_apply_foreach),
+    each row's coefficient and each tensor's decay factor from ``sums`` (summed over shards) by
+    projection.projection; another group's by the per-tensor reference."""
+    first = 0
+    for w in work:
+        mine = sums[first:first + len(w.params)]
+        first += len(w.params)
+        kept = host.pop(("project", id(w.params)), None)  # for this step only
+        if kept is None or kept[0] is not w.params:
+            reference.run_group(rule, w, norm, amp, mine)
+            continue
+        _, d, new, ks, rows, lengths = kept
+        skip = skipped(amp, w.schedule_step.device)
+        lr = float(w.hyper["lr"])
+        if w.schedule is not None:
+            lr *= w.schedule.factor(int(w.schedule_step))
+        w.lr_out.fill_(lr)
+        if not (skip is not None and bool(skip)):
+            _advance(w.steps, host)
+            c = RULES[rule].constants(w.hyper)
+            ones = torch.ones(len(w.params), dtype=torch.float64)
+            projected = lengths > 0
+            coef, factor = projection(mine, rows, lengths, ones * c["delta"], ones * c["eps"], ones * c["wd_ratio"],
+                                      projected)
+            factors = factor.tolist()  # CPU values: no sync
+            coefs, at = [], 0
+            for n, f in zip(lengths.tolist(), factors):
+                coefs.append(coef[at:at + n] if n and f != 1.0 else None)  # (a tensor not projected has factor 1)
+                at += n
+            reference.projecting_apply_foreach(rule, w.params, d, w.state, new, ks, lr, c, coefs, factors)
+        w.schedule_step.add_(1)
 
 
 @dataclass

@@ -350,12 +350,16 @@ def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: A
          sums: torch.Tensor | None) -> None:
     first = 0
     for w in work:
-        lr = applied_lr(w)
-        w.lr_out.copy_(lr)
-        mine = None if sums is None else sums[first:first + len(w.params)]
-        _step_group(rule, w, lr, grad_scale(rule, w, norm, amp), skipped(amp, w.schedule_step.device), mine)
-        w.schedule_step.add_(1)
+        run_group(rule, w, norm, amp, None if sums is None else sums[first:first + len(w.params)])
         first += len(w.params)
+
+
+def run_group(rule: str, w: GroupWork, norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
+    """One group's step: its lr, its update (``sums``: its rows of the per-tensor pre-pass's), its counter."""
+    lr = applied_lr(w)
+    w.lr_out.copy_(lr)
+    _step_group(rule, w, lr, grad_scale(rule, w, norm, amp), skipped(amp, w.schedule_step.device), sums)
+    w.schedule_step.add_(1)
 
 
 def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor | None,
@@ -526,6 +530,59 @@ def lars_grads(p, g, lr, c, norms):
     g = torch._foreach_add(g, p, alpha=c["weight_decay"]) if c["weight_decay"] != 0.0 else [t.clone() for t in g]
     torch._foreach_mul_(g, ratios)
     return g
+
+
+def projecting_directions_foreach(rule, p, g, s, ks, c):
+    """_adamp_direction or _sgdp_direction over lists, the state left as it is: (the directions, the new state by
+    name), new tensors (SGDP without nesterov: its direction is its new buffer, the same tensors)."""
+    if rule == "adamp":
+        m = torch._foreach_mul(s["exp_avg"], c["beta1"])
+        torch._foreach_add_(m, g, alpha=c["one_minus_beta1"])
+        v = torch._foreach_mul(s["exp_avg_sq"], c["beta2"])
+        torch._foreach_addcmul_(v, g, g, value=c["one_minus_beta2"])
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, [math.sqrt(1.0 - c["beta2"] ** k) for k in ks])
+        torch._foreach_add_(denom, c["eps"])
+        num = m
+        if c["nesterov"]:
+            num = torch._foreach_mul(m, c["beta1"])
+            torch._foreach_add_(num, g, alpha=c["one_minus_beta1"])
+        return torch._foreach_div(num, denom), {"exp_avg": m, "exp_avg_sq": v}
+    b = torch._foreach_mul(s["momentum_buffer"], c["momentum"])
+    torch._foreach_add_(b, g, alpha=c["one_minus_dampening"])
+    return (torch._foreach_add(g, b, alpha=c["momentum"]) if c["nesterov"] else b), {"momentum_buffer": b}
+
+
+def list_row_sums(p, g, d) -> torch.Tensor:
+    """row_sums of the tensors of 2 dims or more among p (none of the others, never projected), one after another:
+    float64 [rows, 4], from float32 products added in float64 (backend "cpu"; row_sums multiplies in float64)."""
+    out = []
+    for x, y, z in zip(p, g, d):
+        if x.dim() > 1 and x.numel():
+            x, y, z = (t.reshape(x.shape[0], -1) for t in (x, y, z))
+            out.append(torch.stack([torch.sum(a * b, 1, dtype=torch.float64) for a, b in ((x, x), (y, y), (x, y),
+                                                                                         (x, z))], 1))
+    return torch.cat(out) if out else torch.zeros((0, 4), dtype=torch.float64)
+
+
+def projecting_apply_foreach(rule, p, d, s, new, ks, lr, c, coefs, factors):
+    """_adamp's or _sgdp's step over lists, from the directions d (projected in place by each row's coefficient,
+    ``coefs``: per tensor a float64 [rows] tensor, or None where it is not projected) and the new state ``new``
+    (copied into s), each tensor's decay factor a host float (``factors``)."""
+    for x, u, a in zip(p, d, coefs):
+        if a is not None:
+            u.sub_(a.to(u.dtype).reshape([-1] + [1] * (x.dim() - 1)) * x)
+    if rule == "sgdp" and not c["nesterov"]:
+        new = {"momentum_buffer": d}  # the package projects the buffer in place
+    for n, ts in new.items():
+        torch._foreach_copy_(s[n], ts)
+    if rule == "adamp":
+        torch._foreach_mul_(p, [1.0 - lr * c["weight_decay"] * f for f in factors])
+        torch._foreach_mul_(d, [-lr / (1.0 - c["beta1"] ** k) for k in ks])
+    else:
+        torch._foreach_mul_(p, [1.0 - lr * c["weight_decay"] * f / (1.0 - c["momentum"]) for f in factors])
+        d = torch._foreach_mul(d, -lr)
+    torch._foreach_add_(p, d)
 
 
 FOREACH = {"adabelief": _adabelief_foreach, "lion": _lion_foreach, "adan": _adan_foreach, "lamb": _lamb_foreach,
