@@ -318,7 +318,7 @@ RULES: dict[str, Rule] = {r.name: r for r in (
          positive=("exp_avg_sq",), reduces=("param", "update"), clip_eps=_no_clip_eps),
     # The adamp package's AdamP: Adam's direction d (nesterov optional) with its radial part removed where the
     # gradient is nearly orthogonal to the weight, per output channel or else per tensor, and the decoupled decay then
-    # scaled by wd_ratio (backends/reference.py: projection). The pre-pass computes d to take per-row sums of p^2,
+    # scaled by wd_ratio (backends/projection.py). The pre-pass computes d to take per-row sums of p^2,
     # g^2, p g and p d, and stores nothing: 44 bytes per fp32 parameter, as LAMB
     Rule("adamp", ("exp_avg", "exp_avg_sq"), _ADAM + ("delta", "wd_ratio", "nesterov"), _adamp, (4, 3),
          positive=("exp_avg_sq",), reduces=PROJECTION),

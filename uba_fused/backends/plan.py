@@ -154,7 +154,7 @@ class Part:
 @dataclass
 class Rows:
     """The rows (index along dim 0; one for a tensor of under 2 dims) of a part's tensors, for a rule that projects
-    (Rule.projects, reference.projection): the direction pre-pass walks them row by row, so that each of its work items
+    (Rule.projects, projection.py): the direction pre-pass walks them row by row, so that each of its work items
     lies in one row, and the update reads each row's coefficient."""
 
     work: torch.Tensor         # int64 [items, 2]: (tensor row, first element) of each row's chunks, row by row
@@ -163,7 +163,7 @@ class Rows:
     groups: torch.Tensor       # int64 [tensor rows]: each tensor's group
     projected: torch.Tensor    # bool [tensor rows]: of 2 dims or more
     meta: torch.Tensor         # float64 [tensor rows, 4]: row length, first row (in coefs), decay factor (each step), 0
-    coefs: torch.Tensor        # float32 [rows]: each row's coefficient this step (reference.projection)
+    coefs: torch.Tensor        # float32 [rows]: each row's coefficient this step (projection.projection)
     squares: torch.Tensor      # float64 [4, items]: the pre-pass's sums per item (registry.PROJECTION)
     sums: torch.Tensor | None = None  # float64 [rows, 4]: this step's, per row (Plan.reduce)
 
@@ -267,7 +267,7 @@ class Plan:
     def project(self, sums: torch.Tensor) -> None:
         """A rule that projects per row (Rule.projects): from each tensor's sums over its shards (``sums``, what
         ``reduce`` returned, summed over shards) and its rows' sums of this step (``reduce``'s), each row's coefficient
-        and each tensor's decay factor (reference.projection), where the update kernels read them (Rows.coefs,
+        and each tensor's decay factor (projection.projection), where the update kernels read them (Rows.coefs,
         Rows.meta)."""
         cols = group_cols(self.rule)
         for part in self.parts:
@@ -361,7 +361,7 @@ class Plan:
         items = [sum(chunks) for *_, chunks in specs]
         partials = torch.zeros(sum(items), dtype=torch.float64, device=device)
         squares = (torch.zeros(2, sum(items), dtype=torch.float64, device=device).split(items, 1)
-                   if RULES[rule].reduces else [None] * len(specs))
+                   if RULES[rule].reduces and not projects else [None] * len(specs))  # (Rows.squares: per row)
         first_rows = [sum(len(rows) for _, rows, _ in specs[:i]) for i in range(len(specs))]
         parts = [Part(*key, _to_device(torch.tensor(rows, dtype=torch.int64), device),
                       _to_device(work_items(chunks, block), device),

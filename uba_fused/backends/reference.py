@@ -189,9 +189,7 @@ def _project(p: torch.Tensor, d: torch.Tensor, c: dict, sums: torch.Tensor,
              g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """One tensor's projected direction d - a p and its decay factor, from its sums over all its shards (``sums``:
     tensor_sums's row) and its rows here."""
-    rows = row_sums(p, g, d)
-    one = torch.ones(1, dtype=torch.float64, device=rows.device)
-    lengths = torch.full((1,), rows.shape[0], dtype=torch.int64, device=rows.device)
+    rows, lengths, one = _one_tensor(p, g, d)
     coef, wdf = projection(sums.reshape(1, 6), rows, lengths, one * c["delta"], one * c["eps"], one * c["wd_ratio"],
                            torch.full((1,), p.dim() > 1, device=rows.device))
     shape = [-1] + [1] * (p.dim() - 1) if p.dim() > 1 else []
@@ -248,12 +246,17 @@ def reduce_sums(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None,
     return torch.stack(rows)
 
 
+def _one_tensor(p: torch.Tensor, g: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """One tensor's row_sums, as projection.py takes n tensors' (its count of rows: int64 [1]), and a float64 [1] 1."""
+    rows = row_sums(p, g, d)
+    return (rows, torch.full((1,), rows.shape[0], dtype=torch.int64, device=rows.device),
+            torch.ones(1, dtype=torch.float64, device=rows.device))
+
+
 def _tensor_sums(p: torch.Tensor, g: torch.Tensor, d: torch.Tensor, c: dict) -> torch.Tensor:
     """tensor_sums of one tensor, float64 [6]."""
-    rows = row_sums(p, g, d)
-    one = torch.ones(1, dtype=torch.float64, device=rows.device)
+    rows, lengths, one = _one_tensor(p, g, d)
     row_len = float(p.numel() // rows.shape[0]) if rows.shape[0] else 0.0
-    lengths = torch.full((1,), rows.shape[0], dtype=torch.int64, device=rows.device)
     return tensor_sums(rows, lengths, one * row_len, one * c["delta"], one * c["eps"])[0]
 
 

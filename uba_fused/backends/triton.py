@@ -353,7 +353,7 @@ def _lamb(p, g, m, v, c):
 
 @triton.jit
 def _adamp_scalars(row, k, lr, red):
-    """Adam's scalars, nesterov, and the decay 1 - lr wd f, f the tensor's decay factor (reference.py: projection; in
+    """Adam's scalars, nesterov, and the decay 1 - lr wd f, f the tensor's decay factor (projection.py; in
     ``red``, Rows.meta: 1 in the pre-pass)."""
     step_size = (lr.to(tl.float64) / _bias_correction(row, _A_LOGB1, k)).to(tl.float32)
     sqrt_bc2 = tl.sqrt(_bias_correction(row, _A_LOGB2, k)).to(tl.float32)
@@ -868,8 +868,8 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
         coefs += tl.load(red + 1).to(tl.int64) + first_row
         if REDUCE:  # the end of this item's row
             numel = tl.minimum(numel, (first_row + 1) * row_len)
-        # int32 from here (an int64 division per element took AdamP's bf16 update from 80 to 90 registers): a row of
-        # 2^31 elements or more is a 1-dim tensor's, one row (backends/plan.py: check_rows refuses others)
+        # int32 from here (an element's row is an int32 division in _chunk): a row of 2^31 elements or more is a 1-dim
+        # tensor's, its only row (backends/plan.py: check_rows refuses others)
         one_row = row_len >= 2**31 - 2 * BLOCK
         row_rem = tl.where(one_row, 0, start - first_row * row_len).to(tl.int32)
         row_len = tl.where(one_row, 2**31 - 1, row_len).to(tl.int32)

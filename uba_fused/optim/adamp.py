@@ -12,7 +12,7 @@ from ..schedules import Schedule
 from .base import COMMON_ARGS, FusedOptimizer, as_tuple, check_betas, check_lr, check_real, check_torch_flags
 
 _PROJECTION = """
-    The projection, for a parameter of 2 dims or more (``reference.projection``)::
+    The projection, for a parameter of 2 dims or more (``backends/projection.py``)::
 
         cos_r = |p_r . g_r| / (max(||p_r||, eps) max(||g_r||, eps))    per row r (dim 0: an output channel)
         cos   = the same over the whole tensor
