@@ -240,10 +240,12 @@ PACKAGE_TWINS = [
 ]
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize("module, name, ours, hyper", [
-    pytest.param(module, name, ours, hyper, id=f"{name}-{key}")
-    for module, name, ours, settings in PACKAGE_TWINS for key, hyper in settings.items()])
+# Every setting on every backend, but Triton's interpreter (4-8 s a run) takes each package's first: the kernels meet the
+# float64 oracle on every harness case besides.
+@pytest.mark.parametrize("module, name, ours, hyper, backend", [
+    pytest.param(module, name, ours, hyper, backend, id=f"{name}-{key}-{backend}")
+    for module, name, ours, settings in PACKAGE_TWINS for n, (key, hyper) in enumerate(settings.items())
+    for backend in ALL_BACKENDS if backend != "triton" or n == 0])
 def test_matches_the_reference_package_where_installed(module, name, ours, hyper, backend):
     theirs = getattr(pytest.importorskip(module), name)
     reason = uf.backends.availability("cpu")[backend]

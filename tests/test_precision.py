@@ -48,7 +48,8 @@ def _master(opt, p):
 EXACT = [("adamw", torch.bfloat16, "torch"), ("lion", torch.float16, "torch"),
          ("adan-clip", torch.bfloat16, "cpu"), ("sgd", torch.float16, "cpu"),
          ("adabelief", torch.bfloat16, "triton"), ("adan", torch.float16, "triton"),
-         ("sgd-nesterov", torch.bfloat16, "cuda"), ("adamw", torch.float16, "cuda")]
+         ("sgd-nesterov", torch.bfloat16, "cuda"), ("adamw", torch.float16, "cuda"),
+         ("adamp", torch.bfloat16, "cuda")]  # (its pre-pass reads the master too: the rows' sums are the model's)
 
 
 _MARKS = {getattr(b, "values", [b])[0]: getattr(b, "marks", ()) for b in EVERY_BACKEND}  # "cpu": CPU parameters only

@@ -122,11 +122,12 @@ def test_codes_from_exact_moments_are_the_specs_on_every_backend(backend, how):
             assert torch.equal(st["absmax"][j].cpu(), absmax), f"{backend} {n}: block scales differ"
 
 
-# Every 8-bit storage once, the rule in turn (AdamW, AdaBelief, Lion, SGD with momentum, Adan, Adagrad).
+# Every 8-bit storage once, the rule in turn (AdamW, AdaBelief, Lion, SGD with momentum, Adan, Adagrad, AdamP, SGDP).
+_RULES_8BIT = ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "adamp", "sgdp")
 _KERNEL_CASES = [(rule, dtype, mw, how) for i, (dtype, mw, how) in enumerate(
     [(d, OPTION, h) for d, OPTION in ((torch.float32, None), (torch.bfloat16, None), (torch.bfloat16, "exact"),
                                       (torch.bfloat16, "stochastic"), (torch.bfloat16, "8bit"))
-     for h in ("stochastic", "nearest")]) for rule in [("adamw", "adabelief", "lion", "sgd", "adan", "adagrad")[i % 6]]]
+     for h in ("stochastic", "nearest")]) for rule in [_RULES_8BIT[i % len(_RULES_8BIT)]]]
 
 
 @pytest.mark.skipif("triton" not in _MARKS or "cuda" not in _MARKS, reason="needs both kernel backends")
@@ -137,7 +138,10 @@ def test_both_kernels_write_the_same_8bit_state_bits(rule, dtype, master_weights
     chunks (the vector paths) and a misaligned view with a tail (the element paths)."""
     make = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": uf.Adan,
             "sgd": lambda ps, **kw: uf.SGD(ps, momentum=0.9, **kw),
-            "adagrad": lambda ps, **kw: uf.Adagrad(ps, initial_accumulator_value=0.1, **kw)}[rule]
+            "adagrad": lambda ps, **kw: uf.Adagrad(ps, initial_accumulator_value=0.1, **kw),
+            # (delta 5 projects every row of the random gradients: |cos| about 1 / 64 against 5 / 64)
+            "adamp": lambda ps, **kw: uf.AdamP(ps, delta=5.0, weight_decay=0.1, **kw),
+            "sgdp": lambda ps, **kw: uf.SGDP(ps, momentum=0.9, delta=5.0, weight_decay=0.1, **kw)}[rule]
     out = {}
     for backend in ("triton", "cuda"):
         gen = torch.Generator().manual_seed(13)

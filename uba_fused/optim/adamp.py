@@ -24,7 +24,7 @@ _PROJECTION = """
     order: no atomics, no sync), and added over the shards of a tensor under FSDP2 (sharded by rows); the update
     computes d again, bit for bit, and applies it. In backends "triton" and "cuda" a parameter of 2 dims or more must
     keep each row in one block of memory (dim 0 outermost: contiguous, or channels_last); backends "torch" and "cpu"
-    take any layout. 8-bit state (``state_dtype=torch.int8``) is not built for them.
+    take any layout.
 """
 
 
@@ -48,7 +48,9 @@ class AdamP(FusedOptimizer):
 
     with k the parameter's step count (1 on its first update). A step moves 44 bytes per float32 parameter: AdamW's
     28 and the pre-pass's read of p, g, m and v.
+
     {projection}
+
     Args:
         params: the parameters, or param groups (dicts), or ``named_parameters()``, as torch.optim takes them.
         lr: the peak learning rate (float, or a 0-dim tensor on the parameters' device).
@@ -94,7 +96,9 @@ class SGDP(FusedOptimizer):
         b = d, without nesterov                        (the package projects the buffer itself, in place)
 
     A step moves 32 bytes per float32 parameter: SGD's 20 and the pre-pass's read of p, g and b.
+
     {projection}
+
     Args:
         params: the parameters, or param groups (dicts), or ``named_parameters()``, as torch.optim takes them.
         lr: the peak learning rate (float, or a 0-dim tensor on the parameters' device).
@@ -133,4 +137,4 @@ class SGDP(FusedOptimizer):
 
 
 for _cls in (AdamP, SGDP):
-    _cls.__doc__ = _cls.__doc__.replace("{projection}", _PROJECTION.strip("\n")) + COMMON_ARGS
+    _cls.__doc__ = _cls.__doc__.replace("    {projection}", _PROJECTION.strip("\n")) + COMMON_ARGS
