@@ -283,6 +283,21 @@ def test_lars_refuses_dtensor_parameters_beside_plain_ones_before_any_change():
         assert torch.equal(plain, before[0]) and torch.equal(placed.full_tensor(), before[1]) and not opt.state
 
 
+def test_adamp_refuses_parameters_sharded_across_their_rows_before_any_change():
+    """AdamP sums each row on the rank that holds it: a parameter sharded on dim 1 (tensor parallelism's column split)
+    has rows across ranks, and the step raises, naming the placements, with nothing updated."""
+    from torch.distributed.tensor import DTensor, Shard
+    with one_rank_mesh() as mesh:
+        gen = torch.Generator().manual_seed(26)
+        placed = torch.nn.Parameter(DTensor.from_local(torch.randn(4, 3, generator=gen), mesh, [Shard(1)]))
+        opt = uf.AdamP([placed], lr=0.1, delta=2.0, backend="torch")
+        placed.grad = DTensor.from_local(torch.randn(4, 3, generator=gen), mesh, [Shard(1)])
+        before = placed.full_tensor().clone()
+        with pytest.raises(ValueError, match=r"sharded by rows only .*Shard\(dim=1\)"):
+            opt.step()
+        assert torch.equal(placed.full_tensor(), before) and not opt.state
+
+
 def test_clipping_adds_the_shares_of_groups_on_different_backends():
     # One norm over both groups: the pre-pass sums of backend "torch" and of a kernel backend are added.
     backend = next((b for b in ("cuda", "triton") if uf.backends.availability("cpu")[b] is None), None)
