@@ -4,8 +4,9 @@ AdamW, SGD and Adagrad run torch's fused CPU kernels (``torch._fused_adamw_``, `
 ``torch._fused_adagrad_``: torch.optim's own rules, the fastest it has on a CPU), LARS its scaled gradients as lists
 then SGD's fused kernel. AdaBelief, Lion, Adan, LAMB, DiffGrad, AdamP and SGDP run the list forms of
 backends/reference.py (``torch._foreach_*`` ops; AdamP's and SGDP's rows' sums per tensor). The schedule is
-computed once per group and step on the host, from schedules.py: a CPU counter is read without a sync. Parameters stored in bfloat16 or float16 are updated in float32 by the foreach rules and rounded once on the
-way back, as the kernels do (torch's fused kernels compute in float32 themselves, but take one dtype for a parameter
+computed once per group and step on the host, from schedules.py: a CPU counter is read without a sync. Parameters
+stored in bfloat16 or float16 are updated in float32 by the foreach rules and rounded once on the way back, as the
+kernels do (torch's fused kernels compute in float32 themselves, but take one dtype for a parameter
 and its state: a 16-bit parameter with float32 state goes to them as a float32 copy); float64 parameters in float64.
 A parameter with master weights or stochastic rounding (registry.CODECS) is computed from its float32 master and
 written back by its codec (backends/reference.py's decode and encode), so that its update is bit for bit the one of
