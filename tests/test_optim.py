@@ -126,8 +126,9 @@ def test_per_tensor_norms_where_their_definition_matters_match_the_oracle(rule, 
 
 # AdamP's and SGDP's projection where its definition matters, with clipping on (its factor is in the gradient the
 # sums see and the update applies).
+# (AdamP's wd_ratio 1: a projected tensor's decay factor is then 1, which must not read as "not projected")
 PROJECTING = {"adamp": (uf.AdamP, oracle.adamp, dict(betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1, delta=0.1,
-                                                      wd_ratio=0.2, nesterov=False, max_grad_norm=1.0)),
+                                                      wd_ratio=1.0, nesterov=False, max_grad_norm=1.0)),
               "sgdp": (uf.SGDP, oracle.sgdp, dict(momentum=0.8, dampening=0.1, weight_decay=0.1, nesterov=False,
                                                    eps=1e-8, delta=0.1, wd_ratio=0.2, max_grad_norm=1.0))}
 

@@ -160,12 +160,10 @@ def _project_run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.T
             projected = lengths > 0
             coef, factor = projection(mine, rows, lengths, ones * c["delta"], ones * c["eps"], ones * c["wd_ratio"],
                                       projected)
-            factors = factor.tolist()  # CPU values: no sync
-            coefs, at = [], 0
-            for n, f in zip(lengths.tolist(), factors):
-                coefs.append(coef[at:at + n] if n and f != 1.0 else None)  # (a tensor not projected has factor 1)
-                at += n
-            reference.projecting_apply_foreach(rule, w.params, d, w.state, new, ks, lr, c, coefs, factors)
+            # every tensor of 2 dims or more takes d - a p, a = 0 where it is not projected, as reference.py and the
+            # kernels compute it (its decay factor cannot tell: wd_ratio may be 1)
+            coefs = [t if n else None for t, n in zip(coef.split(lengths.tolist()), lengths.tolist())]
+            reference.projecting_apply_foreach(rule, w.params, d, w.state, new, ks, lr, c, coefs, factor.tolist())
         w.schedule_step.add_(1)
 
 

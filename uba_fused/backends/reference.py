@@ -570,8 +570,8 @@ def list_row_sums(p, g, d) -> torch.Tensor:
 
 def projecting_apply_foreach(rule, p, d, s, new, ks, lr, c, coefs, factors):
     """_adamp's or _sgdp's step over lists, from the directions d (projected in place by each row's coefficient,
-    ``coefs``: per tensor a float64 [rows] tensor, or None where it is not projected) and the new state ``new``
-    (copied into s), each tensor's decay factor a host float (``factors``)."""
+    ``coefs``: per tensor a float64 [rows] tensor, 0 where it is not projected, or None for one of under 2 dims) and
+    the new state ``new`` (copied into s), each tensor's decay factor a host float (``factors``)."""
     for x, u, a in zip(p, d, coefs):
         if a is not None:
             u.sub_(a.to(u.dtype).reshape([-1] + [1] * (x.dim() - 1)) * x)
