@@ -101,6 +101,21 @@ def _reduce(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor
     return torch.cat(rows)
 
 
+def _host_lr(w: GroupWork) -> float:
+    """The group's lr this step, on the host (its schedule's factor at its CPU counter: no sync), written to lr_out."""
+    lr = float(w.hyper["lr"])
+    if w.schedule is not None:
+        lr *= w.schedule.factor(int(w.schedule_step))
+    w.lr_out.fill_(lr)
+    return lr
+
+
+def _skipped(amp: Amp | None, w: GroupWork) -> bool:
+    """GradScaler found an inf or NaN gradient: the step changes nothing but the group's counter."""
+    skip = skipped(amp, w.schedule_step.device)
+    return skip is not None and bool(skip)
+
+
 def _plain(w: GroupWork) -> bool:
     """Float32 (or float64) parameters without a codec, and state of their dtype: updated as they are."""
     return all(p.dtype in (torch.float32, torch.float64) and codec_of(w.hyper, p) == "nearest" and
@@ -148,12 +163,8 @@ def _project_run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.T
             reference.run_group(rule, w, norm, amp, mine)
             continue
         _, d, new, ks, rows, lengths = kept
-        skip = skipped(amp, w.schedule_step.device)
-        lr = float(w.hyper["lr"])
-        if w.schedule is not None:
-            lr *= w.schedule.factor(int(w.schedule_step))
-        w.lr_out.fill_(lr)
-        if not (skip is not None and bool(skip)):
+        lr = _host_lr(w)
+        if not _skipped(amp, w):
             _advance(w.steps, host)
             c = RULES[rule].constants(w.hyper)
             ones = torch.ones(len(w.params), dtype=torch.float64)
@@ -193,13 +204,9 @@ def _run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tensor | 
         norms = None if sums is None else [(math.sqrt(a), math.sqrt(b) * by)
                                            for a, b in sums[first:first + len(w.params)].tolist()]
         first += len(w.params)
-        skip = skipped(amp, w.schedule_step.device)
-        lr = float(w.hyper["lr"])
-        if w.schedule is not None:
-            lr *= w.schedule.factor(int(w.schedule_step))
-        w.lr_out.fill_(lr)
+        lr = _host_lr(w)
         kept = host.pop(("lamb", id(w.params)), None)  # _reduce's directions and moments, for this step only
-        if w.params and not (skip is not None and bool(skip)):
+        if w.params and not _skipped(amp, w):
             _advance(w.steps, host)
             c = spec.constants(w.hyper)
             if kept is not None and kept[0] is w.params:  # float32 parameters and state: their directions applied
