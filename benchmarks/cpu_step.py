@@ -2,7 +2,7 @@
 
     python benchmarks/cpu_step.py [--preset cpu-small] [--rounds 40] [--block 20] [RULE ...]
 
-RULE: adamw sgd lion adabelief adan adagrad lamb diffgrad adamp sgdp (default: all).
+RULE: adamw sgd lion adabelief adan adagrad lamb diffgrad adamp sgdp sgd_sai (default: all).
 
 The two optimizers of a pair update the same parameter list, in alternating blocks of ``--block`` steps
 (which one goes first alternates too), so a noisy neighbour on a shared VM slows both alike. Each step gets
@@ -14,11 +14,13 @@ The baselines are those of issue #13: torch's ``fused=True`` for AdamW, SGD (mom
 ``torch._foreach_*`` implementation for Lion and AdaBelief (``ObviousForeach`` in uba_fused/bench), and for
 Adan, LAMB and DiffGrad, which torch lacks, uba_fused's own readable backend "torch" (for LAMB, timm's foreach Lamb
 where timm imports; for DiffGrad, torch-optimizer's where it imports), and for AdamP and SGDP the adamp package's
-where it imports (pinned by requirements-test.txt). Ours runs a UBA schedule, as in the
-throughput benchmark; the baselines have none.
+where it imports, and for SGD-SaI the sgd-sai package's (both pinned by requirements-test.txt). Ours runs a UBA
+schedule, as in the throughput benchmark; the baselines have none.
 """
 
 import argparse
+import contextlib
+import io
 import statistics
 import time
 
@@ -54,6 +56,23 @@ try:
     import adamp  # optional
     BASELINES["adamp"] = ("adamp package AdamP", lambda ps: adamp.AdamP(ps, **HYPER["adamp"]))
     BASELINES["sgdp"] = ("adamp package SGDP", lambda ps: adamp.SGDP(ps, **HYPER["sgdp"]))
+except ImportError:
+    pass
+try:
+    import sgd_sai  # optional
+
+    def _sgd_sai(ps):
+        opt = sgd_sai.SGD_sai(ps, **HYPER["sgd_sai"])
+        warmup = opt.warmup_step
+
+        def quiet(closure=None):  # (its first step() calls it, which prints a banner into the table)
+            with contextlib.redirect_stdout(io.StringIO()):
+                return warmup(closure)
+
+        opt.warmup_step = quiet
+        return opt
+
+    BASELINES["sgd_sai"] = ("sgd-sai package SGD_sai", _sgd_sai)
 except ImportError:
     pass
 

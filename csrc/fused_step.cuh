@@ -377,6 +377,7 @@ struct Item {
   float* absmax;     // 8-bit state's block scales: [S, n_blocks] (TS int8_t)
   int64_t n_blocks;
   float* step;
+  float* scalar;     // its per-tensor state (Rule.scalar; a rule that measures, kMeasures), else nullptr
   int64_t slot, start, end, n_chunks;
   bool vector;       // a full chunk, every tensor 16-byte aligned: 128-bit accesses, no bounds checks
   bool writes_step;  // a real tensor (not the sentinel) with a gradient this step
@@ -401,6 +402,7 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.m = reinterpret_cast<typename Item<T, TS, C, SR, R>::P::M*>(row[kMaster]);
   for (int j = 0; j < Item<T, TS, C, SR, R>::S; ++j) it.s[j] = reinterpret_cast<TS*>(row[kState0 + j]);
   it.step = reinterpret_cast<float*>(row[kStep]);
+  it.scalar = R::Cols::kMeasures != 0 ? reinterpret_cast<float*>(row[kScalar]) : nullptr;
   it.absmax = reinterpret_cast<float*>(row[kAbsmax]);
   it.n_blocks = (row[kNumel] + kQBlock - 1) / kQBlock;
   // A tensor without a gradient this step keeps its row, skipped; so is every tensor when GradScaler found an inf.
@@ -422,7 +424,11 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   if constexpr (R::Cols::kReduces > 0) {  // the tensor's per-tensor sums (the pre-pass's, summed over shards; none
                                           // in LAMB's direction pre-pass), or a rule that projects its Rows.meta
     const double* red = args.reduced ? args.reduced + R::Cols::kReduces * it.slot : nullptr;
-    it.c = R::scalars(grow, lr, it.k, red, it.gscale);
+    if constexpr (R::Cols::kMeasures != 0) {  // and the per-tensor state it keeps
+      it.c = R::scalars(grow, lr, it.k, red, it.gscale, *it.scalar);
+    } else {
+      it.c = R::scalars(grow, lr, it.k, red, it.gscale);
+    }
     if constexpr (R::Cols::kProjects != 0) {  // as triton.py's _step_kernel
       const int64_t row_len = static_cast<int64_t>(red[0]) > 1 ? static_cast<int64_t>(red[0]) : 1;  // (0: no row)
       const int64_t first_row = it.start / row_len;
@@ -651,15 +657,17 @@ UF_HD void update_elements(const Item<T, TS, C, SR, R>& it, int lane) {
 }
 
 // Counters, as in triton.py, once per item after all its lanes updated their elements (and so read
-// this step's counters): the last chunk of a tensor writes its step; the last tensor advances every
-// group and writes the lr it applied.
-template <class R>
-UF_HD void finish_item(const FusedStepArgs& args, int64_t slot, int64_t n_chunks, bool writes_step, float* step,
-                       float k) {
+// this step's counters): the last chunk of a tensor writes its step (and a rule's per-tensor state, kMeasures); the
+// last tensor advances every group and writes the lr it applied.
+template <class R, class I>
+UF_HD void finish_item(const FusedStepArgs& args, const I& it) {
   fence();
-  if (fetch_add(args.done + slot, 1) != n_chunks - 1) return;
-  args.done[slot] = 0;
-  if (writes_step) *step = k;
+  if (fetch_add(args.done + it.slot, 1) != it.n_chunks - 1) return;
+  args.done[it.slot] = 0;
+  if (it.writes_step) {
+    *it.step = it.k;
+    if constexpr (R::Cols::kMeasures != 0) *it.scalar = it.c.gsnr;
+  }
   fence();
   if (fetch_add(args.done + args.n_rows, 1) != args.n_rows - 1) return;
   args.done[args.n_rows] = 0;
@@ -678,7 +686,7 @@ __global__ void __launch_bounds__(kThreads) fused_step_kernel(FusedStepArgs args
   const Item<T, TS, C, SR, R> it = open_item<T, TS, C, SR, R>(args, blockIdx.x);
   update_elements<T, TS, C, SR, R, kThreads>(it, threadIdx.x);
   __syncthreads();  // every thread's reads of this step's counters precede the release
-  if (threadIdx.x == 0) finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
+  if (threadIdx.x == 0) finish_item<R>(args, it);
 }
 
 template <typename T, typename TS, int C, bool SR, class R>
@@ -686,7 +694,7 @@ void run_on_host(const FusedStepArgs& args) {
   for (int64_t item = 0; item < args.n_items; ++item) {
     const Item<T, TS, C, SR, R> it = open_item<T, TS, C, SR, R>(args, item);
     update_elements<T, TS, C, SR, R, 1>(it, 0);
-    finish_item<R>(args, it.slot, it.n_chunks, it.writes_step, it.step, it.k);
+    finish_item<R>(args, it);
   }
 }
 

@@ -282,6 +282,39 @@ struct SGDP {
   }
 };
 
+// The sgd-sai package's SGD_sai (reference.py: _sgd_sai): the buffer (the first gradient, then momentum b + (1 -
+// momentum) g; none with momentum 0), decoupled decay, the step lr gsnr. The g-SNR is measured at the tensor's first
+// step from its moments `red` (backends/snr.py: gsnr, in float64, of the gradient times gscale), else it is the one
+// the tensor keeps (`kept`, its scalar state); finish_item writes it back with the step count (Cols::kMeasures).
+struct SgdSai {
+  using Cols = sgd_sai;
+  struct Scalars {
+    float decay, step, mom, omm;
+    bool first;
+    float gsnr;
+  };
+  static UF_HD Scalars scalars(const double* row, float lr, float k, const double* red, float gscale, float kept) {
+    const bool first = k == 1.0f;
+    float gsnr = kept;
+    if (first && red != nullptr) {
+      const double total = red[0], squares = red[1], count = red[2], s = gscale;
+      const double var = (squares - total * total / fmax(count, 1.0)) / fmax(count - 1.0, 1.0);
+      const double std = count > 1.0 ? sqrt(fmax(var, 0.0)) : 0.0;
+      gsnr = f32(s * sqrt(squares) / (s * std + row[Cols::kEps]));
+    }
+    const double lr64 = lr;
+    return {f32(1.0 - lr64 * row[Cols::kWeightDecay]), f32(lr64 * static_cast<double>(gsnr)), f32(row[Cols::kMomentum]),
+            f32(row[Cols::kOneMinusMomentum]), first, gsnr};
+  }
+  static UF_HD void update(float& p, float g, float (&s)[Cols::kStates], const Scalars& c) {
+    if (c.mom != 0.0f) {  // momentum 0 keeps no buffer (the group's has_state is 0)
+      s[0] = c.first ? g : s[0] * c.mom + g * c.omm;
+      g = s[0];
+    }
+    p = p * c.decay - g * c.step;
+  }
+};
+
 // f(Rule{}) for a rule id; false when the id is unknown. The one place a new rule is listed in C++.
 template <typename F>
 bool with_rule(int id, F&& f) {
@@ -297,6 +330,7 @@ bool with_rule(int id, F&& f) {
     case DiffGrad::Cols::kId: f(DiffGrad{}); return true;
     case AdamP::Cols::kId: f(AdamP{}); return true;
     case SGDP::Cols::kId: f(SGDP{}); return true;
+    case SgdSai::Cols::kId: f(SgdSai{}); return true;
     default: return false;
   }
 }

@@ -24,7 +24,8 @@ RULES = {"adamw": uf.AdamW, "adabelief": uf.AdaBelief, "lion": uf.Lion, "adan": 
          "lars": functools.partial(uf.LARS, momentum=0.9, weight_decay=0.01), "lamb": uf.LAMB, "diffgrad": uf.DiffGrad,
          # (delta 2 projects some of the random gradients' tensors, per row or whole)
          "adamp": functools.partial(uf.AdamP, delta=2.0, weight_decay=0.01),
-         "sgdp": functools.partial(uf.SGDP, momentum=0.9, delta=2.0, weight_decay=0.01)}
+         "sgdp": functools.partial(uf.SGDP, momentum=0.9, delta=2.0, weight_decay=0.01),
+         "sgd_sai": functools.partial(uf.SGDSaI, momentum=0.9, weight_decay=0.01)}
 MASTERLESS = ("lars",)  # rules that refuse a master slot (their norms are of the parameter as stored)
 # registry.STORAGES as the options that choose them: (parameter dtype, state_dtype, master_weights, state_rounding)
 STORAGES = [(getattr(torch, p), None if s == p else getattr(torch, s), registry.OPTION_OF_CODEC[c], r)

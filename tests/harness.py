@@ -35,7 +35,8 @@ class Case:
         if not max_norm:
             return 1.0
         norm = np.sqrt(sum((f64(g) ** 2).sum() for g in grads if g is not None))
-        eps = 0.0 if self.rule == "lamb" else self.kwargs["eps"]  # timm's Lamb clips by norm / max_grad_norm
+        # torch's clip_grad_norm_'s 1e-6; Adan's reference its own eps; timm's Lamb none (Rule.clip_eps)
+        eps = uf.registry.RULES[self.rule].clip_eps(self.kwargs)
         return min(1.0, max_norm / (norm + eps))
 
 
@@ -74,6 +75,10 @@ CASES = [
                                           wd_ratio=0.3, nesterov=True)),
     Case("sgdp", uf.SGDP, "sgdp", dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1, delta=1.5,
                                        wd_ratio=0.3)),
+    # Each tensor's g-SNR at its first step (a parameter without a gradient at step 0 takes it at its own first step),
+    # from the clipped gradient (clipping at 2 bites on some steps; eps 1e-3, near the smaller gradients' std, lets
+    # the factor change the g-SNR), a 1-element tensor's std taken as 0.
+    Case("sgd_sai", uf.SGDSaI, "sgd_sai", dict(lr=1e-2, momentum=0.8, eps=1e-3, weight_decay=0.1, max_grad_norm=2.0)),
 ]
 CASE_IDS = [c.id for c in CASES]
 
@@ -190,7 +195,8 @@ def check_steps_against_oracle(case: Case, schedule, backend: str, dtype=torch.f
                 np.testing.assert_array_equal(f64(p), p0, err_msg=f"{where}: a param without grad moved")
                 continue
             names = opt._state_names(group)
-            s0 = {n: s0.get(n, np.full_like(p0, oracle.initial(case.rule, n, case.hyper(group)))) for n in names}
+            s0 = {**{n: s0[n] for n in opt._scalars if n in s0},  # (SGD-SaI's g-SNR, once measured)
+                  **{n: s0.get(n, np.full_like(p0, oracle.initial(case.rule, n, case.hyper(group)))) for n in names}}
             exp_p, exp_s = oracle.RULES[case.rule](p0, f64(g) * scale, s0, k0 + 1, lr=lr, **case.hyper(group))
             ignore = oracle.lion_ambiguous(f64(g), s0, **case.hyper(group)) if case.rule == "lion" else None
             assert int(opt.state[p]["step"]) == k0 + 1, f"{where}: step count"
@@ -200,6 +206,8 @@ def check_steps_against_oracle(case: Case, schedule, backend: str, dtype=torch.f
                 assert s.dtype == (state_dtype or dtype), f"{where}: state {n} is {s.dtype}"
                 assert_scaled_close(s, exp_s[n], RTOL[s.dtype], f"{where}: state {n}", atol=ATOL.get(s.dtype, 0.0),
                                     before=s0[n])
+            for n in opt._scalars:  # kept in float32 (float64 for a float64 parameter)
+                assert_scaled_close(opt.state[p][n], np.asarray(exp_s[n]), RTOL[opt.state[p][n].dtype], f"{where}: {n}")
 
 
 def assert_same_runs(a, b, opt_a, opt_b, where=""):

@@ -191,10 +191,28 @@ def sgdp(p, g, state, k, lr, momentum, dampening, nesterov, weight_decay, eps, d
     return p, {"momentum_buffer": b if nesterov else d}
 
 
+def sgd_sai(p, g, state, k, lr, momentum, eps, weight_decay, **_):
+    """SGD-SaI (Xu et al. 2024, Algorithm 1, as the sgd-sai package's SGD_sai computes it): at a tensor's first step its
+    g-SNR ||g|| / (std(g) + eps), std with Bessel's correction and 0 where it is NaN (one element), kept after; the
+    buffer the first gradient, then momentum b + (1 - momentum) g (the gradient itself with momentum 0); decoupled
+    decay at lr, the step lr g-SNR."""
+    if k == 1:
+        std = float(np.std(g, ddof=1)) if g.size > 1 else 0.0
+        gsnr = float(np.linalg.norm(g)) / (std + eps)
+    else:
+        gsnr = float(state["gsnr"])
+    new = {"gsnr": np.float64(gsnr)}
+    b = g
+    if momentum != 0:
+        b = new["momentum_buffer"] = g if k == 1 else momentum * state["momentum_buffer"] + (1 - momentum) * g
+    return p * (1 - lr * weight_decay) - lr * gsnr * b, new
+
+
 def initial(rule: str, name: str, hyper: dict) -> float:
     """State slot ``name``'s value before a parameter's first step."""
     return float(hyper["initial_accumulator_value"]) if rule == "adagrad" else 0.0
 
 
 RULES = {"adamw": adamw, "adabelief": adabelief, "lion": lion, "sgd": sgd, "adan": adan, "adagrad": adagrad,
-         "lars": lars, "lamb": lamb, "diffgrad": diffgrad, "adamp": adamp, "sgdp": sgdp}
+         "lars": lars, "lamb": lamb, "diffgrad": diffgrad, "adamp": adamp, "sgdp": sgdp,
+         "sgd_sai": sgd_sai}

@@ -171,3 +171,32 @@ def test_a_malformed_hand_over_raises_naming_it():
     with pytest.raises(TypeError, match=r"optimizer.found_inf.*one-element floating-point tensor, got Tensor \(2,\)"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, before))
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_sgd_sai_measures_at_the_first_step_gradscaler_lets_through(backend):
+    """SGD-SaI's g-SNR is measured at a tensor's first counted step: the first two here are skipped (found_inf), so
+    it is taken at the third, from the unscaled gradient, and the run equals one that starts there, bit for bit (the
+    scale is a power of two). A skipped step leaves the g-SNR as it was, and the pre-pass runs again after it."""
+    a, b = make_params(DEVICE, seed=11), make_params(DEVICE, seed=11)
+    hyper = dict(lr=1e-2, momentum=0.8, eps=1e-3, weight_decay=0.1, backend=backend)
+    ours, plain = uf.SGDSaI(a, **hyper), uf.SGDSaI(b, **hyper)
+    gen = torch.Generator().manual_seed(12)
+    for t in range(5):
+        grads = random_grads(a, gen)
+        for p, g in zip(a, grads):
+            p.grad = g * 8.0
+        snap = _snapshot(ours, a)
+        ours.grad_scale = torch.full((), 8.0, device=DEVICE)
+        ours.found_inf = torch.full((1,), float(t < 2), device=DEVICE)
+        ours.step()
+        if t < 2:
+            _assert_unchanged(ours, a, snap, f"{backend} step {t}")
+            assert all(float(ours.state[p]["step"]) == 0.0 for p in a)
+            continue
+        for p, g in zip(b, grads):
+            p.grad = g
+        plain.step()
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert torch.equal(p, q), f"{backend} step {t}: param {i} differs from the run that starts here"
+            assert torch.equal(ours.state[p]["gsnr"], plain.state[q]["gsnr"]), f"{backend} step {t}: param {i}"

@@ -253,6 +253,7 @@ def test_cpu_step_script_times_every_rule_against_its_baseline():
                          capture_output=True, text=True, check=True).stdout
     rows = re.findall(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)x\s+(.+)$", out, re.M)
     extra = ["adamp", "sgdp"] if importlib.util.find_spec("adamp") else []  # (their baseline: the adamp package)
+    extra += ["sgd_sai"] if importlib.util.find_spec("sgd_sai") else []  # (the sgd-sai package)
     assert [r[0] for r in rows] == ["adamw", "sgd", "lion", "adabelief", "adan", "adagrad", "lamb", "diffgrad", *extra], out
     for _, ours, base, ratio, _ in rows:
         assert float(ours) > 0 and float(base) > 0

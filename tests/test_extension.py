@@ -82,7 +82,7 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     # One tensor (gradient slot 0), the sentinel (slot 1: no gradient); SGD without momentum keeps no state.
     cols = registry.TENSOR_COLS + ("state0",)
     row = dict(param=p.data_ptr(), grad_slot=0, step=step.data_ptr(), numel=10, group=0, info=1 << 1, master=0,
-               absmax=0, state0=0)
+               absmax=0, scalar=0, state0=0)
     sentinel = {**row, "param": 0, "grad_slot": 1, "numel": 0}
     tensors = torch.tensor([[row[c] for c in cols], [sentinel[c] for c in cols]])
     gcols = registry.group_cols("sgd")
@@ -101,8 +101,8 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     bad = [({"groups": good["groups"].float()}, "groups must be Double"),
            ({"done": torch.zeros(4, dtype=torch.int32)}, r"done must hold rows \+ 1 = 3 counters, got 4"),
            ({"work": torch.zeros(2, 3, dtype=torch.int64)}, r"work must have shape \[items, 2\], got \[2, 3\]"),
-           ({"tensors": tensors[:, :8].contiguous()},
-            r"tensors must have shape \[rows >= 1, 9\] for rule 3, got \[2, 8\]"),
+           ({"tensors": tensors[:, :9].contiguous()},
+            r"tensors must have shape \[rows >= 1, 10\] for rule 3, got \[2, 9\]"),
            ({"groups": torch.zeros(1, n - 1, dtype=torch.float64)}, rf"groups must have shape \[n_groups = 1, {n}\]"),
            ({"groups": torch.zeros(2, n, dtype=torch.float64)}, r"groups must have shape \[n_groups = 1"),
            ({"gaddr": torch.zeros(1, dtype=torch.int64)}, "gaddr must hold 2 \\* n_groups = 2 addresses, got 1"),

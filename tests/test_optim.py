@@ -238,6 +238,9 @@ PACKAGE_TWINS = [
     ("adamp", "SGDP", uf.SGDP, {
         "momentum": dict(lr=1e-2, momentum=0.9, dampening=0.1, weight_decay=0.1, delta=1.5, wd_ratio=0.3),
         "nesterov": dict(lr=1e-2, momentum=0.8, nesterov=True, weight_decay=0.1, delta=1.5)}),
+    ("sgd_sai", "SGD_sai", uf.SGDSaI, {
+        "decay": dict(lr=5e-2, momentum=0.8, eps=1e-3, weight_decay=0.1),
+        "defaults": dict()}),
 ]
 
 
@@ -575,3 +578,79 @@ def test_adan_matches_timm_where_installed(backend, no_prox):
     step_together([(a, opt_a), (b, opt_b)], torch.Generator().manual_seed(3), 12)
     for i, (p, q) in enumerate(zip(a, b)):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, i=i: f"param {i}: {m}")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sgd_sai_measures_each_tensor_at_its_first_step_and_only_while_one_has_not(backend, monkeypatch):
+    """Each tensor's g-SNR is that of its first gradient, also for a parameter whose first gradient comes later, and
+    stays; the pre-pass that measures runs on the steps where some tensor takes its first step, and on no other (the
+    poll of the step counts clears it: snr.unmeasured)."""
+    reason = uf.backends.availability("cpu")[backend]
+    if reason is not None:
+        pytest.skip(reason)
+    calls = []
+    moments = uf.backends.snr.moments
+    monkeypatch.setattr(uf.backends.snr, "moments", lambda grads, device: calls.append(1) or moments(grads, device))
+    gen = torch.Generator().manual_seed(31)
+    params = [torch.randn(shape, generator=gen).requires_grad_() for shape in ((5, 7), (1,), (300,))]
+    opt = uf.SGDSaI(params, lr=0.1, momentum=0.5, eps=1e-3, backend=backend)
+    expected = {}
+    for t in range(5):
+        grads = [torch.randn(p.shape, generator=gen) * 0.01 * (t + 1) for p in params]
+        if t < 2:
+            grads[2] = None  # its first gradient at step 2
+        set_grads(params, grads)
+        for i, g in enumerate(grads):
+            if g is not None and i not in expected:
+                x = f64(g).ravel()
+                std = x.std(ddof=1) if x.size > 1 else 0.0
+                expected[i] = math.sqrt((x * x).sum()) / (std + 1e-3)
+        opt.step()
+        assert len(calls) == [1, 1, 2, 2, 2][t], f"step {t}: the pre-pass measured {len(calls)} times so far"
+        for i, gsnr in expected.items():
+            assert float(opt.state[params[i]]["gsnr"]) == pytest.approx(gsnr, rel=1e-6), f"step {t}: param {i}"
+
+
+def test_sgd_sai_loads_the_packages_state_dict_and_goes_on_as_it():
+    """The sgd-sai package keeps a momentum buffer and a g-SNR per parameter, and no step count: loaded, they are
+    this optimizer's state (a buffer counts as one step taken), and the next steps equal the package's."""
+    theirs_cls = pytest.importorskip("sgd_sai").SGD_sai
+    hyper = dict(lr=5e-2, momentum=0.8, eps=1e-3, weight_decay=0.1)
+    a, b = make_params(), make_params()
+    theirs = theirs_cls(a, **hyper)
+    gen = torch.Generator().manual_seed(32)
+    for _ in range(3):
+        set_grads(a, random_grads(a, gen))
+        theirs.step()
+    with torch.no_grad():
+        for p, q in zip(a, b):
+            q.copy_(p)
+    ours = uf.SGDSaI(b, **hyper, backend="cpu")
+    ours.load_state_dict(copy.deepcopy(theirs.state_dict()))
+    assert all(float(ours.state[q]["step"]) == 1.0 and ours.state[q]["gsnr"].dtype == torch.float32 for q in b)
+    for _ in range(3):
+        grads = random_grads(a, gen)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        theirs.step()
+        ours.step()
+    for i, (p, q) in enumerate(zip(a, b)):
+        assert_scaled_close(q, f64(p), 1e-6, f"param {i}")
+
+
+def test_sgd_sai_refuses_a_saved_state_without_its_gsnr_before_any_change():
+    """A saved state without the g-SNR (or with one of several values) cannot go on as SGD-SaI: the load raises naming
+    it, and the optimizer keeps its state."""
+    params = make_params()
+    opt = uf.SGDSaI(params, lr=0.1, backend="torch")
+    set_grads(params, random_grads(params, torch.Generator().manual_seed(33)))
+    opt.step()
+    kept = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    sd = copy.deepcopy(opt.state_dict())
+    del sd["state"][0]["gsnr"]
+    with pytest.raises(ValueError, match=r"state\[0\] lacks 'gsnr', which uba_fused.SGDSaI needs"):
+        opt.load_state_dict(sd)
+    sd["state"][0]["gsnr"] = torch.ones(2)
+    with pytest.raises(ValueError, match=r"state\[0\]\['gsnr'\] must be a one-element floating-point tensor"):
+        opt.load_state_dict(sd)
+    assert all(torch.equal(opt.state[params[0]][k], v) for k, v in kept.items())

@@ -36,6 +36,8 @@ CASES += [("lamb", *registry.STORAGES[i]) for i in (0, 10, 12, 26)]
 CASES += [("diffgrad", *registry.STORAGES[i]) for i in (0, 1, 7)]
 # AdamP and SGDP are Adam's and SGD's updates with a coefficient gathered per element (its row's): storages of each kind
 CASES += [("adamp", *registry.STORAGES[i]) for i in (0, 1, 12)] + [("sgdp", *registry.STORAGES[i]) for i in (0, 19)]
+# SGD-SaI is SGD's update with a per-tensor g-SNR read (and written) beside the step count: storages of each kind
+CASES += [("sgd_sai", *registry.STORAGES[i]) for i in (1, 12)]
 IDS = [f"{r}-{d}" + (f"-state-{sd}" if sd != d else "") + (f"-{c}" if c != "nearest" else "") +
        ("-state-stochastic" if sr == "stochastic" else "") for r, d, sd, c, sr in CASES]
 # Tensors each rule streams on a full chunk: (loaded, stored).
@@ -113,7 +115,7 @@ sig = {"work": "*i64", "tensors": "*i64", "grads": "*i64", "groups": "*fp64", "g
        "RULE": "constexpr", "STATES": "constexpr", "NG": "constexpr", "DTYPE": "constexpr",
        "STATE_DTYPE": "constexpr", "CODEC": "constexpr", "STOCHASTIC_STATE": "constexpr", "BLOCK": "constexpr",
        "SUB": "constexpr", "GROUPS": "constexpr", "POSITIVE": "constexpr", "REDUCE": "constexpr",
-       "REDUCES": "constexpr", "PROJECT": "constexpr"}
+       "REDUCES": "constexpr", "PROJECT": "constexpr", "SCALAR": "constexpr"}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ptxas = ptxas if os.path.exists(ptxas) else shutil.which("ptxas")
 out = {}
@@ -131,7 +133,7 @@ for rule, dtype, state_dtype, codec, state_rounding, reduce in cases:
         "BLOCK": backend.BLOCK,
         "SUB": backend.sub_tile(dt, getattr(torch, state_dtype)), "GROUPS": 4,
         "POSITIVE": spec.positive_bits, "REDUCE": reduce, "REDUCES": len(spec.reduces),
-        "PROJECT": spec.projects})
+        "PROJECT": spec.projects, "SCALAR": spec.scalar is not None})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS,
                                                                   "enable_fp_fusion": backend.FP_FUSION}).asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

@@ -1,11 +1,11 @@
 """uba_fused: fused optimizer steps with the UBA learning-rate schedule computed on the device."""
 
 from .backends import BackendUnavailableError, CaptureError
-from .optim import LAMB, LARS, SGDP, AdamP, DiffGrad, SGD, AdaBelief, Adagrad, AdamW, Adan, FusedOptimizer, Lion
+from .optim import LAMB, LARS, SGDP, SGDSaI, AdamP, DiffGrad, SGD, AdaBelief, Adagrad, AdamW, Adan, FusedOptimizer, Lion
 from .schedules import REX, UBA, AppliedLR, Constant, Cosine, Linear, LRScheduler, Schedule
 
 __version__ = "0.1.0"
 
 __all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "DiffGrad", "AdamP", "SGDP",
-           "FusedOptimizer", "UBA", "Cosine", "Linear", "REX", "Constant", "Schedule", "LRScheduler", "AppliedLR",
+           "SGDSaI", "FusedOptimizer", "UBA", "Cosine", "Linear", "REX", "Constant", "Schedule", "LRScheduler", "AppliedLR",
            "BackendUnavailableError", "CaptureError"]

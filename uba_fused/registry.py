@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 
 # -- the device tables (backends/plan.py) ---------------------------------------------------------------
 # Per tensor, int64: addresses of the parameter, its gradient's slot in the gradient table, the step count's
-# address, sizes, the address of its master slot (CODECS), the address of its 8-bit state's block scales (QUANTIZED);
-# then one address per state slot of the rule (STATE_COL + i).
-TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info", "master", "absmax")
+# address, sizes, the address of its master slot (CODECS), the address of its 8-bit state's block scales (QUANTIZED),
+# the address of its per-tensor float32 state (Rule.scalar); then one address per state slot of the rule
+# (STATE_COL + i).
+TENSOR_COLS = ("param", "grad_slot", "step", "numel", "group", "info", "master", "absmax", "scalar")
 STATE_COL = len(TENSOR_COLS)
 # Per group, float64: what every rule reads (the lr and its schedule, gradient clipping), then the rule's own
 # (Rule.consts).
@@ -164,6 +165,12 @@ def _lamb(group: Mapping) -> dict[str, float]:
             "adapt": _adapts(group)}
 
 
+def _sgd_sai(group: Mapping) -> dict[str, float]:
+    m = float(group["momentum"])
+    return {"momentum": m, "one_minus_momentum": 1.0 - m, "eps": float(group["eps"]),
+            "weight_decay": float(group["weight_decay"])}
+
+
 def _projection(group: Mapping) -> dict[str, float]:
     return {"delta": float(group["delta"]), "wd_ratio": float(group["wd_ratio"]), "eps": float(group["eps"]),
             "nesterov": float(bool(group["nesterov"]))}
@@ -208,6 +215,9 @@ def _no_clip_eps(group: Mapping) -> float:
 # AdamP's and SGDP's per-row sums (Rule.projects): p^2, g^2 (the gradient as applied), p g and p d (d: the direction)
 # over each row of a parameter (its index along dim 0; a parameter of under 2 dims is one row, never projected).
 PROJECTION = ("param", "grad", "param_grad", "param_update")
+# SGD-SaI's per-tensor sums (Rule.measures): the gradient's sum and sum of squares (as backward left it) and its count
+# of elements, at a tensor's first step (backends/snr.py).
+GSNR = ("grad_sum", "grad", "count")
 
 
 @dataclass(frozen=True)
@@ -229,6 +239,9 @@ class Rule:
     initial: Callable[[Mapping], dict[str, float]] = field(default=_zeros)  # a state slot's first value where it is
                                                                           # not 0 (Adagrad's initial_accumulator_value)
     clip_eps: Callable[[Mapping], float] = field(default=_torch_clip_eps)  # see clipping()
+    scalar: str | None = None            # a state of one value per tensor (beside its step count; float32, which the
+                                         # kernels read, or float64 for a float64 parameter): SGD-SaI's
+                                         # gsnr, which the update writes where it measures it (Rule.measures)
 
     @property
     def id(self) -> int:
@@ -275,9 +288,17 @@ class Rule:
         return self.reduces == PROJECTION
 
     @property
+    def measures(self) -> bool:
+        """Whether the rule's per-tensor sums are taken at a tensor's first step only (GSNR: SGD-SaI's g-SNR, kept in
+        its scalar state), so that a step runs its pre-pass only while some tensor may not have taken one."""
+        return self.reduces == GSNR
+
+    @property
     def prepass_loads(self) -> int:
         """Tensors the per-tensor pre-pass loads per element: the parameter and the gradient, or (a rule that reduces
-        its direction) everything the update loads."""
+        its direction) everything the update loads; none for one that measures at a tensor's first step only."""
+        if self.measures:
+            return 0
         return self.streams[0] if self.reduces_direction else len(self.reduces)
 
     def bytes_per_element(self, itemsize: int) -> int:
@@ -326,12 +347,18 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     # decay divided by 1 - momentum: 32 bytes per fp32 parameter (SGD's 20, and p, g, buf once more)
     Rule("sgdp", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay", "eps", "delta",
                                         "wd_ratio"), _sgdp, (3, 2), reduces=PROJECTION),
+    # The sgd-sai package's SGD_sai: each tensor's g-SNR ||g|| / (std(g) + eps) of its first gradient, kept as its
+    # scalar "gsnr"; b = g at the first step, then momentum b + (1 - momentum) g; p = p (1 - lr wd) - lr gsnr b:
+    # 20 bytes per fp32 parameter, as SGD (the measuring pre-pass reads each gradient at a tensor's first step only)
+    Rule("sgd_sai", ("momentum_buffer",), ("momentum", "one_minus_momentum", "eps", "weight_decay"), _sgd_sai, (3, 2),
+         reduces=GSNR, scalar="gsnr", keeps_state=lambda group: group["momentum"] != 0),
 )}
 RULE_IDS = {name: i for i, name in enumerate(RULES)}
 # What a rule may reduce per tensor (Rule.reduces): the sum of squares of the parameter (as its codec reads it), then of
 # the gradient as backward left it (the update scales its norm by the gradient's factor) or of the update's direction
-# (computed by the pre-pass from the gradient as applied and the state, which it does not store).
-REDUCIBLE = (("param", "grad"), ("param", "update"), PROJECTION)
+# (computed by the pre-pass from the gradient as applied and the state, which it does not store); per row (PROJECTION);
+# or the gradient's moments at a tensor's first step (GSNR).
+REDUCIBLE = (("param", "grad"), ("param", "update"), PROJECTION, GSNR)
 assert all(not r.reduces or r.reduces in REDUCIBLE for r in RULES.values()), "reductions are one of REDUCIBLE"
 MAX_STATES = max(len(r.states) for r in RULES.values())
 
@@ -349,7 +376,7 @@ def abi() -> dict:
             "storages": [list(storage) for storage in STORAGES],
             "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS), "qblock": QBLOCK,
             "rules": {r.name: {"id": r.id, "states": list(r.states), "consts": list(r.consts),
-                               "positive": list(r.positive), "reduces": list(r.reduces)}
+                               "positive": list(r.positive), "reduces": list(r.reduces), "scalar": r.scalar}
                       for r in RULES.values()}}
 
 
@@ -390,7 +417,8 @@ def cpp_header() -> str:
     for r in RULES.values():
         cols = [(c, len(GROUP_COLS) + i) for i, c in enumerate(r.consts)] + [("cols", len(GROUP_COLS) + len(r.consts))]
         lines.append(f"struct {r.name} {{ static constexpr int kId = {r.id}, kStates = {len(r.states)}, "
-                     f"kPositive = {r.positive_bits}, kReduces = {len(r.reduces)}, kProjects = {int(r.projects)}; "
+                     f"kPositive = {r.positive_bits}, kReduces = {len(r.reduces)}, kProjects = {int(r.projects)}, "
+                     f"kMeasures = {int(r.measures)}; "
                      f"{_enum('Col', cols)} }};")
     text = json.dumps(abi(), sort_keys=True, separators=(",", ":"))
     lines += ["", "// abi() of registry.py, which uba_fused._C exports as REGISTRY.",

@@ -15,11 +15,12 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from . import snr
 from .plan import CaptureError, GradScan, is_dense, stream_of_step
 from .cache import Held, StepCache
 from .work import Amp, Capture, GradSource, GroupWork, Selection, Step, local
 
-__all__ = ["Amp", "NAMES", "KERNEL_DTYPES", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
+__all__ = ["Amp", "NAMES", "KERNEL_DTYPES", "snr", "GroupWork", "GradSource", "GradScan", "Capture", "CaptureError",
            "Selection",
            "Step", "StepCache", "Held", "BackendUnavailableError", "availability", "resolve", "check_params", "get",
            "capturing", "stream_of_step"]

@@ -30,6 +30,8 @@ class StepCache:
     layout: tuple | None = None           # (what clipping all-reduces over,) once a clipping step found it
     held: Held | None = None              # what the tables and selections were built from, checked every step
     fresh: bool = False                   # this step made or replaced state: record what is held after it
+    unmeasured: Any = True                # a rule that measures at a tensor's first step (Rule.measures): whether
+                                          # some tensor may not have taken its step yet (snr.unmeasured)
 
     def clear(self) -> None:
         vars(self).update(vars(StepCache()))

@@ -61,6 +61,6 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                                STORAGE_ID[part.dtype, part.state_dtype, part.codec, part.state_rounding],
                                None if rows is None else rows.meta, None if rows is None else rows.coefs)
 
-        return plan.reduce(sumsq, direction)
+        return plan.reduce(sumsq, direction, work)
 
     return Step(update, lambda: plan.grad_sumsq(lambda part: sumsq(part, part.partials)), reduce)

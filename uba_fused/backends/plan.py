@@ -16,10 +16,11 @@ optimizer), and a step on another CUDA stream than the last waits for it (``stre
 
 Tables, all on the parameters' device; their columns are registry.py's (TENSOR_COLS, GROUP_COLS and the
 rule's consts), which names them for Triton and generates csrc/registry.h for C++:
-  tensors  int64 [n + 1, 8 + S] per tensor: address of p; its gradient's slot in ``grads``; address of
+  tensors  int64 [n + 1, 9 + S] per tensor: address of p; its gradient's slot in ``grads``; address of
                              its step; numel; group; info (= n_chunks << 1 | p and state 16-byte aligned);
                              the address of its master slot (registry.CODECS; scratch without one); the
                              address of its 8-bit state's block scales (registry.QUANTIZED; scratch without);
+                             the address of its per-tensor state (Rule.scalar; scratch without);
                              then the address of each of the rule's S state slots. Row n is a sentinel
                              with no elements, so a launch always has a program that advances the group
                              counters.
@@ -43,7 +44,9 @@ that reads per-tensor sums (Rule.reduces: LARS's and LAMB's norms) runs a pre-pa
 launches per part write each chunk's sums of squares of the parameter and of the gradient (two: the gradient pre-pass
 on each), or of the parameter and of the update's direction (one: the update kernel computing the direction and
 storing only those sums), torch.segment_reduce adds them per row, and the optimizer hands them back (summed over
-shards) to the update kernels, which read their row's.
+shards) to the update kernels, which read their row's. A rule that measures at a tensor's first step (Rule.measures:
+SGD-SaI) takes its sums with torch ops over the gradients, on the steps that measure (``Plan.reduce``, snr.py); the
+update kernels read zeros (``Plan.blank``) on the others, where no tensor's step is its first.
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ import torch
 
 from .. import _ext
 from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
+from . import snr
 from .projection import projection, tensor_sums
 from .work import (Amp, Capture, GradSource, GroupWork, codec_of, dtensor_class, is_dtensor, local,
                    state_rounding_of)
@@ -149,6 +153,7 @@ class Part:
     lengths: torch.Tensor   # int64 [rows]: each row's work items
     first_row: int          # its first row in Plan.reduce's rows (the parts' rows one after another)
     rows: Rows | None = None  # a rule that projects per row (Rule.projects): its tensors' rows
+    members: list[tuple[int, int]] = field(default_factory=list)  # its tensors': (group in the work, index in it)
 
 
 @dataclass
@@ -225,6 +230,8 @@ class Plan:
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
     partials: torch.Tensor                  # float64 [items of every part]: the pre-pass's sums
     no_amp: tuple[torch.Tensor, torch.Tensor]  # float32 [1] each: grad_scale 1 and found_inf 0, without a scaler
+    blank: torch.Tensor | None = None       # a rule that measures (Rule.measures): float64 [rows, 3] zeros, the sums
+                                            # its update reads on a step that does not measure
     stream_key: tuple | None = None         # the CUDA stream of its last launches: (id, device index, device type)
     streams_seen: set = field(default_factory=set)  # the streams whose use record_stream marked
 
@@ -238,14 +245,18 @@ class Plan:
         for i, part in enumerate(self.parts):
             part_launch(part, i == len(self.parts) - 1)
 
-    def reduce(self, sumsq: Callable[[Part, torch.Tensor, bool], None],
-               direction: Callable[[Part], None]) -> torch.Tensor:
+    def reduce(self, sumsq: Callable[[Part, torch.Tensor, bool], None], direction: Callable[[Part], None],
+               work: Sequence[GroupWork]) -> torch.Tensor:
         """The per-tensor pre-pass (Rule.reduces): float64 [rows of every part, 2], each row's sums of squares of its
         parameter and of its gradient or its update's direction. Per part, into ``part.squares``: ``sumsq(part,
         out, param)``, the gradient pre-pass, writes each work item's sum of the parameter's squares (``param``) or
         of the gradient's; or ``direction(part)``, the update kernel computing the direction (Rule.reduces_direction),
         writes both. torch.segment_reduce adds a row's items one after another in their order, so a step gives the
-        same sums every run (no atomics)."""
+        same sums every run (no atomics). A rule that measures (Rule.measures): each gradient's moments (snr.moments,
+        from ``work``'s gradients: torch ops, on the steps that measure only), [rows of every part, 3]."""
+        if RULES[self.rule].measures:
+            return snr.moments([None if m is None else work[m[0]].grads[m[1]]
+                                for part in self.parts for m in (*part.members, None)], self.device)
         out = []
         for part in self.parts:
             if part.rows is not None:  # per row (Rule.projects): then tensor_sums of each tensor's rows
@@ -281,7 +292,11 @@ class Plan:
 
     def sums_of(self, part: Part, sums: torch.Tensor | None) -> torch.Tensor:
         """``part``'s rows of ``sums`` (what ``reduce`` returned, summed over shards), or scratch without them."""
-        return self.scratch if sums is None else sums[part.first_row:part.first_row + part.tensors.shape[0]]
+        if sums is None:
+            if self.blank is None:
+                return self.scratch
+            sums = self.blank
+        return sums[part.first_row:part.first_row + part.tensors.shape[0]]
 
     def grad_sumsq(self, part_sumsq: Callable[[Part], None]) -> torch.Tensor:
         """The pre-pass: the sum of the squares of this step's gradients, a float64 0-dim tensor on the device.
@@ -348,15 +363,15 @@ class Plan:
                     check_rows(p, f"param_groups[{w.index}]['params'][{i}]", rule)
                 # a group that keeps no state (SGD without momentum) points its slots at scratch: never read
                 states = [w.state[n][i].data_ptr() for n in w.state] or [scratch.data_ptr()] * n_states
-                master, absmax = (scratch.data_ptr() if t is None else t.data_ptr()
-                                  for t in (w.masters[i], w.scales[i]))
+                master, absmax, scalar = (scratch.data_ptr() if t is None else t.data_ptr()
+                                          for t in (w.masters[i], w.scales[i], w.scalars and w.scalars[i]))
                 # the gradient's alignment is checked each step
                 aligned = all(x % ALIGN == 0 for x in [p.data_ptr(), master, *states] if x)
                 chunks.append(max(1, -(-p.numel() // block)))
                 rows.append([p.data_ptr(), w.slots[i], w.steps[i].data_ptr(), p.numel(), wi,
-                             chunks[-1] << 1 | int(aligned), master, absmax, *states])
+                             chunks[-1] << 1 | int(aligned), master, absmax, scalar, *states])
             s = scratch.data_ptr()
-            rows.append([s, n_slots - 1, s, 0, 0, 1 << 1, s, s] + [s] * n_states)  # the sentinel: its slot is NO_GRAD
+            rows.append([s, n_slots - 1, s, 0, 0, 1 << 1, s, s, s] + [s] * n_states)  # the sentinel: slot NO_GRAD
             specs.append((key, rows, chunks + [1]))
         items = [sum(chunks) for *_, chunks in specs]
         partials = torch.zeros(sum(items), dtype=torch.float64, device=device)
@@ -368,14 +383,16 @@ class Plan:
                       torch.zeros(len(rows) + 1, dtype=torch.int32, device=device), view, sq,
                       _to_device(torch.tensor(chunks, dtype=torch.int64), device), first,
                       _rows([work[wi].params[i] for wi, i in by_storage[key]], block, device,
-                            [wi for wi, _ in by_storage[key]]) if projects else None)
+                            [wi for wi, _ in by_storage[key]]) if projects else None, by_storage[key])
                  for (key, rows, chunks), view, sq, first in zip(specs, partials.split(items), squares, first_rows)]
         gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
+        blank = (torch.zeros(sum(len(rows) for _, rows, _ in specs), 3, dtype=torch.float64, device=device)
+                 if RULES[rule].measures else None)
         return cls(cls.key_of(rule, work), device, parts,
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
                    _to_device(gaddr, device), torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
                    scratch, [w.params for w in work], partials, tuple(_to_device(torch.tensor([1.0, 0.0]),
-                                                                                  device).split(1)))
+                                                                                  device).split(1)), blank=blank)
 
     def amp_args(self, amp: Amp | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The kernels' ``grad_scale`` and ``found_inf``: GradScaler's (``amp``), as one-element float32 tensors on
@@ -418,6 +435,8 @@ class Plan:
     def tensors_used(self, work: Sequence[GroupWork]) -> list[torch.Tensor]:
         """Every device tensor a launch of this plan reads or writes, but the parameters and gradients."""
         out = [self.groups, self.gaddr, self.grads, self.scratch, self.partials, *self.no_amp]
+        if self.blank is not None:
+            out.append(self.blank)
         for part in self.parts:
             out += [part.tensors, part.work, part.done, part.lengths]
             if part.squares is not None:
@@ -426,7 +445,8 @@ class Plan:
                 r = part.rows
                 out += [r.work, r.lengths, r.per_tensor, r.groups, r.projected, r.meta, r.coefs, r.squares]
         for w in work:
-            out += [w.schedule_step, w.lr_out, *w.steps, *(m for m in w.masters + w.scales if m is not None)]
+            out += [w.schedule_step, w.lr_out, *w.steps, *(m for m in w.masters + w.scales if m is not None),
+                    *(w.scalars or [])]
             for ts in w.state.values():
                 out += ts
         return out

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from ..registry import QBLOCK, RULES
-from . import rounding
+from . import rounding, snr
 from .projection import projection, row_sums, tensor_sums
 from .cache import StepCache
 from .work import Amp, GradSource, GroupWork, Step, codec_of, state_rounding_of
@@ -212,8 +212,20 @@ def _sgdp(p, g, s, step, lr, c, sums):
     p.mul_(1.0 - lr * c["weight_decay"] * wdf / (1.0 - c["momentum"])).sub_(u * lr)
 
 
+def _sgd_sai(p, g, s, step, lr, c, gsnr):
+    # the sgd-sai package's SGD_sai: the buffer starts as the first gradient, then momentum b + (1 - momentum) g (none
+    # with momentum 0, where the package fails: the gradient itself); decoupled decay at lr; the step lr times the
+    # tensor's g-SNR (``gsnr``, a 0-dim tensor, float32 but for a float64 parameter: measured at its first step, snr.py)
+    if c["momentum"] != 0.0:
+        buf = s["momentum_buffer"]
+        buf.copy_(torch.where(step == 1.0, g, buf * c["momentum"] + g * c["one_minus_momentum"]))
+        g = buf
+    p.mul_(1.0 - lr * c["weight_decay"]).sub_(g * (lr * gsnr))
+
+
 UPDATES = {"adamw": _adamw, "adabelief": _adabelief, "lion": _lion, "sgd": _sgd, "adan": _adan, "adagrad": _adagrad,
-           "lars": _lars, "lamb": _lamb, "diffgrad": _diffgrad, "adamp": _adamp, "sgdp": _sgdp}
+           "lars": _lars, "lamb": _lamb, "diffgrad": _diffgrad, "adamp": _adamp, "sgdp": _sgdp,
+           "sgd_sai": _sgd_sai}
 # the rules whose pre-pass reduces their update's direction ("update", PROJECTION)
 DIRECTIONS = {"lamb": _lamb_direction, "adamp": _adamp_direction, "sgdp": _sgdp_direction}
 
@@ -224,6 +236,8 @@ def reduce_sums(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None,
     direction (computed from copies of the state, from the gradient as the update applies it: clipped and unscaled
     by ``norm`` and ``amp``); for a rule that projects (Rule.projects), tensor_sums's [n, 6] of each."""
     ps = [p for w in work for p in w.params]
+    if RULES[rule].measures:  # SGD-SaI's: each gradient's moments (snr.py), [n, 3]
+        return snr.moments([g for w in work for g in w.grads], work[0].schedule_step.device)
     if not ps:
         width = 6 if RULES[rule].projects else 2
         return torch.zeros((0, width), dtype=torch.float64, device=work[0].schedule_step.device)
@@ -358,7 +372,8 @@ def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: A
 
 
 def run_group(rule: str, w: GroupWork, norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
-    """One group's step: its lr, its update (``sums``: its rows of the per-tensor pre-pass's), its counter."""
+    """One group's step: its lr, its update (``sums``: its rows of the per-tensor pre-pass's, or None where a rule
+    that measures did not measure), its counter."""
     lr = applied_lr(w)
     w.lr_out.copy_(lr)
     _step_group(rule, w, lr, grad_scale(rule, w, norm, amp), skipped(amp, w.schedule_step.device), sums)
@@ -383,7 +398,17 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
         if scale is not None:
             g32 = g32 * scale.to(g32.device)
         k = step_t + 1.0
-        if sums is None:
+        gsnr = None
+        if RULES[rule].measures:  # the tensor's g-SNR: measured at its first step (from sums), else the one it keeps
+            gsnr = w.scalars[i].to(torch.float64)
+            if sums is not None:
+                # (the gradient's factor as g32 took it: in float32 but for a float64 gradient, as the kernels take it)
+                by = None if scale is None else scale if g.dtype == torch.float64 else scale.float().double()
+                fresh = snr.gsnr(sums[i], 1.0 if by is None else by.to(sums.device), c["eps"])
+                gsnr = torch.where(k == 1.0, fresh, gsnr)
+            gsnr = gsnr.to(w.scalars[i].dtype)  # float32 (float64 for a float64 parameter), as it is kept
+            update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, gsnr.to(x.device))
+        elif sums is None:
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c)
         elif RULES[rule].projects:
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, sums[i])
@@ -394,7 +419,7 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, (sums[i, 0].sqrt(), gn))
         seed = int(w.hyper.get("seed", 0))
         new_p, new_master = encode(x, codec, p.dtype, seed, w.slots[i], w.schedule_step)
-        writes = [(step_t, k), (p, new_p), (master, new_master)]
+        writes = [(step_t, k), (p, new_p), (master, new_master), (None if gsnr is None else w.scalars[i], gsnr)]
         for n, v in stored.items():
             new_v, new_absmax = encode_state(s32[n], rule, n, v.dtype, rounds, seed, w.slots[i], w.schedule_step)
             writes += [(v, new_v), (None if new_absmax is None else absmax[RULES[rule].slot(n)[0]], new_absmax)]

@@ -59,18 +59,18 @@ _NO_GRAD = tl.constexpr(NO_GRAD)
 _QBLOCK = tl.constexpr(QBLOCK)
 assert (4 * 32 * NUM_WARPS) % QBLOCK == 0 == VECTOR_BYTES * 32 * NUM_WARPS // 4 % QBLOCK, "whole blocks per sub-tile"
 _STATE0 = tl.constexpr(STATE_COL)
-_PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO, _MASTER, _ABSMAX = (
+_PARAM, _GRAD_SLOT, _STEP, _NUMEL, _GROUP, _INFO, _MASTER, _ABSMAX, _SCALAR = (
     tl.constexpr(TENSOR_COLS.index(c)) for c in ("param", "grad_slot", "step", "numel", "group", "info", "master",
-                                                 "absmax"))
+                                                 "absmax", "scalar"))
 _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS, _SEED = (
     tl.constexpr(GROUP_COLS.index(c)) for c in ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state",
                                                  "max_grad_norm", "clip_eps", "seed"))
 _NEAREST, _REMAINDER, _COPY, _STOCHASTIC, _CORRECTION = (
     tl.constexpr(CODECS.index(c)) for c in ("nearest", "remainder", "copy", "stochastic", "correction"))
 _UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
-_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB, _DIFFGRAD, _ADAMP, _SGDP = (
+_ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB, _DIFFGRAD, _ADAMP, _SGDP, _SGD_SAI = (
     tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "lars", "lamb",
-                                        "diffgrad", "adamp", "sgdp"))
+                                        "diffgrad", "adamp", "sgdp", "sgd_sai"))
 
 
 def _cols(rule: str, *names: str) -> tuple:
@@ -97,6 +97,7 @@ _G_LR_DECAY, _G_EPS, _G_WD = _cols("adagrad", "lr_decay", "eps", "weight_decay")
 assert _cols("adamp", *_ADAM_COLS) == _cols("adamw", *_ADAM_COLS), "AdamP shares Adam's columns"
 _P_NESTEROV, = _cols("adamp", "nesterov")
 _Q_MOM, _Q_OMDAMP, _Q_NESTEROV, _Q_WD = _cols("sgdp", "momentum", "one_minus_dampening", "nesterov", "weight_decay")
+_I_MOM, _I_OMM, _I_EPS, _I_WD = _cols("sgd_sai", "momentum", "one_minus_momentum", "eps", "weight_decay")
 
 
 @triton.jit
@@ -417,7 +418,35 @@ def _sgdp(p, g, buf, c, coef):
 
 
 @triton.jit
-def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.constexpr):
+def _sgd_sai_scalars(row, k, lr, red, gscale, scalar):
+    """SGD-SaI's scalars (reference.py: _sgd_sai): the tensor's g-SNR, measured at its first step from its moments
+    ``red`` (snr.gsnr, in float64, of the gradient times gscale) and else the one it keeps (``scalar``); the decay
+    1 - lr wd and the step lr gsnr."""
+    first = k == 1.0
+    total, squares, count = tl.load(red), tl.load(red + 1), tl.load(red + 2)
+    s = gscale.to(tl.float64)
+    var = (squares - total * total / tl.maximum(count, 1.0)) / tl.maximum(count - 1.0, 1.0)
+    std = tl.where(count > 1.0, tl.sqrt(tl.maximum(var, 0.0)), 0.0)
+    fresh = s * tl.sqrt(squares) / (s * std + tl.load(row + _I_EPS))
+    gsnr = tl.where(first, fresh.to(tl.float32), tl.load(scalar))
+    lr64 = lr.to(tl.float64)
+    return ((1.0 - lr64 * tl.load(row + _I_WD)).to(tl.float32), (lr64 * gsnr.to(tl.float64)).to(tl.float32),
+            _f32(row, _I_MOM), _f32(row, _I_OMM), first, gsnr)
+
+
+@triton.jit
+def _sgd_sai(p, g, buf, c):
+    """The sgd-sai package's SGD_sai: the buffer (the first gradient, then momentum b + (1 - momentum) g; none with
+    momentum 0), decoupled decay, the step lr gsnr."""
+    decay, step, mom, omm, first, gsnr = c
+    if mom != 0.0:
+        buf = tl.where(first, g, buf * mom + g * omm)
+        g = buf
+    return p * decay - g * step, buf
+
+
+@triton.jit
+def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.constexpr, scalar):
     """A rule's scalars; ``red`` (its tensor's per-tensor sums), ``norm`` and ``amp_scale`` (what _grad_scale reads)
     for a rule that reduces (Rule.reduces); REDUCE: for its pre-pass (without them). (Computing the gradient's factor
     before the scalars, for every rule, took Adan's bf16 kernel from 111 to 119 registers.)"""
@@ -439,6 +468,8 @@ def _scalars(RULE: tl.constexpr, row, k, lr, red, norm, amp_scale, REDUCE: tl.co
         c = _adamp_scalars(row, k, lr, red)
     elif RULE == _SGDP:
         c = _sgdp_scalars(row, k, lr, red)
+    elif RULE == _SGD_SAI:
+        c = _sgd_sai_scalars(row, k, lr, red, _grad_scale(row, norm, tl.load(amp_scale)), scalar)
     else:
         tl.static_assert(RULE == _ADAN, "a rule without Triton code")
         c = _adan_scalars(row, k, lr)
@@ -481,6 +512,8 @@ def _update(RULE: tl.constexpr, p, g, s0, s1, s2, s3, c, coef):
         p, s0, s1 = _adamp(p, g, s0, s1, c, coef)
     elif RULE == _SGDP:
         p, s0 = _sgdp(p, g, s0, c, coef)
+    elif RULE == _SGD_SAI:
+        p, s0 = _sgd_sai(p, g, s0, c)
     else:
         p, s0, s1, s2, s3 = _adan(p, g, s0, s1, s2, s3, c)
     return p, s0, s1, s2, s3
@@ -821,7 +854,7 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, STOCHASTIC_STATE: tl.constexpr, BLOCK: tl.constexpr,
                  SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr,
-                 REDUCES: tl.constexpr, PROJECT: tl.constexpr):
+                 REDUCES: tl.constexpr, PROJECT: tl.constexpr, SCALAR: tl.constexpr):
     """One work item's update; or, REDUCE, the pre-pass of a rule that reduces its update's direction (_chunk),
     which writes nothing else and leaves the counters alone. ``reduced``: REDUCES float64 per tensor row, its sums (the
     pre-pass's, summed over shards), or for a rule that projects its Rows.meta (row length, first row in ``coefs``,
@@ -843,7 +876,11 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
     lr, counter = _group_lr(groups, gaddr, gi, None, NG)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
     red = reduced + REDUCES * slot
-    c = _scalars(RULE, row, k, lr, red, norm, grad_scale, REDUCE)
+    if SCALAR:  # its per-tensor state (Rule.scalar), which the update keeps (_count)
+        scalar_ptr = tl.load(trow + _SCALAR).to(tl.pointer_type(tl.float32))
+    else:
+        scalar_ptr = step_ptr  # never read nor written
+    c = _scalars(RULE, row, k, lr, red, norm, grad_scale, REDUCE, scalar_ptr)
     has_state = tl.load(row + _HAS_STATE) != 0.0  # SGD without momentum keeps no buffer
     gscale = _grad_scale(row, norm, tl.load(grad_scale))
 
@@ -898,13 +935,19 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
             tl.store(squares + 2 * squares_stride + pid, 0.0)
             tl.store(squares + 3 * squares_stride + pid, 0.0)
     if not REDUCE:
-        _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups, NG, GROUPS)
+        if SCALAR:
+            kept = c[5]  # (SGD-SaI's g-SNR: the only rule with a scalar state gives it last)
+        else:
+            kept = 0.0
+        _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups, NG, GROUPS,
+               scalar_ptr, kept, SCALAR)
 
 
 @triton.jit
 def _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups,
-           NG: tl.constexpr, GROUPS: tl.constexpr):
-    """The counters, after a work item's update."""
+           NG: tl.constexpr, GROUPS: tl.constexpr, scalar_ptr, kept, SCALAR: tl.constexpr):
+    """The counters, after a work item's update; and a rule's per-tensor state (SCALAR: ``kept``), written with the
+    step count."""
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
     # The barrier makes every warp's reads of this step's counters precede the release below (the
     # atomic is one thread's), so no warp can read a counter after another program advanced it.
@@ -916,6 +959,8 @@ def _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, gr
         # a flag kept live across the chunk took ptxas to 64 registers and a spill, from 71 and none)
         if (slot < n_rows - 1) & (g_addr != _NO_GRAD) & (tl.load(found_inf) == 0.0):
             tl.store(step_ptr, k)
+            if SCALAR:
+                tl.store(scalar_ptr, kept)
         rows_done = tl.atomic_add(done + n_rows, 1, sem="acq_rel")
         if rows_done == n_rows - 1:
             tl.store(done + n_rows, 0)
@@ -960,7 +1005,7 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
             STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
             SUB=sub_tile(part.dtype, part.state_dtype),
             GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, REDUCES=len(spec.reduces),
-            PROJECT=spec.projects, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            PROJECT=spec.projects, SCALAR=spec.scalar is not None, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
         with plan.on_device():  # Triton launches on the current device: make it the parameters'
@@ -979,6 +1024,6 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
 
     def reduce(norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
         with plan.on_device():
-            return plan.reduce(sumsq, lambda part: step_kernel(part, norm, amp, plan.scratch, reduce=True))
+            return plan.reduce(sumsq, lambda part: step_kernel(part, norm, amp, plan.scratch, reduce=True), work)
 
     return Step(update, grad_sumsq, reduce)

@@ -7,7 +7,8 @@ the step of those groups as a small pipeline, which the optimizer runs stage by 
 1. ``grad_sumsq()``, the pre-pass, only when a group clips its gradients (``max_grad_norm``): launches the
    reduction of the gradients and returns the sum of their squares, a float64 0-dim tensor on the device.
    The optimizer adds the backends' sums and takes the square root: the global gradient norm.
-2. ``reduce(norm, amp)``, only for a rule that reads per-tensor sums (Rule.reduces: LARS, LAMB): launches the
+2. ``reduce(norm, amp)``, only for a rule that reads per-tensor sums (Rule.reduces: LARS, LAMB; SGD-SaI's only on a
+   step that measures, Rule.measures, whose ``update`` is then handed them, and otherwise None): launches the
    reduction of each parameter and of its gradient (LARS) or of the direction its update will apply (LAMB: from the
    gradient as ``update`` applies it, given the same ``norm`` and ``amp``, and the state, which it leaves as it is),
    and returns their sums of squares, float64 [rows, 2] in an order of the backend's own. The optimizer sums them
@@ -62,6 +63,8 @@ class GroupWork:
     scales: list[torch.Tensor | None]   # each param's state "absmax" (registry.QUANTIZED), None for other state
     grads_like_params: bool = False  # every gradient in grads is laid out as its parameter (the optimizer's
                                    # C++ pass found it so; False: not known)
+    scalars: list[torch.Tensor] | None = None  # each param's per-tensor state (Rule.scalar: a 0-dim tensor),
+                                   # None for a rule without
 
 
 @dataclass
@@ -101,6 +104,7 @@ class Selection:
     slots: list[int]                      # as GroupWork.slots
     masters: list[torch.Tensor | None]    # as GroupWork.masters
     scales: list[torch.Tensor | None]     # as GroupWork.scales
+    scalars: list[torch.Tensor] | None = None  # as GroupWork.scalars
 
 
 @dataclass

@@ -22,18 +22,19 @@ from dataclasses import asdict, dataclass
 import torch
 
 from .. import backends, registry
-from ..optim import LAMB, LARS, SGD, SGDP, AdaBelief, Adagrad, AdamP, AdamW, Adan, DiffGrad, Lion
+from ..optim import LAMB, LARS, SGD, SGDP, AdaBelief, Adagrad, AdamP, AdamW, Adan, DiffGrad, Lion, SGDSaI
 from ..schedules import UBA
 from .presets import Preset
 
 OURS = {"adamw": AdamW, "adabelief": AdaBelief, "lion": Lion, "sgd": SGD, "adan": Adan, "adagrad": Adagrad,
-        "lars": LARS, "lamb": LAMB, "diffgrad": DiffGrad, "adamp": AdamP, "sgdp": SGDP}
+        "lars": LARS, "lamb": LAMB, "diffgrad": DiffGrad, "adamp": AdamP, "sgdp": SGDP, "sgd_sai": SGDSaI}
 HYPER = {"adamw": dict(lr=1e-4, weight_decay=0.01), "adabelief": dict(lr=1e-4, weight_decay=0.01),
          "lion": dict(lr=1e-5, weight_decay=0.01), "sgd": dict(lr=1e-3, momentum=0.9),
          "adan": dict(lr=1e-4, weight_decay=0.01), "adagrad": dict(lr=1e-2, initial_accumulator_value=0.1),
          "lars": dict(lr=1.0, momentum=0.9, weight_decay=1e-4), "lamb": dict(lr=1e-3, weight_decay=0.01),
          "diffgrad": dict(lr=1e-4), "adamp": dict(lr=1e-4, weight_decay=0.01),
-         "sgdp": dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)}
+         "sgdp": dict(lr=1e-3, momentum=0.9, weight_decay=1e-4),
+         "sgd_sai": dict(lr=1e-3, momentum=0.9, weight_decay=1e-4)}
 
 
 # How uba_fused keeps a parameter list (README: Precision layouts): the parameter dtypes each layout takes, and the

@@ -7,6 +7,7 @@ from .lars import LARS
 from .base import FusedOptimizer
 from .lion import Lion
 from .sgd import SGD
+from .sgd_sai import SGDSaI
 
 __all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "DiffGrad", "AdamP", "SGDP",
-           "FusedOptimizer"]
+           "SGDSaI", "FusedOptimizer"]

@@ -231,6 +231,12 @@ def _zeros_like(p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return backends.work.placed_like(torch.zeros_like(local(p), dtype=dtype, memory_format=torch.preserve_format), p)
 
 
+def _scalar_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype of a rule's per-tensor state (Rule.scalar) for ``p``: float32, which the kernels read, or float64 for a
+    float64 parameter (which backends "torch" and "cpu" update in float64)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 def _shared_layout(groups: list[dict]) -> Any:
     """None if no parameter is a DTensor; (mesh, placements) if every one is, placed on the same mesh alike;
     else a sentence saying which is not."""
@@ -433,6 +439,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _state_names(self, group: dict) -> tuple[str, ...]:
         return registry.RULES[self.rule].state_names(group)
 
+    @property
+    def _scalars(self) -> tuple[str, ...]:
+        """The rule's per-tensor state (Rule.scalar: SGD-SaI's "gsnr"), as a tuple of none or one name."""
+        scalar = registry.RULES[self.rule].scalar
+        return () if scalar is None else (scalar,)
+
     def _check_hyper(self, group: dict) -> None:
         raise NotImplementedError
 
@@ -573,16 +585,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         clips = any(g.get("max_grad_norm", 0) for g in self.param_groups)
         if clips:
             self._check_clipping()
-        reduces = bool(registry.RULES[self.rule].reduces)
+        rule = registry.RULES[self.rule]
+        reduces = bool(rule.reduces)
         if reduces:
             self._check_reductions()
         capture = backends.Capture() if backends.capturing(self._cuda_devices) else None
         if self._cuda_devices:
             backends.stream_of_step(self._cuda_devices, self._streams, capture)
         self._check_held(capture)
-        work, grads = self._steady_work(capture)
+        # A rule that measures at a tensor's first step (Rule.measures) reads the gradients themselves then
+        measure = rule.measures and backends.snr.unmeasured(self._cache)
+        work, grads = (None, None) if measure else self._steady_work(capture)
         if work is None:
             work, grads = self._full_work(capture)
+        measure = rule.measures and backends.snr.unmeasured(self._cache)  # (and where this step made state)
+        reduces = reduces and (measure or not rule.measures)
         by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
         steps = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
         norm, amp = None, self._amp()
@@ -598,6 +615,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             sums = [self._across_shards(s.reduce(norm, amp)) for s in steps]
         for step, mine in zip(steps, sums):
             step.update(norm, amp, mine)
+        if measure and capture is None:
+            backends.snr.poll(self._cache, [st["step"] for g in self.param_groups for p in g["params"]
+                                            if "step" in (st := self.state.get(p, {}))])
         if self._cache.fresh or self._cache.held is None:
             self._hold()
         if capture is not None:
@@ -634,7 +654,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             entries.append((group, "schedule_step", group["schedule_step"]))
             entry_labels.append(f"{where}['schedule_step'] (replaced)")
             storages.append(group["schedule_step"].untyped_storage())
-            names = ("step", *self._state_names(group), MASTER, ABSMAX)
+            names = ("step", *self._state_names(group), *self._scalars, MASTER, ABSMAX)
             for i, p in enumerate(group["params"]):
                 st = self.state.get(p)
                 if not st or "step" not in st:
@@ -835,7 +855,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             lr_out=self._last_lr[gi], params=selection.params, grads=grads, steps=selection.steps,
             state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters,
             scales=selection.scales,
-            grads_like_params=grads_like_params)
+            grads_like_params=grads_like_params, scalars=selection.scalars)
 
     def _selection(self, gi: int, group: dict, grads: list,
                    capture: backends.Capture | None = None) -> backends.Selection:
@@ -879,7 +899,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             slots = [first + i for i in (range(len(params)) if index is None else index)]
             hit = self._cache.selections[key] = backends.Selection(
                 [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
-                index, slots, [local(s.get(MASTER)) for s in st], [blockwise.flat(s) for s in st])
+                index, slots, [local(s.get(MASTER)) for s in st], [blockwise.flat(s) for s in st],
+                *([s[n] for s in st] for n in self._scalars))
         return hit
 
     def _layout(self, group: dict) -> tuple:
@@ -904,7 +925,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"parameters moved since the optimizer was made; build the optimizer after "
                                      f"moving the model (or load its state dict into a new one)")
                 for n, v in self.state.get(p, {}).items():
-                    if n in ("step", ABSMAX) or not isinstance(v, torch.Tensor):
+                    if n in ("step", ABSMAX, *self._scalars) or not isinstance(v, torch.Tensor):
                         continue
                     if v.device != p.device or v.shape != p.shape:
                         raise ValueError(f"{where} is {tuple(p.shape)} on {p.device}, but its state {n!r} is "
@@ -945,6 +966,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         one op per 0-dim tensor cost 4 us each on a 2-core VM). Each count is still its own 0-dim tensor."""
         fresh = [p for p in params if "step" not in self.state.get(p, ())]
         self._cache.fresh |= bool(fresh)
+        if fresh:
+            self._cache.unmeasured = True  # (Rule.measures: their first step)
         for device in dict.fromkeys(p.device for p in fresh):
             mine = [p for p in fresh if p.device == device]
             for p, step in zip(mine, torch.zeros(len(mine), dtype=torch.float32, device=device).unbind()):
@@ -963,6 +986,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for n in made:
             state[n] = _zeros_like(p, dtype)
             self._cache.fresh = True
+        for n in self._scalars:  # one value per tensor, on its device (written where the step measures it)
+            if n not in state:
+                state[n] = torch.zeros((), dtype=_scalar_dtype(p), device=p.device)
+                self._cache.fresh = True
         if any(state[n].dtype == torch.int8 for n in names) and not blockwise.scales_fit(state, self.rule, p):
             state[ABSMAX] = blockwise.new_absmax(p, len(registry.RULES[self.rule].states))
             self._cache.fresh = True
@@ -1019,9 +1046,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 st = self.state.get(p)
                 if not st:
                     continue
-                # torch SGD keeps no step: a saved buffer means at least one step was taken.
-                default = 1.0 if any(isinstance(st.get(n), torch.Tensor) for n in self._state_names(group)) else 0.0
+                # torch SGD keeps no step (nor does the sgd-sai package): a saved buffer, or a measured g-SNR, means
+                # at least one step was taken.
+                default = 1.0 if any(isinstance(st.get(n), torch.Tensor)
+                                     for n in (*self._state_names(group), *self._scalars)) else 0.0
                 st["step"] = torch.as_tensor(st.get("step", default)).to(p.device, torch.float32).reshape(())
+                for n in self._scalars:  # the saved value (torch.optim's load cast it to the parameter's dtype)
+                    st[n] = torch.as_tensor(state_dict["state"][pid][n]).to(p.device, _scalar_dtype(p)).reshape(())
                 dtype = state_dtype_of(group, p)
                 names = self._state_names(group)
                 # 8-bit state saved or kept: through its values (torch.optim's load cast codes and scales)
@@ -1108,11 +1139,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         names = self._state_names(group)
         if not isinstance(st, dict):
             raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
-        foreign = [k for k in st if k not in ("step", MASTER, ABSMAX, *names)]
+        foreign = [k for k in st if k not in ("step", MASTER, ABSMAX, *names, *self._scalars)]
         if foreign:
             raise ValueError(f"{where} holds {', '.join(map(repr, foreign))}, which {name} does not keep (it keeps "
-                             f"{['step', *names]}): the state dict of another optimizer?")
-        lacking = [k for k in names if st.get(k) is None] + ([] if "step" in st or self._step_optional else ["step"])
+                             f"{['step', *names, *self._scalars]}): the state dict of another optimizer?")
+        lacking = [k for k in (*names, *self._scalars) if st.get(k) is None] + \
+            ([] if "step" in st or self._step_optional else ["step"])
         if lacking:
             raise ValueError(f"{where} lacks {', '.join(map(repr, lacking))}, which {name} needs; refilling it "
                              f"would restart that statistic while keeping the rest")
@@ -1127,6 +1159,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                                  f"they must be placed alike. Load a sharded (FSDP2) optimizer with "
                                  f"torch.distributed.checkpoint's set_optimizer_state_dict, which reshards the "
                                  f"saved state onto the parameters")
+        for key in self._scalars:
+            v = st[key]
+            if not isinstance(v, torch.Tensor) or v.numel() != 1 or not v.is_floating_point():
+                raise ValueError(f"{where}[{key!r}] must be a one-element floating-point tensor (one value per "
+                                 f"parameter), got {type(v).__name__} "
+                                 f"{tuple(v.shape) if isinstance(v, torch.Tensor) else v!r}")
         coded = [k for k in names if st[k].dtype == torch.int8]
         if coded and not blockwise.scales_fit(st, self.rule, p):
             raise ValueError(f"{where} holds 8-bit state {coded} without its {blockwise.missing(self.rule, p)}"
