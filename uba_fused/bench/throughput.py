@@ -364,12 +364,16 @@ def bytes_of(opt: torch.optim.Optimizer, params: list[torch.Tensor], grads: list
     """(bytes a step must move, bytes the optimizer keeps), from the real tensors: every rule reads the parameter, its
     gradient and each state buffer once and writes the parameter and each buffer once (a master weight is one
     more buffer), and a rule's per-tensor norms (Rule.reduces) read the parameter and the gradient once more (LARS),
-    or everything the update reads (LAMB's, AdamP's and SGDP's direction); the step counts are not counted."""
+    or everything the update reads (LAMB's, AdamP's and SGDP's direction); the step counts and a rule's per-tensor
+    value (Rule.scalar: SGD-SaI's g-SNR, kept but not streamed) are not counted, nor SGD-SaI's measuring pre-pass,
+    which runs at a tensor's first step only."""
+    spec = registry.RULES[rule]
     kept = sum(v.nbytes for st in opt.state.values() for k, v in st.items() if k != "step" and torch.is_tensor(v))
-    reduces = registry.RULES[rule].reduces
+    streamed = kept - sum(st[spec.scalar].nbytes for st in opt.state.values() if spec.scalar in st)
+    reduces = () if spec.measures else spec.reduces
     norms = sum(p.nbytes * ("param" in reduces) + g.nbytes * bool(reduces) for p, g in zip(params, grads))
-    norms += kept if registry.RULES[rule].reduces_direction else 0
-    return sum(2 * p.nbytes + g.nbytes for p, g in zip(params, grads)) + 2 * kept + norms, kept
+    norms += streamed if spec.reduces_direction else 0
+    return sum(2 * p.nbytes + g.nbytes for p, g in zip(params, grads)) + 2 * streamed + norms, kept
 
 
 def bytes_per_element(rule: str, dtype: torch.dtype) -> int:
