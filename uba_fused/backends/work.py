@@ -150,6 +150,11 @@ class GradSource:
         return self.pinned
 
 
+# The state buffer that holds a 16-bit parameter's share of its master weight (registry.CODECS: the low 16 bits of a
+# bfloat16 parameter's float32 master, as int16, or its next 8 bits, as int8; a float16 parameter's float32 copy).
+MASTER = "master"
+
+
 def codec_of(group: dict, p: torch.Tensor) -> str | None:
     """How parameter ``p`` of param group ``group`` is kept between steps (registry.CODECS); None where the group's
     master_weights cannot keep a parameter of its dtype."""

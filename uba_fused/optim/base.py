@@ -1,38 +1,38 @@
-"""What the four optimizers share: groups, validation, state, state_dict, dispatch.
+"""The torch.optim contract every uba_fused optimizer shares: groups, argument checks, per-parameter state (what it
+holds, how it is made and fitted to its parameter), state dicts. What ``step()`` does with them is
+backends/step.py's.
 
 A subclass sets ``rule`` (the update rule's name in registry.RULES, which says what state it keeps),
 its arguments and defaults, and ``_check_hyper(group)``.
 
 Per-parameter state is torch.optim's: ``state[p]["step"]`` (a float32 0-dim
 tensor on the parameter's device, as torch's capturable/fused optimizers keep
-it) plus the rule's buffers. Each param group carries ``schedule`` and
-``schedule_step`` (an int64 0-dim tensor on the group's device counting the
+it) plus the rule's buffers (and SGD-SaI's per-tensor ``gsnr``: Rule.scalar). Each param group carries ``schedule``
+and ``schedule_step`` (an int64 0-dim tensor on the group's device counting the
 ``step()`` calls made so far), so a resumed run continues its schedule exactly.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
 import math
 import numbers
-import operator
 import os
 import sys
 import types
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from itertools import groupby
 from typing import Any, ClassVar
 
 import torch
 
 from .. import backends, registry
-from ..backends.work import codec_of, is_dtensor, local
+from ..backends.work import MASTER, codec_of, is_dtensor, local
 from ..schedules import SCHEDULE_CLASSES, Schedule, schedule_from_dict
 from . import blockwise
 from .blockwise import ABSMAX, state_dtype_of
+from ..backends import step as pipeline  # (after blockwise, which it imports)
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -237,24 +237,6 @@ def _scalar_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _shared_layout(groups: list[dict]) -> Any:
-    """None if no parameter is a DTensor; (mesh, placements) if every one is, placed on the same mesh alike;
-    else a sentence saying which is not."""
-    params = [p for g in groups for p in g["params"]]
-    plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
-    if len(plain) == len(params):
-        return None
-    if plain:
-        return f"parameters {plain} (in the optimizer's order) are not DTensors, others are"
-    layouts = list(dict.fromkeys((p.device_mesh, p.placements) for p in params))
-    if len(layouts) > 1:
-        return f"the parameters are placed {len(layouts)} ways: {[pl for _, pl in layouts]}"
-    return layouts[0]
-
-
-# The state buffer that holds a 16-bit parameter's share of its master weight (registry.CODECS: the low 16 bits of a
-# bfloat16 parameter's float32 master, as int16, or its next 8 bits, as int8; a float16 parameter's float32 copy).
-MASTER = "master"
 
 
 def new_master(p: torch.Tensor, codec: str) -> torch.Tensor:
@@ -448,6 +430,13 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_hyper(self, group: dict) -> None:
         raise NotImplementedError
 
+    def _counted_state(self) -> _State:
+        """``self.state`` as the ``_State`` that counts its changes (a plain dict assigned to ``opt.state`` is wrapped
+        again), for the step to record what its tables were built from (backends/step.py)."""
+        if not isinstance(self.state, _State):
+            self.state = _State(dict, self.state)
+        return self.state
+
     # -- groups ------------------------------------------------------------------
     def _check_group_at_step(self, gi: int, group: dict) -> tuple:
         """_check_group, skipped while the group's values are the ones last found valid; returns
@@ -578,336 +567,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         if torch.compiler.is_compiling():
             _update_outside_graphs(self)
         else:
-            self._update()  # eager: without the wrapper's cost (7 us of a step's host time on a 2-core VM)
+            pipeline.run(self)  # eager: without the wrapper's cost (7 us of a step's host time on a 2-core VM)
         return loss
 
-    def _update(self) -> None:
-        clips = any(g.get("max_grad_norm", 0) for g in self.param_groups)
-        if clips:
-            self._check_clipping()
-        rule = registry.RULES[self.rule]
-        reduces = bool(rule.reduces)
-        if reduces:
-            self._check_reductions()
-        capture = backends.Capture() if backends.capturing(self._cuda_devices) else None
-        if self._cuda_devices:
-            backends.stream_of_step(self._cuda_devices, self._streams, capture)
-        self._check_held(capture)
-        # A rule that measures at a tensor's first step (Rule.measures) reads the gradients themselves then
-        measure = rule.measures and backends.snr.unmeasured(self._cache)
-        work, grads = (None, None) if measure else self._steady_work(capture)
-        if work is None:
-            work, grads = self._full_work(capture)
-        measure = rule.measures and backends.snr.unmeasured(self._cache)  # (and where this step made state)
-        reduces = reduces and (measure or not rule.measures)
-        by_backend = groupby(sorted(work, key=lambda w: self._backends[w.index]), key=lambda w: self._backends[w.index])
-        steps = [backends.get(name)(self.rule, list(ws), self._cache, grads) for name, ws in by_backend]
-        norm, amp = None, self._amp()
-        if clips:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
-            norm = self._across_shards(functools.reduce(operator.add, [s.grad_sumsq() for s in steps])).sqrt()
-            if amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
-                found = (~torch.isfinite(norm)).float()
-                if amp.found_inf is not None:
-                    found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
-                amp = backends.Amp(amp.grad_scale, found)
-        sums = [None] * len(steps)
-        if reduces:  # per-tensor sums (LARS's and LAMB's norms), each over the shards of its tensor
-            sums = [self._across_shards(s.reduce(norm, amp)) for s in steps]
-        for step, mine in zip(steps, sums):
-            step.update(norm, amp, mine)
-        if measure and capture is None:
-            backends.snr.poll(self._cache, [st["step"] for g in self.param_groups for p in g["params"]
-                                            if "step" in (st := self.state.get(p, {}))])
-        if self._cache.fresh or self._cache.held is None:
-            self._hold()
-        if capture is not None:
-            self._captured(capture)
-        elif self._cache.scan is not None:
-            self._cache.scan.after_eager_step(grads)
-
-    def _amp(self) -> backends.Amp | None:
-        """What torch.amp.GradScaler.step handed over for this step (``grad_scale``, ``found_inf``; see
-        ``_step_supports_amp_scaling``), or None. Each is None or a one-element floating-point tensor."""
-        scale, found = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        if scale is None and found is None:
-            return None
-        for name, t in (("grad_scale", scale), ("found_inf", found)):
-            if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point()):
-                raise TypeError(f"optimizer.{name}, which torch.amp.GradScaler.step sets for the step, must be None or "
-                                f"a one-element floating-point tensor, got {type(t).__name__} "
-                                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
-        return backends.Amp(scale, found)
-
-    def _hold(self) -> None:
-        """Record what the device tables and cached selections of this step were built from, for every later step
-        to check first (``_check_held``): each parameter with state (its address, dtype and layout: what
-        ``p.data = ...`` changes), and the dict entries that name its state buffers, its step count and each
-        group's counter (what replacing one changes). The storages of those buffers and counters are kept alive
-        instead of checked (one C++ pass over 292 parameters with Adam's state took 31 us per step checking
-        all of them, 13 checking these): whatever a user does to their ``.data``, the kernels write memory the
-        optimizer holds."""
-        if not isinstance(self.state, _State):  # a plain dict assigned to opt.state
-            self.state = _State(dict, self.state)
-        tensors, labels, entries, entry_labels, storages = [], [], [], [], []
-        for gi, group in enumerate(self.param_groups):
-            where = f"param_groups[{gi}]"
-            entries.append((group, "schedule_step", group["schedule_step"]))
-            entry_labels.append(f"{where}['schedule_step'] (replaced)")
-            storages.append(group["schedule_step"].untyped_storage())
-            names = ("step", *self._state_names(group), *self._scalars, MASTER, ABSMAX)
-            for i, p in enumerate(group["params"]):
-                st = self.state.get(p)
-                if not st or "step" not in st:
-                    continue
-                what = f"{where}['params'][{i}]"
-                tensors.append(local(p))
-                labels.append(f"{what} (its storage, dtype or layout)")
-                for n in names:
-                    if n in st:
-                        entries.append((st, n, st[n]))
-                        entry_labels.append(f"{what}'s state {n!r} (replaced)")
-                        storages.append(local(st[n]).untyped_storage())
-        self._cache.scan.hold(tensors, entries)
-        self._cache.held = backends.Held(tensors, labels + entry_labels, storages, self.state,
-                                              self.state.version)
-        self._cache.fresh = False
-
-    def _check_held(self, capture: backends.Capture | None) -> None:
-        """Before anything reads a table: if a tensor the tables point at moved to other memory or changed its
-        dtype or layout (``p.data = ...``, ``model.half().float()``, ``module._apply``), or the optimizer's state
-        names another tensor (``opt.state[p]["exp_avg"] = ...``), forget every table and selection, so that this
-        step rebuilds them from what is there now. The kernels would otherwise write memory the optimizer no
-        longer owns. A step being captured, or any step after a capture, raises instead: a graph replays what
-        it captured."""
-        held = self._cache.held
-        if held is None:
-            return
-        if self.state is held.state and self.state.version == held.version:
-            moved = self._cache.scan.moved()
-            if moved < 0:
-                return
-            what = held.labels[moved]
-        else:
-            what = "opt.state (a parameter's state set, replaced or dropped)"
-        self._refuse_if_captured(what, capture)
-        self._cache.clear()
-
-    def _refuse_if_captured(self, what: str, capture: backends.Capture | None) -> None:
-        if capture is not None:
-            raise backends.CaptureError(
-                f"{what} changed since the last eager step, during CUDA-graph capture of step(): the tables the "
-                f"graph would read name what was there before. Run an eager step after such a change, then capture")
-        if self._captures:
-            raise backends.CaptureError(
-                f"{what} changed after a CUDA graph captured this optimizer's step: its replays go on updating the "
-                f"tensors it captured (kept alive by the optimizer, so no other memory is written). Move or replace "
-                f"parameters and state before capturing")
-
-    def _check_clipping(self) -> None:
-        """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device; with
-        DTensor parameters, every one placed alike, so that one all-reduce completes the sum."""
-        devices = {str(g["schedule_step"].device) for g in self.param_groups}
-        if len(devices) > 1:
-            raise ValueError(f"max_grad_norm > 0 clips by the norm of all the optimizer's gradients, which needs every "
-                             f"param group on one device; they are on {sorted(devices)}")
-        layout = self._clip_layout()
-        if isinstance(layout, str):
-            raise ValueError(f"max_grad_norm > 0 with DTensor parameters sums each rank's share of the norm over the "
-                             f"mesh, which needs every parameter placed alike: {layout}. Clip with "
-                             f"torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
-
-    def _check_reductions(self) -> None:
-        """A rule that reads per-tensor norms (Rule.reduces) sums each tensor's shards over the mesh: with DTensor
-        parameters, every one placed alike, so that the dimensions to sum over are the same for every tensor."""
-        layout = self._clip_layout()
-        if isinstance(layout, str):
-            raise ValueError(f"uba_fused.{type(self).__name__} sums each tensor's norms over the shards of the mesh, "
-                             f"which needs every parameter placed alike: {layout}. Parameters on several meshes or "
-                             f"placements (tensor parallelism beside FSDP2) are not built for it yet")
-        if layout is not None and registry.RULES[self.rule].projects:
-            across = [p for p in layout[1] if p.is_shard() and p.dim != 0]
-            if across:
-                raise ValueError(f"uba_fused.{type(self).__name__} sums each row (dim 0) of a parameter on the rank "
-                                 f"that holds it, which needs the parameters sharded by rows only (FSDP2's Shard(0)), "
-                                 f"got placements {layout[1]}")
-
-    def _clip_layout(self) -> Any:
-        """What clipping all-reduces over (``_shared_layout``): found once, by the first step that clips, and
-        kept in the step cache, which a new param group or a state-dict load clears."""
-        if self._cache.layout is None:
-            self._cache.layout = (_shared_layout(self.param_groups),)
-        return self._cache.layout[0]
-
-    def _across_shards(self, sumsq: torch.Tensor) -> torch.Tensor:
-        """The sum of squares of every rank's shards, from this rank's: summed over each mesh dimension the
-        parameters are sharded on (FSDP2's), not over those they are replicated on (HSDP's outer one). One
-        all-reduce per sharded dimension, on the current stream: nothing syncs with the host."""
-        layout = self._clip_layout()
-        if layout is None:
-            return sumsq
-        import torch.distributed as dist  # loaded already: the parameters are DTensors
-
-        mesh, placements = layout
-        for dim, placement in enumerate(placements):
-            if placement.is_shard():
-                dist.all_reduce(sumsq, group=mesh.get_group(dim))
-        return sumsq
-
-    def _reads_grads(self, quantifier: Callable[[Iterable[bool]], bool]) -> bool:
-        """Whether any / all groups' backends read the gradients themselves rather than device tables."""
-        return quantifier(b in backends.READS_GRADS for b in self._backends)
-
-    def _steady_work(self, capture: backends.Capture | None) -> tuple[list | None, backends.GradSource | None]:
-        """The work of a step whose every gradient is present, dense and laid out like its parameter, found
-        by one C++ pass (kernel backends only), with the cached selections; (None, None) if not."""
-        scan = self._cache.scan
-        grads = scan.steady(capture) if scan is not None and not self._reads_grads(any) else None
-        if grads is None:
-            return None, None
-        work = []
-        for gi, group in enumerate(self.param_groups):
-            sig = self._check_group_at_step(gi, group)
-            hit = self._cache.selections.get((gi, None, self._layout(group)))
-            if hit is None:
-                return None, None
-            work.append(self._group_work(gi, sig, hit, None))
-        return work, grads
-
-    def _full_work(self, capture: backends.Capture | None) -> tuple[list, backends.GradSource | None]:
-        # Everything that can fail runs before anything is written: every group's values and gradients
-        # first, lazy state only after all of them passed, then every backend's prepare before any launch.
-        self._drop_moved_shards(capture)
-        sigs = [self._check_group_at_step(gi, group) for gi, group in enumerate(self.param_groups)]
-        grads = [[p.grad for p in group["params"]] for group in self.param_groups]
-        # what the backends read: a DTensor's local shard (placed as its parameter, once check() passed)
-        shards = [backends.work.locals_of(gs) for gs in grads] if self._cache.shards else grads
-
-        def check() -> None:
-            for gi, group in enumerate(self.param_groups):
-                backends.work.check_grads(gi, group, grads[gi])
-
-        if self._cache.scan is None:
-            self._cache.scan = backends.GradScan([p for g in self.param_groups for p in g["params"]])
-        source, alike = None, False
-        if self._reads_grads(all):  # one C++ pass vouches for the common step; Python checks (and explains) the rest
-            alike = self._cache.scan.vouch()
-            if not alike:
-                check()
-        else:  # the kernel backends' pass over the gradients checks them too
-            source = self._cache.scan.full(capture, check, [g for gs in shards for g in gs])
-        if not self._cache.selections:  # built afresh (first step, or something moved): state must still fit
-            self._check_rows(shards)
-            self._fit_state()
-        work = [self._group_work(gi, sig, self._selection(gi, group, gs, capture), gs, alike)
-                for gi, (group, sig, gs) in enumerate(zip(self.param_groups, sigs, shards))]
-        return work, source
-
-    def _check_rows(self, grads: list[list]) -> None:
-        """A rule that projects per row (AdamP, SGDP) on a kernel backend sums each row as one block of memory: raise,
-        before any state is made, for a parameter with a gradient whose dim 0 is not outermost (backends/plan.py:
-        check_rows, which the plan repeats)."""
-        if not registry.RULES[self.rule].projects:
-            return
-        for gi, group in enumerate(self.param_groups):
-            if self._backends[gi] in ("triton", "cuda"):
-                for i, (p, g) in enumerate(zip(group["params"], grads[gi])):
-                    if g is not None:
-                        backends.plan.check_rows(local(p), f"param_groups[{gi}]['params'][{i}]", self.rule)
-
-    def _drop_moved_shards(self, capture: backends.Capture | None) -> None:
-        """Forget every table and selection if a DTensor parameter's local tensor is not the one they hold:
-        FSDP2 gives a sharded parameter a new one when the model's state dict is loaded or it is moved
-        (``reset_sharded_param``), and an update of the old one would be lost. Only DTensors are visited.
-        The steady path sees such a step as one it cannot vouch for, and leaves it to this one
-        (``GradScan._shard_grads``)."""
-        held = self._cache.shards
-        if held is not None and any(p._local_tensor is not shard for p, shard in held):
-            self._refuse_if_captured("a DTensor parameter's local shard", capture)
-            self._cache.clear()
-            held = None
-        if held is None:
-            self._cache.shards = [(p, local(p)) for g in self.param_groups for p in g["params"] if is_dtensor(p)]
-
-    def _captured(self, capture: backends.Capture) -> None:
-        """After a step captured into a CUDA graph: keep what its replays read or write after the step returned,
-        for the optimizer's life (``backends.Capture``: the storages of what the tables point at among it), and
-        refuse from now on what they would not see (a changed hyper-parameter, a new param group, a moved
-        parameter)."""
-        held = self._cache.held
-        if held is not None:
-            storages = [t.untyped_storage() for t in held.tensors] + held.storages
-            capture.keep += list({(s.device, s.data_ptr()): s for s in storages}.values())
-        self._captures.append(capture)
-        for group in self.param_groups:
-            group.captured = True
-        if self._cache.scan is not None:
-            self._cache.scan.after_captured_step()
-
-    def _group_work(self, gi: int, sig: tuple, selection: backends.Selection, grads: list | None,
-                    grads_like_params: bool = False) -> backends.GroupWork:
-        """Group gi's work from its selection; ``grads``: one per param of the group, or None when the step
-        took the kernel backends' address path."""
-        group = self.param_groups[gi]
-        if grads is not None and selection.index is not None:
-            grads = [grads[i] for i in selection.index]
-        return backends.GroupWork(
-            index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
-            lr_out=self._last_lr[gi], params=selection.params, grads=grads, steps=selection.steps,
-            state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters,
-            scales=selection.scales,
-            grads_like_params=grads_like_params, scalars=selection.scalars)
-
-    def _selection(self, gi: int, group: dict, grads: list,
-                   capture: backends.Capture | None = None) -> backends.Selection:
-        """The params a step hands the group's backend, their step tensors and state lists, their
-        positions in the group (None: all of them) and in the optimizer's flat order; cached while the
-        selection holds. Under CUDA-graph capture it must be cached already: state made then would live
-        in the graph's memory pool.
-
-        Backends "torch" and "cpu" get the params that have a gradient. A kernel backend gets every param that
-        has a gradient or state: one without a gradient keeps its table row, with no gradient address,
-        and the kernel leaves it alone. So when the set of params with gradients changes from step to
-        step (mixture-of-experts routing), the tables stay and only their gradient column changes."""
-        names = self._state_names(group)
-        if self._backends[gi] in backends.READS_GRADS:
-            keep = [g is not None for g in grads]
-        else:
-            keep = [g is not None or "step" in self.state.get(p, ()) for p, g in zip(group["params"], grads)]
-        mask = None if all(keep) else tuple(keep)
-        key = (gi, mask, self._layout(group))
-        hit = self._cache.selections.get(key)
-        if hit is None and capture is not None:
-            fresh = [i for i, (p, k) in enumerate(zip(group["params"], keep))
-                     if k and "step" not in self.state.get(p, ())]
-            if fresh:
-                raise backends.CaptureError(
-                    f"CUDA-graph capture of step() needs this optimizer's state ready: param_groups[{gi}]['params']"
-                    f"{fresh} have no state yet. Run eager steps with the same parameters receiving gradients "
-                    f"before capturing (PyTorch's recipe warms up on a side stream)")
-        if hit is None:
-            # Keep one partial selection per group (masks can be endless: MoE routing), and none of another layout
-            # (state a changed option fits anew, a master converted, is not what those hold)
-            for k in [k for k in self._cache.selections if k[0] == gi and (
-                    mask is not None and k[1] is not None or k[2] != key[2])]:
-                del self._cache.selections[k]
-            index = None if mask is None else [i for i, k in enumerate(keep) if k]
-            params = list(group["params"]) if index is None else [group["params"][i] for i in index]
-            self._new_steps(params)
-            initial = registry.RULES[self.rule].initial(group)
-            st = [self._state_for(p, names, state_dtype_of(group, p), codec_of(group, p), initial) for p in params]
-            first = sum(len(g["params"]) for g in self.param_groups[:gi])
-            slots = [first + i for i in (range(len(params)) if index is None else index)]
-            hit = self._cache.selections[key] = backends.Selection(
-                [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
-                index, slots, [local(s.get(MASTER)) for s in st], [blockwise.flat(s) for s in st],
-                *([s[n] for s in st] for n in self._scalars))
-        return hit
-
-    def _layout(self, group: dict) -> tuple:
-        """What a group's selection depends on besides its parameters: the state it keeps, how it keeps them (a
-        plan makes one launch per storage and state rounding)."""
-        return self._state_names(group), group.get("master_weights"), backends.work.state_rounding_of(group)
-
+    # -- state: made and fitted where the step needs it (backends/step.py calls these) -------------------------
     def _fit_state(self) -> None:
         """Before the selections are built afresh: every parameter that has state must still be where its state
         is, and shaped as it (a parameter moved to another device, or given data of another shape, since its state
@@ -1180,4 +843,4 @@ class FusedOptimizer(torch.optim.Optimizer):
 # them; it runs eagerly (one graph break per step, and no launch is lost by it). torch's lazy form of
 # torch.compiler.disable: that one imports torch._dynamo (1.4 s) when `import uba_fused` runs, this one
 # when first called, under torch.compile, where Dynamo is loaded already.
-_update_outside_graphs = getattr(torch, "_disable_dynamo", torch.compiler.disable)(FusedOptimizer._update)
+_update_outside_graphs = getattr(torch, "_disable_dynamo", torch.compiler.disable)(pipeline.run)

@@ -1,0 +1,394 @@
+"""The step's orchestration: from an optimizer's param groups and state to its backends' pipeline.
+
+``run(opt)`` is the whole of ``opt.step()`` after its closure. It checks what the tables were built from (``_hold``,
+``_check_held``: a parameter or state buffer replaced behind the optimizer's back rebuilds them, or raises under a
+captured graph), finds the step's gradients (one C++ pass on the common step, ``_steady_work``; the full pass
+otherwise, ``_full_work``, which also makes lazy state through the optimizer), hands each backend its groups' work
+(``_selection``, ``_group_work``), and runs the pipeline of backends/work.py: clipping's pre-pass, a rule's
+per-tensor sums (all-reduced over the shards of each tensor: ``_across_shards``), the update. It keeps what a CUDA
+graph capturing the step needs kept (``_captured``).
+
+The optimizer (optim/base.py) holds the torch.optim contract: groups, argument checks, per-parameter state and how it
+is made and fitted (``_state_for``, ``_new_steps``, ``_fit_state``), state dicts. What this module reads of it: its
+param_groups, state, rule and ``_state_names``/``_scalars``; and what it keeps between steps, which is no state:
+``_cache`` (backends/cache.py), ``_backends``, ``_last_lr``, ``_cuda_devices``, ``_streams``, ``_captures``.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from collections.abc import Callable, Iterable
+from itertools import groupby
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .. import backends, registry
+from ..optim import blockwise
+from ..optim.blockwise import ABSMAX, state_dtype_of
+from .work import MASTER, codec_of, is_dtensor, local
+
+if TYPE_CHECKING:
+    from ..optim.base import FusedOptimizer
+
+
+def run(opt: FusedOptimizer) -> None:
+    """One step of ``opt`` (its closure already run)."""
+    clips = any(g.get("max_grad_norm", 0) for g in opt.param_groups)
+    if clips:
+        _check_clipping(opt)
+    rule = registry.RULES[opt.rule]
+    reduces = bool(rule.reduces)
+    if reduces:
+        _check_reductions(opt)
+    capture = backends.Capture() if backends.capturing(opt._cuda_devices) else None
+    if opt._cuda_devices:
+        backends.stream_of_step(opt._cuda_devices, opt._streams, capture)
+    _check_held(opt, capture)
+    # A rule that measures at a tensor's first step (Rule.measures) reads the gradients themselves then
+    measure = rule.measures and backends.snr.unmeasured(opt._cache)
+    work, grads = (None, None) if measure else _steady_work(opt, capture)
+    if work is None:
+        work, grads = _full_work(opt, capture)
+    measure = rule.measures and backends.snr.unmeasured(opt._cache)  # (and where this step made state)
+    reduces = reduces and (measure or not rule.measures)
+    by_backend = groupby(sorted(work, key=lambda w: opt._backends[w.index]), key=lambda w: opt._backends[w.index])
+    steps = [backends.get(name)(opt.rule, list(ws), opt._cache, grads) for name, ws in by_backend]
+    norm, amp = None, _amp(opt)
+    if clips:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
+        norm = _across_shards(opt, functools.reduce(operator.add, [s.grad_sumsq() for s in steps])).sqrt()
+        if amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
+            found = (~torch.isfinite(norm)).float()
+            if amp.found_inf is not None:
+                found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
+            amp = backends.Amp(amp.grad_scale, found)
+    sums = [None] * len(steps)
+    if reduces:  # per-tensor sums (LARS's and LAMB's norms), each over the shards of its tensor
+        sums = [_across_shards(opt, s.reduce(norm, amp)) for s in steps]
+    for step, mine in zip(steps, sums):
+        step.update(norm, amp, mine)
+    if measure and capture is None:
+        backends.snr.poll(opt._cache, [st["step"] for g in opt.param_groups for p in g["params"]
+                                       if "step" in (st := opt.state.get(p, {}))])
+    if opt._cache.fresh or opt._cache.held is None:
+        _hold(opt)
+    if capture is not None:
+        _captured(opt, capture)
+    elif opt._cache.scan is not None:
+        opt._cache.scan.after_eager_step(grads)
+
+
+def _amp(opt: FusedOptimizer) -> backends.Amp | None:
+    """What torch.amp.GradScaler.step handed over for this step (``grad_scale``, ``found_inf``; see
+    ``_step_supports_amp_scaling``), or None. Each is None or a one-element floating-point tensor."""
+    scale, found = getattr(opt, "grad_scale", None), getattr(opt, "found_inf", None)
+    if scale is None and found is None:
+        return None
+    for name, t in (("grad_scale", scale), ("found_inf", found)):
+        if t is not None and (not isinstance(t, torch.Tensor) or t.numel() != 1 or not t.is_floating_point()):
+            raise TypeError(f"optimizer.{name}, which torch.amp.GradScaler.step sets for the step, must be None or "
+                            f"a one-element floating-point tensor, got {type(t).__name__} "
+                            f"{tuple(t.shape) if isinstance(t, torch.Tensor) else t!r}")
+    return backends.Amp(scale, found)
+
+
+def _hold(opt: FusedOptimizer) -> None:
+    """Record what the device tables and cached selections of this step were built from, for every later step
+    to check first (``_check_held``): each parameter with state (its address, dtype and layout: what
+    ``p.data = ...`` changes), and the dict entries that name its state buffers, its step count and each
+    group's counter (what replacing one changes). The storages of those buffers and counters are kept alive
+    instead of checked (one C++ pass over 292 parameters with Adam's state took 31 us per step checking
+    all of them, 13 checking these): whatever a user does to their ``.data``, the kernels write memory the
+    optimizer holds."""
+    opt._counted_state()  # (a plain dict assigned to opt.state: counted again)
+    tensors, labels, entries, entry_labels, storages = [], [], [], [], []
+    for gi, group in enumerate(opt.param_groups):
+        where = f"param_groups[{gi}]"
+        entries.append((group, "schedule_step", group["schedule_step"]))
+        entry_labels.append(f"{where}['schedule_step'] (replaced)")
+        storages.append(group["schedule_step"].untyped_storage())
+        names = ("step", *opt._state_names(group), *opt._scalars, MASTER, ABSMAX)
+        for i, p in enumerate(group["params"]):
+            st = opt.state.get(p)
+            if not st or "step" not in st:
+                continue
+            what = f"{where}['params'][{i}]"
+            tensors.append(local(p))
+            labels.append(f"{what} (its storage, dtype or layout)")
+            for n in names:
+                if n in st:
+                    entries.append((st, n, st[n]))
+                    entry_labels.append(f"{what}'s state {n!r} (replaced)")
+                    storages.append(local(st[n]).untyped_storage())
+    opt._cache.scan.hold(tensors, entries)
+    opt._cache.held = backends.Held(tensors, labels + entry_labels, storages, opt.state,
+                                    opt.state.version)
+    opt._cache.fresh = False
+
+
+def _check_held(opt: FusedOptimizer, capture: backends.Capture | None) -> None:
+    """Before anything reads a table: if a tensor the tables point at moved to other memory or changed its
+    dtype or layout (``p.data = ...``, ``model.half().float()``, ``module._apply``), or the optimizer's state
+    names another tensor (``opt.state[p]["exp_avg"] = ...``), forget every table and selection, so that this
+    step rebuilds them from what is there now. The kernels would otherwise write memory the optimizer no
+    longer owns. A step being captured, or any step after a capture, raises instead: a graph replays what
+    it captured."""
+    held = opt._cache.held
+    if held is None:
+        return
+    if opt.state is held.state and opt.state.version == held.version:
+        moved = opt._cache.scan.moved()
+        if moved < 0:
+            return
+        what = held.labels[moved]
+    else:
+        what = "opt.state (a parameter's state set, replaced or dropped)"
+    _refuse_if_captured(opt, what, capture)
+    opt._cache.clear()
+
+
+def _refuse_if_captured(opt: FusedOptimizer, what: str, capture: backends.Capture | None) -> None:
+    if capture is not None:
+        raise backends.CaptureError(
+            f"{what} changed since the last eager step, during CUDA-graph capture of step(): the tables the "
+            f"graph would read name what was there before. Run an eager step after such a change, then capture")
+    if opt._captures:
+        raise backends.CaptureError(
+            f"{what} changed after a CUDA graph captured this optimizer's step: its replays go on updating the "
+            f"tensors it captured (kept alive by the optimizer, so no other memory is written). Move or replace "
+            f"parameters and state before capturing")
+
+
+def _check_clipping(opt: FusedOptimizer) -> None:
+    """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device; with
+    DTensor parameters, every one placed alike, so that one all-reduce completes the sum."""
+    devices = {str(g["schedule_step"].device) for g in opt.param_groups}
+    if len(devices) > 1:
+        raise ValueError(f"max_grad_norm > 0 clips by the norm of all the optimizer's gradients, which needs every "
+                         f"param group on one device; they are on {sorted(devices)}")
+    layout = _clip_layout(opt)
+    if isinstance(layout, str):
+        raise ValueError(f"max_grad_norm > 0 with DTensor parameters sums each rank's share of the norm over the "
+                         f"mesh, which needs every parameter placed alike: {layout}. Clip with "
+                         f"torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
+
+
+def _check_reductions(opt: FusedOptimizer) -> None:
+    """A rule that reads per-tensor norms (Rule.reduces) sums each tensor's shards over the mesh: with DTensor
+    parameters, every one placed alike, so that the dimensions to sum over are the same for every tensor."""
+    layout = _clip_layout(opt)
+    if isinstance(layout, str):
+        raise ValueError(f"uba_fused.{type(opt).__name__} sums each tensor's norms over the shards of the mesh, "
+                         f"which needs every parameter placed alike: {layout}. Parameters on several meshes or "
+                         f"placements (tensor parallelism beside FSDP2) are not built for it yet")
+    if layout is not None and registry.RULES[opt.rule].projects:
+        across = [p for p in layout[1] if p.is_shard() and p.dim != 0]
+        if across:
+            raise ValueError(f"uba_fused.{type(opt).__name__} sums each row (dim 0) of a parameter on the rank "
+                             f"that holds it, which needs the parameters sharded by rows only (FSDP2's Shard(0)), "
+                             f"got placements {layout[1]}")
+
+
+def _clip_layout(opt: FusedOptimizer) -> Any:
+    """What clipping all-reduces over (``_shared_layout``): found once, by the first step that clips, and
+    kept in the step cache, which a new param group or a state-dict load clears."""
+    if opt._cache.layout is None:
+        opt._cache.layout = (_shared_layout(opt.param_groups),)
+    return opt._cache.layout[0]
+
+
+def _across_shards(opt: FusedOptimizer, sumsq: torch.Tensor) -> torch.Tensor:
+    """The sum of squares of every rank's shards, from this rank's: summed over each mesh dimension the
+    parameters are sharded on (FSDP2's), not over those they are replicated on (HSDP's outer one). One
+    all-reduce per sharded dimension, on the current stream: nothing syncs with the host."""
+    layout = _clip_layout(opt)
+    if layout is None:
+        return sumsq
+    import torch.distributed as dist  # loaded already: the parameters are DTensors
+
+    mesh, placements = layout
+    for dim, placement in enumerate(placements):
+        if placement.is_shard():
+            dist.all_reduce(sumsq, group=mesh.get_group(dim))
+    return sumsq
+
+
+def _reads_grads(opt: FusedOptimizer, quantifier: Callable[[Iterable[bool]], bool]) -> bool:
+    """Whether any / all groups' backends read the gradients themselves rather than device tables."""
+    return quantifier(b in backends.READS_GRADS for b in opt._backends)
+
+
+def _steady_work(opt: FusedOptimizer,
+                 capture: backends.Capture | None) -> tuple[list | None, backends.GradSource | None]:
+    """The work of a step whose every gradient is present, dense and laid out like its parameter, found
+    by one C++ pass (kernel backends only), with the cached selections; (None, None) if not."""
+    scan = opt._cache.scan
+    grads = scan.steady(capture) if scan is not None and not _reads_grads(opt, any) else None
+    if grads is None:
+        return None, None
+    work = []
+    for gi, group in enumerate(opt.param_groups):
+        sig = opt._check_group_at_step(gi, group)
+        hit = opt._cache.selections.get((gi, None, _layout(opt, group)))
+        if hit is None:
+            return None, None
+        work.append(_group_work(opt, gi, sig, hit, None))
+    return work, grads
+
+
+def _full_work(opt: FusedOptimizer, capture: backends.Capture | None) -> tuple[list, backends.GradSource | None]:
+    # Everything that can fail runs before anything is written: every group's values and gradients
+    # first, lazy state only after all of them passed, then every backend's prepare before any launch.
+    _drop_moved_shards(opt, capture)
+    sigs = [opt._check_group_at_step(gi, group) for gi, group in enumerate(opt.param_groups)]
+    grads = [[p.grad for p in group["params"]] for group in opt.param_groups]
+    # what the backends read: a DTensor's local shard (placed as its parameter, once check() passed)
+    shards = [backends.work.locals_of(gs) for gs in grads] if opt._cache.shards else grads
+
+    def check() -> None:
+        for gi, group in enumerate(opt.param_groups):
+            backends.work.check_grads(gi, group, grads[gi])
+
+    if opt._cache.scan is None:
+        opt._cache.scan = backends.GradScan([p for g in opt.param_groups for p in g["params"]])
+    source, alike = None, False
+    if _reads_grads(opt, all):  # one C++ pass vouches for the common step; Python checks (and explains) the rest
+        alike = opt._cache.scan.vouch()
+        if not alike:
+            check()
+    else:  # the kernel backends' pass over the gradients checks them too
+        source = opt._cache.scan.full(capture, check, [g for gs in shards for g in gs])
+    if not opt._cache.selections:  # built afresh (first step, or something moved): state must still fit
+        _check_rows(opt, shards)
+        opt._fit_state()
+    work = [_group_work(opt, gi, sig, _selection(opt, gi, group, gs, capture), gs, alike)
+            for gi, (group, sig, gs) in enumerate(zip(opt.param_groups, sigs, shards))]
+    return work, source
+
+
+def _check_rows(opt: FusedOptimizer, grads: list[list]) -> None:
+    """A rule that projects per row (AdamP, SGDP) on a kernel backend sums each row as one block of memory: raise,
+    before any state is made, for a parameter with a gradient whose dim 0 is not outermost (backends/plan.py:
+    check_rows, which the plan repeats)."""
+    if not registry.RULES[opt.rule].projects:
+        return
+    for gi, group in enumerate(opt.param_groups):
+        if opt._backends[gi] in ("triton", "cuda"):
+            for i, (p, g) in enumerate(zip(group["params"], grads[gi])):
+                if g is not None:
+                    backends.plan.check_rows(local(p), f"param_groups[{gi}]['params'][{i}]", opt.rule)
+
+
+def _drop_moved_shards(opt: FusedOptimizer, capture: backends.Capture | None) -> None:
+    """Forget every table and selection if a DTensor parameter's local tensor is not the one they hold:
+    FSDP2 gives a sharded parameter a new one when the model's state dict is loaded or it is moved
+    (``reset_sharded_param``), and an update of the old one would be lost. Only DTensors are visited.
+    The steady path sees such a step as one it cannot vouch for, and leaves it to this one
+    (``GradScan._shard_grads``)."""
+    held = opt._cache.shards
+    if held is not None and any(p._local_tensor is not shard for p, shard in held):
+        _refuse_if_captured(opt, "a DTensor parameter's local shard", capture)
+        opt._cache.clear()
+        held = None
+    if held is None:
+        opt._cache.shards = [(p, local(p)) for g in opt.param_groups for p in g["params"] if is_dtensor(p)]
+
+
+def _captured(opt: FusedOptimizer, capture: backends.Capture) -> None:
+    """After a step captured into a CUDA graph: keep what its replays read or write after the step returned,
+    for the optimizer's life (``backends.Capture``: the storages of what the tables point at among it), and
+    refuse from now on what they would not see (a changed hyper-parameter, a new param group, a moved
+    parameter)."""
+    held = opt._cache.held
+    if held is not None:
+        storages = [t.untyped_storage() for t in held.tensors] + held.storages
+        capture.keep += list({(s.device, s.data_ptr()): s for s in storages}.values())
+    opt._captures.append(capture)
+    for group in opt.param_groups:
+        group.captured = True
+    if opt._cache.scan is not None:
+        opt._cache.scan.after_captured_step()
+
+
+def _group_work(opt: FusedOptimizer, gi: int, sig: tuple, selection: backends.Selection, grads: list | None,
+                grads_like_params: bool = False) -> backends.GroupWork:
+    """Group gi's work from its selection; ``grads``: one per param of the group, or None when the step
+    took the kernel backends' address path."""
+    group = opt.param_groups[gi]
+    if grads is not None and selection.index is not None:
+        grads = [grads[i] for i in selection.index]
+    return backends.GroupWork(
+        index=gi, hyper=group, schedule=group["schedule"], schedule_step=group["schedule_step"],
+        lr_out=opt._last_lr[gi], params=selection.params, grads=grads, steps=selection.steps,
+        state=selection.state, signature=sig, slots=selection.slots, masters=selection.masters,
+        scales=selection.scales,
+        grads_like_params=grads_like_params, scalars=selection.scalars)
+
+
+def _selection(opt: FusedOptimizer, gi: int, group: dict, grads: list,
+               capture: backends.Capture | None = None) -> backends.Selection:
+    """The params a step hands the group's backend, their step tensors and state lists, their
+    positions in the group (None: all of them) and in the optimizer's flat order; cached while the
+    selection holds. Under CUDA-graph capture it must be cached already: state made then would live
+    in the graph's memory pool.
+
+    Backends "torch" and "cpu" get the params that have a gradient. A kernel backend gets every param that
+    has a gradient or state: one without a gradient keeps its table row, with no gradient address,
+    and the kernel leaves it alone. So when the set of params with gradients changes from step to
+    step (mixture-of-experts routing), the tables stay and only their gradient column changes."""
+    names = opt._state_names(group)
+    if opt._backends[gi] in backends.READS_GRADS:
+        keep = [g is not None for g in grads]
+    else:
+        keep = [g is not None or "step" in opt.state.get(p, ()) for p, g in zip(group["params"], grads)]
+    mask = None if all(keep) else tuple(keep)
+    key = (gi, mask, _layout(opt, group))
+    hit = opt._cache.selections.get(key)
+    if hit is None and capture is not None:
+        fresh = [i for i, (p, k) in enumerate(zip(group["params"], keep))
+                 if k and "step" not in opt.state.get(p, ())]
+        if fresh:
+            raise backends.CaptureError(
+                f"CUDA-graph capture of step() needs this optimizer's state ready: param_groups[{gi}]['params']"
+                f"{fresh} have no state yet. Run eager steps with the same parameters receiving gradients "
+                f"before capturing (PyTorch's recipe warms up on a side stream)")
+    if hit is None:
+        # Keep one partial selection per group (masks can be endless: MoE routing), and none of another layout
+        # (state a changed option fits anew, a master converted, is not what those hold)
+        for k in [k for k in opt._cache.selections if k[0] == gi and (
+                mask is not None and k[1] is not None or k[2] != key[2])]:
+            del opt._cache.selections[k]
+        index = None if mask is None else [i for i, k in enumerate(keep) if k]
+        params = list(group["params"]) if index is None else [group["params"][i] for i in index]
+        opt._new_steps(params)
+        initial = registry.RULES[opt.rule].initial(group)
+        st = [opt._state_for(p, names, state_dtype_of(group, p), codec_of(group, p), initial) for p in params]
+        first = sum(len(g["params"]) for g in opt.param_groups[:gi])
+        slots = [first + i for i in (range(len(params)) if index is None else index)]
+        hit = opt._cache.selections[key] = backends.Selection(
+            [local(p) for p in params], [s["step"] for s in st], {n: [local(s[n]) for s in st] for n in names},
+            index, slots, [local(s.get(MASTER)) for s in st], [blockwise.flat(s) for s in st],
+            *([s[n] for s in st] for n in opt._scalars))
+    return hit
+
+
+def _layout(opt: FusedOptimizer, group: dict) -> tuple:
+    """What a group's selection depends on besides its parameters: the state it keeps, how it keeps them (a
+    plan makes one launch per storage and state rounding)."""
+    return opt._state_names(group), group.get("master_weights"), backends.work.state_rounding_of(group)
+
+
+def _shared_layout(groups: list[dict]) -> Any:
+    """None if no parameter is a DTensor; (mesh, placements) if every one is, placed on the same mesh alike;
+    else a sentence saying which is not."""
+    params = [p for g in groups for p in g["params"]]
+    plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
+    if len(plain) == len(params):
+        return None
+    if plain:
+        return f"parameters {plain} (in the optimizer's order) are not DTensors, others are"
+    layouts = list(dict.fromkeys((p.device_mesh, p.placements) for p in params))
+    if len(layouts) > 1:
+        return f"the parameters are placed {len(layouts)} ways: {[pl for _, pl in layouts]}"
+    return layouts[0]
