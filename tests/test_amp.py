@@ -107,7 +107,9 @@ def test_gradscaler_with_clipping_matches_unscale_then_clip_grad_norm(backend):
 
 
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
-@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("adabelief", "lion", "adan-clip", "sgd-plain")],
+# (AdamP's per-row sums and SGD-SaI's g-SNR are of the unscaled gradients too)
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in ("adabelief", "lion", "adan-clip", "sgd-plain", "adamp",
+                                                               "sgd_sai")],
                          ids=lambda c: c.id)
 def test_every_rule_under_gradscaler_equals_its_run_on_unscaled_gradients(case, backend):
     """The scales are powers of two: divided out exactly, so the run under the scaler is the plain run, bit for bit,

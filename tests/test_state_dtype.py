@@ -28,8 +28,9 @@ BY_ID = {c.id: c for c in CASES}
 BF16 = torch.bfloat16
 
 # Pairwise: each backend with two rules, every rule on at least one kernel backend.
+# AdamP's moments are Adam's, projected after: its bf16 state once, on the CUDA kernel's host build.
 ORACLE = [("adamw", "torch"), ("adan", "torch"), ("adabelief", "cpu"), ("sgd-nesterov", "cpu"),
-          ("adamw", "triton"), ("sgd-nesterov", "triton"), ("adan", "cuda"), ("adabelief", "cuda")]
+          ("adamw", "triton"), ("sgd-nesterov", "triton"), ("adan", "cuda"), ("adabelief", "cuda"), ("adamp", "cuda")]
 
 
 def _within_float32_error(x64, terms, r, frac):
