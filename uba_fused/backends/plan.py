@@ -309,7 +309,7 @@ class Plan:
     @staticmethod
     def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:
         # The optimizer hands the same params list object while its selection of params holds
-        # (see FusedOptimizer._selection); a plan keeps those lists alive (``lists``),
+        # (see backends/step.py: _selection); a plan keeps those lists alive (``lists``),
         # so their ids cannot be reused while it is cached.
         return (rule,) + tuple((w.index, id(w.params)) for w in work)
 
