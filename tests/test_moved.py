@@ -210,3 +210,27 @@ def test_replaced_8bit_scales_are_seen_by_the_next_step(backend):
         assert torch.equal(p, q), f"step {t}: the parameters differ"
         for k, v in opts[0].state[p].items():
             assert torch.equal(opts[1].state[q][k], v), f"step {t}: state {k!r} differs"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_replaced_gsnr_is_read_by_the_next_step(backend):
+    """SGD-SaI's per-tensor g-SNR is read through its address (the tensor table's "scalar" column) and the cached
+    selections: a g-SNR replaced by a tensor of another value (the old one kept alive) must be the one the next steps
+    read, as the twin's, changed in place (which no table or selection can miss), is."""
+    runs = [make_params(seed=5), make_params(seed=5)]
+    opts = [uf.SGDSaI(ps, lr=0.05, momentum=0.8, eps=1e-3, weight_decay=0.1, schedule=SCHEDULE, backend=b)
+            for ps, b in zip(runs, ("torch", backend))]
+    gen = torch.Generator().manual_seed(6)
+    kept = []
+    for t in range(4):
+        if t == 2:
+            for p, q in zip(runs[0][::2], runs[1][::2]):
+                opts[0].state[p]["gsnr"].mul_(3.0)
+                kept.append(opts[1].state[q]["gsnr"])
+                opts[1].state[q]["gsnr"] = opts[1].state[q]["gsnr"] * 3.0
+        grads = random_grads(runs[0], gen)
+        for ps in runs:
+            set_grads(ps, grads)
+        for opt in opts:
+            opt.step()
+        assert_same_runs(*runs, *opts, where=f"step {t}: ")
