@@ -204,12 +204,15 @@ def _sai_run(rule: str, work: Sequence[GroupWork], host: dict, norm: torch.Tenso
             g = w.grads if scale is None else torch._foreach_mul(w.grads, float(scale))
             if c["momentum"] != 0.0:
                 buf = w.state["momentum_buffer"]
-                for i in firsts:  # the buffer starts as the first gradient
-                    buf[i].copy_(g[i])
-                later = [i for i in range(len(buf)) if i not in firsts] if firsts else range(len(buf))
-                if later:
-                    torch._foreach_lerp_(buf if not firsts else [buf[i] for i in later],
-                                         g if not firsts else [g[i] for i in later], c["one_minus_momentum"])
+                averaged, fed = buf, g
+                if firsts:  # those buffers start as the first gradient; the others average
+                    for i in firsts:
+                        buf[i].copy_(g[i])
+                    starting = set(firsts)
+                    later = [i for i in range(len(buf)) if i not in starting]
+                    averaged, fed = [buf[i] for i in later], [g[i] for i in later]
+                if averaged:
+                    torch._foreach_lerp_(averaged, fed, c["one_minus_momentum"])
                 g = buf
             torch._foreach_mul_(w.params, 1.0 - lr * c["weight_decay"])
             # lr gsnr in float64, rounded to float32 for a float32 parameter, as the per-tensor form's 0-dim factor is
