@@ -1,13 +1,15 @@
 """One rank of the distributed tests (tests/test_distributed.py starts every rank of a run).
 
-    python tests/distributed_worker.py OUT STORE [--fsdp2 [--save DIR]] [--load DIR] [--ddp]
+    python tests/distributed_worker.py OUT STORE [--fsdp2 [--save DIR]] [--load DIR] [--ddp] [--tp]
 
 For every case x backend (BACKENDS), a small MLP trains for ``STEPS`` steps: under FSDP2 with ``--fsdp2``
 (``fully_shard`` on a mesh of all ranks; its layers of 5, 3 and 1 rows shard unevenly, and on 2 ranks
 the last is empty on rank 1), saving a torch.distributed.checkpoint after ``SAVE_AT`` steps with
 ``--save``, and for AdamW also as HSDP (a 1 x ranks mesh) and through a full state dict; under FSDP2
 from such a checkpoint, written on another number of ranks, with ``--load``; and under DDP with
-``--ddp`` (with ``gradient_as_bucket_view`` for one rule). Every rank draws the same full batch each
+``--ddp`` (with ``gradient_as_bucket_view`` for one rule); and under tensor parallelism with ``--tp``
+(``tensor_parallel``: parameters placed three ways, for the rules that sum over tensors). Every rank draws the same
+full batch each
 step and trains on its slice (8-bit state: on all of it, and its model's first weight is 17 rows of 256,
 sharded 9 and 8). Each rank also trains the model unsharded, in one process on the full batch, and
 writes to OUT/rank<r>.json how far each run ends from that one (parameters and optimizer state), its
@@ -83,6 +85,12 @@ WIDTHS = {"adamw-8bit": (256, 17, 1)}  # the layers' widths of a case's model: (
 BACKENDS = {case: ("torch", "cuda") if case in ("adamw-8bit", "lars", "lamb", "adamp", "sgd_sai")
             else ("torch", "triton", "cuda")
             for case in CASES}
+# Tensor parallelism (--tp): parameters placed three ways on one mesh (Shard(0), Shard(1), Replicate()), so that each
+# tensor's sums (clipping's norm, the rules' per-tensor ones) cover the ranks that shard it and no others. Even widths:
+# the first layer's 4 rows and the second's 4 columns split in halves.
+TP_CASES = ("adamw-clip", "lars", "lamb", "sgd_sai")
+TP_BACKENDS = ("torch", "cpu", "cuda")
+TP_WIDTHS = (6, 4, 2, 1)
 
 
 def make_model(device: torch.device, widths: tuple[int, ...] = (6, 5, 3, 1)) -> torch.nn.Sequential:
@@ -129,6 +137,23 @@ def sharded(make, backend: str, mesh, device: torch.device, widths: tuple[int, .
     return model, make(model.parameters(), backend)
 
 
+def tensor_parallel(make, backend: str, mesh, device: torch.device):
+    """The model of TP_WIDTHS under tensor parallelism on ``mesh``, as Megatron splits an MLP (ColwiseParallel: the
+    first layer's rows and bias, Shard(0); RowwiseParallel: the second's columns, Shard(1), its bias replicated), its
+    last layer replicated; and its optimizer. Every rank computes on the full batch."""
+    from torch.distributed.tensor import DTensor, distribute_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model = make_model(device, TP_WIDTHS)
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    distribute_module(model[4], mesh, input_fn=lambda m, xs, mesh: tuple(DTensor.from_local(x, mesh, [Replicate()])
+                                                                          for x in xs),
+                      output_fn=lambda m, y, mesh: y.to_local())
+    assert [p.placements for p in model.parameters()] == [(Shard(0),), (Shard(0),), (Shard(1),), (Replicate(),),
+                                                          (Replicate(),), (Replicate(),)]
+    return model, make(model.parameters(), backend)
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t
 
@@ -159,6 +184,7 @@ def main() -> None:
     ap.add_argument("store", help="the file of the FileStore the ranks meet at")
     ap.add_argument("--fsdp2", action="store_true")
     ap.add_argument("--ddp", action="store_true")
+    ap.add_argument("--tp", action="store_true")
     ap.add_argument("--save", type=pathlib.Path)
     ap.add_argument("--load", type=pathlib.Path)
     args = ap.parse_args()
@@ -175,7 +201,7 @@ def main() -> None:
     mesh = init_device_mesh(kind, (world,))
     hsdp_mesh = init_device_mesh(kind, (1, world), mesh_dim_names=("replicate", "shard"))
     results = {}
-    if args.fsdp2:  # clipping sums the norm over the mesh: every parameter must be a DTensor placed alike
+    if args.fsdp2:  # clipping sums the norm over the mesh: every parameter must be a DTensor
         model, _ = sharded(CASES["adamw"], "torch", mesh, device, (6, 5, 3, 1))
         plain = torch.nn.Parameter(torch.ones(3, device=device))
         opt = uf.AdamW([*model.parameters(), plain], max_grad_norm=1.0, backend="torch")
@@ -228,6 +254,23 @@ def main() -> None:
                 opt = make(model.parameters(), backend)
                 train(model, opt, range(STEPS), rank, world, device)
                 results[f"ddp/{name}"] = distance(model.module, opt, ref_model, ref_opt)
+    if args.tp:
+        for case in TP_CASES:
+            for backend in TP_BACKENDS:
+                name = f"{case}-{backend}"
+                ref_model = make_model(device, TP_WIDTHS)
+                ref_opt = CASES[case](ref_model.parameters(), backend)
+                train(ref_model, ref_opt, range(STEPS), 0, 1, device)
+                model, opt = tensor_parallel(CASES[case], backend, mesh, device)
+                train(model, opt, range(STEPS), rank, world, device, whole=True)
+                results[f"tp/{name}"] = distance(model, opt, ref_model, ref_opt)
+        model, opt = tensor_parallel(CASES["adamp"], "torch", mesh, device)  # it sums rows on the rank holding them
+        try:
+            train(model, opt, range(1), rank, world, device, whole=True)
+            results["tp/adamp"] = "stepped"
+        except ValueError as exc:
+            results["tp/adamp"] = str(exc)
+        results["tp/adamp-left-no-state"] = not opt.state
     (args.out / f"rank{rank}.json").write_text(json.dumps(results, indent=1))
     dist.destroy_process_group()
     # Leave without the interpreter's teardown: there torch's has aborted a rank whose results were written

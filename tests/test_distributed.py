@@ -34,6 +34,7 @@ WORKER = pathlib.Path(worker.__file__)
 # few seconds.
 STALL_S = 180
 NAMES = [f"{case}-{backend}" for case in worker.CASES for backend in worker.BACKENDS[case]]
+TP_NAMES = [f"{case}-{backend}" for case in worker.TP_CASES for backend in worker.TP_BACKENDS]
 # How far a multi-rank run may end from the one-process run, relative to each tensor's largest value.
 # The collective averages the ranks' gradients in another order than one process's batch mean, a few
 # fp32 ulps per step, which 12 steps of momentum carry (measured: at most 2.3e-6). A wrong shard or a lost
@@ -104,7 +105,7 @@ def test_a_slow_run_that_progresses_passes_and_a_silent_one_is_a_hang(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[str, list[dict]]:
     tmp = tmp_path_factory.mktemp("distributed")
-    two = launch(tmp, 2, "--fsdp2", "--ddp", "--save", str(tmp / "ckpt-2"))
+    two = launch(tmp, 2, "--fsdp2", "--ddp", "--tp", "--save", str(tmp / "ckpt-2"))
     one = launch(tmp, 1, "--fsdp2", "--save", str(tmp / "ckpt-1"), "--load", str(tmp / "ckpt-2"))
     two_again = launch(tmp, 2, "--load", str(tmp / "ckpt-1"))
     return {"2 ranks": two, "1 rank": one, "2 ranks from 1": two_again}
@@ -148,6 +149,22 @@ def test_fsdp2_uneven_and_empty_shards_match_one_process(runs, name, world):
 @pytest.mark.parametrize("name", [n for n in NAMES if n.startswith("adamw")])
 def test_hsdp_replicate_and_shard_placements_match_one_process(runs, name, world):
     assert_like_one_process(runs[world], f"hsdp/{name}")
+
+
+@pytest.mark.parametrize("name", TP_NAMES)
+def test_tensor_parallel_sums_each_tensor_over_the_ranks_that_shard_it(runs, name):
+    """Parameters placed Shard(0), Shard(1) and Replicate() on one mesh (tensor parallelism, every rank on the full
+    batch): clipping's norm and the rules' per-tensor sums add each tensor's shares over the ranks that shard it and
+    count a replicated one once. Summing the replicated rows too moved these runs by 0.21-0.73 (relative; LARS's
+    ratio does not see it), summing none by 0.21-0.30 (2026-12-05)."""
+    assert_like_one_process(runs["2 ranks"], f"tp/{name}")
+
+
+def test_tensor_parallel_adamp_refuses_rows_across_ranks_before_any_change(runs):
+    for res in runs["2 ranks"]:
+        assert "sharded by rows only (FSDP2's Shard(0)), got placements (Shard(dim=1),)" in res["tp/adamp"], \
+            res["tp/adamp"]
+        assert res["tp/adamp-left-no-state"]
 
 
 @pytest.mark.parametrize("world", ["2 ranks", "1 rank"])
@@ -232,6 +249,31 @@ def test_dtensor_placements_update_their_local_shards(mesh, backend):
                 assert isinstance(s, DTensor) and s.placements == p.placements, f"state {k} of param {i}"
                 s = s.to_local()
             torch.testing.assert_close(s, opts[1].state[q][k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", [*BACKENDS, "cpu"])
+def test_placed_several_ways_clipping_and_per_tensor_norms_equal_plain_tensors(mesh, backend):
+    """LAMB (clipping at 1.0, per-tensor norms) over DTensors placed Shard(0), Shard(1) and Replicate(): the sums come
+    per tensor, each all-reduced over its own class's groups (identity on one rank), and the run equals one of plain
+    tensors to float32 rounding (the global norm is added in another order). Placed several ways, this raised before
+    2026-12-05."""
+    gen = torch.Generator().manual_seed(7)
+    ps = [torch.nn.Parameter(DTensor.from_local(torch.randn(6, 5, generator=gen), mesh, [pl]))
+          for pl in (Shard(0), Shard(1), Replicate())]
+    plain = [torch.nn.Parameter(p.to_local().clone()) for p in ps]
+    opts = [uf.LAMB(x, lr=1e-2, weight_decay=0.1, schedule=uf.UBA(8, warmup_steps=2), backend=backend)
+            for x in (ps, plain)]
+    assert opts[0].param_groups[0]["max_grad_norm"] == 1.0
+    for t in range(4):
+        grads = [torch.randn(6, 5, generator=gen) * 3 for _ in ps]  # norms of about 15: every step clips
+        for p, q, g in zip(ps, plain, grads):
+            p.grad = DTensor.from_local(g.clone(), mesh, p.placements)
+            q.grad = g
+        for opt in opts:
+            opt.step()
+    assert uf.backends.shards.per_row(opts[0]._cache.layout[0])
+    for i, (p, q) in enumerate(zip(ps, plain)):
+        torch.testing.assert_close(p.to_local(), q.detach(), rtol=1e-6, atol=1e-7, msg=lambda m: f"param {i}: {m}")
 
 
 def test_partial_parameter_is_refused(mesh):

@@ -271,8 +271,8 @@ def test_matches_the_reference_package_where_installed(module, name, ours, hyper
 
 
 def test_lars_refuses_dtensor_parameters_beside_plain_ones_before_any_change():
-    """Its norms are summed over the mesh's sharded dimensions, the same for every tensor: a plain parameter beside a
-    DTensor one has none, and the step raises, naming them, with nothing updated."""
+    """Each tensor's norms are summed over the ranks that shard it: a plain parameter beside a DTensor one has no
+    mesh, and the step raises, naming them, with nothing updated."""
     from torch.distributed.tensor import DTensor, Shard
     with one_rank_mesh() as mesh:
         gen = torch.Generator().manual_seed(22)
@@ -282,7 +282,8 @@ def test_lars_refuses_dtensor_parameters_beside_plain_ones_before_any_change():
         plain.grad = torch.randn(6, generator=gen)
         placed.grad = DTensor.from_local(torch.randn(4, 3, generator=gen), mesh, [Shard(0)])
         before = [plain.detach().clone(), placed.full_tensor().clone()]
-        with pytest.raises(ValueError, match=r"placed alike: parameters \[0\] \(in the optimizer's order\) are not"):
+        with pytest.raises(ValueError, match=r"every parameter to be a DTensor: parameters \[0\] \(in the optimizer's "
+                                             r"order\) are not"):
             opt.step()
         assert torch.equal(plain, before[0]) and torch.equal(placed.full_tensor(), before[1]) and not opt.state
 

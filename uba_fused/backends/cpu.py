@@ -32,7 +32,7 @@ from .projection import projection, tensor_sums
 from .reference import (FOREACH, READS_NORMS, decode, decode_state, encode, encode_state, grad_scale,
                         lamb_apply_foreach, lamb_direction_foreach, lars_grads, reduce_sums, skipped)
 from .cache import StepCache
-from .work import Amp, GradSource, GroupWork, Step, codec_of, state_rounding_of
+from .work import Amp, GradSource, GroupWork, Step, codec_of, slots_of, state_rounding_of
 
 _LOW = (torch.bfloat16, torch.float16)
 _NARROW = (*_LOW, torch.int8)  # state kept in fewer bits than the update computes in
@@ -45,17 +45,18 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
     if not all(w.schedule_step.is_cpu for w in work):
         off = sorted({str(w.schedule_step.device) for w in work} - {"cpu"})
         raise RuntimeError(f"backend 'cpu' updates CPU parameters only, got parameters on {', '.join(off)}")
+    def grad_sumsq(per_row: bool = False) -> torch.Tensor:
+        rows = _squares([g for w in work for g in w.grads])
+        return rows if per_row else rows.sum()
+
     if RULES[rule].measures:  # SGD-SaI: list forms for plain groups (_sai_run), the reference for others
-        return Step(lambda norm, amp, sums: _sai_run(rule, work, cache.host, norm, amp, sums),
-                    lambda: _squares([g for w in work for g in w.grads]).sum(),
-                    lambda norm, amp: reduce_sums(rule, work, norm, amp))
+        return Step(lambda norm, amp, sums: _sai_run(rule, work, cache.host, norm, amp, sums), grad_sumsq,
+                    lambda norm, amp: reduce_sums(rule, work, norm, amp), lambda: slots_of(work))
     if RULES[rule].projects:  # AdamP and SGDP: list forms for plain groups (_project_reduce), the reference for others
-        return Step(lambda norm, amp, sums: _project_run(rule, work, cache.host, norm, amp, sums),
-                    lambda: _squares([g for w in work for g in w.grads]).sum(),
-                    lambda norm, amp: _project_reduce(rule, work, cache.host, norm, amp))
-    return Step(lambda norm, amp, sums: _run(rule, work, cache.host, norm, amp, sums),
-                lambda: _squares([g for w in work for g in w.grads]).sum(),
-                lambda norm, amp: _reduce(rule, work, cache.host, norm, amp))
+        return Step(lambda norm, amp, sums: _project_run(rule, work, cache.host, norm, amp, sums), grad_sumsq,
+                    lambda norm, amp: _project_reduce(rule, work, cache.host, norm, amp), lambda: slots_of(work))
+    return Step(lambda norm, amp, sums: _run(rule, work, cache.host, norm, amp, sums), grad_sumsq,
+                lambda norm, amp: _reduce(rule, work, cache.host, norm, amp), lambda: slots_of(work))
 
 
 def _squares(ts: list[torch.Tensor]) -> torch.Tensor:

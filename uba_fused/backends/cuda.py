@@ -63,4 +63,5 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
 
         return plan.reduce(sumsq, direction, work)
 
-    return Step(update, lambda: plan.grad_sumsq(lambda part: sumsq(part, part.partials)), reduce)
+    return Step(update, lambda per_row=False: plan.grad_sumsq(lambda part: sumsq(part, part.partials), per_row),
+                reduce, lambda: plan.slots(work))

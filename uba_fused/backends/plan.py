@@ -298,13 +298,22 @@ class Plan:
             sums = self.blank
         return sums[part.first_row:part.first_row + part.tensors.shape[0]]
 
-    def grad_sumsq(self, part_sumsq: Callable[[Part], None]) -> torch.Tensor:
+    def grad_sumsq(self, part_sumsq: Callable[[Part], None], per_row: bool = False) -> torch.Tensor:
         """The pre-pass: the sum of the squares of this step's gradients, a float64 0-dim tensor on the device.
         ``part_sumsq(part)`` launches a kernel that writes each work item's sum into ``part.partials``; one
-        torch.sum adds them all in a fixed order, so a step gives the same sum every run (atomics would not)."""
+        torch.sum adds them all in a fixed order, so a step gives the same sum every run (atomics would not).
+        ``per_row``: each row's sum (``slots``), float64 [rows of every part], added by torch.segment_reduce."""
         for part in self.parts:
             part_sumsq(part)
-        return self.partials.sum()
+        if not per_row:
+            return self.partials.sum()
+        return torch.cat([torch.segment_reduce(part.partials, "sum", lengths=part.lengths, unsafe=True)
+                          for part in self.parts])
+
+    def slots(self, work: Sequence[GroupWork]) -> list[int]:
+        """Each row's parameter (``reduce``'s rows, and ``grad_sumsq``'s): its position in the optimizer's flat order;
+        -1 for a part's sentinel row."""
+        return [s for part in self.parts for s in [work[wi].slots[i] for wi, i in part.members] + [-1]]
 
     @staticmethod
     def key_of(rule: str, work: Sequence[GroupWork]) -> tuple:

@@ -18,7 +18,7 @@ from ..registry import QBLOCK, RULES
 from . import rounding, snr
 from .projection import projection, row_sums, tensor_sums
 from .cache import StepCache
-from .work import Amp, GradSource, GroupWork, Step, codec_of, state_rounding_of
+from .work import Amp, GradSource, GroupWork, Step, codec_of, slots_of, state_rounding_of
 
 
 def applied_lr(w: GroupWork) -> torch.Tensor:
@@ -274,12 +274,14 @@ def _tensor_sums(p: torch.Tensor, g: torch.Tensor, d: torch.Tensor, c: dict) -> 
     return tensor_sums(rows, lengths, one * row_len, one * c["delta"], one * c["eps"])[0]
 
 
-def grad_sumsq(work: Sequence[GroupWork]) -> torch.Tensor:
-    """The pre-pass: the sum of the squares of the groups' gradients (in float64), a 0-dim tensor on their device."""
+def grad_sumsq(work: Sequence[GroupWork], per_row: bool = False) -> torch.Tensor:
+    """The pre-pass: the sum of the squares of the groups' gradients (in float64), a 0-dim tensor on their device;
+    ``per_row``: each gradient's, float64 [n] (rows as reduce_sums's)."""
     grads = [g for w in work for g in w.grads]
     if not grads:
-        return torch.zeros((), dtype=torch.float64, device=work[0].schedule_step.device)
-    return torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square().sum()
+        return torch.zeros((0,) if per_row else (), dtype=torch.float64, device=work[0].schedule_step.device)
+    rows = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64)).square()
+    return rows if per_row else rows.sum()
 
 
 def grad_scale(rule: str, w: GroupWork, norm: torch.Tensor | None, amp: Amp | None = None) -> torch.Tensor | None:
@@ -359,8 +361,9 @@ def encode_state(x: torch.Tensor, rule: str, name: str, dtype: torch.dtype, how:
 
 
 def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradSource | None) -> Step:
-    return Step(lambda norm, amp, sums: _run(rule, work, norm, amp, sums), lambda: grad_sumsq(work),  # w.grads
-                lambda norm, amp: reduce_sums(rule, work, norm, amp))
+    return Step(lambda norm, amp, sums: _run(rule, work, norm, amp, sums),
+                lambda per_row=False: grad_sumsq(work, per_row),  # (w.grads)
+                lambda norm, amp: reduce_sums(rule, work, norm, amp), lambda: slots_of(work))
 
 
 def _run(rule: str, work: Sequence[GroupWork], norm: torch.Tensor | None, amp: Amp | None,

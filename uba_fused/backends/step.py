@@ -5,7 +5,7 @@
 captured graph), finds the step's gradients (one C++ pass on the common step, ``_steady_work``; the full pass
 otherwise, ``_full_work``, which also makes lazy state through the optimizer), hands each backend its groups' work
 (``_selection``, ``_group_work``), and runs the pipeline of backends/work.py: clipping's pre-pass, a rule's
-per-tensor sums (all-reduced over the shards of each tensor: ``_across_shards``), the update. It keeps what a CUDA
+per-tensor sums (each summed over the ranks that shard its tensor: shards.py), the update. It keeps what a CUDA
 graph capturing the step needs kept (``_captured``).
 
 The optimizer (optim/base.py) holds the torch.optim contract: groups, argument checks, per-parameter state and how it
@@ -20,11 +20,12 @@ import functools
 import operator
 from collections.abc import Callable, Iterable
 from itertools import groupby
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from .. import backends, registry
+from . import shards
 from ..optim import blockwise
 from ..optim.blockwise import ABSMAX, state_dtype_of
 from .work import MASTER, codec_of, is_dtensor, local
@@ -56,8 +57,14 @@ def run(opt: FusedOptimizer) -> None:
     by_backend = groupby(sorted(work, key=lambda w: opt._backends[w.index]), key=lambda w: opt._backends[w.index])
     steps = [backends.get(name)(opt.rule, list(ws), opt._cache, grads) for name, ws in by_backend]
     norm, amp = None, _amp(opt)
+    layout = _layout_of_shards(opt) if clips or reduces else None
     if clips:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
-        norm = _across_shards(opt, functools.reduce(operator.add, [s.grad_sumsq() for s in steps])).sqrt()
+        if shards.per_row(layout):  # each row over the ranks that shard its tensor
+            sumsq = shards.summed(layout, torch.cat([s.grad_sumsq(True) for s in steps]),
+                                  lambda: [i for s in steps for i in s.slots()]).sum()
+        else:
+            sumsq = shards.summed(layout, functools.reduce(operator.add, [s.grad_sumsq(False) for s in steps]))
+        norm = sumsq.sqrt()
         if amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
             found = (~torch.isfinite(norm)).float()
             if amp.found_inf is not None:
@@ -65,7 +72,7 @@ def run(opt: FusedOptimizer) -> None:
             amp = backends.Amp(amp.grad_scale, found)
     sums = [None] * len(steps)
     if reduces:  # per-tensor sums (LARS's and LAMB's norms), each over the shards of its tensor
-        sums = [_across_shards(opt, s.reduce(norm, amp)) for s in steps]
+        sums = [shards.summed(layout, s.reduce(norm, amp), s.slots) for s in steps]
     for step, mine in zip(steps, sums):
         step.update(norm, amp, mine)
     if measure and capture is None:
@@ -161,57 +168,41 @@ def _refuse_if_captured(opt: FusedOptimizer, what: str, capture: backends.Captur
 
 
 def _check_clipping(opt: FusedOptimizer) -> None:
-    """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device; with
-    DTensor parameters, every one placed alike, so that one all-reduce completes the sum."""
+    """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device; with DTensor
+    parameters, every parameter a DTensor, each summed over the ranks that shard it (shards.py)."""
     devices = {str(g["schedule_step"].device) for g in opt.param_groups}
     if len(devices) > 1:
         raise ValueError(f"max_grad_norm > 0 clips by the norm of all the optimizer's gradients, which needs every "
                          f"param group on one device; they are on {sorted(devices)}")
-    layout = _clip_layout(opt)
+    layout = _layout_of_shards(opt)
     if isinstance(layout, str):
         raise ValueError(f"max_grad_norm > 0 with DTensor parameters sums each rank's share of the norm over the "
-                         f"mesh, which needs every parameter placed alike: {layout}. Clip with "
+                         f"mesh, which needs every parameter to be a DTensor: {layout}. Clip with "
                          f"torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
 
 
 def _check_reductions(opt: FusedOptimizer) -> None:
-    """A rule that reads per-tensor norms (Rule.reduces) sums each tensor's shards over the mesh: with DTensor
-    parameters, every one placed alike, so that the dimensions to sum over are the same for every tensor."""
-    layout = _clip_layout(opt)
+    """A rule that reads per-tensor sums (Rule.reduces) sums each tensor's shards over the ranks that shard it
+    (shards.py): with DTensor parameters, every parameter a DTensor; and for a rule that projects per row, none
+    sharded across its rows."""
+    layout = _layout_of_shards(opt)
     if isinstance(layout, str):
-        raise ValueError(f"uba_fused.{type(opt).__name__} sums each tensor's norms over the shards of the mesh, "
-                         f"which needs every parameter placed alike: {layout}. Parameters on several meshes or "
-                         f"placements (tensor parallelism beside FSDP2) are not built for it yet")
+        raise ValueError(f"uba_fused.{type(opt).__name__} sums each tensor's norms over the ranks that shard it, which "
+                         f"needs every parameter to be a DTensor: {layout}")
     if layout is not None and registry.RULES[opt.rule].projects:
-        across = [p for p in layout[1] if p.is_shard() and p.dim != 0]
+        across = [pl for pl in layout.placements if any(p.is_shard() and p.dim != 0 for p in pl)]
         if across:
             raise ValueError(f"uba_fused.{type(opt).__name__} sums each row (dim 0) of a parameter on the rank "
                              f"that holds it, which needs the parameters sharded by rows only (FSDP2's Shard(0)), "
-                             f"got placements {layout[1]}")
+                             f"got placements {across[0]}")
 
 
-def _clip_layout(opt: FusedOptimizer) -> Any:
-    """What clipping all-reduces over (``_shared_layout``): found once, by the first step that clips, and
-    kept in the step cache, which a new param group or a state-dict load clears."""
+def _layout_of_shards(opt: FusedOptimizer) -> shards.Layout | str | None:
+    """How the parameters' shares add up over the ranks (shards.layout_of): found once, by the first step that
+    sums, and kept in the step cache, which a new param group or a state-dict load clears."""
     if opt._cache.layout is None:
-        opt._cache.layout = (_shared_layout(opt.param_groups),)
+        opt._cache.layout = (shards.layout_of(opt.param_groups),)
     return opt._cache.layout[0]
-
-
-def _across_shards(opt: FusedOptimizer, sumsq: torch.Tensor) -> torch.Tensor:
-    """The sum of squares of every rank's shards, from this rank's: summed over each mesh dimension the
-    parameters are sharded on (FSDP2's), not over those they are replicated on (HSDP's outer one). One
-    all-reduce per sharded dimension, on the current stream: nothing syncs with the host."""
-    layout = _clip_layout(opt)
-    if layout is None:
-        return sumsq
-    import torch.distributed as dist  # loaded already: the parameters are DTensors
-
-    mesh, placements = layout
-    for dim, placement in enumerate(placements):
-        if placement.is_shard():
-            dist.all_reduce(sumsq, group=mesh.get_group(dim))
-    return sumsq
 
 
 def _reads_grads(opt: FusedOptimizer, quantifier: Callable[[Iterable[bool]], bool]) -> bool:
@@ -377,18 +368,3 @@ def _layout(opt: FusedOptimizer, group: dict) -> tuple:
     """What a group's selection depends on besides its parameters: the state it keeps, how it keeps them (a
     plan makes one launch per storage and state rounding)."""
     return opt._state_names(group), group.get("master_weights"), backends.work.state_rounding_of(group)
-
-
-def _shared_layout(groups: list[dict]) -> Any:
-    """None if no parameter is a DTensor; (mesh, placements) if every one is, placed on the same mesh alike;
-    else a sentence saying which is not."""
-    params = [p for g in groups for p in g["params"]]
-    plain = [i for i, p in enumerate(params) if not is_dtensor(p)]
-    if len(plain) == len(params):
-        return None
-    if plain:
-        return f"parameters {plain} (in the optimizer's order) are not DTensors, others are"
-    layouts = list(dict.fromkeys((p.device_mesh, p.placements) for p in params))
-    if len(layouts) > 1:
-        return f"the parameters are placed {len(layouts)} ways: {[pl for _, pl in layouts]}"
-    return layouts[0]

@@ -1018,12 +1018,12 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
                                              DTYPE=_TL_DTYPE[part.dtype], BLOCK=BLOCK, SUB=sub_tile(part.dtype),
                                              PARAM=param, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
-    def grad_sumsq() -> torch.Tensor:
+    def grad_sumsq(per_row: bool = False) -> torch.Tensor:
         with plan.on_device():
-            return plan.grad_sumsq(lambda part: sumsq(part, part.partials))
+            return plan.grad_sumsq(lambda part: sumsq(part, part.partials), per_row)
 
     def reduce(norm: torch.Tensor | None, amp: Amp | None) -> torch.Tensor:
         with plan.on_device():
             return plan.reduce(sumsq, lambda part: step_kernel(part, norm, amp, plan.scratch, reduce=True), work)
 
-    return Step(update, grad_sumsq, reduce)
+    return Step(update, grad_sumsq, reduce, lambda: plan.slots(work))

@@ -4,15 +4,17 @@ Every backend is a function ``prepare(rule, work, cache, grads) -> Step`` (see `
 ``prepare`` checks and builds whatever can fail, touching no parameter or state. The ``Step`` it returns is
 the step of those groups as a small pipeline, which the optimizer runs stage by stage over every backend:
 
-1. ``grad_sumsq()``, the pre-pass, only when a group clips its gradients (``max_grad_norm``): launches the
-   reduction of the gradients and returns the sum of their squares, a float64 0-dim tensor on the device.
-   The optimizer adds the backends' sums and takes the square root: the global gradient norm.
+1. ``grad_sumsq(per_row)``, the pre-pass, only when a group clips its gradients (``max_grad_norm``): launches the
+   reduction of the gradients and returns the sum of their squares, a float64 0-dim tensor on the device (or, with
+   ``per_row``, each row's: float64 [rows], in ``reduce``'s order of rows). The optimizer adds the backends' sums
+   and takes the square root: the global gradient norm. It asks for rows where DTensor parameters are placed
+   several ways, each summed over the ranks that shard its tensor (backends/shards.py).
 2. ``reduce(norm, amp)``, only for a rule that reads per-tensor sums (Rule.reduces: LARS, LAMB; SGD-SaI's only on a
    step that measures, Rule.measures, whose ``update`` is then handed them, and otherwise None): launches the
    reduction of each parameter and of its gradient (LARS) or of the direction its update will apply (LAMB: from the
    gradient as ``update`` applies it, given the same ``norm`` and ``amp``, and the state, which it leaves as it is),
-   and returns their sums of squares, float64 [rows, 2] in an order of the backend's own. The optimizer sums them
-   over the shards of each tensor (FSDP2) and hands them back to ``update``.
+   and returns their sums of squares, float64 [rows, 2] in an order of the backend's own (``slots()``: each row's
+   parameter). The optimizer sums them over the shards of each tensor (FSDP2) and hands them back to ``update``.
 3. ``update(norm, amp, sums)``: applies ``rule`` to every parameter listed in ``work`` that has a gradient (one whose
    gradient is None is left as it is), each gradient first divided by GradScaler's scale (``amp``, an ``Amp``;
    None without a scaler) and scaled by its group's clipping factor of the unscaled norm (Rule.clipping;
@@ -35,7 +37,7 @@ updates what it holds, in the same single launch, and nothing dispatches through
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,11 +76,14 @@ class Step:
     update: Callable[[torch.Tensor | None, Amp | None, torch.Tensor | None], None]  # the update, given the global
                                             # gradient norm (or None), GradScaler's hand-over (or None) and what
                                             # ``reduce`` returned, summed over shards (or None)
-    grad_sumsq: Callable[[], torch.Tensor]  # the pre-pass: the sum of squares of the groups' gradients
+    grad_sumsq: Callable[[bool], torch.Tensor]  # the pre-pass: the sum of squares of the groups' gradients (True:
+                                            # each row's, float64 [rows])
     reduce: Callable[[torch.Tensor | None, Amp | None], torch.Tensor]  # the per-tensor pre-pass of a rule with
                                             # Rule.reduces, given what the update is given first: float64 [rows, 2],
                                             # the sums of squares of each tensor and of its gradient or its update's
                                             # direction, in an order of the backend's own (its update reads them back)
+    slots: Callable[[], list[int]]          # each row's parameter, of ``reduce``'s rows and ``grad_sumsq``'s: its
+                                            # position in the optimizer's flat order (GroupWork.slots); -1, none
 
 
 @dataclass
@@ -153,6 +158,12 @@ class GradSource:
 # The state buffer that holds a 16-bit parameter's share of its master weight (registry.CODECS: the low 16 bits of a
 # bfloat16 parameter's float32 master, as int16, or its next 8 bits, as int8; a float16 parameter's float32 copy).
 MASTER = "master"
+
+
+def slots_of(work: Sequence[GroupWork]) -> list[int]:
+    """Each parameter's position in the optimizer's flat order, of the groups' parameters one after another (the
+    rows of backends "torch" and "cpu")."""
+    return [s for w in work for s in w.slots]
 
 
 def codec_of(group: dict, p: torch.Tensor) -> str | None:

@@ -187,8 +187,9 @@ COMMON_ARGS = f"""
             step: ``torch.nn.utils.clip_grad_norm_(params, max_grad_norm)`` fused into the step. A pre-pass
             computes the norm on the device and the update applies the factor (no sync; ``p.grad`` is left as
             backward wrote it). Each group may set its own, against the one global norm. Needs every parameter
-            on one device; DTensor parameters (FSDP2, HSDP) all placed alike, and then each rank's share of the
-            norm is all-reduced over the mesh dimensions they are sharded on (so every rank calls ``step()``).
+            on one device; with DTensor parameters (FSDP2, HSDP, tensor parallelism), every one a DTensor, and
+            then each tensor's share of the norm is all-reduced over the mesh dimensions that shard it (so every
+            rank calls ``step()``).
             Under torch.amp.GradScaler the norm is that of the unscaled gradients, as ``scaler.unscale_(opt)``
             then ``clip_grad_norm_`` compute it, and a non-finite norm skips the step.
 
