@@ -76,8 +76,8 @@ uf::FusedStepArgs checked_args(const at::Tensor& work, const at::Tensor& tensors
   TORCH_CHECK(n_groups >= 1 && groups.dim() == 2 && groups.size(1) == group_cols && groups.size(0) == n_groups,
               what, "groups must have shape [n_groups = ", n_groups, ", ", group_cols, "] for rule ", rule, ", got ",
               groups.sizes());
-  TORCH_CHECK(gaddr.numel() == 2 * n_groups, what, "gaddr must hold 2 * n_groups = ", 2 * n_groups,
-              " addresses, got ", gaddr.numel());
+  TORCH_CHECK(gaddr.numel() == uf::kGroupAddresses * n_groups, what, "gaddr must hold ", uf::kGroupAddresses,
+              " * n_groups = ", uf::kGroupAddresses * n_groups, " addresses, got ", gaddr.numel());
   TORCH_CHECK(done.numel() == tensors.size(0) + 1, what, "done must hold rows + 1 = ", tensors.size(0) + 1,
               " counters, got ", done.numel());
   return {work.data_ptr<int64_t>(), tensors.data_ptr<int64_t>(), grads.data_ptr<int64_t>(), groups.data_ptr<double>(),

@@ -416,11 +416,12 @@ UF_HD Item<T, TS, C, SR, R> open_item(const FusedStepArgs& args, int64_t item) {
   it.row_rem = 0;
   it.row_len = 1;
   const double* grow = args.groups + row[kGroup] * R::Cols::kCols;
-  const int64_t* counter = reinterpret_cast<const int64_t*>(args.gaddr[2 * row[kGroup]]);
+  const int64_t* gaddr = args.gaddr + kGroupAddresses * row[kGroup];
+  const int64_t* counter = reinterpret_cast<const int64_t*>(gaddr[kCounterAddress]);
   it.k = *it.step + 1.0f;
   it.has_state = grow[kHasState] != 0.0;
   it.gscale = grad_scale(grow, args.norm, *args.grad_scale);
-  const float lr = group_lr(grow, static_cast<float>(*counter));
+  const float lr = group_lr(grow, *counter, reinterpret_cast<const float*>(gaddr[kTableAddress]));
   if constexpr (R::Cols::kReduces > 0) {  // the tensor's per-tensor sums (the pre-pass's, summed over shards; none
                                           // in LAMB's direction pre-pass), or a rule that projects its Rows.meta
     const double* red = args.reduced ? args.reduced + R::Cols::kReduces * it.slot : nullptr;
@@ -674,9 +675,10 @@ UF_HD void finish_item(const FusedStepArgs& args, const I& it) {
   fence();
   if (!args.advance) return;
   for (int gi = 0; gi < args.n_groups; ++gi) {
-    int64_t* c = reinterpret_cast<int64_t*>(args.gaddr[2 * gi]);
-    float* lr_out = reinterpret_cast<float*>(args.gaddr[2 * gi + 1]);
-    *lr_out = group_lr(args.groups + gi * R::Cols::kCols, static_cast<float>(*c));
+    const int64_t* gaddr = args.gaddr + kGroupAddresses * gi;
+    int64_t* c = reinterpret_cast<int64_t*>(gaddr[kCounterAddress]);
+    float* lr_out = reinterpret_cast<float*>(gaddr[kLrOutAddress]);
+    *lr_out = group_lr(args.groups + gi * R::Cols::kCols, *c, reinterpret_cast<const float*>(gaddr[kTableAddress]));
     *c += 1;
   }
 }

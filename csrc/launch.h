@@ -19,7 +19,7 @@ struct FusedStepArgs {
   const int64_t* tensors;  // [n_rows, kState0 + the rule's kStates]
   const int64_t* grads;    // [slots]: each tensor's gradient address (kNoGrad: none), at its kGradSlot
   const double* groups;    // [n_groups, the rule's kCols]
-  const int64_t* gaddr;    // [n_groups, 2]
+  const int64_t* gaddr;    // [n_groups, kGroupAddresses]
   int* done;               // [n_rows + 1]
   const double* norm;      // the global gradient norm, read by groups that clip (max_grad_norm > 0)
   const double* reduced;   // [n_rows, the rule's kReduces]: per-tensor sums of squares (a rule with kReduces)

@@ -37,7 +37,8 @@ UF_HD float schedule_factor(const ScheduleConsts& s, float t) {
     case kCosine: shape = 0.5f * (1.0f + cosf(3.14159265358979323846f * p)); break;
     case kLinear: shape = 1.0f - p; break;
     case kRex: shape = (1.0f - p) / (1.0f - 0.5f * p); break;
-    default: return NAN;  // no such kind: the host never writes one (a visible failure, never another schedule)
+    default: return NAN;  // kTable (group_lr reads its table), or no such kind: the host never writes one (a visible
+                          // failure, never another schedule)
   }
   return s.min_ratio + (1.0f - s.min_ratio) * shape;
 }

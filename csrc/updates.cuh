@@ -349,11 +349,16 @@ UF_HD float grad_scale(const double* row, const double* norm, float amp_scale) {
   return f32((scale >= 1.0 ? 1.0 : scale) * inv);
 }
 
-// lr of group row `row` at its step counter t.
-UF_HD float group_lr(const double* row, float t) {
+// lr of group row `row` at its step counter t; `table`: its schedule's factors (a kTable schedule, schedules.Table:
+// read at min(t, total - 1); its address is the group's kTableAddress).
+UF_HD float group_lr(const double* row, int64_t t, const float* table) {
+  if (static_cast<int>(row[kKind]) == kTable) {
+    const int64_t last = static_cast<int64_t>(row[kTotal]) - 1;
+    return f32(row[kLr]) * table[t < last ? t : last];
+  }
   const ScheduleConsts c{static_cast<int>(row[kKind]), f32(row[kWarmup]), f32(row[kTotal]), f32(row[kMinRatio]),
                          f32(row[kPhi])};
-  return f32(row[kLr]) * schedule_factor(c, t);
+  return f32(row[kLr]) * schedule_factor(c, static_cast<float>(t));
 }
 
 }  // namespace uf

@@ -73,16 +73,24 @@ CASES = {
     "adamp": lambda params, backend: uf.AdamP(params, lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05,
                                               delta=2.0, wd_ratio=0.3, nesterov=True,
                                               schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
+    # a Table schedule (UBA's, tabulated): every rank reads the same table on its device; checkpoints carry it
+    "sgd-table": lambda params, backend: _with_table(uf.SGD, list(params), backend, lr=5e-2, momentum=0.9,
+                                                     weight_decay=0.01),
     # per-tensor moments at the first step (SGD-SaI's g-SNR): sharded, each rank's sums of its shards are all-reduced
     # per tensor, or a rank would scale its rows by the g-SNR of its own shard
     "sgd_sai": lambda params, backend: uf.SGDSaI(params, lr=5e-2, momentum=0.9, eps=1e-6, weight_decay=0.01,
                                                  schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
 }
+def _with_table(cls, params: list, backend: str, **options):
+    table = uf.Table.of(uf.UBA(STEPS, phi=0.5, warmup_steps=2), STEPS + 1, params[0].device)
+    return cls(params, schedule=table, backend=backend, **options)
+
+
 WIDTHS = {"adamw-8bit": (256, 17, 1)}  # the layers' widths of a case's model: (6, 5, 3, 1) where not listed
 # The backends each case runs on. 8-bit state on Triton's interpreter took the three runs from about 100 to 200 s;
 # what DTensors change (the state's placements, the scales' rows; LARS's, LAMB's and AdamP's sums over shards) is the
 # same Python for every backend.
-BACKENDS = {case: ("torch", "cuda") if case in ("adamw-8bit", "lars", "lamb", "adamp", "sgd_sai")
+BACKENDS = {case: ("torch", "cuda") if case in ("adamw-8bit", "lars", "lamb", "adamp", "sgd_sai", "sgd-table")
             else ("torch", "triton", "cuda")
             for case in CASES}
 # Tensor parallelism (--tp): parameters placed three ways on one mesh (Shard(0), Shard(1), Replicate()), so that each

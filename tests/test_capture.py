@@ -170,6 +170,22 @@ def test_a_capture_keeps_only_what_replays_use_after_the_step(backend, monkeypat
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+def test_a_capture_keeps_the_table_its_replays_read(backend, monkeypatch):
+    """A Table schedule's factors are read by every replay: the capture keeps their storage, so that putting another
+    schedule in the group's place (which the next step() refuses) never leaves the replays reading freed memory."""
+    table = uf.Table.of(SCHEDULE, 13, DEVICE)
+    a, opt_a, gen_a = _warmed("torch", cls=functools.partial(uf.SGD, momentum=0.9))
+    b, opt_b, _ = _warmed(backend, cls=functools.partial(uf.SGD, momentum=0.9))
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["schedule"] = table
+    for t in range(3):
+        _step_both(a, b, opt_a, opt_b, _grads(a, gen_a), monkeypatch, captured=t == 1)
+    [capture] = opt_b._captures
+    kept = {k.data_ptr() for k in capture.keep if isinstance(k, torch.UntypedStorage)}
+    assert table.factors.untyped_storage().data_ptr() in kept
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 def test_captures_in_a_row_take_rows_set_aside_before_and_share_equal_ones(backend, monkeypatch):
     """One graph per sequence-length bucket: warm every bucket up, then capture every one, with no eager step
     between the captures. No capture may pin memory (a capture may refuse it): each takes a row set aside by

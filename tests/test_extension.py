@@ -88,7 +88,8 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
     gcols = registry.group_cols("sgd")
     good = {"work": torch.tensor([[0, 0], [1, 0]]), "tensors": tensors, "grads": torch.tensor([g.data_ptr(), -1]),
             "groups": torch.zeros(1, len(gcols), dtype=torch.float64),
-            "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr()]]), "done": torch.zeros(3, dtype=torch.int32)}
+            "gaddr": torch.tensor([[counter.data_ptr(), lr_out.data_ptr(), 0]]),  # (registry.GROUP_ADDRESSES)
+            "done": torch.zeros(3, dtype=torch.int32)}
 
     def run(**kw):
         args = {**good, "norm": torch.zeros((), dtype=torch.float64), "reduced": torch.zeros((), dtype=torch.float64),
@@ -105,7 +106,7 @@ def test_fused_step_refuses_bad_tables_before_touching_anything():
             r"tensors must have shape \[rows >= 1, 10\] for rule 3, got \[2, 9\]"),
            ({"groups": torch.zeros(1, n - 1, dtype=torch.float64)}, rf"groups must have shape \[n_groups = 1, {n}\]"),
            ({"groups": torch.zeros(2, n, dtype=torch.float64)}, r"groups must have shape \[n_groups = 1"),
-           ({"gaddr": torch.zeros(1, dtype=torch.int64)}, "gaddr must hold 2 \\* n_groups = 2 addresses, got 1"),
+           ({"gaddr": torch.zeros(1, dtype=torch.int64)}, "gaddr must hold 3 \\* n_groups = 3 addresses, got 1"),
            ({"tensors": tensors.t().contiguous().t()}, "tensors must be contiguous"),
            ({"grads": torch.zeros(0, dtype=torch.int64)}, r"grads must be a vector of >= 1 addresses, got \[0\]"),
            ({"grads": good["grads"].int()}, "grads must be Long"),

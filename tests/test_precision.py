@@ -148,7 +148,7 @@ def test_8bit_correction_is_unbiased():
 
 # Pairwise: every backend, the rules spread over them (the codec is the rules' shared load and store).
 MASTER8 = [("adamw", "torch"), ("adan-clip", "cpu"), ("sgd-nesterov", "triton"), ("adabelief", "cuda"),
-           ("lion", "cuda")]
+           ("lion", "cuda"), ("adamp", "cuda"), ("sgdp", "torch")]
 
 
 @pytest.mark.parametrize("case_id, backend", [pytest.param(c, b, id=f"{c}-{b}", marks=_MARKS[b])

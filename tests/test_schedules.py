@@ -172,3 +172,182 @@ def test_lr_scheduler_adapter_state_dict_loads_with_weights_only():
             s.step()
         expected = 0.1 * sched.schedule.factor(sched.last_epoch)
         assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-14)
+
+
+# -- Table: any schedule as a tensor of factors, read by the kernels --------------------------------------------
+from test_kernels import DEVICE, EVERY_BACKEND  # noqa: E402
+
+KINDS = [uf.UBA(12, phi=0.6, warmup_steps=3, min_lr_ratio=0.1), uf.Cosine(12, warmup_steps=2), uf.Linear(12),
+         uf.REX(12, min_lr_ratio=0.2), uf.Constant(warmup_steps=4)]
+
+
+@pytest.mark.parametrize("schedule", KINDS, ids=repr)
+def test_table_of_a_kind_is_that_kind_in_float32_and_clamps_at_its_end(schedule):
+    table = uf.Table.of(schedule, 12)
+    assert table.total_steps == 12 and table.factors.dtype == torch.float32
+    for t in range(20):  # past the end: the last factor
+        want = schedule.factor(min(t, 11))
+        assert table.factor(t) == float(torch.tensor(want, dtype=torch.float32)), t
+        assert float(table.factor_tensor(torch.tensor(t))) == table.factor(t), t
+    steps = torch.arange(20)
+    torch.testing.assert_close(table.factor_tensor(steps), schedule.factor_tensor(steps.clamp(max=11)).float().double(),
+                               rtol=0, atol=0)
+
+
+def _run(backend, schedules, steps=15, fill=None):
+    """SGD with momentum over two groups (one schedule each, in one launch on the kernels) for ``steps`` steps on fresh
+    seeded gradients; each step's applied lrs and the final parameters. ``fill``: (step, value) to fill the first
+    group's table with before that step."""
+    gen = torch.Generator().manual_seed(40)
+    ps = [torch.randn(n, generator=gen).to(DEVICE).requires_grad_() for n in (37, 4100)]
+    opt = uf.SGD([{"params": [ps[0]], "schedule": schedules[0]}, {"params": [ps[1]], "schedule": schedules[1],
+                                                                   "lr": 0.05}],
+                 lr=0.1, momentum=0.9, weight_decay=0.01, backend=backend)
+    lrs = []
+    for t in range(steps):
+        if fill is not None and t == fill[0]:
+            schedules[0].factors.fill_(fill[1])
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen).to(DEVICE)
+        opt.step()
+        lrs.append([float(x) for x in opt.get_last_lr()])
+    return lrs, [p.detach().cpu() for p in ps], opt
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_table_groups_step_as_their_kinds_on_every_backend(backend):
+    """Each kind against its Table of T + 1 steps (a Table group and a closed-form one in one launch), 3 steps past
+    the budget: the applied lr is the kind's to float32 rounding (the kernels evaluate the closed forms in float32,
+    the table holds float64 values rounded once), and so are the parameters."""
+    for i, kind in enumerate(KINDS[:2] if backend in ("triton", "cuda") else KINDS):
+        other = KINDS[(i + 1) % len(KINDS)]
+        ref_lrs, ref_ps, _ = _run(backend, [kind, other])
+        lrs, ps, opt = _run(backend, [uf.Table.of(kind, 13, DEVICE), other])
+        assert opt.param_groups[0]["schedule"].kind == uf.registry.KIND["table"]
+        for t, (a, b) in enumerate(zip(lrs, ref_lrs)):
+            assert a == pytest.approx(b, rel=1e-6, abs=0), (kind, t)  # (a neighbouring step: 1e-2 and more)
+            assert a[0] == pytest.approx(0.1 * kind.factor(t), rel=1e-6), (kind, t)
+        for p, q in zip(ps, ref_ps):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_a_table_filled_in_place_changes_the_steps_to_come(backend):
+    """The kernels read the table on the device at every step: filled with 0 from step 5 on, the first group stops
+    (its lr 0; its momentum still moves, the parameter does not), the second goes on."""
+    table = uf.Table.of(uf.Linear(12), 12, DEVICE)
+    lrs, ps, _ = _run(backend, [table, uf.Cosine(12)], steps=9, fill=(5, 0.0))
+    assert [lr[0] for lr in lrs[5:]] == [0.0] * 4 and all(lr[0] > 0 for lr in lrs[:5])
+    assert all(lr[1] > 0 for lr in lrs)
+    _, before, _ = _run(backend, [uf.Table.of(uf.Linear(12), 12, DEVICE), uf.Cosine(12)], steps=5)
+    torch.testing.assert_close(ps[0], before[0], rtol=0, atol=0)
+
+
+def test_table_state_dict_round_trip_continues_as_if_uninterrupted(tmp_path):
+    """Saved as {"name": "Table", "factors": tensor}: torch.load(weights_only=True) reads it, and a fresh optimizer
+    (another schedule) that loads it after 4 steps continues bit for bit as the uninterrupted 8 steps."""
+    schedule = uf.Table.of(uf.UBA(10, phi=0.5, warmup_steps=2), 10)
+    whole_lrs, whole, _ = _run("torch", [schedule, uf.Linear(10)], steps=8)
+    first_lrs, _, opt = _run("torch", [uf.Table(schedule.factors.clone()), uf.Linear(10)], steps=4)
+    torch.save(opt.state_dict(), tmp_path / "sd.pt")
+    sd = torch.load(tmp_path / "sd.pt", weights_only=True)
+    assert sd["param_groups"][0]["schedule"]["name"] == "Table"
+    assert torch.equal(sd["param_groups"][0]["schedule"]["factors"], schedule.factors)
+    ps = [q["params"][0].detach().clone().requires_grad_() for q in opt.param_groups]
+    fresh = uf.SGD([{"params": [ps[0]], "schedule": uf.Constant()}, {"params": [ps[1]], "lr": 0.05}], lr=0.1,
+                   momentum=0.9, weight_decay=0.01, backend="torch")
+    fresh.load_state_dict(sd)
+    assert isinstance(fresh.param_groups[0]["schedule"], uf.Table)
+    gen = torch.Generator().manual_seed(40)  # _run's draws: the parameters, then each step's gradients
+    draws = [[torch.randn(n, generator=gen).to(DEVICE) for n in (37, 4100)] for _ in range(9)]
+    lrs = []
+    for grads in draws[5:]:  # steps 4-7
+        for p, g in zip(ps, grads):
+            p.grad = g
+        fresh.step()
+        lrs.append([float(x) for x in fresh.get_last_lr()])
+    assert first_lrs + lrs == whole_lrs
+    for p, q in zip(ps, whole):
+        assert torch.equal(p.detach().cpu(), q)
+
+
+@pytest.mark.parametrize("make,error,match", [
+    (lambda: uf.Table([]), ValueError, "non-empty 1-D floating-point"),
+    (lambda: uf.Table(torch.ones(3, 2)), ValueError, r"shape \(3, 2\)"),
+    (lambda: uf.Table(torch.arange(4)), ValueError, "floating-point tensor"),
+    (lambda: uf.Table([1.0, -0.5, 1.0]), ValueError, r"factors\[1\] = -0.5"),
+    (lambda: uf.Table([1.0, math.nan]), ValueError, r"finite and >= 0, got factors\[1\] = nan"),
+    (lambda: uf.Table([1.0, math.inf]), ValueError, r"factors\[1\] = inf"),
+    (lambda: uf.Table([1.0, 0.5], total_steps=3), ValueError, "factors holds 2 steps, total_steps is 3"),
+    (lambda: uf.Table("abc"), TypeError, "a 1-D tensor or a sequence of numbers"),
+    (lambda: uf.Table.of(uf.Linear(5), 0), ValueError, "total_steps must be >= 1"),
+    (lambda: uf.Table.of("linear", 5), TypeError, "must be a uba_fused schedule"),
+])
+def test_bad_tables_are_refused(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_a_table_on_another_device_than_the_parameters_is_refused_before_any_change():
+    p = torch.nn.Parameter(torch.ones(5))
+    opt = uf.SGD([p], lr=0.1, schedule=uf.Table([1.0, 0.5]), backend="torch")
+    p.grad = torch.ones(5)
+    opt.step()
+    away = uf.Table([1.0, 0.5])
+    away.factors = torch.ones(2, device="meta")  # (no second device here: a table placed where the kernels are not)
+    with pytest.raises(ValueError, match=r"a Table must be on the parameters' device \(cpu\), .* got meta"):
+        uf.SGD([p], schedule=away)
+    opt.param_groups[0]["schedule"] = away
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="a Table must be on the parameters' device"):
+        opt.step()
+    assert torch.equal(p.detach(), before) and int(opt.param_groups[0]["schedule_step"]) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_gpu_a_captured_step_reads_its_table_at_every_replay_and_never_syncs(backend):
+    """A graph replays the step with the schedule counter and the table read on the device: the applied lrs are the
+    table's at each replay, filling the table between replays changes the next ones, and nothing syncs."""
+    table = uf.Table.of(uf.UBA(8, warmup_steps=2), 9, "cuda")
+    gen = torch.Generator().manual_seed(42)
+    p = torch.nn.Parameter(torch.randn(5000, generator=gen).cuda())
+    p.grad = torch.randn(5000, generator=gen).cuda()
+    opt = uf.SGD([p], lr=0.5, momentum=0.9, schedule=table, backend=backend)
+    opt.step()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    lrs = []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for t in range(1, 11):
+            if t == 6:
+                table.factors[6:].fill_(0.25)
+            graph.replay()
+            lrs.append(opt.get_last_lr()[0].clone())
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    want = [0.5 * uf.UBA(8, warmup_steps=2).factor(t) for t in range(1, 6)] + [0.5 * 0.25] * 5
+    assert [float(x) for x in lrs] == pytest.approx(want, rel=1e-6)
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_a_table_put_in_a_groups_place_is_the_one_read(backend):
+    """group["schedule"] = another Table between steps: the next step reads the new one (the kernels take its address
+    anew with the group's row), and the old one may be freed."""
+    gen = torch.Generator().manual_seed(41)
+    p = torch.randn(300, generator=gen).to(DEVICE).requires_grad_()
+    opt = uf.SGD([p], lr=1.0, schedule=uf.Table(torch.full((10,), 0.5, device=DEVICE)), backend=backend)
+    lrs = []
+    for t in range(6):
+        if t == 3:
+            opt.param_groups[0]["schedule"] = uf.Table(torch.arange(10, dtype=torch.float32, device=DEVICE) / 16)
+        p.grad = torch.randn(300, generator=gen).to(DEVICE)
+        opt.step()
+        lrs.append(float(opt.get_last_lr()[0]))
+    assert lrs == [0.5, 0.5, 0.5, 3 / 16, 4 / 16, 5 / 16]

@@ -115,15 +115,16 @@ sig = {"work": "*i64", "tensors": "*i64", "grads": "*i64", "groups": "*fp64", "g
        "RULE": "constexpr", "STATES": "constexpr", "NG": "constexpr", "DTYPE": "constexpr",
        "STATE_DTYPE": "constexpr", "CODEC": "constexpr", "STOCHASTIC_STATE": "constexpr", "BLOCK": "constexpr",
        "SUB": "constexpr", "GROUPS": "constexpr", "POSITIVE": "constexpr", "REDUCE": "constexpr",
-       "REDUCES": "constexpr", "PROJECT": "constexpr", "SCALAR": "constexpr"}
+       "REDUCES": "constexpr", "PROJECT": "constexpr", "SCALAR": "constexpr", "TABLES": "constexpr"}
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 ptxas = ptxas if os.path.exists(ptxas) else shutil.which("ptxas")
 out = {}
-cases = [(*case, False) for case in json.loads(sys.argv[1])]
+cases = [(*case, False, False) for case in json.loads(sys.argv[1])]
 extras = sys.argv[2] == "1"  # one of the processes also compiles the pre-passes
-if extras:  # the direction pre-passes: LAMB's, and AdamP's per row
-    cases += [(r, d, d, "nearest", "nearest", True) for r in ("lamb", "adamp") for d in ("float32", "bfloat16")]
-for rule, dtype, state_dtype, codec, state_rounding, reduce in cases:
+if extras:  # the direction pre-passes: LAMB's, and AdamP's per row; and Table schedules' kernels (TABLES)
+    cases += [(r, d, d, "nearest", "nearest", True, False) for r in ("lamb", "adamp") for d in ("float32", "bfloat16")]
+    cases += [(r, d, d, "nearest", "nearest", False, True) for r in ("adamw", "adan") for d in ("float32", "bfloat16")]
+for rule, dtype, state_dtype, codec, state_rounding, reduce, tables in cases:
     dt = getattr(torch, dtype)
     spec = registry.RULES[rule]
     src = ASTSource(fn=backend._step_kernel, signature=sig, constexprs={
@@ -133,7 +134,7 @@ for rule, dtype, state_dtype, codec, state_rounding, reduce in cases:
         "BLOCK": backend.BLOCK,
         "SUB": backend.sub_tile(dt, getattr(torch, state_dtype)), "GROUPS": 4,
         "POSITIVE": spec.positive_bits, "REDUCE": reduce, "REDUCES": len(spec.reduces),
-        "PROJECT": spec.projects, "SCALAR": spec.scalar is not None})
+        "PROJECT": spec.projects, "SCALAR": spec.scalar is not None, "TABLES": tables})
     ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": backend.NUM_WARPS,
                                                                   "enable_fp_fusion": backend.FP_FUSION}).asm["ptx"]
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
@@ -143,7 +144,8 @@ for rule, dtype, state_dtype, codec, state_rounding, reduce in cases:
                           check=True).stderr
     os.unlink(f.name)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", info)
-    out[f"{rule}{'-reduce' if reduce else ''}/{dtype}/{state_dtype}/{codec}/{state_rounding}"] = {
+    kind = "-reduce" if reduce else "-table" if tables else ""
+    out[f"{rule}{kind}/{dtype}/{state_dtype}/{codec}/{state_rounding}"] = {
         "v4_loads": len(re.findall(r"ld\.global(\.\w+)*\.v4", ptx)),
         "v4_stores": len(re.findall(r"st\.global(\.\w+)*\.v4", ptx)),
         "v2_loads": len(re.findall(r"ld\.global(\.\w+)*\.v2", ptx)),
@@ -236,3 +238,14 @@ def test_the_direction_pre_pass_loads_what_the_update_loads_and_stores_nothing(c
     assert got["v4_loads"] >= STREAMS[rule][0] and got["v4_stores"] == 0, got
     assert got["approx_divisions"] == 0 and got["fmas"] == 0 and got["spill_stores"] == 0, got
     assert got["registers"] <= MAX_DIRECTION_REGISTERS, got
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("rule", ["adamw", "adan"])
+def test_a_table_schedules_kernel_keeps_the_rules_bounds(compiled, rule, dtype):
+    """The kernel a plan with a Table schedule launches (TABLES: one more load per program, for the lr): the rule's
+    register bound, its 128-bit accesses, IEEE math, no spills."""
+    got = compiled[f"{rule}-table/{dtype}/{dtype}/nearest/nearest"]
+    assert got["registers"] <= MAX_REGISTERS_BY_RULE.get((rule, False), MAX_REGISTERS), got
+    assert got["v4_loads"] >= STREAMS[rule][0] and got["v4_stores"] >= STREAMS[rule][1], got
+    assert got["approx_divisions"] == 0 and got["fmas"] == 0 and got["spill_stores"] == 0, got

@@ -36,6 +36,9 @@ STATE_COL = len(TENSOR_COLS)
 # Per group, float64: what every rule reads (the lr and its schedule, gradient clipping), then the rule's own
 # (Rule.consts).
 GROUP_COLS = ("lr", "kind", "warmup", "total", "min_ratio", "phi", "has_state", "max_grad_norm", "clip_eps", "seed")
+# Per group, int64: the addresses of its step counter (int64, schedule_step), where the applied lr is written (float32,
+# lr_out) and its schedule's table (float32, schedules.Table; 0 for another kind).
+GROUP_ADDRESSES = ("counter", "lr_out", "table")
 DTYPES = ("float32", "bfloat16", "float16", "int8")  # what the kernels store (they compute in float32; int8: QUANTIZED)
 # How a parameter is read before its update and written after it (the master_weights option):
 # - "nearest": as it is, rounded to nearest on the way back (a 16-bit parameter loses every update smaller than
@@ -103,7 +106,7 @@ CHUNK = 4096     # elements per work item, in both kernels
 NO_GRAD = -1     # a gradient-table entry for a parameter without a gradient this step (an empty tensor's is 0)
 
 # -- schedules (schedules.py: the formulas) ---------------------------------------------------------------
-SCHEDULE_KINDS = ("constant", "uba", "cosine", "linear", "rex")
+SCHEDULE_KINDS = ("constant", "uba", "cosine", "linear", "rex", "table")
 KIND = {name: i for i, name in enumerate(SCHEDULE_KINDS)}
 
 
@@ -371,7 +374,8 @@ def group_cols(rule: str) -> tuple[str, ...]:
 def abi() -> dict:
     """Every shared number by name: what csrc/registry.h encodes, and what uba_fused._C reports it was built
     from (``_C.REGISTRY``), so that a stale build is named, not run."""
-    return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "dtypes": list(DTYPES),
+    return {"tensor_cols": list(TENSOR_COLS), "group_cols": list(GROUP_COLS), "group_addresses": list(GROUP_ADDRESSES),
+            "dtypes": list(DTYPES),
             "codecs": list(CODECS), "state_roundings": list(STATE_ROUNDINGS),
             "storages": [list(storage) for storage in STORAGES],
             "chunk": CHUNK, "no_grad": NO_GRAD, "schedule_kinds": list(SCHEDULE_KINDS), "qblock": QBLOCK,
@@ -396,6 +400,8 @@ def cpp_header() -> str:
         "#pragma once", "", "namespace uf {", "",
         _enum("TensorCol", [(c, i) for i, c in enumerate(TENSOR_COLS)] + [("state0", STATE_COL)]),
         _enum("GroupCol", [(c, i) for i, c in enumerate(GROUP_COLS)] + [("group_cols", len(GROUP_COLS))]),
+        _enum("GroupAddress", [(f"{c}_address", i) for i, c in enumerate(GROUP_ADDRESSES)]
+              + [("group_addresses", len(GROUP_ADDRESSES))]),
         _enum("DType", [(d, i) for i, d in enumerate(DTYPES)] + [("num_dtypes", len(DTYPES))]),
         _enum("Codec", [(c, i) for i, c in enumerate(CODECS)] + [("num_codecs", len(CODECS))]),
         _enum("StateRounding", [(f"state_{c}", i) for i, c in enumerate(STATE_ROUNDINGS)]),

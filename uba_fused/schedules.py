@@ -15,7 +15,8 @@ before the current one) to a multiplier of the group's learning rate::
     REX       shape(p) = (1 - p) / (1 - p / 2)
     Constant  shape(p) = 1   (warmup only)
 
-Past ``T`` the factor stays at ``r``.
+Past ``T`` the factor stays at ``r``. ``Table`` is any schedule as a tensor of factors, one per step of the budget,
+read at index min(t, T - 1): no warmup or shape of its own.
 
 UBA is the Unified Budget-Aware schedule of Tang et al., "Stepsize anything: a
 unified learning rate schedule for budgeted-iteration training", NeurIPS 2025
@@ -38,7 +39,8 @@ import torch
 
 from .registry import KIND
 
-__all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "LRScheduler", "AppliedLR", "schedule_from_dict"]
+__all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "Table", "LRScheduler", "AppliedLR",
+           "schedule_from_dict"]
 
 
 
@@ -196,7 +198,80 @@ class Constant(Schedule):
         super().__init__(None, warmup_steps=warmup_steps)
 
 
-SCHEDULE_CLASSES = {c.__name__: c for c in (UBA, Cosine, Linear, REX, Constant)}  # by name, as saved
+class Table(Schedule):
+    """Any schedule as a table: ``factor(t) = factors[min(t, total_steps - 1)]``, ``total_steps = len(factors)``.
+
+    ``factors``: the lr factor of every step of the budget, a 1-D floating-point tensor (or a sequence of numbers) of
+    finite values >= 0, at least one. It is kept as a float32 tensor on its device: the tensor given, where it is
+    one already (contiguous float32), so that filling it in place changes the steps to come, a captured graph's
+    replays included; else a float32 copy. The kernels read it on the device, one load per program, so it must be
+    on the parameters' device (``to``). ``total_steps``, when given, must equal its length. ``Table.of(schedule,
+    total_steps)`` tabulates a closed-form schedule. Saved in state dicts as ``{"name": "Table", "factors": tensor}``
+    (``torch.load(weights_only=True)`` reads it); a load replaces the group's table with the saved one, on the
+    group's device. Two tables are equal when they read the same tensor. ``factor(t)`` reads one value on the host:
+    a sync where the table is on a GPU (the kernels and backend "torch" never do)."""
+
+    kind = KIND["table"]
+    _fields = ("factors",)
+
+    def __init__(self, factors: torch.Tensor | list[float] | tuple[float, ...], *, total_steps: int | None = None):
+        if not isinstance(factors, torch.Tensor):
+            try:
+                factors = torch.tensor(factors, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"factors must be a 1-D tensor or a sequence of numbers, got "
+                                f"{type(factors).__name__}: {exc}") from None
+        if factors.dim() != 1 or not factors.is_floating_point() or factors.numel() == 0:
+            raise ValueError(f"factors must be a non-empty 1-D floating-point tensor (one factor per step), got "
+                             f"{factors.dtype} of shape {tuple(factors.shape)}")
+        if total_steps is not None and _check_int("total_steps", total_steps, 1) != factors.numel():
+            raise ValueError(f"factors holds {factors.numel()} steps, total_steps is {total_steps}")
+        if not bool((torch.isfinite(factors) & (factors >= 0)).all()):  # (one read, here, not at a step)
+            bad = int((~(torch.isfinite(factors) & (factors >= 0))).nonzero()[0])
+            raise ValueError(f"factors must be finite and >= 0, got factors[{bad}] = {float(factors[bad])}")
+        keep = factors.dtype == torch.float32 and factors.is_contiguous()
+        self.factors = factors if keep else factors.to(torch.float32).contiguous()
+        self.total_steps, self.warmup_steps, self.min_lr_ratio = factors.numel(), 0, 0.0
+
+    @classmethod
+    def of(cls, schedule: Schedule, total_steps: int, device: torch.device | str = "cpu") -> Table:
+        """``schedule``'s factor at each of steps 0 .. total_steps - 1 (in float64, kept in float32), on ``device``.
+        A closed form's factor is constant from its total_steps T on, so ``of(schedule, T + 1)`` is it at every
+        step; ``of(schedule, T)`` stays at its step T - 1 after the budget."""
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule must be a uba_fused schedule, got {type(schedule).__name__}")
+        n = _check_int("total_steps", total_steps, 1)
+        return cls(schedule.factor_tensor(torch.arange(n)).to(device, torch.float32))
+
+    def to(self, device: torch.device | str) -> Table:
+        """This table, or a copy of it on ``device``."""
+        return self if self.factors.device == torch.device(device) else Table(self.factors.to(device))
+
+    def factor_tensor(self, step: torch.Tensor) -> torch.Tensor:
+        index = step.to(self.factors.device).clamp(0, self.total_steps - 1)
+        return self.factors[index].to(step.device, torch.float64)
+
+    def factor(self, step: int) -> float:
+        return float(self.factors[min(_check_int("step", step, 0), self.total_steps - 1)])
+
+    def kernel_constants(self) -> tuple[int, float, float, float, float]:
+        """(kind, 0, len(factors), 0, 2); the kernels read the table at its address (the plan's group addresses)."""
+        return (self.kind, 0.0, float(self.total_steps), 0.0, 2.0)
+
+    def to_dict(self) -> dict:
+        return {"name": "Table", "factors": self.factors}
+
+    def __repr__(self) -> str:
+        return f"Table(total_steps={self.total_steps}, device={self.factors.device})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is Table and other.factors is self.factors
+
+    def __hash__(self) -> int:
+        return id(self.factors)
+
+
+SCHEDULE_CLASSES = {c.__name__: c for c in (UBA, Cosine, Linear, REX, Constant, Table)}  # by name, as saved
 
 
 def schedule_from_dict(d: dict) -> Schedule:

@@ -29,7 +29,8 @@ rule's consts), which names them for Triton and generates csrc/registry.h for C+
   work     int64 [items, 2]  per program: (tensor row, first element); every tensor has >= 1 chunk
   done     int32 [n + 2]     chunks finished per tensor, and tensors finished (reset by the kernel)
   groups   float64 [G, C]    per group: GROUP_COLS, then the rule's own columns (registry.group_cols)
-  gaddr    int64 [G, 2]      per group: addresses of schedule_step (int64) and lr_out (float32)
+  gaddr    int64 [G, 3]      per group: addresses of schedule_step (int64), lr_out (float32) and its schedule's
+                             table (float32, a Table's factors; 0 for another kind): registry.GROUP_ADDRESSES
   partials float64 [items]   per program: the sum of squares of its chunk of a gradient (the pre-pass)
   squares  float64 [2, items] per program, for a rule that reads per-tensor sums (Rule.reduces): the sums of
                              squares of its chunk of the parameter and of the gradient or of the update's direction
@@ -60,6 +61,7 @@ import torch
 
 from .. import _ext
 from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
+from ..schedules import Table
 from . import snr
 from .projection import projection, tensor_sums
 from .work import (Amp, Capture, GradSource, GroupWork, codec_of, dtensor_class, is_dtensor, local,
@@ -125,6 +127,12 @@ def group_row(rule: str, w: GroupWork) -> tuple[float, ...]:
                   has_state=float(bool(w.state)), max_grad_norm=max_grad_norm, clip_eps=clip_eps,
                   seed=float(h.get("seed", 0)))
     return tuple(values[c] for c in GROUP_COLS) + RULES[rule].row(h)
+
+
+def group_addresses(w: GroupWork) -> list[int]:
+    """One group's row of Plan.gaddr (registry.GROUP_ADDRESSES)."""
+    table = w.schedule.factors.data_ptr() if isinstance(w.schedule, Table) else 0
+    return [w.schedule_step.data_ptr(), w.lr_out.data_ptr(), table]
 
 
 def work_items(n_chunks: list[int], block: int) -> torch.Tensor:
@@ -230,6 +238,7 @@ class Plan:
     lists: list[list[torch.Tensor]]         # the params lists the key names by id
     partials: torch.Tensor                  # float64 [items of every part]: the pre-pass's sums
     no_amp: tuple[torch.Tensor, torch.Tensor]  # float32 [1] each: grad_scale 1 and found_inf 0, without a scaler
+    tables: list[torch.Tensor] = field(default_factory=list)  # the groups' Table schedules' factors (gaddr's)
     blank: torch.Tensor | None = None       # a rule that measures (Rule.measures): float64 [rows, 3] zeros, the sums
                                             # its update reads on a step that does not measure
     stream_key: tuple | None = None         # the CUDA stream of its last launches: (id, device index, device type)
@@ -394,7 +403,7 @@ class Plan:
                       _rows([work[wi].params[i] for wi, i in by_storage[key]], block, device,
                             [wi for wi, _ in by_storage[key]]) if projects else None, by_storage[key])
                  for (key, rows, chunks), view, sq, first in zip(specs, partials.split(items), squares, first_rows)]
-        gaddr = torch.tensor([[w.schedule_step.data_ptr(), w.lr_out.data_ptr()] for w in work], dtype=torch.int64)
+        gaddr = torch.tensor([group_addresses(w) for w in work], dtype=torch.int64)
         blank = (torch.zeros(sum(len(rows) for _, rows, _ in specs), 3, dtype=torch.float64, device=device)
                  if RULES[rule].measures else None)
         return cls(cls.key_of(rule, work), device, parts,
@@ -443,7 +452,7 @@ class Plan:
 
     def tensors_used(self, work: Sequence[GroupWork]) -> list[torch.Tensor]:
         """Every device tensor a launch of this plan reads or writes, but the parameters and gradients."""
-        out = [self.groups, self.gaddr, self.grads, self.scratch, self.partials, *self.no_amp]
+        out = [self.groups, self.gaddr, self.grads, self.scratch, self.partials, *self.no_amp, *self.tables]
         if self.blank is not None:
             out.append(self.blank)
         for part in self.parts:
@@ -472,6 +481,10 @@ class Plan:
                                    f"may change any time, by fill_)")
             rows = torch.tensor([group_row(self.rule, w) for w in work], dtype=torch.float64)
             self.groups.copy_(_host(rows, self.device), non_blocking=True)
+            # (a new schedule may be a Table elsewhere: the plan holds the tables its launches read, ``tables``)
+            self.tables = [w.schedule.factors for w in work if isinstance(w.schedule, Table)]
+            addresses = torch.tensor([group_addresses(w) for w in work], dtype=torch.int64)
+            self.gaddr.copy_(_host(addresses, self.device), non_blocking=True)
             self.row_sigs = sigs
         for wi, w in enumerate(work):
             if isinstance(w.hyper["lr"], torch.Tensor):

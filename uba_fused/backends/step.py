@@ -28,6 +28,7 @@ from .. import backends, registry
 from . import shards
 from ..optim import blockwise
 from ..optim.blockwise import ABSMAX, state_dtype_of
+from ..schedules import Table
 from .work import MASTER, codec_of, is_dtensor, local
 
 if TYPE_CHECKING:
@@ -294,6 +295,9 @@ def _captured(opt: FusedOptimizer, capture: backends.Capture) -> None:
     held = opt._cache.held
     if held is not None:
         storages = [t.untyped_storage() for t in held.tensors] + held.storages
+        # (and each Table schedule's factors, which the replays read however the group's schedule is replaced)
+        storages += [g["schedule"].factors.untyped_storage() for g in opt.param_groups
+                     if isinstance(g["schedule"], Table)]
         capture.keep += list({(s.device, s.data_ptr()): s for s in storages}.values())
     opt._captures.append(capture)
     for group in opt.param_groups:

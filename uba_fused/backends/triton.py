@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from ..registry import CHUNK, CODECS, GROUP_COLS, KIND, NO_GRAD, QBLOCK, RULES, STATE_COL, TENSOR_COLS, group_cols
+from ..registry import (CHUNK, CODECS, GROUP_ADDRESSES, GROUP_COLS, KIND, NO_GRAD, QBLOCK, RULES, STATE_COL, TENSOR_COLS,
+                        group_cols)
 from .plan import Part, Plan
 from .cache import StepCache
 from .work import Amp, GradSource, GroupWork, Step
@@ -67,7 +68,11 @@ _LR, _KIND, _WARMUP, _TOTAL, _MINR, _PHI, _HAS_STATE, _MAX_GRAD_NORM, _CLIP_EPS,
                                                  "max_grad_norm", "clip_eps", "seed"))
 _NEAREST, _REMAINDER, _COPY, _STOCHASTIC, _CORRECTION = (
     tl.constexpr(CODECS.index(c)) for c in ("nearest", "remainder", "copy", "stochastic", "correction"))
-_UBA, _COSINE, _LINEAR, _REX, _CONSTANT = (tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant"))
+_UBA, _COSINE, _LINEAR, _REX, _CONSTANT, _TABLE = (
+    tl.constexpr(KIND[k]) for k in ("uba", "cosine", "linear", "rex", "constant", "table"))
+_COUNTER_ADDRESS, _LR_OUT_ADDRESS, _TABLE_ADDRESS = (
+    tl.constexpr(GROUP_ADDRESSES.index(c)) for c in ("counter", "lr_out", "table"))
+_GROUP_ADDRESSES = tl.constexpr(len(GROUP_ADDRESSES))
 _ADAMW, _ADABELIEF, _LION, _SGD, _ADAN, _ADAGRAD, _LARS, _LAMB, _DIFFGRAD, _ADAMP, _SGDP, _SGD_SAI = (
     tl.constexpr(RULES[r].id) for r in ("adamw", "adabelief", "lion", "sgd", "adan", "adagrad", "lars", "lamb",
                                         "diffgrad", "adamp", "sgdp", "sgd_sai"))
@@ -133,15 +138,25 @@ def _schedule_factor(t, kind, warmup, total, min_ratio, phi):
 
 
 @triton.jit
-def _group_lr(groups, gaddr, gi, mask, NG: tl.constexpr):
-    """The lr of group(s) gi for this step, with the address(es) of their step counters."""
+def _group_lr(groups, gaddr, gi, mask, NG: tl.constexpr, TABLES: tl.constexpr):
+    """The lr of group(s) gi (where ``mask``; None: a scalar gi) for this step, with the address(es) of their step
+    counters. TABLES (some group's schedule is a Table): a Table's factor is its table's at min(t, total - 1)
+    (csrc/updates.cuh: group_lr); compiled only where a plan has one, so that the other kernels are as they were."""
     row = groups + gi * NG
-    counter = tl.load(gaddr + 2 * gi, mask=mask).to(tl.pointer_type(tl.int64))
-    t = tl.load(counter, mask=mask).to(tl.float32)
-    f = _schedule_factor(t, tl.load(row + _KIND, mask=mask).to(tl.float32),
-                         tl.load(row + _WARMUP, mask=mask).to(tl.float32),
+    counter = tl.load(gaddr + _GROUP_ADDRESSES * gi + _COUNTER_ADDRESS, mask=mask).to(tl.pointer_type(tl.int64))
+    step = tl.load(counter, mask=mask)
+    kind = tl.load(row + _KIND, mask=mask).to(tl.float32)
+    f = _schedule_factor(step.to(tl.float32), kind, tl.load(row + _WARMUP, mask=mask).to(tl.float32),
                          tl.load(row + _TOTAL, mask=mask).to(tl.float32),
                          tl.load(row + _MINR, mask=mask).to(tl.float32), tl.load(row + _PHI, mask=mask).to(tl.float32))
+    if TABLES:
+        if mask is None:
+            tabled = kind == _TABLE
+        else:
+            tabled = mask & (kind == _TABLE)
+        table = tl.load(gaddr + _GROUP_ADDRESSES * gi + _TABLE_ADDRESS, mask=tabled).to(tl.pointer_type(tl.float32))
+        last = tl.load(row + _TOTAL, mask=tabled).to(tl.int64) - 1
+        f = tl.where(tabled, tl.load(table + tl.minimum(step, last), mask=tabled), f)
     return tl.load(row + _LR, mask=mask).to(tl.float32) * f, counter
 
 
@@ -854,7 +869,7 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
                  RULE: tl.constexpr, STATES: tl.constexpr, NG: tl.constexpr, DTYPE: tl.constexpr,
                  STATE_DTYPE: tl.constexpr, CODEC: tl.constexpr, STOCHASTIC_STATE: tl.constexpr, BLOCK: tl.constexpr,
                  SUB: tl.constexpr, GROUPS: tl.constexpr, POSITIVE: tl.constexpr, REDUCE: tl.constexpr,
-                 REDUCES: tl.constexpr, PROJECT: tl.constexpr, SCALAR: tl.constexpr):
+                 REDUCES: tl.constexpr, PROJECT: tl.constexpr, SCALAR: tl.constexpr, TABLES: tl.constexpr):
     """One work item's update; or, REDUCE, the pre-pass of a rule that reduces its update's direction (_chunk),
     which writes nothing else and leaves the counters alone. ``reduced``: REDUCES float64 per tensor row, its sums (the
     pre-pass's, summed over shards), or for a rule that projects its Rows.meta (row length, first row in ``coefs``,
@@ -873,7 +888,7 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
     gi = tl.load(trow + _GROUP)
     info = tl.load(trow + _INFO)
     row = groups + gi * NG
-    lr, counter = _group_lr(groups, gaddr, gi, None, NG)
+    lr, counter = _group_lr(groups, gaddr, gi, None, NG, TABLES)
     k = tl.load(step_ptr) + 1.0  # this tensor's step count after this update
     red = reduced + REDUCES * slot
     if SCALAR:  # its per-tensor state (Rule.scalar), which the update keeps (_count)
@@ -940,12 +955,12 @@ def _step_kernel(work, tensors, grads, groups, gaddr, done, norm, reduced, grad_
         else:
             kept = 0.0
         _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups, NG, GROUPS,
-               scalar_ptr, kept, SCALAR)
+               scalar_ptr, kept, SCALAR, TABLES)
 
 
 @triton.jit
 def _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, groups, gaddr, n_groups,
-           NG: tl.constexpr, GROUPS: tl.constexpr, scalar_ptr, kept, SCALAR: tl.constexpr):
+           NG: tl.constexpr, GROUPS: tl.constexpr, scalar_ptr, kept, SCALAR: tl.constexpr, TABLES: tl.constexpr):
     """The counters, after a work item's update; and a rule's per-tensor state (SCALAR: ``kept``), written with the
     step count."""
     # Counters: the last chunk of a tensor advances its step; the last tensor advances the groups.
@@ -967,8 +982,9 @@ def _count(done, slot, info, n_rows, g_addr, found_inf, step_ptr, k, advance, gr
             if advance != 0:  # every group at once: its lr (as every program computed it) and t + 1
                 gs = tl.arange(0, GROUPS)
                 in_use = gs < n_groups
-                lrs, counters = _group_lr(groups, gaddr, gs, in_use, NG)
-                tl.store(tl.load(gaddr + 2 * gs + 1, mask=in_use).to(tl.pointer_type(tl.float32)), lrs, mask=in_use)
+                lrs, counters = _group_lr(groups, gaddr, gs, in_use, NG, TABLES)
+                lr_outs = tl.load(gaddr + _GROUP_ADDRESSES * gs + _LR_OUT_ADDRESS, mask=in_use)
+                tl.store(lr_outs.to(tl.pointer_type(tl.float32)), lrs, mask=in_use)
                 tl.store(counters, tl.load(counters, mask=in_use) + 1, mask=in_use)
 
 
@@ -1005,7 +1021,8 @@ def prepare(rule: str, work: Sequence[GroupWork], cache: StepCache, grads: GradS
             STOCHASTIC_STATE=part.state_rounding == "stochastic", BLOCK=BLOCK,
             SUB=sub_tile(part.dtype, part.state_dtype),
             GROUPS=groups, POSITIVE=spec.positive_bits, REDUCE=reduce, REDUCES=len(spec.reduces),
-            PROJECT=spec.projects, SCALAR=spec.scalar is not None, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            PROJECT=spec.projects, SCALAR=spec.scalar is not None, TABLES=bool(plan.tables), num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
 
     def update(norm: torch.Tensor | None, amp: Amp | None, sums: torch.Tensor | None) -> None:
         with plan.on_device():  # Triton launches on the current device: make it the parameters'

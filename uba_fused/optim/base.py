@@ -29,7 +29,7 @@ import torch
 
 from .. import backends, registry
 from ..backends.work import MASTER, codec_of, is_dtensor, local
-from ..schedules import SCHEDULE_CLASSES, Schedule, schedule_from_dict
+from ..schedules import SCHEDULE_CLASSES, Schedule, Table, schedule_from_dict
 from . import blockwise
 from .blockwise import ABSMAX, state_dtype_of
 from ..backends import step as pipeline  # (after blockwise, which it imports)
@@ -487,6 +487,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         if "max_grad_norm" in group:  # any group that holds it clips by it (Rule.clipping)
             check_real("max_grad_norm", group["max_grad_norm"])
         lr, params = group["lr"], group["params"]
+        if isinstance(sched, Table) and params and sched.factors.device != params[0].device:
+            raise ValueError(f"schedule: a Table must be on the parameters' device ({params[0].device}), where the "
+                             f"kernels read it; got {sched.factors.device}: pass Table(...).to(device)")
         if isinstance(lr, torch.Tensor) and params and lr.device != params[0].device:
             raise ValueError(f"lr as a tensor must be on the parameters' device ({params[0].device}), got {lr.device}: "
                              f"else every step would copy it from there")
@@ -771,6 +774,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             try:
                 if isinstance(saved.get("schedule"), dict):
                     saved["schedule"] = schedule_from_dict(saved["schedule"])
+                if isinstance(saved.get("schedule"), Table):  # (read on the group's device)
+                    saved["schedule"] = saved["schedule"].to(group["schedule_step"].device)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{where}['schedule']: {exc}") from None
             if isinstance(saved.get("state_dtype"), str):  # state_dict() writes a dtype's name
