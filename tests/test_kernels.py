@@ -289,6 +289,33 @@ def test_a_non_finite_gradient_norm_clips_as_clip_grad_norm_does(bad, backend):
 
 
 @pytest.mark.parametrize("backend", EVERY_BACKEND)
+def test_grad_norm_is_what_clip_grad_norm_returns_unscaled(backend):
+    """opt.grad_norm: None before a clipping step, then each step's global norm as clip_grad_norm_ returns it (to its
+    float32 sum's rounding; ours sums in float64), in one tensor updated in place; under GradScaler's hand-over
+    (grad_scale 1024, the gradients scaled by it) the norm of the unscaled gradients."""
+    params = make_params(DEVICE, seed=6)
+    opt = uf.AdamW(params, lr=1e-3, max_grad_norm=1.0, backend=backend)
+    assert opt.grad_norm is None
+    gen, held = torch.Generator().manual_seed(7), None
+    for t in range(3):
+        grads = random_grads(params, gen)
+        twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        set_grads(twins, grads)
+        want = torch.nn.utils.clip_grad_norm_(twins, 1.0)
+        scale = 1024.0 if t == 2 else None
+        set_grads(params, [None if g is None else g * scale if scale else g for g in grads])
+        if scale:
+            opt.grad_scale = torch.full((1,), scale, device=DEVICE)
+        opt.step()
+        if scale:
+            del opt.grad_scale
+        assert held is None or opt.grad_norm is held
+        held = opt.grad_norm
+        assert held.dtype == torch.float32 and held.shape == () and held.device.type == DEVICE
+        assert float(held) == pytest.approx(float(want), rel=1e-6), t
+
+
+@pytest.mark.parametrize("backend", EVERY_BACKEND)
 def test_the_norm_of_gradients_above_float32s_square_root_range_stays_finite(backend):
     """Squares of float32 values above 1.8e19 overflow float32; the pre-pass sums them in float64 on every backend,
     so the norm stays finite and the gradients are scaled by max_grad_norm / norm, as a float64 computation of

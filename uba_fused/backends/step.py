@@ -11,7 +11,8 @@ graph capturing the step needs kept (``_captured``).
 The optimizer (optim/base.py) holds the torch.optim contract: groups, argument checks, per-parameter state and how it
 is made and fitted (``_state_for``, ``_new_steps``, ``_fit_state``), state dicts. What this module reads of it: its
 param_groups, state, rule and ``_state_names``/``_scalars``; and what it keeps between steps, which is no state:
-``_cache`` (backends/cache.py), ``_backends``, ``_last_lr``, ``_cuda_devices``, ``_streams``, ``_captures``.
+``_cache`` (backends/cache.py), ``_backends``, ``_last_lr``, ``_grad_norm``, ``_cuda_devices``, ``_streams``,
+``_captures``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def run(opt: FusedOptimizer) -> None:
         else:
             sumsq = shards.summed(layout, functools.reduce(operator.add, [s.grad_sumsq(False) for s in steps]))
         norm = sumsq.sqrt()
+        _keep_norm(opt, norm, amp)
         if amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
             found = (~torch.isfinite(norm)).float()
             if amp.found_inf is not None:
@@ -85,6 +87,16 @@ def run(opt: FusedOptimizer) -> None:
         _captured(opt, capture)
     elif opt._cache.scan is not None:
         opt._cache.scan.after_eager_step(grads)
+
+
+def _keep_norm(opt: FusedOptimizer, norm: torch.Tensor, amp: backends.Amp | None) -> None:
+    """``opt.grad_norm``: this step's global norm (float64, of the gradients as they are) in float32, GradScaler's
+    scale divided out (as the kernels take it: 1 / scale in float32), written in place (capturable)."""
+    if amp is not None and amp.grad_scale is not None:
+        norm = norm * (1.0 / amp.grad_scale.reshape(()).float()).to(norm.device, torch.float64)
+    if opt._grad_norm is None or opt._grad_norm.device != norm.device:
+        opt._grad_norm = torch.zeros((), dtype=torch.float32, device=norm.device)
+    opt._grad_norm.copy_(norm)
 
 
 def _amp(opt: FusedOptimizer) -> backends.Amp | None:

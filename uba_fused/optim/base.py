@@ -401,6 +401,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._cache = backends.StepCache()  # what makes the next step cheap; never state
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         self._streams: dict[torch.device, tuple] = {}  # per CUDA device, the stream of the last step
+        self._grad_norm: torch.Tensor | None = None  # the last clipping step's global norm (grad_norm)
         super().__init__(params, defaults)
         self.state = _State(dict, self.state)
 
@@ -413,6 +414,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not hasattr(self, "_cache"):  # unpickled or deep-copied: rebuild what is not state
             self._cache, self._backends, self._last_lr, self._setup_lr, self._captures, self._streams = \
                 backends.StepCache(), [], [], [], [], {}
+            self._grad_norm = None
             self._warned_lr_twice = False
             self.param_groups = [_ParamGroup(g) for g in self.param_groups]  # no graph captured the copy
             for i in range(len(self.param_groups)):
@@ -560,6 +562,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         group's ``lr``.
         """
         return list(self._last_lr)
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The global gradient norm of the latest step that clipped (``max_grad_norm > 0``): what
+        ``torch.nn.utils.clip_grad_norm_`` returns, a 0-dim float32 tensor on the device, of the gradients as
+        backward left them divided by GradScaler's scale (inf or NaN where one is); None before such a step.
+
+        The tensor is updated in place by every clipping step (a captured graph's replays too), so holding it is
+        free; reading it (``float(t)``) syncs, so do it only when you log. Under FSDP2 or tensor parallelism it is
+        the full model's norm on every rank."""
+        return self._grad_norm
 
     # -- the step ----------------------------------------------------------------------
     @torch.no_grad()
