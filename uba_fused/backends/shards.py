@@ -64,7 +64,9 @@ def layout_of(groups: list[dict]) -> Layout | str | None:
     of = []
     for p in params:
         mesh = p.device_mesh
-        key = tuple(mesh.get_group(d) for d, placement in enumerate(p.placements) if placement.is_shard())
+        # (every placement but Replicate shards: Shard, and _StridedShard, FSDP2's over tensor parallelism's
+        # Shard(0), which is_shard() does not count; a Partial parameter is refused when it is given)
+        key = tuple(mesh.get_group(d) for d, placement in enumerate(p.placements) if not placement.is_replicate())
         of.append(classes.setdefault(key, len(classes)))
     return Layout(list(classes), of, list(dict.fromkeys(p.placements for p in params)))
 

@@ -203,7 +203,8 @@ def _check_reductions(opt: FusedOptimizer) -> None:
         raise ValueError(f"uba_fused.{type(opt).__name__} sums each tensor's norms over the ranks that shard it, which "
                          f"needs every parameter to be a DTensor: {layout}")
     if layout is not None and registry.RULES[opt.rule].projects:
-        across = [pl for pl in layout.placements if any(p.is_shard() and p.dim != 0 for p in pl)]
+        across = [pl for pl in layout.placements if any(not p.is_replicate() and getattr(p, "dim", 0) != 0
+                                                        for p in pl)]
         if across:
             raise ValueError(f"uba_fused.{type(opt).__name__} sums each row (dim 0) of a parameter on the rank "
                              f"that holds it, which needs the parameters sharded by rows only (FSDP2's Shard(0)), "
