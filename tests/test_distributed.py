@@ -5,7 +5,8 @@ on the CPU, each backend in its CPU test mode, and fail (killing the rest) when 
 made progress for a while (a hang). Each rank writes a line to its log after every optimizer step, so a run
 on a loaded machine, slow but moving, is never taken for a hang. Three runs chain: 2 ranks (FSDP2, DDP and tensor
 parallelism, saving a checkpoint), then 1 rank (FSDP2, loading the 2-rank checkpoint and saving its own), then 2
-ranks (loading the 1-rank one). A fourth, on 4 ranks, runs FSDP2 beside tensor parallelism on a 2-D mesh. The single-rank tests below build DTensors on a one-rank mesh in this process.
+ranks (loading the 1-rank one). A fourth, on 4 ranks, runs FSDP2 beside tensor parallelism on a 2-D mesh. The
+single-rank tests below build DTensors on a one-rank mesh in this process.
 """
 
 from __future__ import annotations
