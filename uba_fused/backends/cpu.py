@@ -237,11 +237,10 @@ def _sai_gsnr(w: GroupWork, host: dict, sums: torch.Tensor | None, firsts: list[
         return hit[1], hit[2]
     wide = torch.tensor([x.dtype == torch.float64 for x in w.scalars])
     gsnr = torch.stack([x.double() for x in w.scalars])
-    if firsts:  # (the gradient's factor as the update applies it: in float32 but for a float64 gradient)
-        by = 1.0 if scale is None else torch.where(wide, scale, scale.float().double())
+    if firsts:
         first = torch.zeros(len(w.params), dtype=torch.bool)
         first[firsts] = True
-        gsnr = torch.where(first, snr.gsnr(sums, by, c["eps"]), gsnr)
+        gsnr = torch.where(first, snr.gsnr(sums, snr.applied(scale, wide), c["eps"]), gsnr)
         gsnr = torch.where(wide, gsnr, gsnr.float().double())  # as it is kept
         torch._foreach_copy_(w.scalars, list(gsnr.unbind()))
     host[key] = (w.params, gsnr.tolist(), wide)

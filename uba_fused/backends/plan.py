@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from .. import _ext
-from ..registry import CHUNK, GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
+from ..registry import CHUNK, GROUP_ADDRESSES, GROUP_COLS, KIND, NO_GRAD, RULES, STORAGE_IDS, group_cols
 from ..schedules import Table
 from . import snr
 from .projection import projection, tensor_sums
@@ -403,12 +403,13 @@ class Plan:
                       _rows([work[wi].params[i] for wi, i in by_storage[key]], block, device,
                             [wi for wi, _ in by_storage[key]]) if projects else None, by_storage[key])
                  for (key, rows, chunks), view, sq, first in zip(specs, partials.split(items), squares, first_rows)]
-        gaddr = torch.tensor([group_addresses(w) for w in work], dtype=torch.int64)
         blank = (torch.zeros(sum(len(rows) for _, rows, _ in specs), 3, dtype=torch.float64, device=device)
                  if RULES[rule].measures else None)
+        # (the group rows and addresses are written by the first upload_rows, as whenever a group changes)
         return cls(cls.key_of(rule, work), device, parts,
                    torch.zeros(len(work), len(group_cols(rule)), dtype=torch.float64, device=device),
-                   _to_device(gaddr, device), torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
+                   torch.zeros(len(work), len(GROUP_ADDRESSES), dtype=torch.int64, device=device),
+                   torch.full((n_slots,), NO_GRAD, dtype=torch.int64, device=device), [],
                    scratch, [w.params for w in work], partials, tuple(_to_device(torch.tensor([1.0, 0.0]),
                                                                                   device).split(1)), blank=blank)
 

@@ -405,9 +405,7 @@ def _step_group(rule: str, w: GroupWork, lr: torch.Tensor, scale: torch.Tensor |
         if RULES[rule].measures:  # the tensor's g-SNR: measured at its first step (from sums), else the one it keeps
             gsnr = w.scalars[i].to(torch.float64)
             if sums is not None:
-                # (the gradient's factor as g32 took it: in float32 but for a float64 gradient, as the kernels take it)
-                by = None if scale is None else scale if g.dtype == torch.float64 else scale.float().double()
-                fresh = snr.gsnr(sums[i], 1.0 if by is None else by.to(sums.device), c["eps"])
+                fresh = snr.gsnr(sums[i], snr.applied(scale, g.dtype == torch.float64), c["eps"])  # (as g32 took it)
                 gsnr = torch.where(k == 1.0, fresh, gsnr)
             gsnr = gsnr.to(w.scalars[i].dtype)  # float32 (float64 for a float64 parameter), as it is kept
             update(x, g32, s32, k.to(torch.float64), lr.to(x.device), c, gsnr.to(x.device))

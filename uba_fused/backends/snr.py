@@ -37,6 +37,15 @@ def moments(grads: Sequence[torch.Tensor | None], device: torch.device) -> torch
     return torch.stack([none if g is None else next(rows) for g in grads])
 
 
+def applied(scale: torch.Tensor | None, wide: bool | torch.Tensor) -> torch.Tensor | float:
+    """The factor the update multiplies a gradient by (``scale``, float64; None: 1), as it takes it: rounded to float32
+    (a float32 gradient times a 0-dim factor is float32, and the kernels take it so), kept in float64 for a float64
+    gradient (``wide``: a bool, or a bool tensor of one per tensor)."""
+    if scale is None:
+        return 1.0
+    return torch.where(torch.as_tensor(wide, device=scale.device), scale, scale.float().double())
+
+
 def gsnr(sums: torch.Tensor, scale: torch.Tensor | float, eps: torch.Tensor | float) -> torch.Tensor:
     """The g-SNR of each row of ``sums`` (``moments``, summed over shards), float64: that of the gradient times
     ``scale`` (the factor the update multiplies it by), ||s g|| / (std(s g) + eps)."""
