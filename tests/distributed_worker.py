@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import pathlib
 import sys
@@ -73,17 +74,21 @@ CASES = {
     "adamp": lambda params, backend: uf.AdamP(params, lr=2e-2, betas=(0.8, 0.95), eps=1e-6, weight_decay=0.05,
                                               delta=2.0, wd_ratio=0.3, nesterov=True,
                                               schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
-    # a Table schedule (UBA's, tabulated): every rank reads the same table on its device; checkpoints carry it
+    # a Table schedule (UBA's, tabulated): every rank reads the same table on its device; checkpoints carry it; and
+    # a history of the L2 gradient norms (record_grad_norms): each rank's share summed over the mesh, carried too
     "sgd-table": lambda params, backend: _with_table(uf.SGD, list(params), backend, lr=5e-2, momentum=0.9,
                                                      weight_decay=0.01),
     # per-tensor moments at the first step (SGD-SaI's g-SNR): sharded, each rank's sums of its shards are all-reduced
-    # per tensor, or a rank would scale its rows by the g-SNR of its own shard
-    "sgd_sai": lambda params, backend: uf.SGDSaI(params, lr=5e-2, momentum=0.9, eps=1e-6, weight_decay=0.01,
+    # per tensor, or a rank would scale its rows by the g-SNR of its own shard. eps 0.1: the last bias has one element
+    # (std 0, g-SNR |g| / eps), and at eps 1e-6 every run, one process's too, went to inf within the 12 steps
+    "sgd_sai": lambda params, backend: uf.SGDSaI(params, lr=5e-2, momentum=0.9, eps=0.1, weight_decay=0.01,
                                                  schedule=uf.UBA(STEPS, phi=0.5, warmup_steps=2), backend=backend),
 }
 def _with_table(cls, params: list, backend: str, **options):
     table = uf.Table.of(uf.UBA(STEPS, phi=0.5, warmup_steps=2), STEPS + 1, params[0].device)
-    return cls(params, schedule=table, backend=backend, **options)
+    opt = cls(params, schedule=table, backend=backend, **options)
+    opt.record_grad_norms(STEPS)
+    return opt
 
 
 WIDTHS = {"adamw-8bit": (256, 17, 1)}  # the layers' widths of a case's model: (6, 5, 3, 1) where not listed
@@ -182,9 +187,16 @@ def distance(model, opt, ref_model, ref_opt) -> dict:
         for a, b in pairs:
             a, b = a.cpu(), b.cpu()
             equal &= a.dtype == b.dtype and torch.equal(a, b)
-            rel = max(rel, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item())
+            finite = bool(torch.isfinite(a.double()).all() and torch.isfinite(b.double()).all())
+            # (a run gone to inf or NaN is no parity: max() would pass over a NaN)
+            rel = max(rel, ((a.double() - b.double()).abs().max() / b.double().abs().max()).item() if finite
+                      else math.inf)
         steps_equal &= bool(opt.state[p]["step"].cpu() == ref_opt.state[q]["step"].cpu())
-    return dict(rel=rel, equal=equal, steps_equal=steps_equal,
+    norms = None  # the recorded gradient norms (record_grad_norms), as far from the one process's, relative
+    if ref_opt.grad_norms is not None:
+        a, b = opt.grad_norms.double().cpu(), ref_opt.grad_norms.double().cpu()
+        norms = ((a - b).abs() / b).max().item() if not b.isnan().any() else math.nan
+    return dict(rel=rel, equal=equal, steps_equal=steps_equal, norms_rel=norms,
                 schedule_step=[int(g["schedule_step"]) for g in opt.param_groups],
                 ref_schedule_step=[int(g["schedule_step"]) for g in ref_opt.param_groups],
                 lr=[float(x) for x in opt.get_last_lr()], ref_lr=[float(x) for x in ref_opt.get_last_lr()],
@@ -277,8 +289,10 @@ def main() -> None:
                 name = f"{case}-{backend}"
                 ref_model = make_model(device, TP_WIDTHS)
                 ref_opt = CASES[case](ref_model.parameters(), backend)
+                ref_opt.record_grad_norms(STEPS)  # (L1 for AdamW and LAMB, L2 for LARS and SGD-SaI)
                 train(ref_model, ref_opt, range(STEPS), 0, 1, device)
                 model, opt = tensor_parallel(CASES[case], backend, tp_mesh, device, dp_mesh)
+                opt.record_grad_norms(STEPS)
                 if dp_mesh is None:
                     train(model, opt, range(STEPS), rank, world, device, whole=True)
                 else:

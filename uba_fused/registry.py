@@ -245,6 +245,10 @@ class Rule:
     scalar: str | None = None            # a state of one value per tensor (beside its step count; float32, which the
                                          # kernels read, or float64 for a float64 parameter): SGD-SaI's
                                          # gsnr, which the update writes where it measures it (Rule.measures)
+    grad_norms_ord: int = 2              # the gradient norm a history records (record_grad_norms) and
+                                         # schedules.Refined weighs: 2 for SGD's kind (Defazio et al.'s Algorithm 1),
+                                         # 1 for a rule that scales each coordinate by its own statistics (Adam's kind,
+                                         # Lion's sign; their Algorithm 2)
 
     @property
     def id(self) -> int:
@@ -310,20 +314,20 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {r.name: r for r in (
-    Rule("adamw", ("exp_avg", "exp_avg_sq"), _ADAM, _adam, (4, 3), positive=("exp_avg_sq",)),
-    Rule("adabelief", ("exp_avg", "exp_avg_var"), _ADAM, _adam, (4, 3), positive=("exp_avg_var",)),
+    Rule("adamw", ("exp_avg", "exp_avg_sq"), _ADAM, _adam, (4, 3), positive=("exp_avg_sq",), grad_norms_ord=1),
+    Rule("adabelief", ("exp_avg", "exp_avg_var"), _ADAM, _adam, (4, 3), positive=("exp_avg_var",), grad_norms_ord=1),
     Rule("lion", ("exp_avg",), ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "weight_decay"), _lion,
-         (3, 2)),
+         (3, 2), grad_norms_ord=1),
     Rule("sgd", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay"), _sgd, (3, 2),
          keeps_state=lambda group: group["momentum"] != 0),
     Rule("adan", ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"),
          ("beta1", "beta2", "beta3", "one_minus_beta1", "one_minus_beta2", "one_minus_beta3", "log_beta1",
           "log_beta2", "log_beta3", "eps", "weight_decay", "no_prox"), _adan, (6, 5), positive=("exp_avg_sq",),
-         clip_eps=_own_eps),
+         clip_eps=_own_eps, grad_norms_ord=1),
     # torch.optim.Adagrad: L2 decay into the gradient, lr / (1 + (k - 1) lr_decay), the sum of squares from
     # initial_accumulator_value
     Rule("adagrad", ("sum",), ("lr_decay", "eps", "weight_decay"), _adagrad, (3, 2), positive=("sum",),
-         initial=_adagrad_initial),
+         initial=_adagrad_initial, grad_norms_ord=1),
     # timm's Lars: SGD whose gradient (with L2 decay) is scaled per tensor by trust_coeff ||p|| / (||g|| + wd ||p|| +
     # eps); its pre-pass reads p and g once more than SGD does (28 bytes per fp32 parameter against SGD's 20)
     Rule("lars", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay", "trust_coeff",
@@ -331,7 +335,8 @@ RULES: dict[str, Rule] = {r.name: r for r in (
          keeps_state=lambda group: group["momentum"] != 0),
     # torch-optimizer's DiffGrad: Adam with L2 decay whose first moment is scaled per element by the friction
     # 1 / (1 + exp(-|g_prev - g|)); it keeps the last gradient (with its decay): 36 bytes per fp32 parameter
-    Rule("diffgrad", ("exp_avg", "exp_avg_sq", "previous_grad"), _ADAM, _adam, (5, 4), positive=("exp_avg_sq",)),
+    Rule("diffgrad", ("exp_avg", "exp_avg_sq", "previous_grad"), _ADAM, _adam, (5, 4), positive=("exp_avg_sq",),
+         grad_norms_ord=1),
     # timm's Lamb: Adam's direction plus L2 decay, r = m / bc1 / (sqrt(v / bc2) + eps) + wd p, times the trust ratio
     # ||p|| / ||r|| of the whole tensor. The pre-pass computes r to take its norm and stores nothing; the update
     # computes it again, bit for bit, and applies it: 44 bytes per fp32 parameter (AdamW's 28, and p, g, m, v once
@@ -339,13 +344,14 @@ RULES: dict[str, Rule] = {r.name: r for r in (
     # 8 bits would then differ between the norm and the step)
     Rule("lamb", ("exp_avg", "exp_avg_sq"), ("beta1", "beta2", "beta3", "one_minus_beta2", "log_beta1", "log_beta2",
                                              "eps", "weight_decay", "trust_clip", "adapt"), _lamb, (4, 3),
-         positive=("exp_avg_sq",), reduces=("param", "update"), clip_eps=_no_clip_eps),
+         positive=("exp_avg_sq",), reduces=("param", "update"), clip_eps=_no_clip_eps,
+         grad_norms_ord=1),
     # The adamp package's AdamP: Adam's direction d (nesterov optional) with its radial part removed where the
     # gradient is nearly orthogonal to the weight, per output channel or else per tensor, and the decoupled decay then
     # scaled by wd_ratio (backends/projection.py). The pre-pass computes d to take per-row sums of p^2,
     # g^2, p g and p d, and stores nothing: 44 bytes per fp32 parameter, as LAMB
     Rule("adamp", ("exp_avg", "exp_avg_sq"), _ADAM + ("delta", "wd_ratio", "nesterov"), _adamp, (4, 3),
-         positive=("exp_avg_sq",), reduces=PROJECTION),
+         positive=("exp_avg_sq",), reduces=PROJECTION, grad_norms_ord=1),
     # The adamp package's SGDP: its momentum (from 0, with dampening; nesterov optional) projected as AdamP's, the
     # decay divided by 1 - momentum: 32 bytes per fp32 parameter (SGD's 20, and p, g, buf once more)
     Rule("sgdp", ("momentum_buffer",), ("momentum", "one_minus_dampening", "nesterov", "weight_decay", "eps", "delta",

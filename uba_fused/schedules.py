@@ -16,7 +16,8 @@ before the current one) to a multiplier of the group's learning rate::
     Constant  shape(p) = 1   (warmup only)
 
 Past ``T`` the factor stays at ``r``. ``Table`` is any schedule as a tensor of factors, one per step of the budget,
-read at index min(t, T - 1): no warmup or shape of its own.
+read at index min(t, T - 1): no warmup or shape of its own. ``Refined`` is the Table that Defazio et al.'s
+refinement makes from a run's recorded gradient norms.
 
 UBA is the Unified Budget-Aware schedule of Tang et al., "Stepsize anything: a
 unified learning rate schedule for budgeted-iteration training", NeurIPS 2025
@@ -39,7 +40,7 @@ import torch
 
 from .registry import KIND
 
-__all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "Table", "LRScheduler", "AppliedLR",
+__all__ = ["Schedule", "UBA", "Cosine", "Linear", "REX", "Constant", "Table", "Refined", "LRScheduler", "AppliedLR",
            "schedule_from_dict"]
 
 
@@ -265,10 +266,104 @@ class Table(Schedule):
         return f"Table(total_steps={self.total_steps}, device={self.factors.device})"
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is Table and other.factors is self.factors
+        return isinstance(other, Table) and other.factors is self.factors
 
     def __hash__(self) -> int:
         return id(self.factors)
+
+
+class Refined(Table):
+    """Defazio, Cutkosky, Mehta and Mishchenko's schedule refinement ("When, Why and How Much? Adaptive Learning Rate
+    Scheduling by Refinement", arXiv 2310.07831): the Table for a next run, from the gradient norms a run of the same
+    budget recorded (``FusedOptimizer.record_grad_norms``)::
+
+        opt = uf.AdamW(params, lr=lr, schedule=uf.Linear(T))
+        opt.record_grad_norms(T)
+        ...                                                    # train T steps
+        refined = uf.Refined(opt.grad_norms, ord=opt.grad_norms_ord)
+        opt = uf.AdamW(params, lr=lr2, schedule=refined.to(device))    # the next run, lr2 tuned anew
+
+    ``grad_norms``: one norm per step (a 1-D tensor or sequence, at least 2; inf counts as a norm too large to weigh,
+    a step GradScaler skipped; NaN, a step never recorded, raises). ``ord``: which norm it is, 2 (L2) or 1 (L1).
+
+    1. Smoothing: a median filter of odd width ``2 floor(smoothing n / 2) + 1`` over the n norms, the first norm
+       repeated before them and the last ones reflected after them (the authors' code: its filter with
+       ``mode='nearest'`` over the norms padded by reflection at their end). ``smoothing`` (their tau) in (0, 1]:
+       0.1 by default, what their code uses.
+    2. Weights: ``lam_t = g_t ** -ord`` of the smoothed norms, ``w_t = lam_t * sum_{s > t} lam_s``: the inverse
+       squared L2 norms for SGD's kind, the inverse L1 norms for Adam's kind (the paper's coordinate-wise case),
+       each an optimal step-size sequence of the paper's last-iterate bound given those norms. The last step's
+       weight is 0. Constant norms give ``w_t`` proportional to ``T - 1 - t``: linear decay to 0, the paper's
+       worst-case schedule.
+    3. Normalised to its peak, ``w / max(w)``: the group's lr is the peak lr, to be tuned for the refined run as
+       for any schedule.
+    4. Warmup: none added by default. The weights make one where the norms fall early in training (large early
+       norms weigh little; the paper's refined schedules show it). ``warmup_steps`` > 0 multiplies the first
+       steps by ``(t + 1) / warmup_steps``, as the closed forms warm up.
+
+    ``total_steps``: the budget of the next run, by default the history's length n; a shorter budget takes the
+    smoothed norms resampled linearly over the run's fraction (t / (T - 1) of it), and a longer one raises (a
+    history shorter than the budget). Computed once, in float64 on the host (reading the history: a sync), kept
+    in float32 on the history's device; a Table in every other respect (saved as one)."""
+
+    def __init__(self, grad_norms: torch.Tensor | list[float] | tuple[float, ...], *, ord: int,
+                 total_steps: int | None = None, smoothing: float = 0.1, warmup_steps: int = 0):
+        device = grad_norms.device if isinstance(grad_norms, torch.Tensor) else torch.device("cpu")
+        self.ord = ord
+        super().__init__(refined_factors(grad_norms, ord=ord, total_steps=total_steps, smoothing=smoothing,
+                                         warmup_steps=warmup_steps).to(device, torch.float32))
+
+    def __repr__(self) -> str:
+        return f"Refined(total_steps={self.total_steps}, ord={self.ord}, device={self.factors.device})"
+
+
+def refined_factors(grad_norms: torch.Tensor | list[float] | tuple[float, ...], *, ord: int,
+                    total_steps: int | None = None, smoothing: float = 0.1, warmup_steps: int = 0) -> torch.Tensor:
+    """``Refined``'s factors, float64 on the CPU; raises, naming the argument, on bad input."""
+    if isinstance(ord, bool) or ord not in (1, 2):
+        raise ValueError(f"ord must be 1 (L1 norms: Adam's kind) or 2 (L2 norms: SGD's kind), the optimizer's "
+                         f"grad_norms_ord; got {ord!r}")
+    g = grad_norms if isinstance(grad_norms, torch.Tensor) else torch.tensor(grad_norms, dtype=torch.float64)
+    if g.dim() != 1 or not (g.is_floating_point() or g.dtype == torch.int64) or g.numel() < 2:
+        raise ValueError(f"grad_norms must be a 1-D tensor of at least 2 norms, one per step, got "
+                         f"{g.dtype} of shape {tuple(g.shape)}")
+    g = g.detach().to("cpu", torch.float64)
+    n = g.numel()
+    T = n if total_steps is None else _check_int("total_steps", total_steps, 2)
+    if T > n:
+        raise ValueError(f"grad_norms holds {n} steps, fewer than total_steps={T}: a history shorter than the "
+                         f"budget cannot refine it; record a run of at least that budget")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Real) or not 0 < smoothing <= 1:
+        raise ValueError(f"smoothing must be a real number in (0, 1] (the median filter's width, a fraction of "
+                         f"the run), got {smoothing!r}")
+    warmup = _check_int("warmup_steps", warmup_steps, 0)
+    if warmup >= T:
+        raise ValueError(f"warmup_steps must be < total_steps, got warmup_steps={warmup}, total_steps={T}")
+    bad = torch.isnan(g) | (g <= 0)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(f"grad_norms must be > 0 (NaN: a step never recorded), got grad_norms[{i}] = {float(g[i])}")
+    half = int(smoothing * n) // 2
+    ends = [g[:1].expand(half), g, g.flip(0)[1:half + 1]]  # (half <= n / 2 <= n - 1: the reflection fits)
+    smooth = torch.cat(ends).unfold(0, 2 * half + 1, 1).median(dim=1).values
+    if T < n:  # resampled over the run's fraction
+        x = torch.linspace(0, n - 1, T, dtype=torch.float64)
+        lo = x.floor().long().clamp(max=n - 2)
+        smooth = smooth[lo] + (x - lo) * (smooth[lo + 1] - smooth[lo])
+    if not bool(torch.isfinite(smooth).all()):
+        i = int((~torch.isfinite(smooth)).nonzero()[0])
+        raise ValueError(f"the smoothed norm of step {i} is not finite: more than half of the norms around it are "
+                         f"(steps GradScaler skipped?); record a run where they are finite")
+    lam = (smooth / smooth.max()) ** -ord
+    after = lam.flip(0).cumsum(0).flip(0)[1:]  # sum over s > t, for t < T - 1
+    w = torch.cat([lam[:-1] * after, torch.zeros(1, dtype=torch.float64)])
+    if not bool(torch.isfinite(w).all()) or float(w.max()) <= 0:
+        raise ValueError(f"grad_norms span too many orders of magnitude to weigh in float64 "
+                         f"({float(smooth.min())} .. {float(smooth.max())})")
+    w = w / w.max()
+    if warmup:
+        w[:warmup] *= torch.arange(1, warmup + 1, dtype=torch.float64) / warmup
+    return w
 
 
 SCHEDULE_CLASSES = {c.__name__: c for c in (UBA, Cosine, Linear, REX, Constant, Table)}  # by name, as saved

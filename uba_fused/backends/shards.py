@@ -17,7 +17,7 @@ parameter comes in the optimizer): nothing syncs with the host, and a CUDA graph
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,13 +33,14 @@ class Layout:
     classes: list[tuple[Any, ...]]       # per class: process groups, in mesh-dimension order (none: replicated)
     of: list[int]                        # per parameter, in the optimizer's flat order: its class
     placements: list[tuple[Any, ...]]    # the parameters' distinct placements, for errors
-    masks: tuple = ((), ())              # the last rows' slots, and per class a bool [rows] on their device
+    masks: dict = field(default_factory=dict)  # per rows' slots and device: per class a bool [rows] on it
 
     def rows_of(self, slots: list[int], device: torch.device) -> list[tuple[tuple[Any, ...], torch.Tensor]]:
         """Per class that sums over some group, its groups and which rows (``slots``: each row's parameter, -1 none)
-        are of it: a bool [rows] tensor on ``device``, made once per set of rows (the last one is kept)."""
+        are of it: a bool [rows] tensor on ``device``, made once per set of rows (the last few are kept: the
+        pre-pass's rows, a recorded L1 norm's rows)."""
         key = (tuple(slots), device)
-        if self.masks[0] != key:
+        if key not in self.masks:
             if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
                 raise CaptureError("CUDA-graph capture of step() with DTensor parameters placed several ways needs "
                                    "the rows of its sums as an eager step before it had them: run an eager step "
@@ -48,8 +49,10 @@ class Layout:
             if device.type == "cuda":  # (a copy the host runs ahead of; no copy from pageable memory in capture)
                 of = of.pin_memory()
             of = of.to(device, non_blocking=True)
-            self.masks = key, [(groups, of == c) for c, groups in enumerate(self.classes) if groups]
-        return self.masks[1]
+            if len(self.masks) >= 4:  # (the rows change with the parameters that have gradients: MoE routing)
+                self.masks.clear()
+            self.masks[key] = [(groups, of == c) for c, groups in enumerate(self.classes) if groups]
+        return self.masks[key]
 
 
 def layout_of(groups: list[dict]) -> Layout | str | None:

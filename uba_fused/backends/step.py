@@ -18,6 +18,7 @@ param_groups, state, rule and ``_state_names``/``_scalars``; and what it keeps b
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from collections.abc import Callable, Iterable
 from itertools import groupby
@@ -39,9 +40,11 @@ if TYPE_CHECKING:
 def run(opt: FusedOptimizer) -> None:
     """One step of ``opt`` (its closure already run)."""
     clips = any(g.get("max_grad_norm", 0) for g in opt.param_groups)
-    if clips:
-        _check_clipping(opt)
     rule = registry.RULES[opt.rule]
+    history = opt.param_groups[0].get("grad_norms")  # (record_grad_norms)
+    l2 = clips or history is not None and rule.grad_norms_ord == 2  # the pre-pass: the global L2 norm
+    if clips or history is not None:
+        _check_global(opt, "max_grad_norm > 0 clips by" if clips else "record_grad_norms records")
     reduces = bool(rule.reduces)
     if reduces:
         _check_reductions(opt)
@@ -59,8 +62,8 @@ def run(opt: FusedOptimizer) -> None:
     by_backend = groupby(sorted(work, key=lambda w: opt._backends[w.index]), key=lambda w: opt._backends[w.index])
     steps = [backends.get(name)(opt.rule, list(ws), opt._cache, grads) for name, ws in by_backend]
     norm, amp = None, _amp(opt)
-    layout = _layout_of_shards(opt) if clips or reduces else None
-    if clips:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
+    layout = _layout_of_shards(opt) if l2 or reduces or history is not None else None
+    if l2:  # the pre-pass: the global gradient norm (reduce: one backend's sum is used as it is)
         if shards.per_row(layout):  # each row over the ranks that shard its tensor
             sumsq = shards.summed(layout, torch.cat([s.grad_sumsq(True) for s in steps]),
                                   lambda: [i for s in steps for i in s.slots()]).sum()
@@ -68,11 +71,15 @@ def run(opt: FusedOptimizer) -> None:
             sumsq = shards.summed(layout, functools.reduce(operator.add, [s.grad_sumsq(False) for s in steps]))
         norm = sumsq.sqrt()
         _keep_norm(opt, norm, amp)
-        if amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
-            found = (~torch.isfinite(norm)).float()
-            if amp.found_inf is not None:
-                found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
-            amp = backends.Amp(amp.grad_scale, found)
+    if history is not None:
+        _record(opt, history, opt._grad_norm if rule.grad_norms_ord == 2 else _l1_norm(opt, layout, amp))
+    if not clips:
+        norm = None  # (recorded only: no group clips)
+    elif amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
+        found = (~torch.isfinite(norm)).float()
+        if amp.found_inf is not None:
+            found = found + amp.found_inf.reshape(()).to(found.device, non_blocking=True)
+        amp = backends.Amp(amp.grad_scale, found)
     sums = [None] * len(steps)
     if reduces:  # per-tensor sums (LARS's and LAMB's norms), each over the shards of its tensor
         sums = [shards.summed(layout, s.reduce(norm, amp), s.slots) for s in steps]
@@ -92,11 +99,47 @@ def run(opt: FusedOptimizer) -> None:
 def _keep_norm(opt: FusedOptimizer, norm: torch.Tensor, amp: backends.Amp | None) -> None:
     """``opt.grad_norm``: this step's global norm (float64, of the gradients as they are) in float32, GradScaler's
     scale divided out (as the kernels take it: 1 / scale in float32), written in place (capturable)."""
-    if amp is not None and amp.grad_scale is not None:
-        norm = norm * (1.0 / amp.grad_scale.reshape(()).float()).to(norm.device, torch.float64)
+    norm = _unscaled(norm, amp)
     if opt._grad_norm is None or opt._grad_norm.device != norm.device:
         opt._grad_norm = torch.zeros((), dtype=torch.float32, device=norm.device)
     opt._grad_norm.copy_(norm)
+
+
+def _unscaled(value: torch.Tensor, amp: backends.Amp | None) -> torch.Tensor:
+    """A norm of the gradients as backward left them, GradScaler's scale divided out (as the kernels take it: 1 /
+    scale in float32)."""
+    if amp is None or amp.grad_scale is None:
+        return value
+    return value * (1.0 / amp.grad_scale.reshape(()).float()).to(value.device, value.dtype)
+
+
+def _l1_norm(opt: FusedOptimizer, layout: shards.Layout | None, amp: backends.Amp | None) -> torch.Tensor:
+    """The L1 norm of every gradient of the step (a rule of Adam's kind records it: Rule.grad_norms_ord), each
+    DTensor's summed over the ranks that shard it, GradScaler's scale divided out: one pass of its own over the
+    gradients (``torch._foreach_norm``, float32 per tensor; summed in float64), on the device."""
+    grads, slots, flat = [], [], 0
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is not None:
+                grads.append(local(p.grad))
+                slots.append(flat)
+            flat += 1
+    device = opt.param_groups[0]["schedule_step"].device
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    rows = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)).double()
+    total = shards.summed(layout, rows, lambda: slots).sum() if shards.per_row(layout) else \
+        shards.summed(layout, rows.sum())
+    return _unscaled(total, amp)
+
+
+def _record(opt: FusedOptimizer, history: torch.Tensor, value: torch.Tensor) -> None:
+    """Write this step's norm into the history at its group-0 schedule step t (the last slot takes every step from
+    the budget on, and is not shown: FusedOptimizer.grad_norms), in place and on the device: capturable, no sync.
+    A norm that is not finite is written as inf (NaN marks a step never recorded)."""
+    t = opt.param_groups[0]["schedule_step"].clamp(max=history.numel() - 1).reshape(1)
+    value = torch.nan_to_num(value.reshape(1).to(history.dtype), nan=math.inf, posinf=math.inf)
+    history.index_copy_(0, t, value)
 
 
 def _amp(opt: FusedOptimizer) -> backends.Amp | None:
@@ -180,18 +223,19 @@ def _refuse_if_captured(opt: FusedOptimizer, what: str, capture: backends.Captur
             f"parameters and state before capturing")
 
 
-def _check_clipping(opt: FusedOptimizer) -> None:
-    """Gradient clipping takes the norm of every gradient of the step, as one tensor on one device; with DTensor
-    parameters, every parameter a DTensor, each summed over the ranks that shard it (shards.py)."""
+def _check_global(opt: FusedOptimizer, what: str) -> None:
+    """Clipping, and a recorded history, take the norm of every gradient of the step, as one tensor on one device;
+    with DTensor parameters, every parameter a DTensor, each summed over the ranks that shard it (shards.py)."""
     devices = {str(g["schedule_step"].device) for g in opt.param_groups}
     if len(devices) > 1:
-        raise ValueError(f"max_grad_norm > 0 clips by the norm of all the optimizer's gradients, which needs every "
-                         f"param group on one device; they are on {sorted(devices)}")
+        raise ValueError(f"{what} the norm of all the optimizer's gradients, which needs every param group on one "
+                         f"device; they are on {sorted(devices)}")
     layout = _layout_of_shards(opt)
     if isinstance(layout, str):
-        raise ValueError(f"max_grad_norm > 0 with DTensor parameters sums each rank's share of the norm over the "
-                         f"mesh, which needs every parameter to be a DTensor: {layout}. Clip with "
-                         f"torch.nn.utils.clip_grad_norm_ before step(), and pass max_grad_norm=0")
+        raise ValueError(f"{what} the norm of all the optimizer's gradients; with DTensor parameters it sums each "
+                         f"rank's share over the mesh, which needs every parameter to be a DTensor: {layout}. "
+                         f"Take the norm outside the step (clip_grad_norm_ before step(), with max_grad_norm=0 and no "
+                         f"record_grad_norms)")
 
 
 def _check_reductions(opt: FusedOptimizer) -> None:
@@ -311,6 +355,8 @@ def _captured(opt: FusedOptimizer, capture: backends.Capture) -> None:
         # (and each Table schedule's factors, which the replays read however the group's schedule is replaced)
         storages += [g["schedule"].factors.untyped_storage() for g in opt.param_groups
                      if isinstance(g["schedule"], Table)]
+        if "grad_norms" in opt.param_groups[0]:  # (and the history they write)
+            storages.append(opt.param_groups[0]["grad_norms"].untyped_storage())
         capture.keep += list({(s.device, s.data_ptr()): s for s in storages}.values())
     opt._captures.append(capture)
     for group in opt.param_groups:

@@ -29,7 +29,7 @@ import torch
 
 from .. import backends, registry
 from ..backends.work import MASTER, codec_of, is_dtensor, local
-from ..schedules import SCHEDULE_CLASSES, Schedule, Table, schedule_from_dict
+from ..schedules import SCHEDULE_CLASSES, Schedule, Table, _check_int, schedule_from_dict
 from . import blockwise
 from .blockwise import ABSMAX, state_dtype_of
 from ..backends import step as pipeline  # (after blockwise, which it imports)
@@ -492,6 +492,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         if isinstance(sched, Table) and params and sched.factors.device != params[0].device:
             raise ValueError(f"schedule: a Table must be on the parameters' device ({params[0].device}), where the "
                              f"kernels read it; got {sched.factors.device}: pass Table(...).to(device)")
+        history = group.get("grad_norms")  # (record_grad_norms; group 0's is the one recorded)
+        if history is not None and (not isinstance(history, torch.Tensor) or history.dim() != 1 or
+                                    history.dtype != torch.float32 or history.numel() < 2 or
+                                    history.device != group["schedule_step"].device):
+            raise ValueError(f"grad_norms must be a 1-D float32 tensor of at least 2 elements on the group's device "
+                             f"({group['schedule_step'].device}), as record_grad_norms makes it; got "
+                             f"{type(history).__name__} "
+                             f"{tuple(history.shape) if isinstance(history, torch.Tensor) else history!r}"
+                             f"{f' {history.dtype} on {history.device}' if isinstance(history, torch.Tensor) else ''}")
         if isinstance(lr, torch.Tensor) and params and lr.device != params[0].device:
             raise ValueError(f"lr as a tensor must be on the parameters' device ({params[0].device}), got {lr.device}: "
                              f"else every step would copy it from there")
@@ -565,14 +574,58 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     @property
     def grad_norm(self) -> torch.Tensor | None:
-        """The global gradient norm of the latest step that clipped (``max_grad_norm > 0``): what
-        ``torch.nn.utils.clip_grad_norm_`` returns, a 0-dim float32 tensor on the device, of the gradients as
-        backward left them divided by GradScaler's scale (inf or NaN where one is); None before such a step.
+        """The global gradient norm of the latest step that clipped (``max_grad_norm > 0``) or recorded an L2 norm
+        (``record_grad_norms`` with ``grad_norms_ord`` 2): what ``torch.nn.utils.clip_grad_norm_`` returns, a 0-dim
+        float32 tensor on the device, of the gradients as backward left them divided by GradScaler's scale (inf or
+        NaN where one is); None before such a step.
 
-        The tensor is updated in place by every clipping step (a captured graph's replays too), so holding it is
+        The tensor is updated in place by every such step (a captured graph's replays too), so holding it is
         free; reading it (``float(t)``) syncs, so do it only when you log. Under FSDP2 or tensor parallelism it is
         the full model's norm on every rank."""
         return self._grad_norm
+
+    def record_grad_norms(self, total_steps: int | None) -> torch.Tensor | None:
+        """Record every step's global gradient norm on the device, for ``uba_fused.Refined`` to refine the next
+        run's schedule from: the norm of step t (param group 0's schedule step) goes to ``grad_norms[t]`` for t <
+        ``total_steps``. Returns the history (``grad_norms``); None stops recording and drops it.
+
+        The norm is the one Defazio et al.'s refinement weighs for this rule (``grad_norms_ord``): the L2 norm of
+        every gradient for SGD's kind (SGD, LARS, SGDP, SGD-SaI), the L1 norm for rules that scale each coordinate
+        by its own statistics (AdamW, AdaBelief, Adan, Lion, Adagrad, DiffGrad, LAMB, AdamP). Either is of the
+        gradients as backward left them, GradScaler's scale divided out, and under FSDP2 or tensor parallelism
+        of the full model's gradients on every rank.
+
+        Cost: an L2 norm is clipping's pre-pass (free where the step clips: the same norm); an L1 norm is one pass
+        of its own over the gradients (``torch._foreach_norm``), and with DTensor parameters one more all-reduce of
+        a scalar. Nothing syncs with the host and a CUDA graph can capture it. The history is a float32 tensor on
+        param group 0's device, NaN where no step was recorded and inf where the norm was not finite (a step
+        GradScaler skipped); it is ``param_groups[0]["grad_norms"]`` (one slot more, which steps past the budget
+        write), saved in state dicts, torch.distributed.checkpoint's included, so a resumed run keeps it. Every
+        param group must be on one device, and with DTensor parameters every parameter a DTensor."""
+        if self._captures:
+            raise backends.CaptureError(_CAPTURED.format(what="record_grad_norms"))
+        group = self.param_groups[0]
+        if total_steps is None:
+            group.pop("grad_norms", None)
+            return None
+        n = _check_int("total_steps", total_steps, 1)
+        pipeline._check_global(self, "record_grad_norms records")
+        device = group["schedule_step"].device
+        group["grad_norms"] = torch.full((n + 1,), math.nan, dtype=torch.float32, device=device)
+        return self.grad_norms
+
+    @property
+    def grad_norms(self) -> torch.Tensor | None:
+        """The recorded history (``record_grad_norms``): a 1-D float32 tensor on the device, one norm per step of the
+        budget, written in place by every step (reading it syncs); None when not recording."""
+        history = self.param_groups[0].get("grad_norms")
+        return None if history is None else history[:-1]
+
+    @property
+    def grad_norms_ord(self) -> int:
+        """Which norm ``record_grad_norms`` records for this rule: 2 (L2; SGD's kind) or 1 (L1; Adam's kind), the
+        ``ord`` to pass to ``uba_fused.Refined``."""
+        return registry.RULES[self.rule].grad_norms_ord
 
     # -- the step ----------------------------------------------------------------------
     @torch.no_grad()
@@ -791,6 +844,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                     saved["schedule"] = saved["schedule"].to(group["schedule_step"].device)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{where}['schedule']: {exc}") from None
+            if isinstance(saved.get("grad_norms"), torch.Tensor):  # (recorded on the group's device)
+                saved["grad_norms"] = saved["grad_norms"].to(group["schedule_step"].device)
             if isinstance(saved.get("state_dtype"), str):  # state_dict() writes a dtype's name
                 dtype = getattr(torch, saved["state_dtype"], None)
                 if not isinstance(dtype, torch.dtype):
