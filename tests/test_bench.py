@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import uba_fused as uf
 from uba_fused import registry
 from uba_fused.bench import __main__ as bench_main
 from uba_fused.bench import train, throughput
@@ -258,3 +259,23 @@ def test_cpu_step_script_times_every_rule_against_its_baseline():
     for _, ours, base, ratio, _ in rows:
         assert float(ours) > 0 and float(base) > 0
         assert float(ratio) == pytest.approx(float(ours) / float(base), abs=0.01), out
+
+
+def test_the_refined_runs_take_the_schedule_refined_from_linears_best_lr():
+    """Refined runs Linear first (recording its norms), then every lr and seed of the grid on the table that
+    uf.Refined makes from the mean over seeds of the norms of Linear at its best lr (AdamW's L1 norms), after the
+    study's 5% warmup; the rows name it, and no norms are left in the results."""
+    a = train.parse_args(["--tasks", "teacher-k10", "--budgets", "6", "--seeds", "2", "--lrs", "1e-3", "1e-2",
+                          "--schedules", "Refined", "--workers", "1", "--device", "cpu"])
+    jobs = [train.Job("teacher-k10", 6, "Linear", lr, seed, record=True) for lr in a.lrs for seed in range(2)]
+    results = train.run_all(jobs, a)
+    assert all(len(r["grad_norms"]) == 6 and min(r["grad_norms"]) > 0 for r in results)
+    best = min(a.lrs, key=lambda lr: sum(r["loss"] for r in results if r["lr"] == lr))
+    mean = torch.tensor([r["grad_norms"] for r in results if r["lr"] == best], dtype=torch.float64).mean(0)
+    want = uf.Refined(mean, ord=1, warmup_steps=1).factors.tolist()
+    second = train.refined_jobs(results, jobs)
+    assert [(j.schedule, j.lr, j.seed) for j in second] == [("Refined", j.lr, j.seed) for j in jobs]
+    assert all(list(j.factors) == want for j in second)
+    rows = train.run_all(second, a)
+    assert all(r["schedule"] == "Refined" and "factors" not in r and math.isfinite(r["loss"]) for r in rows)
+

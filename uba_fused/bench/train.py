@@ -11,8 +11,11 @@ Four tasks on data that needs no download:
 
 Every schedule (UBA at phi 0.25, 0.5, 1, 2 and 4, where phi=2 is exactly the cosine; Linear; REX;
 Constant; each after a linear warmup of 5% of the budget) trains every task at every budget and every
-peak lr of a grid, from the same seeds, with uba_fused.AdamW. The grid is 4 values 2x apart around each
-task's default lr (``--lrs`` replaces it). Three tables:
+peak lr of a grid, from the same seeds, with uba_fused.AdamW. "Refined" (asked for by name) is Defazio et
+al.'s refinement (uba_fused.Refined): the Linear runs record their gradient norms (AdamW's: L1), and for
+each task and budget the seeds' mean norms of Linear at its best lr refine a schedule for the same budget,
+which then trains over the same lr grid and seeds (after the same 5% warmup) as a second run. The grid is 4
+values 2x apart around each task's default lr (``--lrs`` replaces it). Three tables:
   1. each schedule at its own best peak lr: the lr whose mean held-out loss over the seeds is lowest, and
      that lr (chosen on the held-out loss it reports, which favours every schedule alike);
   2. each schedule at one fixed lr, the task's default: the view of a shared lr;
@@ -51,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import uba_fused as uf
+from uba_fused import registry
 
 from .throughput import device_name
 
@@ -72,6 +76,7 @@ SCHEDULES: dict[str, Callable[[int, int], uf.Schedule]] = {
     "Constant": lambda T, W: uf.Constant(warmup_steps=W),
 }
 GRID = (0.5, 1.0, 2.0, 4.0)  # the default lr grid, as multiples of a task's default lr
+REFINED = "Refined"  # (a second run, from the Linear runs' norms: not a closed form)
 # How the model's parameters and the optimizer's state are kept: (parameter dtype, optimizer options).
 PRECISIONS: dict[str, tuple[torch.dtype, dict]] = {
     "fp32": (torch.float32, {}),
@@ -298,6 +303,8 @@ class Job:
     lr: float
     seed: int
     precision: str = "fp32"
+    factors: tuple[float, ...] | None = None  # Refined's lr factors, one per step (a Table)
+    record: bool = False                      # record the gradient norms (the Linear runs Refined refines)
 
 
 def train_one(task: Task, data: object, job: Job, a: argparse.Namespace, device: torch.device) -> dict:
@@ -307,8 +314,13 @@ def train_one(task: Task, data: object, job: Job, a: argparse.Namespace, device:
     model = task.model(a).to(device)
     if dtype != torch.float32:
         model = InDtype(model, dtype)
-    opt = uf.AdamW(model.parameters(), lr=job.lr, weight_decay=task.weight_decay,
-                   schedule=SCHEDULES[job.schedule](job.budget, max(1, job.budget // 20)), **options)
+    if job.factors is not None:
+        schedule = uf.Table(torch.tensor(job.factors, dtype=torch.float32, device=device))
+    else:
+        schedule = SCHEDULES[job.schedule](job.budget, warmup_of(job.budget))
+    opt = uf.AdamW(model.parameters(), lr=job.lr, weight_decay=task.weight_decay, schedule=schedule, **options)
+    if job.record:
+        opt.record_grad_norms(job.budget)
     gen = torch.Generator().manual_seed(job.seed)
     for _ in range(job.budget):
         loss = task.loss(model, data, a.batch, gen)
@@ -317,7 +329,30 @@ def train_one(task: Task, data: object, job: Job, a: argparse.Namespace, device:
         opt.step()
     model.eval()
     with torch.no_grad():
-        return task.evaluate(model, data, a)
+        out = task.evaluate(model, data, a)
+    return {**out, "grad_norms": opt.grad_norms.tolist()} if job.record else out
+
+
+def warmup_of(budget: int) -> int:
+    """Every schedule's warmup: 5% of the budget, at least one step."""
+    return max(1, budget // 20)
+
+
+def refined_jobs(results: list[dict], jobs: list[Job]) -> list[Job]:
+    """The Refined runs: per task, budget and precision, the schedule refined from the mean gradient norms over the
+    seeds of the Linear runs at Linear's best lr, trained at each lr and seed the Linear runs had."""
+    best = {(b["task"], b["budget"], b["schedule"]): b["lr"] for b in best_lrs(summarize(results))}
+    out = []
+    for task, budget, prec in dict.fromkeys((j.task, j.budget, j.precision) for j in jobs if j.record):
+        lr = best[(task, budget, variant("Linear", prec))]
+        norms = [r["grad_norms"] for r in results if r.get("grad_norms") and r["lr"] == lr and
+                 (r["task"], r["budget"], r["precision"]) == (task, budget, prec)]
+        mean = torch.tensor(norms, dtype=torch.float64).mean(0)
+        factors = uf.Refined(mean, ord=registry.RULES[uf.AdamW.rule].grad_norms_ord,
+                             warmup_steps=warmup_of(budget)).factors.tolist()
+        out += [Job(task, budget, REFINED, j.lr, j.seed, prec, tuple(factors)) for j in jobs
+                if j.record and (j.task, j.budget, j.precision) == (task, budget, prec)]
+    return out
 
 
 _WORKER: dict = {}  # in each worker process: the arguments, the device and each task's data, made once
@@ -331,7 +366,8 @@ def _worker_init(a: argparse.Namespace, threads: int) -> None:
 
 def _worker_run(job: Job) -> dict:
     w = _WORKER
-    return {**vars(job), **train_one(TASKS[job.task], w["data"][job.task], job, w["a"], w["device"])}
+    fields = {k: v for k, v in vars(job).items() if k not in ("factors", "record")}
+    return {**fields, **train_one(TASKS[job.task], w["data"][job.task], job, w["a"], w["device"])}
 
 
 def run_all(jobs: list[Job], a: argparse.Namespace, progress=None) -> list[dict]:
@@ -378,7 +414,7 @@ def summarize(results: list[dict]) -> list[dict]:
                 row[metric] = statistics.fmean(vals)
                 row[metric + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
         out.append(row)
-    order = [variant(s, p) for p in PRECISIONS for s in SCHEDULES]
+    order = [variant(s, p) for p in PRECISIONS for s in [*SCHEDULES, REFINED]]
     return sorted(out, key=lambda s: (s["task"], s["budget"], order.index(s["schedule"]), s["lr"]))
 
 
@@ -487,7 +523,7 @@ def plot(best: list[dict], phis: list[dict], budgets: dict[str, list[int]], path
     t = torch.arange(T + T // 10)
     ax = axes[1][0]
     for name, make in SCHEDULES.items():
-        ax.plot(t, make(T, max(1, T // 20)).factor_tensor(t), label=name, lw=1.2,
+        ax.plot(t, make(T, warmup_of(T)).factor_tensor(t), label=name, lw=1.2,
                 ls="-" if name.startswith("UBA") else "--")
     ax.set(title=f"lr factor, budget T={T}", xlabel="step")
     ax.legend(fontsize=6)
@@ -524,8 +560,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m uba_fused.bench.train", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    ap.add_argument("--schedules", nargs="+", choices=list(SCHEDULES), default=list(SCHEDULES), metavar="NAME",
-                    help=f"among: {', '.join(SCHEDULES)}")
+    ap.add_argument("--schedules", nargs="+", choices=[*SCHEDULES, REFINED], default=list(SCHEDULES), metavar="NAME",
+                    help=f"among: {', '.join([*SCHEDULES, REFINED])} (Refined runs Linear first)")
     ap.add_argument("--budgets", nargs="+", type=int, help="step budgets for every task (default per task: " +
                     "; ".join(f"{t.name} {' '.join(map(str, t.budgets))}" for t in TASKS.values()) + ")")
     ap.add_argument("--lrs", nargs="+", type=float, help="peak lrs for every task (default per task: its default "
@@ -564,11 +600,20 @@ def main(argv=None) -> int:
     a = parse_args(argv)
     device = torch.device(a.device)
     budgets = {t: a.budgets or list(TASKS[t].budgets) for t in a.tasks}
-    jobs = [Job(t, b, s, lr, seed, prec) for t in a.tasks for b in budgets[t] for s in a.schedules
-            for prec in a.precisions for lr in task_lrs(TASKS[t], a) for seed in range(a.seeds)]
+    refine = REFINED in a.schedules
+    first = [s for s in a.schedules if s != REFINED] + (["Linear"] if refine and "Linear" not in a.schedules else [])
+    jobs = [Job(t, b, s, lr, seed, prec, record=refine and s == "Linear") for t in a.tasks for b in budgets[t]
+            for s in first for prec in a.precisions for lr in task_lrs(TASKS[t], a) for seed in range(a.seeds)]
     t0 = time.time()
-    with tqdm(total=len(jobs), desc="training runs", file=sys.stderr) as progress:
+    runs = len(jobs) + sum(j.record for j in jobs)  # (each Linear run recording is followed by one Refined run)
+    with tqdm(total=runs, desc="training runs", file=sys.stderr) as progress:
         results = run_all(jobs, a, progress)
+        if refine:
+            second = refined_jobs(results, jobs)
+            results += run_all(second, a, progress)
+            jobs += second
+    for r in results:
+        r.pop("grad_norms", None)  # (the tables' input, not a result)
     summary = summarize(results)
     best = best_lrs(summary)
     phis = best_phis(best)
