@@ -140,6 +140,29 @@ def set_grads(params, grads):
         p.grad = None if g is None else g.clone()
 
 
+def step_scaled(opt, params, grads, scale: float | None) -> None:
+    """One step on ``grads``, as torch.amp.GradScaler.step hands a step over when ``scale`` is given: the gradients
+    multiplied by it, and ``opt.grad_scale`` set for the step."""
+    set_grads(params, [None if g is None else g * scale if scale else g for g in grads])
+    if scale:
+        opt.grad_scale = torch.full((1,), scale, device=params[0].device)
+    opt.step()
+    if scale:
+        del opt.grad_scale
+
+
+def capture_step(opt):
+    """A CUDA graph of one ``opt.step()``, captured on a side stream after the eager steps taken so far (PyTorch's
+    recipe); the current stream waits for it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side), torch.cuda.graph(graph):
+        opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    return graph
+
+
 def f64(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu", torch.float64).numpy().copy()  # never a view of a float64 tensor
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 import uba_fused as uf
 from uba_fused import backends
 
-from harness import (CASE_IDS, CASES, SCHEDULES, assert_same_runs, check_steps_against_oracle, make_params,
-                     random_grads, set_grads, step_together)
+from harness import (CASE_IDS, CASES, SCHEDULES, assert_same_runs, capture_step, check_steps_against_oracle,
+                     make_params, random_grads, set_grads, step_scaled, step_together)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The two kernel backends, each skipped where it cannot run on DEVICE. Without a GPU, "triton" runs in
@@ -302,13 +302,7 @@ def test_grad_norm_is_what_clip_grad_norm_returns_unscaled(backend):
         twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
         set_grads(twins, grads)
         want = torch.nn.utils.clip_grad_norm_(twins, 1.0)
-        scale = 1024.0 if t == 2 else None
-        set_grads(params, [None if g is None else g * scale if scale else g for g in grads])
-        if scale:
-            opt.grad_scale = torch.full((1,), scale, device=DEVICE)
-        opt.step()
-        if scale:
-            del opt.grad_scale
+        step_scaled(opt, params, grads, 1024.0 if t == 2 else None)
         assert held is None or opt.grad_norm is held
         held = opt.grad_norm
         assert held.dtype == torch.float32 and held.shape == () and held.device.type == DEVICE
@@ -374,12 +368,7 @@ def test_gpu_cuda_graph_replay_equals_eager(case, backend):
             return ps, opt
         set_static(grads[0])
         opt.step()  # warm-up step: builds the plan and state outside the capture
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.stream(s), torch.cuda.graph(g):
-            opt.step()
-        torch.cuda.current_stream().wait_stream(s)
+        g = capture_step(opt)
         for gs in grads[1:]:
             set_static(gs)
             g.replay()

@@ -21,7 +21,7 @@ import uba_fused as uf
 from uba_fused.backends import rounding
 
 import oracle
-from harness import CASES, f64, make_params, random_grads, set_grads
+from harness import CASES, capture_step, f64, make_params, random_grads, set_grads
 from test_kernels import DEVICE, EVERY_BACKEND
 
 BY_ID = {c.id: c for c in CASES}
@@ -521,12 +521,7 @@ def test_gpu_graph_replays_of_each_layout_equal_eager_steps(layout, backend):
         load(grads[0])
         opt.step()
         if graph:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.stream(side), torch.cuda.graph(g):
-                opt.step()
-            torch.cuda.current_stream().wait_stream(side)
+            g = capture_step(opt)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:

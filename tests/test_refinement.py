@@ -11,16 +11,12 @@ import torch
 from scipy.ndimage import median_filter
 
 import uba_fused as uf
-from uba_fused import backends
 from uba_fused.schedules import refined_factors
 
-from harness import make_params, one_rank_mesh, random_grads, set_grads
+from harness import (capture_step, make_params, one_rank_mesh, random_grads, set_grads, step_scaled,
+                     step_together)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-_AVAIL = backends.availability(DEVICE)
-KERNELS = [pytest.param(b, marks=pytest.mark.skipif(_AVAIL[b] is not None, reason=f"{b!r} unusable: {_AVAIL[b]}"))
-           for b in ("triton", "cuda")]
-EVERY_BACKEND = ["torch"] + KERNELS + (["cpu"] if DEVICE == "cpu" else [])
+from test_kernels import DEVICE, EVERY_BACKEND
 
 
 # ---------------------------------------------------------------- the recorded history
@@ -47,13 +43,7 @@ def test_recorded_norms_are_the_gradients_norms_at_each_step(make, ord, clip, ba
     for t in range(5):
         grads = random_grads(params, gen, skip=3 if t == 1 else None)
         want.append(_global_norm(grads, ord))
-        scale = 512.0 if t == 2 else None
-        set_grads(params, [None if g is None else g * scale if scale else g for g in grads])
-        if scale:
-            opt.grad_scale = torch.full((1,), scale, device=DEVICE)
-        opt.step()
-        if scale:
-            del opt.grad_scale
+        step_scaled(opt, params, grads, 512.0 if t == 2 else None)
         if ord == 2:
             assert float(opt.grad_norm) == pytest.approx(want[-1], rel=1e-6), t
     assert opt.grad_norms.data_ptr() == history.data_ptr()  # one tensor, written in place
@@ -67,13 +57,7 @@ def test_recording_leaves_the_steps_as_they_were():
     a, b = make_params(seed=13), make_params(seed=13)
     opt_a, opt_b = uf.SGD(a, lr=0.1, momentum=0.9, backend="cpu"), uf.SGD(b, lr=0.1, momentum=0.9, backend="cpu")
     opt_a.record_grad_norms(10)
-    gen = torch.Generator().manual_seed(14)
-    for _ in range(3):
-        grads = random_grads(a, gen)
-        set_grads(a, grads)
-        set_grads(b, grads)
-        opt_a.step()
-        opt_b.step()
+    step_together([(a, opt_a), (b, opt_b)], torch.Generator().manual_seed(14), 3)
     for p, q in zip(a, b):
         assert torch.equal(p, q)
     assert not opt_a.grad_norms[:3].isnan().any() and opt_a.grad_norms[3:].isnan().all()
@@ -183,12 +167,7 @@ def test_gpu_a_captured_step_records_at_every_replay_and_never_syncs(backend, cl
     opt = cls([p], lr=1e-3, backend=backend)
     opt.record_grad_norms(8)
     opt.step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side), torch.cuda.graph(graph):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = capture_step(opt)
     want = [float(torch.linalg.vector_norm(p.grad.double(), opt.grad_norms_ord))]
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -175,6 +175,7 @@ def test_lr_scheduler_adapter_state_dict_loads_with_weights_only():
 
 
 # -- Table: any schedule as a tensor of factors, read by the kernels --------------------------------------------
+from harness import capture_step  # noqa: E402
 from test_kernels import DEVICE, EVERY_BACKEND  # noqa: E402
 
 KINDS = [uf.UBA(12, phi=0.6, warmup_steps=3, min_lr_ratio=0.1), uf.Cosine(12, warmup_steps=2), uf.Linear(12),
@@ -316,12 +317,7 @@ def test_gpu_a_captured_step_reads_its_table_at_every_replay_and_never_syncs(bac
     p.grad = torch.randn(5000, generator=gen).cuda()
     opt = uf.SGD([p], lr=0.5, momentum=0.9, schedule=table, backend=backend)
     opt.step()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side), torch.cuda.graph(graph):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
+    graph = capture_step(opt)
     lrs = []
     torch.cuda.set_sync_debug_mode("error")
     try:
