@@ -292,8 +292,8 @@ class Refined(Table):
        0.1 by default, what their code uses.
     2. Weights: ``lam_t = g_t ** -ord`` of the smoothed norms, ``w_t = lam_t * sum_{s > t} lam_s``: the inverse
        squared L2 norms for SGD's kind, the inverse L1 norms for Adam's kind (the paper's coordinate-wise case),
-       each an optimal step-size sequence of the paper's last-iterate bound given those norms. The last step's
-       weight is 0. Constant norms give ``w_t`` proportional to ``T - 1 - t``: linear decay to 0, the paper's
+       the weights the paper derives from its last-iterate bound given those norms, as the authors' code computes
+       them. The last step's weight is 0. Constant norms give ``w_t`` proportional to ``T - 1 - t``: linear decay to 0, the paper's
        worst-case schedule.
     3. Normalised to its peak, ``w / max(w)``: the group's lr is the peak lr, to be tuned for the refined run as
        for any schedule.

@@ -348,8 +348,12 @@ def refined_jobs(results: list[dict], jobs: list[Job]) -> list[Job]:
         norms = [r["grad_norms"] for r in results if r.get("grad_norms") and r["lr"] == lr and
                  (r["task"], r["budget"], r["precision"]) == (task, budget, prec)]
         mean = torch.tensor(norms, dtype=torch.float64).mean(0)
-        factors = uf.Refined(mean, ord=registry.RULES[uf.AdamW.rule].grad_norms_ord,
-                             warmup_steps=warmup_of(budget)).factors.tolist()
+        try:
+            factors = uf.Refined(mean, ord=registry.RULES[uf.AdamW.rule].grad_norms_ord,
+                                 warmup_steps=warmup_of(budget)).factors.tolist()
+        except ValueError as exc:  # (every Linear lr diverged: no norms to refine from)
+            print(f"no Refined runs for {task} at T={budget} [{prec}]: {exc}", file=sys.stderr)
+            continue
         out += [Job(task, budget, REFINED, j.lr, j.seed, prec, tuple(factors)) for j in jobs
                 if j.record and (j.task, j.budget, j.precision) == (task, budget, prec)]
     return out
