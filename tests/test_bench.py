@@ -264,7 +264,7 @@ def test_cpu_step_script_times_every_rule_against_its_baseline():
 def test_the_refined_runs_take_the_schedule_refined_from_linears_best_lr():
     """Refined runs Linear first (recording its norms), then every lr and seed of the grid on the table that
     uf.Refined makes from the mean over seeds of the norms of Linear at its best lr (AdamW's L1 norms), after the
-    study's 5% warmup; the rows name it, and no norms are left in the results."""
+    study's 5% warmup; its rows name it and carry no table."""
     a = train.parse_args(["--tasks", "teacher-k10", "--budgets", "6", "--seeds", "2", "--lrs", "1e-3", "1e-2",
                           "--schedules", "Refined", "--workers", "1", "--device", "cpu"])
     jobs = [train.Job("teacher-k10", 6, "Linear", lr, seed, record=True) for lr in a.lrs for seed in range(2)]

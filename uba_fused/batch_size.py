@@ -48,8 +48,9 @@ class NormTest:
 
     ``accumulate()`` adds every parameter's gradient and its square into float32 buffers (two foreach ops on the
     device, no sync) and drops the gradient, so the next backward writes the next micro-batch's alone. ``finish()``
-    writes the mean into ``p.grad`` (in the gradient's dtype), computes the test on the device, and reads its answer
-    on the host: one sync per optimizer step, which the answer needs to reach the data loader. A parameter that got no
+    writes the mean into ``p.grad`` (in the parameter's dtype), computes the test on the device (a few foreach ops,
+    summed in float64), and reads its answer on the host: one sync per optimizer step, which the answer needs to
+    reach the data loader. A parameter that got no
     gradient in some micro-batch counts it as zero; one that got none in any keeps ``p.grad`` None.
 
     ``eta`` > 0: the test's tolerance (smaller: larger batches). ``max_micro_batches``: a cap on the answer. The last
@@ -112,15 +113,15 @@ class NormTest:
             raise ValueError(f"the norm test needs the gradients of at least 2 micro-batches, got {k}: call "
                              f"accumulate() after each micro-batch's backward, and take at least 2 per step")
         have = [i for i, s in enumerate(self._sums) if s is not None]
-        device = self.params[have[0]].device if have else torch.device("cpu")
-        variance = torch.zeros((), dtype=torch.float64, device=device)
-        norm_sq = torch.zeros((), dtype=torch.float64, device=device)
-        for i in have:
-            s, q = self._sums[i].double(), self._squares[i].double()
-            variance += ((q - s * s / k).sum() / (k - 1)).to(device)
-            norm_sq += ((s / k) ** 2).sum().to(device)
-            p = self.params[i]
-            p.grad = (self._sums[i] / k).to(p.dtype)
+        if have:  # a few foreach ops, whatever the number of parameters
+            sums, squares = [self._sums[i] for i in have], [self._squares[i] for i in have]
+            q = torch.stack(torch._foreach_norm(squares, 1, dtype=torch.float64)).sum()  # (squares are >= 0)
+            s2 = torch.stack(torch._foreach_norm(sums, 2, dtype=torch.float64)).square().sum()
+            variance, norm_sq = (q - s2 / k) / (k - 1), s2 / k ** 2
+            for i, mean in zip(have, torch._foreach_div(sums, float(k))):
+                self.params[i].grad = mean.to(self.params[i].dtype)
+        else:
+            variance = norm_sq = torch.zeros((), dtype=torch.float64)
         self._sums = [None] * len(self.params)
         self._squares = [None] * len(self.params)
         self._count = 0
