@@ -3,7 +3,7 @@ that see the same number of samples.
 
 Every run trains a task of ``bench.train`` with ``uba_fused.Adagrad`` (AdAdaGrad's rule; constant lr, no schedule)
 from micro-batches of ``--micro`` samples until it has seen ``--samples`` samples:
-  fixed-K     every step takes K micro-batches (``--fixed``, by default 2 and 16);
+  fixed-K     every step takes K micro-batches (``--fixed``, by default 2, 4 and 16);
   adaptive-E  the first step takes 2, and each next step the count the norm test asks for at eta E (``--etas``), at
               most ``--max-micro``: the batch grows when the gradient's noise outweighs it.
 Each arm is taken at its own best lr of a grid (the lowest mean held-out loss over the seeds), as bench.train does.
@@ -42,7 +42,7 @@ def train_one(run: Run, a: argparse.Namespace, data: object) -> dict:
     samples seen."""
     task = TASKS[run.task]
     torch.manual_seed(run.seed)
-    model = task.model(a)
+    model = task.model(a).to(a.device)
     opt = uf.Adagrad(model.parameters(), lr=run.lr, backend="cpu" if a.device == "cpu" else "auto")
     kind, value = run.arm.split("-")
     adaptive = kind == "adaptive"
@@ -118,7 +118,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--tasks", nargs="+", choices=list(TASKS), default=["teacher-k1000", "digits"])
     ap.add_argument("--samples", type=int, default=16384)
     ap.add_argument("--micro", type=int, default=4, help="samples per micro-batch")
-    ap.add_argument("--fixed", nargs="+", type=int, default=[2, 16], help="micro-batches per step of the fixed arms")
+    ap.add_argument("--fixed", nargs="+", type=int, default=[2, 4, 16],
+                    help="micro-batches per step of the fixed arms")
     ap.add_argument("--etas", nargs="+", type=float, default=[1.0, 2.0, 3.0], help="the adaptive arms' etas")
     ap.add_argument("--max-micro", type=int, default=64)
     ap.add_argument("--lrs", nargs="+", type=float, default=list(GRID))
