@@ -55,8 +55,10 @@ class NormTest:
 
     ``eta`` > 0: the test's tolerance (smaller: larger batches). ``max_micro_batches``: a cap on the answer. The last
     step's statistics stay readable: ``variance`` (s2, float64 on the device), ``grad_norm_sq`` (``||g_bar||^2``) and
-    ``micro_batches`` (K). Every parameter must be a plain tensor or a DDP module's (DDP averages each micro-batch's
-    gradient over the ranks first, so the micro-batches are the global ones); DTensor parameters (FSDP2) raise.
+    ``micro_batches`` (K). Every parameter must be a plain tensor or a DDP module's; DTensor parameters (FSDP2)
+    raise. Under DDP every micro-batch's backward must be synchronised (no ``no_sync()``): each micro-batch is then
+    the global one, and ``finish()`` writes the gradient the step applies, which DDP does not all-reduce again. (By
+    design; no multi-rank run has tested it.)
     Memory: two float32 buffers the size of the parameters. (The squares are summed in float32: the variance is
     exact to about 1e-7 of their sum, where the test compares it with ``eta^2 K`` times the mean's square.)"""
 
