@@ -24,7 +24,7 @@ import torch
 
 import uba_fused as uf
 
-from .train import TASKS
+from .train import TASKS, best_lrs, sized
 
 GRID = (0.01, 0.03, 0.1, 0.3)  # Adagrad's peak lrs
 
@@ -77,7 +77,7 @@ def train_one(run: Run, a: argparse.Namespace, data: object) -> dict:
 
 def summarize(results: list[dict]) -> list[dict]:
     """Per task and arm, the lr with the lowest mean loss over the seeds (a diverged seed makes it inf), marked
-    ``edge`` when it is an end of the grid: its row, with the seeds' mean and spread."""
+    ``edge`` when it is an end of the grid (bench.train's best_lrs): its row, with the seeds' mean and spread."""
     cells: dict[tuple, list[dict]] = {}
     for r in results:
         cells.setdefault((r["task"], r["arm"], r["lr"]), []).append(r)
@@ -90,13 +90,7 @@ def summarize(results: list[dict]) -> list[dict]:
                      "loss_std": statistics.stdev(losses) if finite and len(losses) > 1 else 0.0,
                      "steps": statistics.fmean(r["steps"] for r in rs),
                      "batch_at_quarters": [statistics.fmean(q) for q in zip(*(r["batch_at_quarters"] for r in rs))]})
-    best = []
-    for key in dict.fromkeys((r["task"], r["arm"]) for r in rows):
-        mine = [r for r in rows if (r["task"], r["arm"]) == key]
-        pick = min(mine, key=lambda r: r["loss"])
-        lrs = sorted(r["lr"] for r in mine)
-        best.append({**pick, "edge": len(lrs) > 1 and pick["lr"] in (lrs[0], lrs[-1])})
-    return best
+    return best_lrs(rows, by=("task", "arm"))
 
 
 def format_table(best: list[dict], a: argparse.Namespace) -> str:
@@ -128,9 +122,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     a = ap.parse_args(argv)
     if a.samples < 1 or a.micro < 1 or min(a.fixed) < 1 or a.seeds < 1 or a.max_micro < 2 or not min(a.etas) > 0:
         ap.error("--samples, --micro, --fixed and --seeds must be >= 1, --max-micro >= 2, --etas > 0")
-    # what bench.train's models and evaluations read
-    a.scale, a.width, a.layers, a.ctx, a.eval_batches, a.text_bytes, a.batch = 1, 32, 1, 32, 16, 1_000_000, a.micro
-    return a
+    a.scale, a.batch = 1, a.micro  # (what bench.train's models and evaluations read)
+    return sized(a)
 
 
 def main(argv=None) -> int:

@@ -422,13 +422,13 @@ def summarize(results: list[dict]) -> list[dict]:
     return sorted(out, key=lambda s: (s["task"], s["budget"], order.index(s["schedule"]), s["lr"]))
 
 
-def best_lrs(summary: list[dict]) -> list[dict]:
-    """Per task, budget and schedule: the summary row of the lr with the lowest mean loss (infinite when every
-    lr diverged), marked ``edge`` when that lr is the smallest or largest of the grid: the best may lie
-    beyond it."""
+def best_lrs(summary: list[dict], by: tuple[str, ...] = ("task", "budget", "schedule")) -> list[dict]:
+    """Per task, budget and schedule (the fields ``by``): the summary row of the lr with the lowest mean loss
+    (infinite when every lr diverged), marked ``edge`` when that lr is the smallest or largest of the grid: the
+    best may lie beyond it."""
     groups: dict[tuple, list[dict]] = {}
     for s in summary:
-        groups.setdefault((s["task"], s["budget"], s["schedule"]), []).append(s)
+        groups.setdefault(tuple(s[k] for k in by), []).append(s)
     out = []
     for rows in groups.values():
         best = min(rows, key=lambda s: s["loss"])
@@ -590,6 +590,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         a.workers = (os.cpu_count() or 1) if torch.device(a.device).type == "cpu" else 1
     if a.workers < 1:
         ap.error("--workers must be >= 1")
+    return sized(a)
+
+
+def sized(a: argparse.Namespace) -> argparse.Namespace:
+    """The models' and the data's sizes that the tasks read, from ``a.scale``."""
     a.width, a.layers, a.ctx, a.eval_batches, a.text_bytes = 32 * a.scale, 1, 32, 16, 1_000_000 * a.scale
     return a
 
