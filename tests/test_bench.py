@@ -282,7 +282,8 @@ def test_the_refined_runs_take_the_schedule_refined_from_linears_best_lr():
 
 def test_the_batch_size_study_runs_each_arm_and_the_adaptive_one_grows(capsys):
     """python -m uba_fused.bench.batch, tiny: each arm sees the samples asked for, the fixed ones at their batch, and
-    an adaptive arm whose norm test is strict (eta 0.1) takes more micro-batches than the 2 it starts with."""
+    an adaptive arm whose norm test is strict (eta 0.1) takes more micro-batches than the 2 it starts with; the whole
+    study runs with AdaGrad-Norm too."""
     from uba_fused.bench import batch
     a = batch.parse_args(["--tasks", "teacher-k10", "--samples", "64", "--fixed", "2", "--etas", "0.1", "--seeds", "1",
                           "--lrs", "0.1"])
@@ -292,6 +293,6 @@ def test_the_batch_size_study_runs_each_arm_and_the_adaptive_one_grows(capsys):
     grown = batch.train_one(batch.Run("teacher-k10", "adaptive-0.1", 0.1, 0), a, data)
     assert grown["batch_at_quarters"][-1] > 8 and grown["steps"] < fixed["steps"]
     assert batch.main(["--tasks", "teacher-k10", "--samples", "32", "--fixed", "2", "--etas", "1", "--seeds", "2",
-                       "--lrs", "0.1", "0.3"]) == 0
+                       "--lrs", "0.1", "0.3", "--rule", "adagrad-norm"]) == 0
     out = capsys.readouterr().out
-    assert "fixed-2" in out and "adaptive-1" in out
+    assert "fixed-2" in out and "adaptive-1" in out and out.startswith("AdagradNorm")

@@ -42,9 +42,11 @@ def run(opt: FusedOptimizer) -> None:
     clips = any(g.get("max_grad_norm", 0) for g in opt.param_groups)
     rule = registry.RULES[opt.rule]
     history = opt.param_groups[0].get("grad_norms")  # (record_grad_norms)
-    l2 = clips or history is not None and rule.grad_norms_ord == 2  # the pre-pass: the global L2 norm
-    if clips or history is not None:
-        _check_global(opt, "max_grad_norm > 0 clips by" if clips else "record_grad_norms records")
+    divides = opt._divides_by_norm_sum  # (AdaGrad-Norm)
+    l2 = clips or divides or history is not None and rule.grad_norms_ord == 2  # the pre-pass: the global L2 norm
+    if clips or divides or history is not None:
+        _check_global(opt, "max_grad_norm > 0 clips by" if clips else "AdaGrad-Norm divides by" if divides else
+                      "record_grad_norms records")
     reduces = bool(rule.reduces)
     if reduces:
         _check_reductions(opt)
@@ -73,8 +75,10 @@ def run(opt: FusedOptimizer) -> None:
         _keep_norm(opt, norm, amp)
     if history is not None:
         _record(opt, history, opt._grad_norm if rule.grad_norms_ord == 2 else _l1_norm(opt, layout, amp))
+    if divides:
+        amp = _divisor(opt, norm, amp)
     if not clips:
-        norm = None  # (recorded only: no group clips)
+        norm = None  # (recorded only, or AdaGrad-Norm's: no group clips)
     elif amp is not None:  # under GradScaler a non-finite norm skips the step, as an inf gradient does
         found = (~torch.isfinite(norm)).float()
         if amp.found_inf is not None:
@@ -140,6 +144,22 @@ def _record(opt: FusedOptimizer, history: torch.Tensor, value: torch.Tensor) -> 
     t = opt.param_groups[0]["schedule_step"].clamp(max=history.numel() - 1).reshape(1)
     value = torch.nan_to_num(value.reshape(1).to(history.dtype), nan=math.inf, posinf=math.inf)
     history.index_copy_(0, t, value)
+
+
+def _divisor(opt: FusedOptimizer, norm: torch.Tensor, amp: backends.Amp | None) -> backends.Amp:
+    """AdaGrad-Norm's step (optim/adagrad.py): add this step's squared global norm (of the unscaled gradients; not
+    where GradScaler skips the step) into ``norm_sum``, in place on the device, and hand the kernels the divisor
+    ``sqrt(norm_sum) + eps`` as the gradient scale they divide by (GradScaler's scale times it under a scaler)."""
+    group = opt.param_groups[0]
+    norm_sum = opt.norm_sum
+    added = _unscaled(norm, amp).square()
+    if amp is not None and amp.found_inf is not None:
+        added = torch.where(amp.found_inf.reshape(()).to(added.device) != 0, 0.0, added)
+    norm_sum.add_(added.to(norm_sum.device))
+    divisor = norm_sum.sqrt() + float(group["eps"])
+    if amp is not None and amp.grad_scale is not None:
+        divisor = divisor * amp.grad_scale.reshape(()).to(divisor.device, torch.float64)
+    return backends.Amp(divisor, None if amp is None else amp.found_inf)
 
 
 def _amp(opt: FusedOptimizer) -> backends.Amp | None:
@@ -355,8 +375,9 @@ def _captured(opt: FusedOptimizer, capture: backends.Capture) -> None:
         # (and each Table schedule's factors, which the replays read however the group's schedule is replaced)
         storages += [g["schedule"].factors.untyped_storage() for g in opt.param_groups
                      if isinstance(g["schedule"], Table)]
-        if "grad_norms" in opt.param_groups[0]:  # (and the history they write)
-            storages.append(opt.param_groups[0]["grad_norms"].untyped_storage())
+        for key in ("grad_norms", "norm_sum"):  # (and the history, and AdaGrad-Norm's sum, they write)
+            if isinstance(opt.param_groups[0].get(key), torch.Tensor):
+                storages.append(opt.param_groups[0][key].untyped_storage())
         capture.keep += list({(s.device, s.data_ptr()): s for s in storages}.values())
     opt._captures.append(capture)
     for group in opt.param_groups:

@@ -1,8 +1,9 @@
 """``python -m uba_fused.bench.batch``: AdAdaGrad's adaptive batch size (uba_fused.NormTest) against fixed batches
 that see the same number of samples.
 
-Every run trains a task of ``bench.train`` with ``uba_fused.Adagrad`` (AdAdaGrad's rule; constant lr, no schedule)
-from micro-batches of ``--micro`` samples until it has seen ``--samples`` samples:
+Every run trains a task of ``bench.train`` with ``uba_fused.Adagrad`` (AdAdaGrad's rule; constant lr, no schedule),
+or with ``--rule adagrad-norm`` ``uba_fused.AdagradNorm`` (AdAdaGrad-Norm's), from micro-batches of ``--micro``
+samples until it has seen ``--samples`` samples:
   fixed-K     every step takes K micro-batches (``--fixed``, by default 2, 4 and 16);
   adaptive-E  the first step takes 2, and each next step the count the norm test asks for at eta E (``--etas``), at
               most ``--max-micro``: the batch grows when the gradient's noise outweighs it.
@@ -26,7 +27,9 @@ import uba_fused as uf
 
 from .train import TASKS, best_lrs, sized
 
-GRID = (0.01, 0.03, 0.1, 0.3)  # Adagrad's peak lrs
+RULES = {"adagrad": uf.Adagrad, "adagrad-norm": uf.AdagradNorm}
+# Each rule's lrs (AdaGrad-Norm's first step moves the parameters by lr in L2 norm, Adagrad's each coordinate by lr)
+GRIDS = {"adagrad": (0.01, 0.03, 0.1, 0.3), "adagrad-norm": (0.1, 0.3, 1.0, 3.0)}
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ def train_one(run: Run, a: argparse.Namespace, data: object) -> dict:
     task = TASKS[run.task]
     torch.manual_seed(run.seed)
     model = task.model(a).to(a.device)
-    opt = uf.Adagrad(model.parameters(), lr=run.lr, backend="cpu" if a.device == "cpu" else "auto")
+    opt = RULES[a.rule](model.parameters(), lr=run.lr, backend="cpu" if a.device == "cpu" else "auto")
     kind, value = run.arm.split("-")
     adaptive = kind == "adaptive"
     test = uf.NormTest(model.parameters(), eta=float(value), max_micro_batches=a.max_micro) if adaptive else None
@@ -94,7 +97,7 @@ def summarize(results: list[dict]) -> list[dict]:
 
 
 def format_table(best: list[dict], a: argparse.Namespace) -> str:
-    lines = [f"Adagrad, micro-batches of {a.micro}, {a.samples} samples per run, at most "
+    lines = [f"{RULES[a.rule].__name__}, micro-batches of {a.micro}, {a.samples} samples per run, at most "
              f"{a.max_micro} micro-batches; each arm at its best lr (^: an end of the grid); mean +- std over "
              f"{a.seeds} seeds"]
     lines.append(f"{'task':15s}{'arm':13s}{'held-out loss':>22s}{'lr':>9s}{'steps':>8s}   batch at 1/4 1/2 3/4 end")
@@ -116,12 +119,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="micro-batches per step of the fixed arms")
     ap.add_argument("--etas", nargs="+", type=float, default=[1.0, 2.0, 3.0], help="the adaptive arms' etas")
     ap.add_argument("--max-micro", type=int, default=64)
-    ap.add_argument("--lrs", nargs="+", type=float, default=list(GRID))
+    ap.add_argument("--rule", choices=list(RULES), default="adagrad")
+    ap.add_argument("--lrs", nargs="+", type=float, help="the lr grid (default: the rule's, GRIDS)")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
     if a.samples < 1 or a.micro < 1 or min(a.fixed) < 1 or a.seeds < 1 or a.max_micro < 2 or not min(a.etas) > 0:
         ap.error("--samples, --micro, --fixed and --seeds must be >= 1, --max-micro >= 2, --etas > 0")
+    a.lrs = a.lrs or list(GRIDS[a.rule])
     a.scale, a.batch = 1, a.micro  # (what bench.train's models and evaluations read)
     return sized(a)
 

@@ -1,4 +1,4 @@
-from .adagrad import Adagrad
+from .adagrad import Adagrad, AdagradNorm
 from .adamp import AdamP, SGDP
 from .adam import AdaBelief, AdamW, Adan
 from .diffgrad import DiffGrad
@@ -9,5 +9,5 @@ from .lion import Lion
 from .sgd import SGD
 from .sgd_sai import SGDSaI
 
-__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "LARS", "LAMB", "DiffGrad", "AdamP", "SGDP",
-           "SGDSaI", "FusedOptimizer"]
+__all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "AdagradNorm", "LARS", "LAMB", "DiffGrad", "AdamP",
+           "SGDP", "SGDSaI", "FusedOptimizer"]

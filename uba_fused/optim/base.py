@@ -389,6 +389,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     # the duration of step(), as to torch's fused optimizers, instead of unscaling the gradients and reading
     # found_inf on the host (a sync) itself: the kernels divide the scale out and skip on found_inf (_amp).
     _step_supports_amp_scaling: ClassVar[bool] = True
+    # AdaGrad-Norm's: every gradient is divided by sqrt(param_groups[0]["norm_sum"]) + eps, the sum of the squared
+    # global norms so far (backends/step.py: _divisor)
+    _divides_by_norm_sum: ClassVar[bool] = False
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]):
         if isinstance(params, set):  # torch.optim refuses a set only inside a param group
