@@ -245,13 +245,15 @@ def test_a_new_set_of_gradients_every_step_stays_exact_and_bounded(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch"] + KERNELS)
-def test_step_inside_torch_compile_runs_eagerly_and_exactly(backend):
-    """A compiled training step that calls opt.step(): the closure is traced, the update is not (the
-    kernels write through table addresses no graph sees), and the result is bit-for-bit the eager one."""
+def test_step_inside_torch_compile_is_one_op_and_exact(backend):
+    """A compiled function that calls opt.step(closure), fullgraph: the closure is traced and the update is the
+    custom op uba_fused::step (no graph break; compiled.py), the kernels' too, and the result is bit-for-bit the
+    eager one (tests/test_compile.py has the training loops)."""
     a, b = make_params(DEVICE, seed=6), make_params(DEVICE, seed=6)
     opt_a, opt_b = (uf.AdamW(ps, backend=backend, schedule=SCHEDULES["uba"]) for ps in (a, b))
     torch._dynamo.reset()
-    compiled = torch.compile(lambda: opt_b.step(lambda: sum((p * p).sum() for p in b)), backend="eager")
+    compiled = torch.compile(lambda: opt_b.step(lambda: sum((p * p).sum() for p in b)), backend="eager",
+                             fullgraph=True)
     gen = torch.Generator().manual_seed(4)
     try:
         for _ in range(3):

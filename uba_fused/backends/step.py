@@ -208,6 +208,8 @@ def _hold(opt: FusedOptimizer) -> None:
     opt._cache.held = backends.Held(tensors, labels + entry_labels, storages, opt.state,
                                     opt.state.version)
     opt._cache.fresh = False
+    from .. import compiled  # (which imports this module)
+    opt._graph_args = compiled.args_of(opt)  # what torch.compile's graphs hand the step from now on
 
 
 def _check_held(opt: FusedOptimizer, capture: backends.Capture | None) -> None:

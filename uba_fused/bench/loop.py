@@ -14,6 +14,10 @@ Rows (each one its own model, from the same initial weights, fed the same batche
                                         tensor is filled by the LambdaLR after every replay
   uba_fused AdamW [...], graphed        the whole iteration in one CUDA graph; nothing to do between replays
                                         but feed the next batch
+  uba_fused AdamW [...], compiled       torch.compile(train_step), mode="reduce-overhead" on a GPU: forward,
+                                        backward, step() (the op uba_fused::step) and zero_grad() in one graph,
+                                        which Inductor's CUDA graphs replay (--compile-backend chooses the
+                                        compiler; on the CPU, the default mode)
 Columns: ms per iteration (iterations back to back, the host running ahead; CUDA events around a
 round), tokens/s, the optimizer's kernels' GPU time per iteration (torch.profiler, in a separate pass:
 idle gaps cannot inflate it), host time of the optimizer's part of an iteration (step(), or the
@@ -73,12 +77,13 @@ class Row:
 class Run:
     """One row's model, optimizer and iteration; ``iterate(t)`` runs iteration t on batch t."""
 
-    def __init__(self, kind: str, backend: str | None, graphed: bool, size: str, batches: torch.Tensor,
-                 total: int, device: torch.device, seed: int):
+    def __init__(self, kind: str, backend: str | None, mode: str, size: str, batches: torch.Tensor,
+                 total: int, device: torch.device, seed: int, compile_backend: str = "inductor"):
         d, layers, heads, ctx, _ = SIZES[size]
         torch.manual_seed(seed)  # the same initial weights in every row
         self.model = CharLM(d, layers, heads, ctx).to(device)
-        self.batches, self.device, self.graphed = batches, device, graphed
+        graphed = mode == "graphed"
+        self.batches, self.device, self.mode = batches, device, mode
         self.schedule = uf.UBA(total, phi=1.0, warmup_steps=max(1, total // 20))
         params = list(self.model.parameters())
         if kind == "torch":
@@ -92,6 +97,12 @@ class Run:
             self.sched = None
         self.static = batches[0].clone()
         self.graph: torch.cuda.CUDAGraph | None = None
+        self.compiled = None
+        if mode == "compiled":
+            cuda = device.type == "cuda"
+            self.compiled = torch.compile(self._train_step, backend=compile_backend,
+                                          **({"mode": "reduce-overhead"} if cuda and compile_backend == "inductor"
+                                             else {}))
         self.loss: torch.Tensor | None = None
         self.host_us: list[float] = []
 
@@ -107,6 +118,14 @@ class Run:
         loss.backward()
         return loss.detach()
 
+    def _train_step(self, batch: torch.Tensor) -> torch.Tensor:
+        """The compiled row's iteration: one graph where Dynamo traces backward (``trace_autograd_ops``, set by
+        ``_traced``), else two (forward; backward's end, the step and zero_grad), backward AOT-compiled between."""
+        loss = self._forward_backward(batch)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return loss
+
     def _eager(self, t: int) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=True)
         loss = self._forward_backward(self.batches[t])
@@ -119,8 +138,17 @@ class Run:
 
     def warm_up(self) -> int:
         """Iterations 0 .. WARMUP_ITERS-1 eagerly (on a side stream if graphed: PyTorch's recipe), then the
-        capture; returns the next iteration's index."""
-        if not self.graphed:
+        capture; compiled: iteration 0 eagerly (the state), the rest compiled (the compile, and reduce-overhead's
+        warm-up and recording); returns the next iteration's index."""
+        if self.compiled is not None:
+            self.loss = self._eager(0)
+            self.opt.zero_grad(set_to_none=True)
+            for t in range(1, WARMUP_ITERS):
+                with _traced():
+                    self.loss = self.compiled(self.batches[t])
+            self.host_us = []
+            return WARMUP_ITERS
+        if self.mode != "graphed":
             for t in range(WARMUP_ITERS):
                 self.loss = self._eager(t)
             self.host_us = []
@@ -140,6 +168,10 @@ class Run:
         return WARMUP_ITERS
 
     def iterate(self, t: int) -> None:
+        if self.compiled is not None:
+            with _traced():
+                self.loss = self.compiled(self.batches[t])
+            return
         if self.graph is None:
             self.loss = self._eager(t)
             return
@@ -151,17 +183,27 @@ class Run:
             self.host_us.append((time.perf_counter() - t0) * 1e6)
 
 
-def rows_for(device: torch.device) -> list[tuple[str, str, str | None, bool]]:
-    """(name, kind, backend, graphed) of every row this device can run."""
+def _traced() -> contextlib.AbstractContextManager:
+    """Dynamo traces ``loss.backward()`` into the graph where it can (torch >= 2.11's ``trace_autograd_ops``)."""
+    import torch._dynamo
+    if not hasattr(torch._dynamo.config, "trace_autograd_ops"):
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(trace_autograd_ops=True)
+
+
+def rows_for(device: torch.device) -> list[tuple[str, str, str | None, str]]:
+    """(name, kind, backend, mode) of every row this device can run; mode: "eager", "graphed" or "compiled"."""
     if device.type != "cuda":
-        return [("torch AdamW fused + LambdaLR", "torch", None, False),
-                ("uba_fused AdamW [torch]", "uba", "torch", False)]
+        return [("torch AdamW fused + LambdaLR", "torch", None, "eager"),
+                ("uba_fused AdamW [torch]", "uba", "torch", "eager"),
+                ("uba_fused AdamW [torch], compiled", "uba", "torch", "compiled")]
     avail = uf.backends.availability(device)
     kernels = [b for b in ("cuda", "triton") if avail[b] is None]
-    rows = [("torch AdamW fused + LambdaLR", "torch", None, False)]
-    rows += [(f"uba_fused AdamW [{b}]", "uba", b, False) for b in kernels]
-    rows += [("torch AdamW capturable, graphed", "torch", None, True)]
-    rows += [(f"uba_fused AdamW [{b}], graphed", "uba", b, True) for b in kernels]
+    rows = [("torch AdamW fused + LambdaLR", "torch", None, "eager")]
+    rows += [(f"uba_fused AdamW [{b}]", "uba", b, "eager") for b in kernels]
+    rows += [("torch AdamW capturable, graphed", "torch", None, "graphed")]
+    rows += [(f"uba_fused AdamW [{b}], graphed", "uba", b, "graphed") for b in kernels]
+    rows += [(f"uba_fused AdamW [{b}], compiled", "uba", b, "compiled") for b in kernels]
     return rows
 
 
@@ -180,7 +222,7 @@ def optimizer_gpu_ms(run: Run, start: int, iters: int) -> float:
 
 
 def measure(size: str, device: torch.device, rounds: int, iters: int, profile_iters: int, seed: int,
-            text_bytes: int, progress=None) -> list[Row]:
+            text_bytes: int, progress=None, compile_backend: str = "inductor") -> list[Row]:
     d, layers, heads, ctx, batch = SIZES[size]
     text = CharData(text_bytes, ctx, torch.device("cpu")).train
     total = WARMUP_ITERS + rounds * iters + profile_iters
@@ -189,8 +231,8 @@ def measure(size: str, device: torch.device, rounds: int, iters: int, profile_it
     batches = text[starts + torch.arange(ctx + 1)].to(device)  # every batch, before timing: no copy in the loop
     specs = rows_for(device)
     runs, rows = [], []
-    for name, kind, backend, graphed in specs:
-        run = Run(kind, backend, graphed, size, batches, total, device, seed)
+    for name, kind, backend, mode in specs:
+        run = Run(kind, backend, mode, size, batches, total, device, seed, compile_backend)
         run.warm_up()
         runs.append(run)
         rows.append(Row(size, name, tokens_per_iter=batch * ctx))
@@ -274,6 +316,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--profile-iters", type=int, help="iterations profiled for the optimizer's GPU time "
                     "(default 5 on a GPU, 0 on the CPU)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile's backend for the compiled rows (inductor: reduce-overhead on a GPU)")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--plot", metavar="PATH")
     a = ap.parse_args(argv)
@@ -302,7 +346,8 @@ def main(argv=None) -> int:
         for size in a.sizes:
             bar.set_postfix_str(size)
             text = 2_000_000 if size != "tiny" else 200_000
-            rows = measure(size, device, a.rounds, a.iters, a.profile_iters, a.seed, text, progress=bar)
+            rows = measure(size, device, a.rounds, a.iters, a.profile_iters, a.seed, text, progress=bar,
+                           compile_backend=a.compile_backend)
             summaries += [r.summary() for r in rows]
     print(format_table(summaries))
     print(f"\n{env['device']}, torch {env['torch']}, {env['date'][:10]}; {a.rounds} rounds x {a.iters} iterations per "

@@ -33,6 +33,7 @@ from ..schedules import SCHEDULE_CLASSES, Schedule, Table, _check_int, schedule_
 from . import blockwise
 from .blockwise import ABSMAX, state_dtype_of
 from ..backends import step as pipeline  # (after blockwise, which it imports)
+from .. import compiled
 
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -405,6 +406,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._captures: list[backends.Capture] = []  # what steps captured into CUDA graphs keep alive
         self._streams: dict[torch.device, tuple] = {}  # per CUDA device, the stream of the last step
         self._grad_norm: torch.Tensor | None = None  # the last clipping step's global norm (grad_norm)
+        self._graph_key: int | None = None  # the op's key, and its arguments under torch.compile (compiled.py)
+        self._graph_args: compiled.Args | None = None
         super().__init__(params, defaults)
         self.state = _State(dict, self.state)
 
@@ -418,6 +421,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._cache, self._backends, self._last_lr, self._setup_lr, self._captures, self._streams = \
                 backends.StepCache(), [], [], [], [], {}
             self._grad_norm = None
+            self._graph_key = self._graph_args = None  # (a copy is another optimizer: another key)
             self._warned_lr_twice = False
             self.param_groups = [_ParamGroup(g) for g in self.param_groups]  # no graph captured the copy
             for i in range(len(self.param_groups)):
@@ -559,6 +563,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._last_lr.append(last_lr)
         self._setup_lr.append(group["lr"])
         self._cache.clear()
+        self._graph_args = compiled.args_of(self)
 
     @property
     def backends(self) -> list[str]:
@@ -638,10 +643,25 @@ class FusedOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         if torch.compiler.is_compiling():
-            _update_outside_graphs(self)
+            compiled.step(self)  # the custom op uba_fused::step: no graph break
         else:
             pipeline.run(self)  # eager: without the wrapper's cost (7 us of a step's host time on a 2-core VM)
         return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """torch.optim's; under torch.compile, traced (torch's is not: a graph break, which ``fullgraph=True`` refuses)
+        over the parameters the compiled step takes (compiled.py)."""
+        args = self._graph_args
+        if not torch.compiler.is_compiling() or args is None:
+            super().zero_grad(set_to_none)
+            return
+        for p in args.params:
+            if p.grad is not None:
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.requires_grad_(False)
+                    p.grad.zero_()
 
     # -- state: made and fitted where the step needs it (backends/step.py calls these) -------------------------
     def _fit_state(self) -> None:
@@ -914,10 +934,3 @@ class FusedOptimizer(torch.optim.Optimizer):
             if step.numel() != 1 or not bool(torch.isfinite(step).all()) or float(step) < 0:
                 raise ValueError(f"{where}['step'] must be a finite non-negative scalar, got {st['step']!r}")
 
-
-# Under torch.compile the closure of step() is traced, the update is not: the kernels update memory
-# through addresses in device tables, which no graph can see, so Dynamo must not reorder, fuse or replay
-# them; it runs eagerly (one graph break per step, and no launch is lost by it). torch's lazy form of
-# torch.compiler.disable: that one imports torch._dynamo (1.4 s) when `import uba_fused` runs, this one
-# when first called, under torch.compile, where Dynamo is loaded already.
-_update_outside_graphs = getattr(torch, "_disable_dynamo", torch.compiler.disable)(pipeline.run)

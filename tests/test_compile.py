@@ -1,0 +1,179 @@
+"""torch.compile sees the step (issue #25): ``opt.step()`` is the custom op ``uba_fused::step`` (uba_fused/compiled.py),
+so a whole training step compiles with ``fullgraph=True``, ``torch.compile(opt.step)`` works, and neither a changed lr
+nor an advancing step recompiles. On CPU with backends "torch" and "cpu"; the GPU cases (reduce-overhead) are in
+tests/test_gpu_loops.py.
+
+Most cases compile with ``backend="aot_eager"``: AOTAutograd's functionalization without Inductor's code, so the
+forward and backward run the same kernels as eager and a compiled run must equal the eager one bit for bit (and every
+input the op mutates reaches it as a copy, the path Inductor takes for what it cannot re-inplace). One case compiles
+with Inductor, which re-inplaces the parameters, within the rounding of its fused forward and backward."""
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import uba_fused as uf
+
+from harness import CASES
+
+_BY_RULE = {}
+for _case in CASES:
+    _BY_RULE.setdefault(_case.rule, _case)
+MAKERS = {rule: case.make for rule, case in _BY_RULE.items()}
+MAKERS["adagrad_norm"] = lambda ps, **kw: uf.AdagradNorm(ps, lr=0.05, initial_accumulator_value=0.1, **kw)
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(trace_autograd_ops=True):  # (loss.backward() inside a fullgraph)
+        yield
+    torch._dynamo.reset()
+
+
+def _model(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+def _batches(n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)) for _ in range(n)]
+
+
+def _train_step(model, opt):
+    def step(x, y):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return step
+
+
+def _graphs() -> int:
+    """The graphs Dynamo compiled since the last reset (a recompile makes one more)."""
+    return counters["stats"]["unique_graphs"]
+
+
+def _run(rule: str, backend: str, compile_with: str | None, steps: int = 5, **kw):
+    """``steps`` training steps of a small model (the first eager), compiled after it with ``compile_with``: the losses,
+    the parameters and the optimizer."""
+    model = _model(1)
+    opt = MAKERS[rule](list(model.parameters()), backend=backend, schedule=uf.Linear(steps, warmup_steps=1), **kw)
+    step = _train_step(model, opt)
+    compiled = step if compile_with is None else torch.compile(step, backend=compile_with, fullgraph=True)
+    losses = [(step if t == 0 else compiled)(x, y) for t, (x, y) in enumerate(_batches(steps, 2))]
+    return torch.stack(losses), [p.detach().clone() for p in model.parameters()], opt
+
+
+def _each_rule_on_both_backends() -> list:
+    return [pytest.param(rule, backend, id=f"{rule}-{backend}") for rule in MAKERS for backend in ("torch", "cpu")]
+
+
+@pytest.mark.parametrize("rule,backend", _each_rule_on_both_backends())
+def test_a_fullgraph_training_step_equals_eager(rule, backend):
+    """Forward, backward, opt.step() and opt.zero_grad() in one graph (fullgraph: no break), for every rule: bit for bit
+    the eager run, the schedule's counter advanced by every step, compiled once."""
+    la, pa, _ = _run(rule, backend, None)
+    lb, pb, opt = _run(rule, backend, "aot_eager")
+    assert torch.equal(la, lb), (la, lb)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    assert int(opt.param_groups[0]["schedule_step"]) == 5 and _graphs() == 1
+
+
+def test_inductor_fullgraph_step_matches_eager():
+    """Inductor's graph (its own forward and backward kernels; the parameters re-inplaced into the op), within their
+    rounding: an update skipped or applied twice moves the loss by percents."""
+    la, pa, _ = _run("adamw", "cpu", None)
+    lb, pb, _ = _run("adamw", "cpu", "inductor")
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
+    for a, b in zip(pa, pb):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    assert _graphs() == 1
+
+
+@pytest.mark.parametrize("lr_kind", ["float", "tensor"])
+def test_fifty_steps_and_an_lr_change_recompile_nothing(lr_kind):
+    """After one eager step, 50 compiled steps through a UBA schedule, with the lr changed at step 20 (a float set in
+    the group, or a tensor lr filled in place): one compile, and the changed lr applied (the run equals the eager one)."""
+    def run(compile_with):
+        model = _model(3)
+        lr = 0.02 if lr_kind == "float" else torch.tensor(0.02)
+        opt = uf.AdamW(model.parameters(), lr=lr, backend="cpu", schedule=uf.UBA(50, warmup_steps=5))
+        step = _train_step(model, opt)
+        compiled = step if compile_with is None else torch.compile(step, backend=compile_with, fullgraph=True)
+        for t, (x, y) in enumerate(_batches(51, 4)):
+            if t == 20:
+                if lr_kind == "float":
+                    with pytest.warns(UserWarning, match="the two schedules multiply"):  # (said once, by the step)
+                        opt.param_groups[0]["lr"] = 0.005
+                        (step if t == 0 else compiled)(x, y)
+                    continue
+                opt.param_groups[0]["lr"].fill_(0.005)
+            (step if t == 0 else compiled)(x, y)
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    pa, _ = run(None)
+    pb, opt = run("aot_eager")
+    assert _graphs() == 1, _graphs()
+    assert float(opt.get_last_lr()[0]) == pytest.approx(0.005 * uf.UBA(50, warmup_steps=5).factor(50), abs=1e-12)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+
+
+def test_compile_of_opt_step_equals_eager():
+    """torch.compile(opt.step), fullgraph, with backward outside as users write it: bit for bit the eager steps, one
+    compile for all of them (the first step, which makes the state, included: it compiles again once)."""
+    def run(compiled: bool):
+        model = _model(5)
+        opt = uf.Lion(model.parameters(), lr=1e-2, weight_decay=0.1, backend="torch")
+        step = torch.compile(opt.step, backend="aot_eager", fullgraph=True) if compiled else opt.step
+        for x, y in _batches(6, 6):
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            step()
+            opt.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    pa, pb = run(False), run(True)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    assert _graphs() == 2  # before the state is made, and after
+
+
+def test_the_op_passes_opcheck():
+    """torch.library.opcheck: the schema says what the op mutates, its fake implementation fits it, and it behaves
+    the same under AOTAutograd (each check steps copies of the optimizer's tensors, from the same values)."""
+    model = _model(7)
+    opt = uf.SGD(model.parameters(), lr=0.1, momentum=0.9, backend="cpu", schedule=uf.Cosine(20))
+    x, y = _batches(1, 8)[0]
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    args = opt._graph_args
+    torch.library.opcheck(torch.ops.uba_fused.step.default,
+                          (args.key, args.params, [p.grad for p in args.params], args.state))
+
+
+def test_a_parameter_given_new_storage_between_compiled_steps_is_followed():
+    """``p.data = ...`` between compiled steps: the op's step finds the move (backends/step.py's checks run inside it)
+    and updates the new storage, never the old one, as an eager twin that does the same."""
+    def run(compile_with):
+        model = _model(9)
+        opt = uf.AdamW(model.parameters(), lr=1e-2, backend="cpu")
+        step = _train_step(model, opt)
+        compiled = step if compile_with is None else torch.compile(step, backend=compile_with, fullgraph=True)
+        old = None
+        for t, (x, y) in enumerate(_batches(6, 10)):
+            if t == 3:
+                old = model[0].weight.data
+                model[0].weight.data = old.clone()
+                kept = old.clone()
+            (step if t == 0 else compiled)(x, y)
+        assert torch.equal(old, kept)  # the old storage is not written after the move
+        return [p.detach().clone() for p in model.parameters()]
+
+    for a, b in zip(run(None), run("aot_eager")):
+        assert torch.equal(a, b)

@@ -1,0 +1,136 @@
+"""The step as a ``torch.library`` custom op, so that ``torch.compile`` traces through ``opt.step()`` without a graph
+break: ``torch.compile(train_step, fullgraph=True)`` and ``torch.compile(opt.step)``.
+
+``uba_fused::step(int key, Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] state) -> ()`` runs one step of the
+optimizer registered under ``key`` (backends/step.py's ``run``, with every check it makes: a parameter or state
+buffer moved since the tables were built rebuilds them, or raises under a captured graph). Its arguments are what the
+step reads and writes that a graph may also see:
+
+- ``params``: every parameter of every group, in order (updated in place);
+- ``grads``: their gradients as the graph has them (None for one without), which the step applies: where backward
+  runs inside the graph, ``p.grad`` is only assigned after it, so the op binds these for the step and puts
+  ``p.grad`` back;
+- ``state``: every tensor the step writes besides the parameters, as ``Args`` lists them when the tables are built
+  (each group's counter and applied lr, every parameter's state, the history of ``record_grad_norms`` and
+  AdaGrad-Norm's sum).
+
+Nothing else reaches the graph: hyper-parameters, the schedule and the device tables are read by the op when it
+runs, so a changed lr (a float set in the group, or a tensor lr filled in place) or an advanced step recompiles
+nothing. The fake implementation changes nothing (the op returns nothing and only writes its inputs).
+
+Where functionalization hands the op copies of its mutated inputs rather than the inputs themselves (Inductor
+re-inplaces them when it can; a 0-dim view, as each step count is, stays a copy), the op loads each copy into the
+optimizer's own tensor, steps, and writes the result back into the copy, which the graph then copies into the input:
+the same values either way, and the op is a function of its arguments (what ``torch.library.opcheck`` checks).
+
+The lists are made when a param group is set up and by each step that builds the tables (``Args``; backends/step.py's
+``_hold``). A step that makes state (the first) lists more tensors, so the next call of a compiled function compiles
+once more; after one eager step, nothing recompiles. DTensor parameters keep the step outside the graph (a graph
+break): the op's dispatch would need sharding rules for them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .backends import step as pipeline
+from .backends.work import is_dtensor
+
+if TYPE_CHECKING:
+    from .optim.base import FusedOptimizer
+
+_OPTIMIZERS: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_KEYS = itertools.count()
+
+
+@dataclass
+class Args:
+    """What a compiled graph hands ``uba_fused::step`` for one optimizer (module docstring)."""
+
+    key: int
+    params: list[torch.Tensor]
+    state: list[torch.Tensor]
+
+
+def key_of(opt: FusedOptimizer) -> int:
+    """The optimizer's key in the op's registry (made on first use; the registry holds it weakly)."""
+    key = getattr(opt, "_graph_key", None)
+    if key is None:
+        key = opt._graph_key = next(_KEYS)
+        _OPTIMIZERS[key] = opt
+    return key
+
+
+def args_of(opt: FusedOptimizer) -> Args | None:
+    """The op's arguments as the optimizer holds its tensors now; None where the op cannot take them (DTensor
+    parameters, which the op's dispatch would need sharding rules for: their step stays outside the graph)."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    if any(is_dtensor(p) for p in params):
+        return None
+    state = [t for gi, g in enumerate(opt.param_groups) for t in (g["schedule_step"], opt._last_lr[gi])]
+    for p in params:
+        state += [v for v in opt.state.get(p, {}).values() if isinstance(v, torch.Tensor)]
+    first = opt.param_groups[0]
+    state += [first[k] for k in ("grad_norms", "norm_sum") if isinstance(first.get(k), torch.Tensor)]
+    if opt._grad_norm is not None:
+        state.append(opt._grad_norm)
+    for t in state:  # torch._dynamo.mark_static_address(t), without importing Dynamo (1.4 s) where nothing compiles:
+        t._dynamo_static_input_type = "unguarded"  # reduce-overhead's CUDA graphs take them where they are
+    return Args(key_of(opt), params, state)
+
+
+@torch.library.custom_op("uba_fused::step", mutates_args=("params", "state"))
+def fused_step(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+               state: list[torch.Tensor]) -> None:
+    """One step of the optimizer registered under ``key`` (module docstring)."""
+    opt = _OPTIMIZERS.get(key)
+    if opt is None:
+        raise RuntimeError(f"uba_fused::step: no optimizer is registered under key {key} (it was garbage-collected "
+                           f"while a compiled graph still calls its step)")
+    own = [p for g in opt.param_groups for p in g["params"]]
+    if len(own) != len(params) or len(grads) != len(params):
+        raise RuntimeError(f"uba_fused::step: the graph passed {len(params)} parameters and {len(grads)} gradients, "
+                           f"the optimizer has {len(own)}: recompile after changing its param groups")
+    # Inputs that functionalization copied (Inductor re-inplaces what it can; aot_eager copies every one): the step
+    # starts from their values and writes its results back into them, which the graph then copies into the inputs
+    mine = own + (opt._graph_args.state if opt._graph_args and len(opt._graph_args.state) == len(state) else [])
+    copies = [(a, b) for a, b in zip(params + state, mine) if a is not b and a.data_ptr() != b.data_ptr()
+              and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device]
+    for a, b in copies:
+        b.copy_(a)
+    kept = [p.grad for p in own]
+    try:
+        for p, g in zip(own, grads):
+            if g is not p.grad:
+                p.grad = g
+        pipeline.run(opt)
+    finally:
+        for p, g in zip(own, kept):
+            p.grad = g
+    for a, b in copies:
+        a.copy_(b)
+
+
+@fused_step.register_fake
+def _(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | None], state: list[torch.Tensor]) -> None:
+    return None
+
+
+def step(opt: FusedOptimizer) -> None:
+    """``opt.step()`` under torch.compile (after its closure): the op, with the optimizer's arguments (``Args``); the
+    step outside the graph for DTensor parameters."""
+    args = opt._graph_args
+    if args is None:
+        _outside_graphs(opt)
+        return
+    fused_step(args.key, args.params, [p.grad for p in args.params], args.state)
+
+
+# The step of DTensor parameters: a graph break (torch's lazy form of
+# torch.compiler.disable, which imports torch._dynamo when first called, under torch.compile, where it is loaded).
+_outside_graphs = getattr(torch, "_disable_dynamo", torch.compiler.disable)(pipeline.run)
