@@ -99,7 +99,7 @@ def test_inductor_fullgraph_step_matches_eager():
 @pytest.mark.parametrize("lr_kind", ["float", "tensor"])
 def test_fifty_steps_and_an_lr_change_recompile_nothing(lr_kind):
     """After one eager step, 50 compiled steps through a UBA schedule, with the lr changed at step 20 (a float set in
-    the group, or a tensor lr filled in place): one compile, and the changed lr applied (the run equals the eager one)."""
+    the group, or a tensor lr filled in place): one compile, and the changed lr applied (equal to the eager run)."""
     def run(compile_with):
         model = _model(3)
         lr = 0.02 if lr_kind == "float" else torch.tensor(0.02)
