@@ -1,8 +1,8 @@
 """Real training loops on a GPU: the whole iteration in one CUDA graph (with float32 state and clipping), two
 graphs sharing a memory pool, torch.compile's reduce-overhead mode with the step inside its graph, steps enqueued
-behind a stalled stream and on two streams, and what step() asks of the host (one pinned copy when gradients moved, none when not, no
-pageable copy, no sync). Skipped without a GPU; the capture path's logic and rules are also checked with a
-simulated capture in tests/test_capture.py.
+behind a stalled stream and on two streams, and what step() asks of the host (one pinned copy when gradients moved,
+none when not, no pageable copy, no sync). Skipped without a GPU; the capture path's logic and rules are also checked
+with a simulated capture in tests/test_capture.py.
 """
 
 import pytest
