@@ -101,19 +101,20 @@ def fused_step(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | 
     mine = own + (opt._graph_args.state if opt._graph_args and len(opt._graph_args.state) == len(state) else [])
     copies = [(a, b) for a, b in zip(params + state, mine) if a is not b and a.data_ptr() != b.data_ptr()
               and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device]
-    for a, b in copies:
-        b.copy_(a)
     kept = [p.grad for p in own]
-    try:
-        for p, g in zip(own, grads):
-            if g is not p.grad:
+    with torch.no_grad():
+        for a, b in copies:
+            b.copy_(a)
+        try:
+            for p, g in zip(own, grads):
+                if g is not p.grad:
+                    p.grad = g
+            pipeline.run(opt)
+        finally:
+            for p, g in zip(own, kept):
                 p.grad = g
-        pipeline.run(opt)
-    finally:
-        for p, g in zip(own, kept):
-            p.grad = g
-    for a, b in copies:
-        a.copy_(b)
+        for a, b in copies:
+            a.copy_(b)
 
 
 @fused_step.register_fake
