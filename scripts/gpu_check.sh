@@ -85,7 +85,7 @@ PY
   timeout "$TESTS_CAP" python3 -m pytest -q -rfs -p no:cacheprovider $XDIST --junitxml="$OUT/quick-tests.xml" \
     tests/test_gpu_loops.py tests/test_capture.py tests/test_moved.py tests/test_kernels.py tests/test_precision.py \
     tests/test_amp.py tests/test_state_dtype.py tests/test_state_8bit.py tests/test_schedules.py \
-    tests/test_refinement.py tests/test_adagrad_norm.py \
+    tests/test_refinement.py tests/test_adagrad_norm.py tests/test_compile.py \
     > "$OUT/quick-tests.log" 2>&1
   RC=$?
   grep -E "passed|failed" "$OUT/quick-tests.log" | tail -1

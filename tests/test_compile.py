@@ -17,6 +17,8 @@ import uba_fused as uf
 
 from harness import CASES
 
+from test_kernels import DEVICE, KERNELS
+
 _BY_RULE = {}
 for _case in CASES:
     _BY_RULE.setdefault(_case.rule, _case)
@@ -58,14 +60,14 @@ def _graphs() -> int:
     return counters["stats"]["unique_graphs"]
 
 
-def _run(rule: str, backend: str, compile_with: str | None, steps: int = 5, **kw):
+def _run(rule: str, backend: str, compile_with: str | None, steps: int = 5, device: str = "cpu", **kw):
     """``steps`` training steps of a small model (the first eager), compiled after it with ``compile_with``: the losses,
     the parameters and the optimizer."""
-    model = _model(1)
+    model = _model(1).to(device)
     opt = MAKERS[rule](list(model.parameters()), backend=backend, schedule=uf.Linear(steps, warmup_steps=1), **kw)
     step = _train_step(model, opt)
     compiled = step if compile_with is None else torch.compile(step, backend=compile_with, fullgraph=True)
-    losses = [(step if t == 0 else compiled)(x, y) for t, (x, y) in enumerate(_batches(steps, 2))]
+    losses = [(step if t == 0 else compiled)(x.to(device), y.to(device)) for t, (x, y) in enumerate(_batches(steps, 2))]
     return torch.stack(losses), [p.detach().clone() for p in model.parameters()], opt
 
 
@@ -83,6 +85,19 @@ def test_a_fullgraph_training_step_equals_eager(rule, backend):
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
     assert int(opt.param_groups[0]["schedule_step"]) == 5 and _graphs() == 1
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_a_fullgraph_training_step_equals_eager_on_the_kernel_backends(backend):
+    """The kernel backends (in their CPU modes: Triton's interpreter, the CUDA kernel body built for the host), which
+    write through their device tables: bit for bit the eager run under aot_eager, where every mutated input reaches
+    the op as a copy."""
+    la, pa, _ = _run("adamw", backend, None, device=DEVICE)
+    lb, pb, opt = _run("adamw", backend, "aot_eager", device=DEVICE)
+    assert torch.equal(la, lb)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    assert _graphs() == 1
 
 
 def test_inductor_fullgraph_step_matches_eager():
