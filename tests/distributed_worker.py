@@ -203,6 +203,29 @@ def distance(model, opt, ref_model, ref_opt) -> dict:
                 backends=opt.backends)
 
 
+def norm_test(model, ref_model, rank: int, world: int, device: torch.device, whole: bool = False) -> dict:
+    """uf.NormTest over 3 micro-batches of step 0's batch (each rank its slice of each, or the whole with ``whole``)
+    against the same on the unsharded model on one process's full micro-batches: its statistics, relative to the one
+    process's, its answer, and the mean gradient it writes (as far from the one process's, relative)."""
+    tests = [uf.NormTest(model.parameters(), eta=0.2), uf.NormTest(ref_model.parameters(), eta=0.2)]
+    x, y = batch(0, device, next(iter(model.parameters())).shape[-1])
+    micro = BATCH // 2
+    for k in range(3):  # (micro-batches overlap: 3 of BATCH / 2 samples)
+        xs, ys = x[k * micro // 2:k * micro // 2 + micro], y[k * micro // 2:k * micro // 2 + micro]
+        share, at = (micro, 0) if whole else (micro // world, rank)
+        torch.nn.functional.mse_loss(model(xs[at * share:(at + 1) * share]), ys[at * share:(at + 1) * share]).backward()
+        tests[0].accumulate()
+        torch.nn.functional.mse_loss(ref_model(xs), ys).backward()
+        tests[1].accumulate()
+    answers = [t.finish() for t in tests]
+    grad = max(((full(p.grad) - q.grad).abs().max() / q.grad.abs().max()).item()
+               for p, q in zip(model.parameters(), ref_model.parameters()))
+    mine, ref = tests
+    return dict(answers=answers, grad_rel=grad, placed=all(type(p.grad) is type(p) for p in model.parameters()),
+                variance_rel=abs(float(mine.variance) / float(ref.variance) - 1),
+                norm_sq_rel=abs(float(mine.grad_norm_sq) / float(ref.grad_norm_sq) - 1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out", type=pathlib.Path)
@@ -238,6 +261,8 @@ def main() -> None:
         except ValueError as exc:
             results["fsdp2/clip-mixed"] = str(exc)
         results["fsdp2/clip-mixed-left-no-state"] = not opt.state
+        model, _ = sharded(CASES["adamw"], "torch", mesh, device, (6, 5, 3, 1))  # AdAdaGrad's norm test, sharded
+        results["fsdp2/norm-test"] = norm_test(model, make_model(device), rank, world, device)
     for case, make in CASES.items():
         for backend in BACKENDS[case]:
             name = f"{case}-{backend}"
@@ -298,6 +323,9 @@ def main() -> None:
                 else:
                     train(model, opt, range(STEPS), dp_mesh.get_local_rank(), 2, device)
                 results[f"tp/{name}"] = distance(model, opt, ref_model, ref_opt)
+        model, _ = tensor_parallel(CASES["adamw"], "torch", tp_mesh, device, dp_mesh)  # the norm test, placed 3 ways
+        results["tp/norm-test"] = norm_test(model, make_model(device, TP_WIDTHS), *(
+            (rank, world) if dp_mesh is None else (dp_mesh.get_local_rank(), 2)), device, whole=dp_mesh is None)
         model, opt = tensor_parallel(CASES["adamp"], "torch", tp_mesh, device, dp_mesh)  # it sums whole rows
         try:
             train(model, opt, range(1), rank, world, device, whole=True)

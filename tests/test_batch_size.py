@@ -139,9 +139,35 @@ def test_one_micro_batch_and_a_sparse_gradient_are_refused_before_any_change():
     torch.testing.assert_close(p.grad, (first + second) / 2)
 
 
-def test_dtensor_parameters_are_refused():
-    from torch.distributed.tensor import DTensor, Shard
+def test_dtensor_parameters_on_a_one_rank_mesh_equal_plain_tensors():
+    """DTensor parameters placed Shard(0), Shard(1) and Replicate() (one rank: every shard whole) give the plain
+    tensors' statistics, answer and mean, the mean written as a DTensor placed as its parameter; a DTensor beside a
+    plain tensor, and a gradient placed unlike its parameter, are refused. (2 ranks: tests/test_distributed.py.)"""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+    gen = torch.Generator().manual_seed(21)
+    shapes, placements = [(4, 3), (2, 5), (6,)], [Shard(0), Shard(1), Replicate()]
+    micro = _micro_batches(gen, shapes, 4)
     with one_rank_mesh() as mesh:
-        p = torch.nn.Parameter(DTensor.from_local(torch.zeros(4, 2), mesh, [Shard(0)]))
-        with pytest.raises(TypeError, match=r"params\[0\] is a DTensor"):
-            uf.NormTest([p], eta=1.0)
+        plain = [torch.nn.Parameter(torch.zeros(s)) for s in shapes]
+        placed = [torch.nn.Parameter(DTensor.from_local(torch.zeros(s), mesh, [pl]))
+                  for s, pl in zip(shapes, placements)]
+        tests = [uf.NormTest(plain, eta=0.4), uf.NormTest(placed, eta=0.4)]
+        for grads in micro:
+            for params, test in zip((plain, placed), tests):
+                for p, g in zip(params, grads):
+                    p.grad = DTensor.from_local(g.clone(), mesh, p.placements) if isinstance(p, DTensor) else \
+                        g.clone()
+                test.accumulate()
+        answers = [t.finish() for t in tests]
+        assert answers[0] == answers[1]
+        assert float(tests[1].variance) == pytest.approx(float(tests[0].variance), rel=1e-12)
+        assert float(tests[1].grad_norm_sq) == pytest.approx(float(tests[0].grad_norm_sq), rel=1e-12)
+        for p, q in zip(plain, placed):
+            assert isinstance(q.grad, DTensor) and q.grad.placements == q.placements
+            assert torch.equal(q.grad.to_local(), p.grad)
+        with pytest.raises(TypeError, match=r"every parameter to be a DTensor: parameters \[1\]"):
+            uf.NormTest([placed[0], plain[1]], eta=1.0)
+        test = uf.NormTest(placed[:1], eta=1.0)
+        placed[0].grad = DTensor.from_local(torch.zeros(4, 3), mesh, [Replicate()])
+        with pytest.raises(ValueError, match=r"params\[0\] is a DTensor placed"):
+            test.accumulate()

@@ -27,7 +27,8 @@ from collections.abc import Iterable
 
 import torch
 
-from .backends.work import is_dtensor
+from .backends import shards
+from .backends.work import is_dtensor, local, placed_like
 
 __all__ = ["NormTest"]
 
@@ -55,10 +56,14 @@ class NormTest:
 
     ``eta`` > 0: the test's tolerance (smaller: larger batches). ``max_micro_batches``: a cap on the answer. The last
     step's statistics stay readable: ``variance`` (s2, float64 on the device), ``grad_norm_sq`` (``||g_bar||^2``) and
-    ``micro_batches`` (K). Every parameter must be a plain tensor or a DDP module's; DTensor parameters (FSDP2)
-    raise. Under DDP every micro-batch's backward must be synchronised (no ``no_sync()``): each micro-batch is then
-    the global one, and ``finish()`` writes the gradient the step applies, which DDP does not all-reduce again. (By
-    design; no multi-rank run has tested it.)
+    ``micro_batches`` (K).
+
+    Under DDP and FSDP2 every micro-batch's backward must be synchronised (no ``no_sync()``, no
+    ``set_requires_gradient_sync(False)``): each micro-batch's gradient is then the global one, and ``finish()``
+    writes the gradient the step applies. With DTensor parameters (FSDP2, HSDP, tensor parallelism; every parameter a
+    DTensor) each rank sums its shards and the sums are all-reduced over the ranks that shard each tensor, as
+    clipping's norm is (backends/shards.py): every rank gets the same answer, and must call ``finish()``. (DDP: by
+    design, untested on several ranks; FSDP2 and tensor parallelism: tested on 2 gloo ranks.)
     Memory: two float32 buffers the size of the parameters. (The squares are summed in float32: the variance is
     exact to about 1e-7 of their sum, where the test compares it with ``eta^2 K`` times the mean's square.)"""
 
@@ -69,15 +74,17 @@ class NormTest:
         for i, p in enumerate(self.params):
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-            if is_dtensor(p):
-                raise TypeError(f"params[{i}] is a DTensor: the norm test sums over plain tensors (a DDP model's "
-                                f"or one process's); FSDP2's sharded gradients are not supported")
         if isinstance(eta, bool) or not isinstance(eta, numbers.Real) or not eta > 0 or not math.isfinite(eta):
             raise ValueError(f"eta must be a finite real number > 0, got {eta!r}")
         if max_micro_batches is not None and (isinstance(max_micro_batches, bool) or
                                               not isinstance(max_micro_batches, numbers.Integral) or
                                               max_micro_batches < 2):
             raise ValueError(f"max_micro_batches must be None or an integer >= 2, got {max_micro_batches!r}")
+        layout = shards.layout_of([{"params": self.params}])
+        if isinstance(layout, str):
+            raise TypeError(f"the norm test sums each DTensor's shards over the ranks, which needs every parameter to "
+                            f"be a DTensor: {layout}")
+        self._layout = layout
         self.eta, self.max_micro_batches = float(eta), max_micro_batches
         self._sums: list[torch.Tensor | None] = [None] * len(self.params)
         self._squares: list[torch.Tensor | None] = [None] * len(self.params)
@@ -90,16 +97,19 @@ class NormTest:
         """Add every parameter's gradient (one micro-batch's) and its square into the sums; set ``p.grad`` None."""
         have = [i for i, p in enumerate(self.params) if p.grad is not None]
         for i in have:
-            g = self.params[i].grad
+            p, g = self.params[i], self.params[i].grad
             if g.layout != torch.strided:
                 raise ValueError(f"params[{i}]'s gradient must be dense, got layout {g.layout}")
+            if is_dtensor(p) and (not is_dtensor(g) or g.placements != p.placements):
+                raise ValueError(f"params[{i}] is a DTensor placed {p.placements}; its gradient must be placed alike, "
+                                 f"got {getattr(g, 'placements', 'a plain tensor')}")
         for i in have:
             if self._sums[i] is None:
-                p = self.params[i]
+                p = local(self.params[i])
                 self._sums[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
                 self._squares[i] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
         if have:
-            grads = [self.params[i].grad.float() for i in have]
+            grads = [local(self.params[i].grad).float() for i in have]
             torch._foreach_add_([self._sums[i] for i in have], grads)
             torch._foreach_addcmul_([self._squares[i] for i in have], grads, grads)
         for i in have:
@@ -117,11 +127,16 @@ class NormTest:
         have = [i for i, s in enumerate(self._sums) if s is not None]
         if have:  # a few foreach ops, whatever the number of parameters
             sums, squares = [self._sums[i] for i in have], [self._squares[i] for i in have]
-            q = torch.stack(torch._foreach_norm(squares, 1, dtype=torch.float64)).sum()  # (squares are >= 0)
-            s2 = torch.stack(torch._foreach_norm(sums, 2, dtype=torch.float64)).square().sum()
+            rows = torch.stack([torch.stack(torch._foreach_norm(squares, 1, dtype=torch.float64)),  # (squares >= 0)
+                                torch.stack(torch._foreach_norm(sums, 2, dtype=torch.float64)).square()], 1)
+            if shards.per_row(self._layout):  # each parameter's row over the ranks that shard it
+                q, s2 = shards.summed(self._layout, rows, lambda: have).sum(0)
+            else:  # (one all-reduce of the two sums, or none)
+                q, s2 = shards.summed(self._layout, rows.sum(0))
             variance, norm_sq = (q - s2 / k) / (k - 1), s2 / k ** 2
             for i, mean in zip(have, torch._foreach_div(sums, float(k))):
-                self.params[i].grad = mean.to(self.params[i].dtype)
+                p = self.params[i]
+                p.grad = placed_like(mean.to(p.dtype), p)
         else:
             variance = norm_sq = torch.zeros((), dtype=torch.float64)
         self._sums = [None] * len(self.params)
