@@ -9,5 +9,5 @@ from .schedules import REX, UBA, AppliedLR, Constant, Cosine, Linear, LRSchedule
 __version__ = "0.1.0"
 
 __all__ = ["AdamW", "AdaBelief", "Adan", "Lion", "SGD", "Adagrad", "AdagradNorm", "LARS", "LAMB", "DiffGrad", "AdamP",
-           "SGDP", "SGDSaI", "FusedOptimizer", "UBA", "Cosine", "Linear", "REX", "Constant", "Table", "Refined", "Schedule",
-           "LRScheduler", "AppliedLR", "NormTest", "BackendUnavailableError", "CaptureError"]
+           "SGDP", "SGDSaI", "FusedOptimizer", "UBA", "Cosine", "Linear", "REX", "Constant", "Table", "Refined",
+           "Schedule", "LRScheduler", "AppliedLR", "NormTest", "BackendUnavailableError", "CaptureError"]
