@@ -21,7 +21,8 @@ nothing. The fake implementation changes nothing (the op returns nothing and onl
 Where functionalization hands the op copies of its mutated inputs rather than the inputs themselves (Inductor
 re-inplaces them when it can; a 0-dim view, as each step count is, stays a copy), the op loads each copy into the
 optimizer's own tensor, steps, and writes the result back into the copy, which the graph then copies into the input:
-the same values either way, and the op is a function of its arguments (what ``torch.library.opcheck`` checks).
+the same values either way, and what the op writes depends on its arguments' values, not on which tensors they are
+(what ``torch.library.opcheck`` runs it on: copies).
 
 The lists are made when a param group is set up and by each step that builds the tables (``Args``; backends/step.py's
 ``_hold``). A step that makes state (the first) lists more tensors, so the next call of a compiled function compiles
