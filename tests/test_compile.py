@@ -192,3 +192,22 @@ def test_a_parameter_given_new_storage_between_compiled_steps_is_followed():
 
     for a, b in zip(run(None), run("aot_eager")):
         assert torch.equal(a, b)
+
+
+def test_a_compiled_step_records_the_norm_history_as_eager():
+    """record_grad_norms before compiling: the compiled steps write the same history (the op is handed it) and the
+    same grad_norm, and clipping by that norm inside the graph clips as eager."""
+    def run(compile_with):
+        model = _model(11)
+        opt = uf.SGD(model.parameters(), lr=0.1, momentum=0.9, max_grad_norm=0.5, backend="cpu")
+        history = opt.record_grad_norms(4)
+        step = _train_step(model, opt)
+        compiled = step if compile_with is None else torch.compile(step, backend=compile_with, fullgraph=True)
+        for t, (x, y) in enumerate(_batches(5, 12)):
+            (step if t == 0 else compiled)(x, y)
+        return history.clone(), opt.grad_norm.clone(), [p.detach().clone() for p in model.parameters()]
+
+    (ha, na, pa), (hb, nb, pb) = run(None), run("aot_eager")
+    assert torch.equal(ha, hb) and not ha.isnan().any() and torch.equal(na, nb)
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)

@@ -615,11 +615,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         if total_steps is None:
             group.pop("grad_norms", None)
-            return None
-        n = _check_int("total_steps", total_steps, 1)
-        pipeline._check_global(self, "record_grad_norms records")
-        device = group["schedule_step"].device
-        group["grad_norms"] = torch.full((n + 1,), math.nan, dtype=torch.float32, device=device)
+        else:
+            n = _check_int("total_steps", total_steps, 1)
+            pipeline._check_global(self, "record_grad_norms records")
+            device = group["schedule_step"].device
+            group["grad_norms"] = torch.full((n + 1,), math.nan, dtype=torch.float32, device=device)
+        self._graph_args = compiled.args_of(self)  # (a compiled step writes the history it is handed)
         return self.grad_norms
 
     @property
