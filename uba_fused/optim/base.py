@@ -563,7 +563,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._last_lr.append(last_lr)
         self._setup_lr.append(group["lr"])
         self._cache.clear()
-        self._graph_args = compiled.args_of(self)
+        if len(self._last_lr) == len(self.param_groups):  # (a load sets up its groups one by one)
+            self._graph_args = compiled.args_of(self)
 
     @property
     def backends(self) -> list[str]:
