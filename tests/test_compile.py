@@ -211,3 +211,30 @@ def test_a_compiled_step_records_the_norm_history_as_eager():
     assert torch.equal(ha, hb) and not ha.isnan().any() and torch.equal(na, nb)
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
+
+
+def test_gradscalers_hand_over_inside_a_compiled_step_reaches_the_op():
+    """GradScaler's hand-over (opt.grad_scale and opt.found_inf set around step(), as its step() does) inside the
+    compiled function: the op takes them as arguments (an attribute set in a graph is set on the object only after
+    it), so the scale is divided out and an inf step skipped, as eager."""
+    def run(compile_with):
+        model = _model(13)
+        opt = uf.AdamW(model.parameters(), lr=1e-2, backend="cpu")
+
+        def step(x, y, found):
+            (torch.nn.functional.mse_loss(model(x), y) * 512.0).backward()
+            opt.grad_scale, opt.found_inf = torch.full((1,), 512.0), found
+            opt.step()
+            del opt.grad_scale, opt.found_inf
+            opt.zero_grad(set_to_none=True)
+
+        compiled = step if compile_with is None else torch.compile(step, backend=compile_with, fullgraph=True)
+        for t, (x, y) in enumerate(_batches(5, 14)):
+            (step if t == 0 else compiled)(x, y, torch.full((1,), float(t == 3)))
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    (pa, oa), (pb, ob) = run(None), run("aot_eager")
+    for a, b in zip(pa, pb):
+        assert torch.equal(a, b)
+    p = next(iter(ob.state))
+    assert float(ob.state[p]["step"]) == 4 and not hasattr(ob, "grad_scale")  # (step 3 skipped)

@@ -1,7 +1,8 @@
 """The step as a ``torch.library`` custom op, so that ``torch.compile`` traces through ``opt.step()`` without a graph
 break: ``torch.compile(train_step, fullgraph=True)`` and ``torch.compile(opt.step)``.
 
-``uba_fused::step(int key, Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] state) -> ()`` runs one step of the
+``uba_fused::step(int key, Tensor(a!)[] params, Tensor?[] grads, Tensor(b!)[] state, Tensor? grad_scale,
+Tensor? found_inf) -> ()`` runs one step of the
 optimizer registered under ``key`` (backends/step.py's ``run``, with every check it makes: a parameter or state
 buffer moved since the tables were built rebuilds them, or raises under a captured graph). Its arguments are what the
 step reads and writes that a graph may also see:
@@ -12,7 +13,9 @@ step reads and writes that a graph may also see:
   ``p.grad`` back;
 - ``state``: every tensor the step writes besides the parameters, as ``Args`` lists them when the tables are built
   (each group's counter and applied lr, every parameter's state, the history of ``record_grad_norms`` and
-  AdaGrad-Norm's sum).
+  AdaGrad-Norm's sum);
+- ``grad_scale``, ``found_inf``: what GradScaler hands the step as the optimizer's attributes (None without it), as
+  the traced code sees them: an attribute set inside a compiled function is only set on the object after its graph.
 
 Nothing else reaches the graph: hyper-parameters, the schedule and the device tables are read by the op when it
 runs, so a changed lr (a float set in the group, or a tensor lr filled in place) or an advanced step recompiles
@@ -33,6 +36,7 @@ break): the op's dispatch would need sharding rules for them.
 from __future__ import annotations
 
 import itertools
+import sys
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -86,8 +90,8 @@ def args_of(opt: FusedOptimizer) -> Args | None:
 
 
 @torch.library.custom_op("uba_fused::step", mutates_args=("params", "state"))
-def fused_step(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | None],
-               state: list[torch.Tensor]) -> None:
+def fused_step(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | None], state: list[torch.Tensor],
+               grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
     """One step of the optimizer registered under ``key`` (module docstring)."""
     opt = _OPTIMIZERS.get(key)
     if opt is None:
@@ -103,6 +107,7 @@ def fused_step(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | 
     copies = [(a, b) for a, b in zip(params + state, mine) if a is not b and a.data_ptr() != b.data_ptr()
               and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device]
     kept = [p.grad for p in own]
+    amp = {name: getattr(opt, name, _UNSET) for name in _AMP}
     with torch.no_grad():
         for a, b in copies:
             b.copy_(a)
@@ -110,17 +115,29 @@ def fused_step(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | 
             for p, g in zip(own, grads):
                 if g is not p.grad:
                     p.grad = g
+            for name, value in zip(_AMP, (grad_scale, found_inf)):
+                setattr(opt, name, value)
             pipeline.run(opt)
         finally:
             for p, g in zip(own, kept):
                 p.grad = g
+            for name, value in amp.items():
+                if value is _UNSET:
+                    delattr(opt, name)
+                else:
+                    setattr(opt, name, value)
         for a, b in copies:
             a.copy_(b)
 
 
 @fused_step.register_fake
-def _(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | None], state: list[torch.Tensor]) -> None:
+def _(key: int, params: list[torch.Tensor], grads: list[torch.Tensor | None], state: list[torch.Tensor],
+      grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None) -> None:
     return None
+
+
+_AMP = ("grad_scale", "found_inf")  # (the attributes GradScaler.step sets: backends/step.py's _amp reads them)
+_UNSET = object()
 
 
 def step(opt: FusedOptimizer) -> None:
@@ -130,7 +147,32 @@ def step(opt: FusedOptimizer) -> None:
     if args is None:
         _outside_graphs(opt)
         return
-    fused_step(args.key, args.params, [p.grad for p in args.params], args.state)
+    amp = [getattr(opt, name, None) for name in _AMP]
+    for name, t in zip(_AMP, amp):  # (as _amp checks them: a graph takes only tensors)
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"optimizer.{name}, which torch.amp.GradScaler.step sets for the step, must be None or a "
+                            f"one-element floating-point tensor, got {type(t).__name__} {t!r}")
+    fused_step(args.key, args.params, [p.grad for p in args.params], args.state, *amp)
+
+
+_frames_skipped = False
+
+
+def skip_eager_frames() -> None:
+    """Where Dynamo is loaded, mark the eager step (backends/step.py's ``run`` and all it calls) as code Dynamo runs as
+    it is and never compiles: a ``step()`` entered eagerly while a compiled function runs (from a frame Dynamo leaves
+    uncompiled, as GradScaler.step) would otherwise be traced as a frame of its own. Once; a flag's read after it, and
+    before Dynamo is imported."""
+    global _frames_skipped
+    if _frames_skipped or "torch._dynamo" not in sys.modules:
+        return
+    _frames_skipped = True
+    try:
+        from torch._dynamo.eval_frame import set_code_exec_strategy
+        from torch._dynamo.types import FrameAction, FrameExecStrategy
+    except ImportError:  # (a torch without per-code strategies: Dynamo may trace it, as before)
+        return
+    set_code_exec_strategy(pipeline.run.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
 # The step of DTensor parameters: a graph break (torch's lazy form of
