@@ -238,3 +238,19 @@ def test_gradscalers_hand_over_inside_a_compiled_step_reaches_the_op():
         assert torch.equal(a, b)
     p = next(iter(ob.state))
     assert float(ob.state[p]["step"]) == 4 and not hasattr(ob, "grad_scale")  # (step 3 skipped)
+
+
+def test_a_compiled_function_may_read_the_param_groups():
+    """Code inside a compiled function that reads opt.param_groups (an lr logged, a torch LR scheduler's step):
+    Dynamo's optimizer support takes each group for a plain dict, and failed inside on the dict subclass that guards
+    captured groups; the groups are plain dicts until a CUDA graph captures a step."""
+    model = _model(15)
+    opt = uf.SGD(model.parameters(), lr=0.1, backend="cpu")
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def scaled(x):
+        return x * opt.param_groups[0]["lr"]
+
+    x = torch.randn(3, generator=torch.Generator().manual_seed(16))
+    torch.testing.assert_close(scaled(x), x * 0.1)
+    assert all(type(g) is dict for g in opt.param_groups)

@@ -382,8 +382,7 @@ def _captured(opt: FusedOptimizer, capture: backends.Capture) -> None:
                 storages.append(opt.param_groups[0][key].untyped_storage())
         capture.keep += list({(s.device, s.data_ptr()): s for s in storages}.values())
     opt._captures.append(capture)
-    for group in opt.param_groups:
-        group.captured = True
+    opt._guard_groups()
     if opt._cache.scan is not None:
         opt._cache.scan.after_captured_step()
 

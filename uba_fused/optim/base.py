@@ -134,7 +134,10 @@ _CAPTURED = ("{what} cannot take effect: a CUDA graph captured this optimizer's 
 
 class _ParamGroup(dict):
     """A param group that refuses a changed value once a CUDA graph captured the step: the graph's replays
-    would go on with the captured one, silently. (torch LR schedulers set ``group["lr"]``.)"""
+    would go on with the captured one, silently. (torch LR schedulers set ``group["lr"]``.) The groups become these
+    at the first capture (``FusedOptimizer._guard_groups``); before it they are plain dicts, as torch.optim's, which
+    torch.compile reads (Dynamo's optimizer support takes every group for a plain dict, and fails inside on a
+    subclass)."""
 
     captured = False
 
@@ -423,7 +426,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._grad_norm = None
             self._graph_key = self._graph_args = None  # (a copy is another optimizer: another key)
             self._warned_lr_twice = False
-            self.param_groups = [_ParamGroup(g) for g in self.param_groups]  # no graph captured the copy
+            self.param_groups = [dict(g) for g in self.param_groups]  # no graph captured the copy
             for i in range(len(self.param_groups)):
                 self._setup_group(i)
 
@@ -541,7 +544,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         device = params[0].device if params else torch.device("cpu")
         backend = backends.resolve(full["backend"], device, {p.dtype for p in params})
         backends.check_params(backend, labels, params)
-        super().add_param_group(_ParamGroup({**param_group, "params": given}))  # torch.optim keeps the names
+        super().add_param_group({**param_group, "params": given})  # torch.optim keeps the names
         group = self.param_groups[-1]
         group.setdefault("schedule_step", torch.zeros((), dtype=torch.int64, device=device))
         self._setup_group(len(self.param_groups) - 1)
@@ -650,6 +653,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             compiled.skip_eager_frames()  # (once Dynamo is loaded: never traced as a frame of its own)
             pipeline.run(self)  # eager: without a wrapper's cost (7 us of a step's host time on a 2-core VM)
         return loss
+
+    def _guard_groups(self) -> None:
+        """After a step was captured into a CUDA graph: every param group refuses a changed value from now on
+        (``_ParamGroup``, which replaces each group dict in ``param_groups``: a reference to a group taken before the
+        capture is not guarded)."""
+        self.param_groups[:] = [g if isinstance(g, _ParamGroup) else _ParamGroup(g) for g in self.param_groups]
+        for group in self.param_groups:
+            group.captured = True
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """torch.optim's; under torch.compile, traced (torch's is not: a graph break, which ``fullgraph=True`` refuses)
@@ -794,7 +805,6 @@ class FusedOptimizer(torch.optim.Optimizer):
         state_dict = self._checked_state_dict(state_dict)
         old_groups = [dict(g) for g in self.param_groups]
         super().load_state_dict(state_dict)
-        self.param_groups[:] = [_ParamGroup(g) for g in self.param_groups]
         for i, (group, old) in enumerate(zip(self.param_groups, old_groups)):
             for key, value in old.items():
                 group.setdefault(key, value)
