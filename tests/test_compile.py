@@ -233,7 +233,7 @@ def test_gradscalers_hand_over_inside_a_compiled_step_reaches_the_op():
             (step if t == 0 else compiled)(x, y, torch.full((1,), float(t == 3)))
         return [p.detach().clone() for p in model.parameters()], opt
 
-    (pa, oa), (pb, ob) = run(None), run("aot_eager")
+    (pa, _), (pb, ob) = run(None), run("aot_eager")
     for a, b in zip(pa, pb):
         assert torch.equal(a, b)
     p = next(iter(ob.state))
