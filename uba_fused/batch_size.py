@@ -129,10 +129,7 @@ class NormTest:
             sums, squares = [self._sums[i] for i in have], [self._squares[i] for i in have]
             rows = torch.stack([torch.stack(torch._foreach_norm(squares, 1, dtype=torch.float64)),  # (squares >= 0)
                                 torch.stack(torch._foreach_norm(sums, 2, dtype=torch.float64)).square()], 1)
-            if shards.per_row(self._layout):  # each parameter's row over the ranks that shard it
-                q, s2 = shards.summed(self._layout, rows, lambda: have).sum(0)
-            else:  # (one all-reduce of the two sums, or none)
-                q, s2 = shards.summed(self._layout, rows.sum(0))
+            q, s2 = shards.total(self._layout, rows, lambda: have)  # (each over the ranks that shard its tensor)
             variance, norm_sq = (q - s2 / k) / (k - 1), s2 / k ** 2
             for i, mean in zip(have, torch._foreach_div(sums, float(k))):
                 p = self.params[i]

@@ -147,12 +147,9 @@ def step(opt: FusedOptimizer) -> None:
     if args is None:
         _outside_graphs(opt)
         return
-    amp = [getattr(opt, name, None) for name in _AMP]
-    for name, t in zip(_AMP, amp):  # (as _amp checks them: a graph takes only tensors)
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"optimizer.{name}, which torch.amp.GradScaler.step sets for the step, must be None or a "
-                            f"one-element floating-point tensor, got {type(t).__name__} {t!r}")
-    fused_step(args.key, args.params, [p.grad for p in args.params], args.state, *amp)
+    amp = pipeline._amp(opt)  # (GradScaler's hand-over, checked as the eager step checks it)
+    fused_step(args.key, args.params, [p.grad for p in args.params], args.state,
+               *((None, None) if amp is None else (amp.grad_scale, amp.found_inf)))
 
 
 _frames_skipped = False

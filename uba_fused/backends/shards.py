@@ -98,3 +98,12 @@ def summed(layout: Layout | None, x: torch.Tensor, slots: Callable[[], list[int]
             dist.all_reduce(mine, group=group)
         x = torch.where(rows, mine, x)
     return x
+
+
+def total(layout: Layout | None, rows: torch.Tensor, slots: Callable[[], list[int]]) -> torch.Tensor:
+    """The sum over dim 0 of ``rows`` (a rank's shares, one row per parameter, ``slots()`` naming each row's parameter)
+    over the ranks: each row over its own parameter's ranks where the parameters are of several classes (per_row),
+    else one all-reduce of the rank's sum."""
+    if per_row(layout):
+        return summed(layout, rows, slots).sum(0)
+    return summed(layout, rows.sum(0))

@@ -132,9 +132,7 @@ def _l1_norm(opt: FusedOptimizer, layout: shards.Layout | None, amp: backends.Am
     if not grads:
         return torch.zeros((), dtype=torch.float64, device=device)
     rows = torch.stack(torch._foreach_norm(grads, 1, dtype=torch.float32)).double()
-    total = shards.summed(layout, rows, lambda: slots).sum() if shards.per_row(layout) else \
-        shards.summed(layout, rows.sum())
-    return _unscaled(total, amp)
+    return _unscaled(shards.total(layout, rows, lambda: slots), amp)
 
 
 def _record(opt: FusedOptimizer, history: torch.Tensor, value: torch.Tensor) -> None:
