@@ -142,6 +142,7 @@ class AdagradNorm(FusedOptimizer):
                                      f"group takes param_groups[0]'s ({first[key]!r}), got {param_group[key]!r}")
         super().add_param_group(param_group)
 
+
 _PLAIN_SGD = dict(momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)
 
 

@@ -880,8 +880,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     saved["schedule"] = saved["schedule"].to(group["schedule_step"].device)
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{where}['schedule']: {exc}") from None
-            if isinstance(saved.get("grad_norms"), torch.Tensor):  # (recorded on the group's device)
-                saved["grad_norms"] = saved["grad_norms"].to(group["schedule_step"].device)
+            for key in ("grad_norms", "norm_sum"):  # (the history and AdaGrad-Norm's sum: on the group's device)
+                if isinstance(saved.get(key), torch.Tensor):
+                    saved[key] = saved[key].to(group["schedule_step"].device)
             if isinstance(saved.get("state_dtype"), str):  # state_dict() writes a dtype's name
                 dtype = getattr(torch, saved["state_dtype"], None)
                 if not isinstance(dtype, torch.dtype):
