@@ -219,9 +219,10 @@ def norm_test(model, ref_model, rank: int, world: int, device: torch.device, who
         tests[1].accumulate()
     answers = [t.finish() for t in tests]
     grad = max(((full(p.grad) - q.grad).abs().max() / q.grad.abs().max()).item()
-               for p, q in zip(model.parameters(), ref_model.parameters()))
+               for p, q in zip(model.parameters(), ref_model.parameters()))  # (DDP's: its module's)
     mine, ref = tests
-    return dict(answers=answers, grad_rel=grad, placed=all(type(p.grad) is type(p) for p in model.parameters()),
+    placed = all(type(p.grad) is type(p.detach()) for p in model.parameters())  # (a DTensor's: a DTensor)
+    return dict(answers=answers, grad_rel=grad, placed=placed,
                 variance_rel=abs(float(mine.variance) / float(ref.variance) - 1),
                 norm_sq_rel=abs(float(mine.grad_norm_sq) / float(ref.grad_norm_sq) - 1))
 
@@ -304,6 +305,9 @@ def main() -> None:
                 opt = make(model.parameters(), backend)
                 train(model, opt, range(STEPS), rank, world, device)
                 results[f"ddp/{name}"] = distance(model.module, opt, ref_model, ref_opt)
+    if args.ddp:  # the norm test under DDP: each micro-batch's backward all-reduced, so each p.grad is the global one
+        results["ddp/norm-test"] = norm_test(DistributedDataParallel(make_model(device)), make_model(device), rank,
+                                             world, device)
     if args.tp:  # on 4 ranks: FSDP2 over 2 ranks beside TP over 2 (torchtitan's 2-D layout), each pair on its slice
         tp_mesh, dp_mesh = mesh, None
         if world == 4:

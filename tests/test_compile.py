@@ -254,3 +254,61 @@ def test_a_compiled_function_may_read_the_param_groups():
     x = torch.randn(3, generator=torch.Generator().manual_seed(16))
     torch.testing.assert_close(scaled(x), x * 0.1)
     assert all(type(g) is dict for g in opt.param_groups)
+
+
+def _mutated_and_static_inputs(fn, *args) -> tuple[set[int], set[int]]:
+    """Compile ``fn`` fullgraph through AOTAutograd and return its forward graph's inputs that the graph mutates and
+    those marked static: the two sets reduce-overhead's CUDA-graph trees compare, skipping a graph ("mutated inputs")
+    where a mutated input is not static, as it copies each other input into its own pool on every replay."""
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._guards import TracingContext
+    seen = {}
+
+    def forward_compiler(gm, inputs):
+        meta = TracingContext.get().fw_metadata
+        seen["mutated"] = {i for i, info in enumerate(meta.input_info) if info.mutates_data}
+        seen["static"] = set(meta.static_input_indices)
+        return gm.forward
+
+    torch.compile(fn, backend=lambda gm, inputs: aot_module_simplified(gm, inputs, fw_compiler=forward_compiler),
+                  fullgraph=True)(*args)
+    return seen["mutated"], seen["static"]
+
+
+@pytest.mark.parametrize("what", ["train-step", "opt.step"])
+def test_every_input_the_op_mutates_is_a_static_input(what):
+    """What reduce-overhead needs of the op, checked on CPU (a GPU runs it: tests/test_gpu_loops.py): each tensor the
+    step writes (parameters, state, counters, lrs) is a static input of the graph, so CUDA-graph trees replay the
+    step in place rather than skipping the graph. Two groups (two counters, two lrs), with backward inside the graph
+    or outside it (gradients as inputs)."""
+    model = _model(17)
+    params = list(model.parameters())
+    opt = uf.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.01}], backend="cpu",
+                   schedule=uf.UBA(100), max_grad_norm=1.0)
+    step = _train_step(model, opt)
+    (x, y), (x2, y2) = _batches(2, 18)
+    step(x, y)  # (the state exists: the graph's inputs are the final ones)
+    if what == "train-step":
+        mutated, static = _mutated_and_static_inputs(step, x2, y2)
+    else:
+        torch.nn.functional.mse_loss(model(x2), y2).backward()
+        mutated, static = _mutated_and_static_inputs(opt.step)
+    n_state = len(opt._graph_args.state)
+    assert len(mutated) == len(params) + n_state == 4 + 2 * 2 + 4 * 3 + 1  # (+ clipping's grad_norm)
+    assert mutated <= static, sorted(mutated - static)
+
+
+def test_a_capture_that_guards_the_groups_recompiles_nothing():
+    """A CUDA-graph capture of the step (reduce-overhead's recording runs the op under one) turns the groups into
+    the dicts that refuse a float lr (``_guard_groups``): the compiled training step reads no group, so its guards
+    still hold and it runs on without compiling again."""
+    model = _model(19)
+    opt = uf.AdamW(model.parameters(), lr=1e-2, backend="cpu")
+    step = _train_step(model, opt)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for t, (x, y) in enumerate(_batches(5, 20)):
+        if t == 3:
+            opt._guard_groups()  # (what backends/step.py's _captured does)
+        (step if t == 0 else compiled)(x, y)
+    assert _graphs() == 1
+    assert not any(type(g) is dict for g in opt.param_groups)

@@ -178,13 +178,14 @@ def test_fsdp2_beside_tensor_parallelism_sums_each_tensor_over_the_ranks_that_sh
     assert_like_one_process(tp_2d, f"tp/{name}")
 
 
-@pytest.mark.parametrize("where", ["fsdp2/norm-test", "tp/norm-test"])
+@pytest.mark.parametrize("where", ["fsdp2/norm-test", "tp/norm-test", "ddp/norm-test"])
 def test_norm_test_sums_each_tensors_shards_over_the_ranks(runs, tp_2d, where):
     """uf.NormTest (AdAdaGrad's norm test) on DTensor parameters: under FSDP2 (each rank its slice of each
     micro-batch, the gradients reduce-scattered) and under tensor parallelism (Shard(0), Shard(1), Replicate(); on 4
     ranks beside FSDP2), every rank's variance, squared norm and answer are the one process's, and the mean gradient
-    it writes is placed as its parameter."""
-    ranks = runs["2 ranks"] + (runs["1 rank"] if where.startswith("fsdp2") else tp_2d)
+    it writes is placed as its parameter. Under DDP on 2 ranks (plain parameters, each micro-batch's gradient
+    all-reduced by its backward), the same."""
+    ranks = runs["2 ranks"] + (runs["1 rank"] if where.startswith("fsdp2") else tp_2d if where.startswith("tp") else [])
     for r, res in enumerate(ranks):
         got = res[where]
         assert got["answers"][0] == got["answers"][1] and got["answers"][0] > 3, (r, got)  # (eta 0.2: it grows)

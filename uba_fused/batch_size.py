@@ -62,8 +62,8 @@ class NormTest:
     ``set_requires_gradient_sync(False)``): each micro-batch's gradient is then the global one, and ``finish()``
     writes the gradient the step applies. With DTensor parameters (FSDP2, HSDP, tensor parallelism; every parameter a
     DTensor) each rank sums its shards and the sums are all-reduced over the ranks that shard each tensor, as
-    clipping's norm is (backends/shards.py): every rank gets the same answer, and must call ``finish()``. (DDP: by
-    design, untested on several ranks; FSDP2 and tensor parallelism: tested on 2 gloo ranks.)
+    clipping's norm is (backends/shards.py): every rank gets the same answer, and must call ``finish()``. (DDP,
+    FSDP2 and tensor parallelism: tested on 2 gloo ranks, and FSDP2 beside tensor parallelism on 4.)
     Memory: two float32 buffers the size of the parameters. (The squares are summed in float32: the variance is
     exact to about 1e-7 of their sum, where the test compares it with ``eta^2 K`` times the mean's square.)"""
 
