@@ -13,7 +13,7 @@ step reads and writes that a graph may also see:
   ``p.grad`` back;
 - ``state``: every tensor the step writes besides the parameters, as ``Args`` lists them when the tables are built
   (each group's counter and applied lr, every parameter's state, the history of ``record_grad_norms`` and
-  AdaGrad-Norm's sum);
+  AdaGrad-Norm's sum), a view as its base (the step counts: one vector per device), so that no two overlap;
 - ``grad_scale``, ``found_inf``: what GradScaler hands the step as the optimizer's attributes (None without it), as
   the traced code sees them: an attribute set inside a compiled function is only set on the object after its graph.
 
@@ -22,15 +22,23 @@ runs, so a changed lr (a float set in the group, or a tensor lr filled in place)
 nothing. The fake implementation changes nothing (the op returns nothing and only writes its inputs).
 
 Where functionalization hands the op copies of its mutated inputs rather than the inputs themselves (Inductor
-re-inplaces them when it can; a 0-dim view, as each step count is, stays a copy), the op loads each copy into the
+re-inplaces them when it can; aot_eager copies each), the op loads each copy into the
 optimizer's own tensor, steps, and writes the result back into the copy, which the graph then copies into the input:
 the same values either way, and what the op writes depends on its arguments' values, not on which tensors they are
 (what ``torch.library.opcheck`` runs it on: copies).
 
 The lists are made when a param group is set up and by each step that builds the tables (``Args``; backends/step.py's
 ``_hold``). A step that makes state (the first) lists more tensors, so the next call of a compiled function compiles
-once more; after one eager step, nothing recompiles. DTensor parameters keep the step outside the graph (a graph
-break): the op's dispatch would need sharding rules for them.
+once more; after one eager step, nothing recompiles.
+
+Two kinds of parameters keep the step outside the graph (a graph break):
+
+- parameters that share a storage (views of one flat buffer): they would be overlapping mutable arguments, which
+  Inductor (torch 2.11) wrote back wrongly (NaN parameters);
+- DTensor parameters. Handing the op their local shards traces, and steps right on one rank; but under FSDP2 on 2
+  ranks Dynamo (torch 2.14) fails building its guards on the gradients, views into FSDP2's reduce-scatter buffer (an
+  IndexError in the shape environment's guards), and leaving the gradients out of the graph would apply stale ones
+  where backward runs inside it.
 """
 
 from __future__ import annotations
@@ -72,10 +80,11 @@ def key_of(opt: FusedOptimizer) -> int:
 
 
 def args_of(opt: FusedOptimizer) -> Args | None:
-    """The op's arguments as the optimizer holds its tensors now; None where the op cannot take them (DTensor
-    parameters, which the op's dispatch would need sharding rules for: their step stays outside the graph)."""
+    """The op's arguments as the optimizer holds its tensors now; None where the op cannot take them: DTensor
+    parameters (module docstring), and parameters that share a storage (views of one flat buffer), which the op's
+    mutable arguments must not (below). Their step stays outside the graph."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    if any(is_dtensor(p) for p in params):
+    if any(is_dtensor(p) for p in params) or len({p.untyped_storage().data_ptr() for p in params}) < len(params):
         return None
     state = [t for gi, g in enumerate(opt.param_groups) for t in (g["schedule_step"], opt._last_lr[gi])]
     for p in params:
@@ -84,6 +93,10 @@ def args_of(opt: FusedOptimizer) -> Args | None:
     state += [first[k] for k in ("grad_norms", "norm_sum") if isinstance(first.get(k), torch.Tensor)]
     if opt._grad_norm is not None:
         state.append(opt._grad_norm)
+    # No two mutable arguments may overlap: where they did (the step counts, 0-dim views of one vector per device:
+    # FusedOptimizer._new_steps), Inductor (torch 2.11) wrote back some of them and not others, so the counts fell
+    # behind. So a view is handed over as its base, once; the step writes the base's elements in place either way.
+    state = list({id(r): r for r in (t if t._base is None else t._base for t in state)}.values())
     for t in state:  # torch._dynamo.mark_static_address(t), without importing Dynamo (1.4 s) where nothing compiles:
         t._dynamo_static_input_type = "unguarded"  # reduce-overhead's CUDA graphs take them where they are
     return Args(key_of(opt), params, state)
