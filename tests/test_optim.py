@@ -10,8 +10,8 @@ import torch
 import uba_fused as uf
 
 import oracle
-from harness import (CASE_IDS, CASES, SCHEDULES, assert_scaled_close, check_steps_against_oracle, f64, make_params,
-                     one_rank_mesh, random_grads, set_grads, step_together)
+from harness import (CASE_IDS, CASES, SCHEDULES, Case, assert_scaled_close, check_steps_against_oracle, f64,
+                     make_params, one_rank_mesh, random_grads, set_grads, step_together)
 
 
 HOST_BACKENDS = ("torch", "cpu")
@@ -30,6 +30,36 @@ def test_host_backends_match_float64_oracle(case, schedule, backend):
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_host_backends_low_and_high_precision(case, dtype, backend):
     check_steps_against_oracle(case, SCHEDULES["uba"], backend=backend, dtype=dtype, steps=6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_fused_cpu_kernel_wrong_for_16_bit_parameters_is_not_handed_them(monkeypatch, dtype):
+    """torch 2.11 to 2.13's fused CPU SGD left the vectorised blocks of a 16-bit parameter un-updated
+    (pytorch#191763): backend "cpu" handed it 16-bit parameters as they were, and SGD's parameters of 8 or more
+    elements did not move (seen on torch 2.11, the GPU machine's; torch 2.14 has the fix). Here torch's kernel is
+    given that fault (every whole block of 8 elements left as it was): the check at first use finds it, and the
+    parameters go to the kernel as float32 copies, matching the float64 oracle."""
+    from uba_fused.backends import cpu
+    real = torch._fused_sgd_
+
+    def skips_whole_blocks(params, grads, bufs, **kw):
+        kept = [p.clone() for p in params]
+        real(params, grads, bufs, **kw)
+        for p, k in zip(params, kept):
+            if p.dtype in (torch.bfloat16, torch.float16) and p.is_contiguous():
+                whole = p.numel() // 8 * 8
+                p.view(-1)[:whole].copy_(k.view(-1)[:whole])
+
+    monkeypatch.setattr(torch, "_fused_sgd_", skips_whole_blocks)
+    cpu._fused_is_right.cache_clear()
+    try:
+        assert not cpu._fused_is_right("sgd", dtype) and cpu._fused_is_right("adamw", dtype)
+        # (lr 0.5: the updates of the larger gradients span many 16-bit ulps, so one left out is seen)
+        check_steps_against_oracle(Case("sgd", uf.SGD, "sgd", dict(lr=0.5, momentum=0.9, dampening=0.2,
+                                                                   weight_decay=0.1)),
+                                   SCHEDULES["uba"], backend="cpu", dtype=dtype, steps=4)
+    finally:
+        cpu._fused_is_right.cache_clear()
 
 
 @pytest.mark.parametrize("backend", HOST_BACKENDS)

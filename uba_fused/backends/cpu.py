@@ -7,7 +7,9 @@ backends/reference.py (``torch._foreach_*`` ops; AdamP's and SGDP's rows' sums p
 computed once per group and step on the host, from schedules.py: a CPU counter is read without a sync. Parameters
 stored in bfloat16 or float16 are updated in float32 by the foreach rules and rounded once on the way back, as the
 kernels do (torch's fused kernels compute in float32 themselves, but take one dtype for a parameter
-and its state: a 16-bit parameter with float32 state goes to them as a float32 copy); float64 parameters in float64.
+and its state: a 16-bit parameter with float32 state goes to them as a float32 copy, and so does every 16-bit
+parameter where a check at first use finds the kernel wrong for them: torch 2.11-2.13's SGD, ``_fused_is_right``);
+float64 parameters in float64.
 A parameter with master weights or stochastic rounding (registry.CODECS) is computed from its float32 master and
 written back by its codec (backends/reference.py's decode and encode), so that its update is bit for bit the one of
 a float32 parameter. State kept narrower than its parameter (bfloat16 or 8-bit state of float32 parameters), or
@@ -19,6 +21,7 @@ It reads the gradients from ``GroupWork.grads`` (the parameters that have one), 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -368,7 +371,7 @@ def _update(rule: str, part: _Part, p: list, kept: tuple[list, list], g: list, s
     narrow_state = part.state_dtype.itemsize < part.dtype.itemsize  # bfloat16 or 8-bit state of wider parameters
     rounded_state = part.state_dtype in _NARROW and rounds == "stochastic"
     if part.codec != "nearest" or narrow_state or rounded_state or part.dtype in _LOW and (
-            rule not in _FUSED or not own_state or scale != 1.0):
+            rule not in _FUSED or not own_state or scale != 1.0 or not _fused_is_right(rule, part.dtype)):
         # compute in float32 (from the master where one is kept), round once on the way back (float32 state is
         # updated in place), in the parameter's layout (which torch's fused kernels take for the gradient's too)
         p32 = [decode(t, m, part.codec) for t, m in zip(p, masters)]
@@ -411,6 +414,36 @@ def _compute(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps
         done()
     else:
         FOREACH[rule](p, g, s, torch.stack(steps).tolist(), lr, c, *([norms] if rule in READS_NORMS else []))
+
+
+_PROBE = {"adamw": dict(beta1=0.9, beta2=0.99, weight_decay=0.1, eps=1e-8),
+          "adagrad": dict(lr_decay=0.0, weight_decay=0.1, eps=1e-10),
+          "sgd": dict(weight_decay=0.1, momentum=0.9, one_minus_dampening=0.8, nesterov=0.0)}
+
+
+@functools.cache
+def _fused_is_right(rule: str, dtype: torch.dtype) -> bool:
+    """Whether torch's fused CPU kernel of ``rule`` updates parameters stored in ``dtype`` (16-bit) right, and may be
+    handed them as they are; else they go to it as float32 copies. torch 2.11 to 2.13's SGD kernel left the
+    vectorised blocks of a 16-bit parameter un-updated and wrote their momentum wrong, silently (pytorch#191763, fixed
+    by pytorch#192545). Asked once per process: two steps on 67 elements (whole vectors and a tail on any SIMD width)
+    against the same kernel on float32 copies, within 2 of the dtype's ulps at the largest value (rounding differs
+    by under 1; each element's update is 25 or more, so one left un-updated is far outside)."""
+    gen = torch.Generator().manual_seed(0)
+    p32 = 1.0 + torch.rand(67, generator=gen)
+    sign = torch.randn(67, generator=gen).sign()
+    g32 = [(0.5 + torch.rand(67, generator=gen)) * sign for _ in range(2)]  # (|g| >= 0.5, the same way twice)
+    runs = []
+    for d in (torch.float32, dtype):
+        p, s = [p32.to(d, copy=True)], {n: [torch.zeros(67, dtype=d)] for n in ("exp_avg", "exp_avg_sq", "sum")}
+        s["momentum_buffer"] = [torch.zeros(67, dtype=d)]
+        steps = [torch.zeros(())]
+        part = _Part(d, d, "nearest", None, [True])
+        for g in g32:
+            steps[0] += 1
+            _fused(rule, part, p, [g.to(d, copy=True)], s, steps, 0.5, _PROBE[rule])
+        runs.append(p[0].float())
+    return bool((runs[0] - runs[1]).abs().max() <= 2 * torch.finfo(dtype).eps * runs[0].abs().max())
 
 
 def _fused(rule: str, part: _Part, p: list, g: list, s: dict[str, list], steps: list, lr: float, c: dict) -> None:
