@@ -22,7 +22,8 @@ MAIN_SITE=$(ls -d "$ROOT"/.venv/lib/python3*/site-packages)
 mkdir -p "$DIR/src"
 # the tree as git sees it (tracked, and untracked files not ignored), over the last copy's build outputs
 find "$DIR/src" -type f ! -path "$DIR/src/build/*" ! -name '*.so' ! -path '*.egg-info/*' -delete
-git -C "$ROOT" ls-files -co --exclude-standard -z | tar -C "$ROOT" --null -T - -cf - | tar -C "$DIR/src" -xf -
+git -C "$ROOT" ls-files -co --exclude-standard -z | tar -C "$ROOT" --null --ignore-failed-read -T - -cf - |
+  tar -C "$DIR/src" -xf -
 if [ ! -x "$DIR/venv/bin/python" ] || ! "$DIR/venv/bin/python" -c "import torch, triton, sys
 sys.exit(torch.__version__.split('+')[0] != '$TORCH' or triton.__version__ != '$TRITON')"; then
   rm -rf "$DIR/venv"

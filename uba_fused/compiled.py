@@ -84,7 +84,10 @@ def args_of(opt: FusedOptimizer) -> Args | None:
     parameters (module docstring), and parameters that share a storage (views of one flat buffer), which the op's
     mutable arguments must not (below). Their step stays outside the graph."""
     params = [p for g in opt.param_groups for p in g["params"]]
-    if any(is_dtensor(p) for p in params) or len({p.untyped_storage().data_ptr() for p in params}) < len(params):
+    if any(is_dtensor(p) for p in params):
+        return None
+    stored = [p.untyped_storage().data_ptr() for p in params if p.numel()]  # (an empty one has none)
+    if len(set(stored)) < len(stored):
         return None
     state = [t for gi, g in enumerate(opt.param_groups) for t in (g["schedule_step"], opt._last_lr[gi])]
     for p in params:

@@ -429,15 +429,15 @@ def _fused_is_right(rule: str, dtype: torch.dtype) -> bool:
     by pytorch#192545). Asked once per process: two steps on 67 elements (whole vectors and a tail on any SIMD width)
     against the same kernel on float32 copies, within 2 of the dtype's ulps at the largest value (rounding differs
     by under 1; each element's update is 25 or more, so one left un-updated is far outside)."""
-    gen = torch.Generator().manual_seed(0)
-    p32 = 1.0 + torch.rand(67, generator=gen)
-    sign = torch.randn(67, generator=gen).sign()
-    g32 = [(0.5 + torch.rand(67, generator=gen)) * sign for _ in range(2)]  # (|g| >= 0.5, the same way twice)
+    gen, cpu = torch.Generator().manual_seed(0), torch.device("cpu")  # (whatever torch's default device is)
+    p32 = 1.0 + torch.rand(67, generator=gen, device=cpu)
+    sign = torch.randn(67, generator=gen, device=cpu).sign()
+    g32 = [(0.5 + torch.rand(67, generator=gen, device=cpu)) * sign for _ in range(2)]  # (|g| >= 0.5, one way twice)
     runs = []
     for d in (torch.float32, dtype):
-        p, s = [p32.to(d, copy=True)], {n: [torch.zeros(67, dtype=d)] for n in ("exp_avg", "exp_avg_sq", "sum")}
-        s["momentum_buffer"] = [torch.zeros(67, dtype=d)]
-        steps = [torch.zeros(())]
+        p = [p32.to(d, copy=True)]
+        s = {n: [torch.zeros(67, dtype=d, device=cpu)] for n in ("exp_avg", "exp_avg_sq", "sum", "momentum_buffer")}
+        steps = [torch.zeros((), device=cpu)]
         part = _Part(d, d, "nearest", None, [True])
         for g in g32:
             steps[0] += 1
