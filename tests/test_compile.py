@@ -377,9 +377,9 @@ def test_no_two_tensors_the_op_writes_overlap():
 
 @pytest.mark.parametrize("compile_with", ["aot_eager", "inductor"])
 def test_parameters_that_share_a_storage_step_outside_the_graph_as_eager(compile_with):
-    """Parameters that are views of one flat buffer would be overlapping mutable arguments of the op (Inductor, torch
-    2.11: NaN parameters and counts written with parameter values): their step stays outside the graph, and equals
-    eager's."""
+    """Parameters that are views of one flat buffer would be mutable arguments of the op in one storage (Inductor,
+    torch 2.11: NaN parameters, and step counts no longer whole numbers): their step stays outside the graph, and
+    equals eager's."""
     def run(compiled):
         model = _model(25)
         params = list(model.parameters())

@@ -33,8 +33,8 @@ once more; after one eager step, nothing recompiles.
 
 Two kinds of parameters keep the step outside the graph (a graph break):
 
-- parameters that share a storage (views of one flat buffer): they would be overlapping mutable arguments, which
-  Inductor (torch 2.11) wrote back wrongly (NaN parameters);
+- parameters that share a storage (views of one flat buffer): as mutable arguments in one storage, Inductor (torch
+  2.11) wrote them back wrongly (NaN parameters);
 - DTensor parameters. Handing the op their local shards traces, and steps right on one rank; but under FSDP2 on 2
   ranks Dynamo (torch 2.14) fails building its guards on the gradients, views into FSDP2's reduce-scatter buffer (an
   IndexError in the shape environment's guards), and leaving the gradients out of the graph would apply stale ones
