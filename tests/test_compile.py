@@ -322,7 +322,6 @@ def test_a_capture_that_guards_the_groups_recompiles_nothing():
     assert not any(type(g) is dict for g in opt.param_groups)
 
 
-
 def test_compile_of_opt_step_on_dtensor_parameters_equals_eager():
     """DTensor parameters (FSDP2's, tensor parallelism's) on a one-rank gloo mesh, placed Shard(0), Shard(1) and
     Replicate(): their step stays outside the graph (a graph break; compiled.py says why), and torch.compile(opt.step)
