@@ -185,7 +185,7 @@ def test_norm_test_sums_each_tensors_shards_over_the_ranks(runs, tp_2d, where):
     ranks beside FSDP2), every rank's variance, squared norm and answer are the one process's, and the mean gradient
     it writes is placed as its parameter. Under DDP on 2 ranks (plain parameters, each micro-batch's gradient
     all-reduced by its backward), the same."""
-    ranks = runs["2 ranks"] + (runs["1 rank"] if where.startswith("fsdp2") else tp_2d if where.startswith("tp") else [])
+    ranks = runs["2 ranks"] + {"fsdp2": runs["1 rank"], "tp": tp_2d, "ddp": []}[where.split("/")[0]]
     for r, res in enumerate(ranks):
         got = res[where]
         assert got["answers"][0] == got["answers"][1] and got["answers"][0] > 3, (r, got)  # (eta 0.2: it grows)

@@ -158,7 +158,7 @@ _UNSET = object()
 
 def step(opt: FusedOptimizer) -> None:
     """``opt.step()`` under torch.compile (after its closure): the op, with the optimizer's arguments (``Args``); the
-    step outside the graph for DTensor parameters."""
+    step outside the graph where there are none (``args_of``: DTensor parameters, parameters sharing a storage)."""
     args = opt._graph_args
     if args is None:
         _outside_graphs(opt)
@@ -188,6 +188,6 @@ def skip_eager_frames() -> None:
     set_code_exec_strategy(pipeline.run.__code__, FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
 
 
-# The step of DTensor parameters: a graph break (torch's lazy form of
+# The step the op cannot take (args_of): a graph break (torch's lazy form of
 # torch.compiler.disable, which imports torch._dynamo when first called, under torch.compile, where it is loaded).
 _outside_graphs = getattr(torch, "_disable_dynamo", torch.compiler.disable)(pipeline.run)
